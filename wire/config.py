@@ -1,0 +1,277 @@
+"""Load a TOML file into typed msgspec Structs; every error names the file, the key path and what was expected.
+
+Both programs (and the firmware-profile loader) validate through `load(path, Struct)`, so a technician sees
+one error style everywhere:
+
+    agent.toml: devices[2].port: expected an integer 1..65535, got "abc"
+
+Conventions for config Structs:
+- declare `forbid_unknown_fields=True` so a typo is an error, not a silently ignored key;
+- durations are `Duration` (accepts 10, 2.5, "10s", "500ms", "5m", "1h");
+- secrets are `Secret` (accepts "inline", {env = "NAME"} or {file = "/path"}), masked in repr;
+- cross-field checks go in `__post_init__` and raise `invalid("key", "message")` so the path is exact.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A user's mistake in a file: printed as one line, never as a traceback."""
+
+    def __init__(self, source: str, path: str, message: str) -> None:
+        self.source = source
+        self.path = path
+        self.message = message
+        where = f"{source}: {path}: " if path else f"{source}: "
+        super().__init__(where + message)
+
+
+class Duration(float):
+    """Seconds, written in a file as a number of seconds or a string such as "10s", "250ms", "5m"."""
+
+    _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+    @classmethod
+    def parse(cls, value: object) -> Duration:
+        if isinstance(value, bool):
+            raise ValueError(f'expected a duration such as "10s" or "500ms", got {_show(value)}')
+        if isinstance(value, int | float):
+            if value < 0 or not math.isfinite(value):
+                raise ValueError(f"expected a duration of 0 or more seconds, got {_show(value)}")
+            return cls(value)
+        if isinstance(value, str):
+            match = cls._PATTERN.match(value)
+            if match:
+                return cls(float(match.group(1)) * cls._UNITS[match.group(2)])
+        raise ValueError(f'expected a duration such as "10s", "500ms" or "5m", got {_show(value)}')
+
+    def __repr__(self) -> str:
+        return f"Duration({float(self)}s)"
+
+
+class Secret:
+    """A password or token: inline, from an environment variable or from a file (first line, stripped).
+
+    The value is resolved while the file is loaded, so a missing variable is a start-up error naming the key.
+    """
+
+    __slots__ = ("origin", "value")
+
+    def __init__(self, value: str, origin: str = "inline") -> None:
+        self.value = value
+        self.origin = origin
+
+    @classmethod
+    def parse(cls, raw: object) -> Secret:
+        if isinstance(raw, str):
+            return cls(raw)
+        if isinstance(raw, dict) and len(raw) == 1:
+            (kind, ref), = raw.items()
+            if kind == "env" and isinstance(ref, str):
+                if ref not in os.environ:
+                    raise ValueError(f"environment variable {ref} is not set")
+                return cls(os.environ[ref], f"env:{ref}")
+            if kind == "file" and isinstance(ref, str):
+                try:
+                    text = Path(ref).read_text(encoding="utf-8")
+                except OSError as exc:
+                    raise ValueError(f"cannot read secret file {ref}: {exc.strerror or exc}") from None
+                lines = text.splitlines()
+                return cls(lines[0].strip() if lines else "", f"file:{ref}")
+        raise ValueError('expected a string, {env = "NAME"} or {file = "/path"}, got ' + _show(raw))
+
+    def __repr__(self) -> str:
+        return f"Secret(<{self.origin}>)"
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
+def invalid(key: str, message: str) -> ValueError:
+    """An error for `__post_init__` that points at one key of the Struct being checked."""
+    return ValueError(f"@{key}@{message}")
+
+
+def _dec_hook(type_: type, obj: Any) -> Any:
+    if type_ is Duration:
+        return Duration.parse(obj)
+    if type_ is Secret:
+        return Secret.parse(obj)
+    raise NotImplementedError(f"no config decoder for {type_!r}")
+
+
+def read_toml(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "", "file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(str(path), "", "is a directory, expected a TOML file") from None
+    except PermissionError:
+        raise ConfigError(str(path), "", "permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), "", f"not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), "", f"not UTF-8 text at byte offset {exc.start}") from None
+
+
+def load(path: Path | str, schema: type[T]) -> T:
+    return convert(read_toml(path), schema, str(path))
+
+
+def convert(raw: Any, schema: type[T], source: str) -> T:
+    try:
+        return msgspec.convert(raw, schema, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        path, message = explain(str(exc), raw, schema)
+        raise ConfigError(source, path, message) from None
+
+
+# --- turning msgspec's messages into a technician's --------------------------------------------------------
+
+_AT = re.compile(r"^(?P<msg>.*) - at `\$(?P<path>[^`]*)`$", re.S)
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[(\d+)\]")
+
+
+def _split_path(path: str) -> list[str | int]:
+    return [name if name else int(index) for name, index in _PATH_PART.findall(path)]
+
+
+def _join_path(parts: list[str | int]) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+def explain(error: str, raw: Any, schema: type) -> tuple[str, str]:
+    match = _AT.match(error)
+    message, parts = (match["msg"], _split_path(match["path"])) if match else (error, [])
+    info = _type_at(msgspec.inspect.type_info(schema), parts)
+
+    if message.startswith("@"):  # raised by invalid(key, ...) in a __post_init__
+        key, _, text = message[1:].partition("@")
+        return _join_path([*parts, key]), text
+    unknown = re.match(r"Object contains unknown field `(.+)`", message)
+    if unknown:
+        name = unknown.group(1)
+        known = [f.encode_name for f in getattr(info, "fields", ())]
+        hint = difflib.get_close_matches(name, known, n=1)
+        suffix = f' (did you mean "{hint[0]}"?)' if hint else f" (known keys: {', '.join(known)})"
+        return _join_path([*parts, name]), f"unknown key{suffix}"
+    missing = re.match(r"Object missing required field `(.+)`", message)
+    if missing:
+        field = missing.group(1)
+        field_info = _type_at(info, [field])
+        return _join_path([*parts, field]), f"required key is missing: expected {_describe(field_info)}"
+    if message.startswith(("Expected", "Invalid enum value")):
+        found, value = _value_at(raw, parts)
+        got = f", got {_show(value)}" if found else ""
+        return _join_path(parts), f"expected {_describe(info)}{got}"
+    return _join_path(parts), message
+
+
+def _type_at(info: Any, parts: list[str | int]) -> Any:
+    for part in parts:
+        info = _unwrap(info)
+        if isinstance(info, msgspec.inspect.StructType):
+            info = next((f.type for f in info.fields if f.encode_name == part), None)
+        elif isinstance(info, msgspec.inspect.ListType | msgspec.inspect.TupleType):
+            info = getattr(info, "item_type", None)
+        elif isinstance(info, msgspec.inspect.DictType):
+            info = info.value_type
+        else:
+            return None
+    return info
+
+
+def _unwrap(info: Any) -> Any:
+    while True:
+        if isinstance(info, msgspec.inspect.Metadata):
+            info = info.type
+        elif isinstance(info, msgspec.inspect.UnionType):
+            options = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+            if len(options) != 1:
+                return info
+            info = options[0]
+        else:
+            return info
+
+
+def _describe(info: Any) -> str:
+    if isinstance(info, msgspec.inspect.Metadata) and info.extra and "expect" in info.extra:
+        return info.extra["expect"]
+    info = _unwrap(info)
+    t = msgspec.inspect
+    if isinstance(info, t.IntType):
+        lo = info.ge if info.ge is not None else (info.gt + 1 if info.gt is not None else None)
+        hi = info.le if info.le is not None else (info.lt - 1 if info.lt is not None else None)
+        if lo is not None and hi is not None:
+            return f"an integer {lo}..{hi}"
+        if lo is not None:
+            return f"an integer >= {lo}"
+        return "an integer"
+    if isinstance(info, t.FloatType):
+        lo = info.ge if info.ge is not None else info.gt
+        return f"a number >= {lo}" if lo is not None else "a number"
+    if isinstance(info, t.BoolType):
+        return "true or false"
+    if isinstance(info, t.StrType):
+        if info.pattern:
+            return f"a string matching {info.pattern}"
+        return "a non-empty string" if info.min_length else "a string"
+    if isinstance(info, t.LiteralType):
+        return "one of " + ", ".join(_show(v) for v in info.values)
+    if isinstance(info, t.EnumType):
+        return "one of " + ", ".join(_show(m.value) for m in info.cls)
+    if isinstance(info, t.ListType):
+        item = _unwrap(info.item_type)
+        return "a list of tables" if isinstance(item, t.StructType) else f"a list of {_describe(item)}"
+    if isinstance(info, t.DictType):
+        return "a table"
+    if isinstance(info, t.StructType):
+        return "a table"
+    if isinstance(info, t.CustomType):
+        if info.cls is Duration:
+            return 'a duration such as "10s"'
+        if info.cls is Secret:
+            return 'a string, {env = "NAME"} or {file = "/path"}'
+    if isinstance(info, t.UnionType):
+        return " or ".join(_describe(x) for x in info.types)
+    return "a different value"
+
+
+def _value_at(raw: Any, parts: list[str | int]) -> tuple[bool, Any]:
+    for part in parts:
+        try:
+            raw = raw[part]
+        except (KeyError, IndexError, TypeError):
+            return False, None
+    return True, raw
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace('"', '\\"') + '"'
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)

@@ -1,0 +1,61 @@
+"""The outer frame of every uplink payload: one format byte, then the body.
+
+    0x01  plain v1: body = msgpack Batch (wire/schema.py)
+    0x02  sealed v2: reserved for the end-to-end sealed envelope (encrypted + authenticated); not yet defined
+
+A collector reads the first byte before anything else, so a sealed format can be introduced per gateway
+without a flag day, and a collector that requires sealing can refuse 0x01 outright.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from wire.schema import Batch, decode_batch, encode_batch
+
+
+class Format(enum.IntEnum):
+    PLAIN_V1 = 0x01
+    SEALED_V2 = 0x02
+
+
+class Rejection(enum.StrEnum):
+    """Why a payload was not accepted. Stable codes: they are counter names and log fields."""
+
+    EMPTY = "empty"
+    TOO_LARGE = "too_large"
+    UNKNOWN_FORMAT = "unknown_format"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    MALFORMED = "malformed"
+    SCHEMA = "schema"
+    TOPIC_MISMATCH = "topic_mismatch"
+    BAD_TOPIC = "bad_topic"
+
+
+class WireError(Exception):
+    def __init__(self, reason: Rejection, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+def seal_plain(batch: Batch) -> bytes:
+    return bytes((Format.PLAIN_V1,)) + encode_batch(batch)
+
+
+def open_plain(payload: bytes | memoryview) -> Batch:
+    if not payload:
+        raise WireError(Rejection.EMPTY, "empty payload")
+    fmt = payload[0]
+    if fmt == Format.SEALED_V2:
+        raise WireError(Rejection.UNSUPPORTED_FORMAT, "sealed v2 payloads are not supported by this collector")
+    if fmt != Format.PLAIN_V1:
+        raise WireError(Rejection.UNKNOWN_FORMAT, f"unknown format byte 0x{fmt:02x} at byte offset 0")
+    try:
+        return decode_batch(payload[1:])
+    except msgspec.ValidationError as exc:
+        raise WireError(Rejection.SCHEMA, str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise WireError(Rejection.MALFORMED, str(exc)) from None
