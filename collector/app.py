@@ -1,0 +1,201 @@
+"""The collector's async shell: MQTT in, the pure ingest pipeline, batched InfluxDB writes, acknowledgement out.
+
+An uplink message is acknowledged to the broker (manual PUBACK) only after InfluxDB confirmed the batch that
+holds its lines, or after it was rejected for good (invalid, or refused by InfluxDB with a 4xx). The broker's
+MQTT 5 receive maximum bounds how many unacknowledged messages this process holds, so RAM stays bounded when
+InfluxDB is down: the broker keeps the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+
+from collector.config import CollectorConfig, default_client_id
+from collector.influx.backends import make_backend
+from collector.influx.batcher import BatchResult, BatchWriter
+from collector.ingest import Ingest, TimePolicy
+from wire import topics
+from wire.envelope import WireError
+from wire.logs import RateLimitedLog
+from wire.mqttlink import MqttLink
+from wire.status import decode_status
+
+log = logging.getLogger("citynerve.collector")
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    mid: int
+    qos: int
+    gateway: str
+    seq: int
+
+
+class Collector:
+    def __init__(self, cfg: CollectorConfig) -> None:
+        self.cfg = cfg
+        self.prefix = cfg.mqtt.topic_prefix
+        v = cfg.validation
+        self.ingest = Ingest(
+            self.prefix,
+            v.max_payload_bytes,
+            TimePolicy(int(v.max_future * 1e9), int(v.min_time.timestamp()) * 1_000_000_000),
+            v.suspect_measurement,
+        )
+        self.counters: Counter[str] = Counter()
+        self.rejections: Counter[str] = Counter()
+        self._warn = RateLimitedLog(log, interval=60)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[paho.MQTTMessage | tuple[paho.MQTTMessage, int]] = asyncio.Queue()
+        self._unacked = 0
+        self.gateway_state: dict[str, str] = {}
+        self.writer = BatchWriter(
+            make_backend(cfg.influx),
+            batch_size=cfg.influx.batch_size,
+            flush_interval=float(cfg.influx.flush_interval),
+            retry_initial=float(cfg.influx.retry_initial),
+            retry_max=float(cfg.influx.retry_max),
+            max_pending_lines=cfg.influx.max_pending_lines,
+            on_result=self._on_written,
+            log=log,
+        )
+        self.link = MqttLink(
+            cfg.mqtt,
+            cfg.mqtt.client_id or default_client_id(),
+            clean_start=False,
+            session_expiry=float(cfg.mqtt.session_expiry),
+            receive_maximum=cfg.mqtt.receive_maximum,
+            manual_ack=True,
+            on_connected=self._on_connected,
+            on_message=self._on_message,
+        )
+
+    # -- paho's thread: hand over, never block --------------------------------------------------------------------
+
+    def _on_connected(self, session_present: bool) -> None:
+        subs = [topics.subscription(self.prefix, topics.UP), topics.subscription(self.prefix, topics.STATUS)]
+        if self.cfg.mqtt.shared_group:
+            subs = [f"$share/{self.cfg.mqtt.shared_group}/{t}" for t in subs]
+        self.link.subscribe(subs, qos=1)
+        log.info("subscribed to %s (session present: %s)", ", ".join(subs), session_present)
+
+    def _on_message(self, msg: paho.MQTTMessage) -> None:
+        receive_ns = time.time_ns()
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (msg, receive_ns))
+
+    # -- event loop ---------------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.writer.start()
+        log.info(
+            "collector starting: MQTT %s:%d, InfluxDB %s API at %s", self.cfg.mqtt.host, self.cfg.mqtt.port,
+            self.cfg.influx.api, self.cfg.influx.url,
+        )
+        self.link.start()
+        tasks = [asyncio.create_task(self._consume(), name="consume"),
+                 asyncio.create_task(self._report(), name="stats")]
+        try:
+            await stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            # Acknowledge only what is stored: drain the writer, then leave. Messages still unacknowledged
+            # stay with the broker's session and come again.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.writer.close(drain=True), timeout=15)
+            self.link.stop()
+            log.info("collector stopped: %s", self._summary())
+
+    async def _consume(self) -> None:
+        while True:
+            msg, receive_ns = await self._queue.get()
+            try:
+                await self._handle(msg, receive_ns)
+            except Exception:  # a bug must cost one message, never the collector
+                log.exception("unexpected error handling a message on %s", msg.topic)
+                self._ack(msg.mid, msg.qos)
+
+    async def _handle(self, msg: paho.MQTTMessage, receive_ns: int) -> None:
+        topic = msg.topic
+        parsed = topics.parse(self.prefix, topic)
+        if parsed is not None and parsed[1] == topics.STATUS:
+            self._status(parsed[0], msg.payload)
+            self._ack(msg.mid, msg.qos)
+            return
+        try:
+            accepted = self.ingest.uplink(topic, msg.payload, receive_ns)
+        except WireError as exc:
+            gateway = parsed[0] if parsed else "?"
+            self.rejections[exc.reason] += 1
+            self._warn.warning(
+                ("reject", gateway, exc.reason), "rejected message from gateway %s on %s: %s",
+                gateway, topic, exc, gateway=gateway, reason=str(exc.reason),
+            )
+            self._ack(msg.mid, msg.qos)
+            return
+        self.counters["messages"] += 1
+        self.counters["readings"] += accepted.readings
+        if accepted.suspect:
+            self.counters["suspect_time"] += accepted.suspect
+            self._warn.warning(
+                ("suspect", accepted.gateway), "gateway %s sent %d reading(s) with an implausible sample time "
+                "(clock not set?); stored aside in %s", accepted.gateway, accepted.suspect,
+                self.cfg.validation.suspect_measurement, gateway=accepted.gateway, reason="suspect_time",
+            )
+        if accepted.skipped:
+            self.counters["skipped_readings"] += accepted.skipped
+        self._unacked += 1
+        await self.writer.put(accepted.lines, token=_Delivery(msg.mid, msg.qos, accepted.gateway, accepted.seq))
+
+    def _status(self, gateway: str, payload: bytes) -> None:
+        try:
+            state = decode_status(payload)["state"]
+        except ValueError as exc:
+            self._warn.warning(("status", gateway), "unreadable status from gateway %s: %s", gateway, exc,
+                               gateway=gateway, reason="bad_status")
+            return
+        if self.gateway_state.get(gateway) != state:
+            self.gateway_state[gateway] = state
+            log.info("gateway %s is %s", gateway, state, extra={"gateway": gateway})
+
+    def _on_written(self, result: BatchResult) -> None:
+        if result.ok:
+            self.counters["lines_written"] += result.lines
+        else:
+            self.counters["lines_rejected_by_influx"] += result.lines
+            gateways = sorted({t.gateway for t in result.tokens if isinstance(t, _Delivery)})
+            log.error(
+                "InfluxDB refused a batch of %d lines from gateway(s) %s: HTTP %s %s", result.lines,
+                ", ".join(gateways), result.status, result.reason, extra={"reason": "influx_rejected"},
+            )
+        for token in result.tokens:
+            if isinstance(token, _Delivery):
+                self._ack(token.mid, token.qos)
+                self._unacked -= 1
+
+    def _ack(self, mid: int, qos: int) -> None:
+        if qos > 0:
+            self.link.ack(mid, qos)
+
+    async def _report(self) -> None:
+        interval = float(self.cfg.log.stats_interval)
+        if interval <= 0:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            log.info("stats: %s", self._summary())
+
+    def _summary(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.counters.items())]
+        parts += [f"rejected.{k}={v}" for k, v in sorted(self.rejections.items())]
+        return " ".join(parts) or "no messages"

@@ -1,0 +1,61 @@
+"""collector.toml: validated once at start-up; every error names the file and the key path."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from collector.influx.config import InfluxConfig
+from wire import config as wconfig
+from wire.config import Duration, invalid
+from wire.mqttlink import MqttSettings
+
+_SHARE_GROUP = r"^[A-Za-z0-9._-]{1,64}$"
+
+
+class CollectorMqtt(MqttSettings, forbid_unknown_fields=True):
+    # How long the broker keeps this collector's session (subscriptions and queued messages) while it is away.
+    session_expiry: Duration = Duration(7 * 86400)
+    # MQTT 5 flow control: how many unacknowledged messages the broker may send. Messages are acknowledged only
+    # after InfluxDB stored them, so this bounds the collector's RAM and what a crash can leave unacknowledged.
+    receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
+    # Several collector instances share the load through $share/<group>/...; empty: a plain subscription.
+    shared_group: Annotated[str, msgspec.Meta(pattern=r"^$|" + _SHARE_GROUP)] = ""
+
+
+class ValidationSection(msgspec.Struct, forbid_unknown_fields=True):
+    max_payload_bytes: Annotated[int, msgspec.Meta(ge=64, le=256 * 1024 * 1024)] = 4 * 1024 * 1024
+    # A sample time further in the future than this (gateway clock ahead) is suspect.
+    max_future: Duration = Duration(300)
+    # A sample time before this is suspect: a gateway without a real-time clock before NTP sync starts in 1970.
+    min_time: dt.datetime = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    suspect_measurement: str = "citynerve_suspect_time"
+
+    def __post_init__(self) -> None:
+        if self.min_time.tzinfo is None:
+            raise invalid("min_time", "expected a date-time with a time zone, e.g. 2020-01-01T00:00:00Z")
+
+
+class LogSection(msgspec.Struct, forbid_unknown_fields=True):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    stats_interval: Duration = Duration(60)
+
+
+class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
+    mqtt: CollectorMqtt = msgspec.field(default_factory=CollectorMqtt)
+    influx: InfluxConfig = msgspec.field(default_factory=InfluxConfig)
+    validation: ValidationSection = msgspec.field(default_factory=ValidationSection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
+
+
+def load(path: str | Path) -> CollectorConfig:
+    return wconfig.load(path, CollectorConfig)
+
+
+def default_client_id() -> str:
+    return f"citynerve-collector-{socket.gethostname()}"[:64]

@@ -1,0 +1,87 @@
+"""The collector's pure pipeline: (topic, payload, receive time) -> line-protocol lines, or a typed rejection.
+
+No I/O: the async shell feeds it MQTT messages and sends its lines to InfluxDB.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from collector.influx.lineproto import LineProtocolError, encode_line
+from wire import topics
+from wire.envelope import Rejection, WireError, open_plain
+
+INGEST_MEASUREMENT = "citynerve_ingest"
+
+
+@dataclass(frozen=True)
+class TimePolicy:
+    max_future_ns: int
+    min_time_ns: int
+
+
+@dataclass
+class Accepted:
+    gateway: str
+    seq: int
+    readings: int
+    lines: list[bytes]
+    suspect: int = 0  # readings whose sample time is implausible (written to the suspect measurement)
+    skipped: int = 0  # readings with no storable field (e.g. every value NaN)
+
+
+class Ingest:
+    def __init__(self, prefix: str, max_payload_bytes: int, time_policy: TimePolicy, suspect_measurement: str):
+        self.prefix = prefix
+        self.max_payload_bytes = max_payload_bytes
+        self.time_policy = time_policy
+        self.suspect_measurement = suspect_measurement
+
+    def uplink(self, topic: str, payload: bytes, receive_ns: int) -> Accepted:
+        """Raises WireError with a Rejection reason for anything that must not be stored."""
+        if len(payload) > self.max_payload_bytes:
+            raise WireError(Rejection.TOO_LARGE, f"{len(payload)} bytes > limit {self.max_payload_bytes}")
+        parsed = topics.parse(self.prefix, topic)
+        if parsed is None or parsed[1] != topics.UP:
+            raise WireError(Rejection.BAD_TOPIC, f"not an uplink topic under {self.prefix}/: {topic!r}")
+        topic_gateway = parsed[0]
+        batch = open_plain(payload)
+        if batch.gateway != topic_gateway:
+            raise WireError(
+                Rejection.TOPIC_MISMATCH,
+                f"message says gateway {batch.gateway!r} but arrived on the topic of {topic_gateway!r}",
+            )
+        policy = self.time_policy
+        latest_ok = receive_ns + policy.max_future_ns
+        lines: list[bytes] = []
+        suspect = skipped = 0
+        for index, reading in enumerate(batch.readings):
+            tags = {**reading.tags, "gateway": batch.gateway, "device": reading.device}
+            try:
+                if policy.min_time_ns <= reading.time_ns <= latest_ok:
+                    lines.append(encode_line(reading.measurement, tags, reading.fields, reading.time_ns))
+                    continue
+                # Never store a reading at a time we believe is wrong: keep it aside, at its receive time
+                # (offset by its index so readings of one message do not overwrite each other), with the
+                # gateway's own time as a field for the clock correction to come.
+                suspect += 1
+                tags["measurement"] = reading.measurement
+                fields = {**reading.fields, "sample_time_ns": reading.time_ns}
+                lines.append(encode_line(self.suspect_measurement, tags, fields, receive_ns + index))
+            except LineProtocolError:
+                skipped += 1
+        lines.append(
+            encode_line(
+                INGEST_MEASUREMENT,
+                {"gateway": batch.gateway},
+                {
+                    "seq": batch.seq,
+                    "readings": len(batch.readings),
+                    "suspect": suspect,
+                    "received_ns": receive_ns,
+                    "latency_ms": (receive_ns - batch.sent_ns) / 1e6,
+                },
+                batch.sent_ns,
+            )
+        )
+        return Accepted(batch.gateway, batch.seq, len(batch.readings), lines, suspect, skipped)

@@ -1,0 +1,75 @@
+"""agent.toml: validated once at start-up; every error names the file and the key path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+
+from edge_agent.modbus.config import ModbusTcpDevice
+from wire import config as wconfig
+from wire.config import Duration, invalid
+from wire.mqttlink import MqttSettings
+from wire.schema import GATEWAY_ID_PATTERN
+
+GatewayId = Annotated[
+    str,
+    msgspec.Meta(pattern=GATEWAY_ID_PATTERN, extra={"expect": "1-64 letters, digits, '.', '_' or '-'"}),
+]
+
+Device = ModbusTcpDevice  # later: a tagged union of every device kind (`kind = "..."` selects)
+
+
+class GatewaySection(msgspec.Struct, forbid_unknown_fields=True):
+    id: GatewayId
+    state_dir: str = "/var/lib/citynerve"
+
+
+class UplinkSection(msgspec.Struct, forbid_unknown_fields=True):
+    publish_interval: Duration = Duration(5)
+    # Until the durable outbox exists, readings wait in RAM while the broker is unreachable; beyond this bound
+    # the oldest are dropped, counted and logged.
+    max_buffered_readings: Annotated[int, msgspec.Meta(ge=1)] = 50_000
+    max_message_readings: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5_000
+
+    def __post_init__(self) -> None:
+        if self.publish_interval <= 0:
+            raise invalid("publish_interval", "expected a duration greater than 0")
+
+
+class LogSection(msgspec.Struct, forbid_unknown_fields=True):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
+    gateway: GatewaySection
+    mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
+    uplink: UplinkSection = msgspec.field(default_factory=UplinkSection)
+    log: LogSection = msgspec.field(default_factory=LogSection)
+    devices: list[Device] = []
+
+    def __post_init__(self) -> None:
+        seen: dict[str, int] = {}
+        for index, device in enumerate(self.devices):
+            if device.id in seen:
+                raise invalid(f"devices[{index}].id", f'"{device.id}" is already used by devices[{seen[device.id]}]')
+            seen[device.id] = index
+
+
+
+
+def load(path: str | Path) -> AgentConfig:
+    """Parse and validate agent.toml, then resolve every device's firmware profile (also validated)."""
+    cfg = wconfig.load(path, AgentConfig)
+    from edge_agent.profiles import load_profile
+
+    for index, device in enumerate(cfg.devices):
+        try:
+            load_profile(device.profile)
+        except wconfig.ConfigError as exc:
+            raise wconfig.ConfigError(str(path), f"devices[{index}].profile", str(exc)) from None
+        except LookupError as exc:
+            raise wconfig.ConfigError(str(path), f"devices[{index}].profile", str(exc)) from None
+    return cfg
