@@ -1,0 +1,53 @@
+# The two commands of the README. Each does all set-up on a fresh Debian/Ubuntu machine:
+# system packages when missing (as root or through sudo), a virtualenv in .venv, the project in it.
+
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+PYTHON    ?= python3
+SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# binary:package pairs; the tests need all three, the demo the first two.
+SYSTEM_PACKAGES := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/bin/victoria-metrics:victoria-metrics
+
+.PHONY: all test test-fault demo lint bench deps venv clean
+
+all: test
+
+deps:
+	@missing=""; \
+	for pair in $(SYSTEM_PACKAGES); do \
+	  bin=$${pair%%:*}; pkg=$${pair##*:}; [ -x "$$bin" ] || missing="$$missing $$pkg"; \
+	done; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing system packages:$$missing"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "citynerve needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: deps venv
+	$(PY) -m pytest -q -m "not fault"
+
+test-fault: deps venv
+	$(PY) -m pytest -q -m fault
+
+demo: deps venv
+	$(PY) -m labkit.demo
+
+bench: deps venv
+	$(PY) -m bench.run
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
