@@ -76,7 +76,7 @@ def describe(path: str, cfg: object) -> str:
     lines.append(f"  uplink {scheme}://{m.host}:{m.port} topic {m.topic_prefix}/{cfg.gateway.id}/up, "  # type: ignore[attr-defined]
                  f"MQTT {m.protocol}, client cert {'yes' if m.cert_file else 'no'}")
     for d in cfg.devices:  # type: ignore[attr-defined]
-        lines.append(f"  device {d.id}: {d.kind} {d.host}:{d.port} unit {d.unit}, profile {d.profile}, "
+        lines.append(f"  device {d.id}: {type(d).__struct_config__.tag} {d.host}:{d.port} unit {d.unit}, profile {d.profile}, "
                      f"every {float(d.interval):g}s")
     return "\n".join(lines)
 

@@ -179,6 +179,11 @@ def explain(error: str, raw: Any, schema: type) -> tuple[str, str]:
         field = missing.group(1)
         field_info = _type_at(info, [field])
         return _join_path([*parts, field]), f"required key is missing: expected {_describe(field_info)}"
+    if message.startswith("Invalid value") and parts:
+        kinds = _tags_of(_type_at(msgspec.inspect.type_info(schema), parts[:-1]))
+        if kinds:
+            found, value = _value_at(raw, parts)
+            return _join_path(parts), f"expected one of {', '.join(map(_show, kinds))}, got {_show(value)}"
     if message.startswith(("Expected", "Invalid enum value")):
         found, value = _value_at(raw, parts)
         got = f", got {_show(value)}" if found else ""
@@ -198,6 +203,12 @@ def _type_at(info: Any, parts: list[str | int]) -> Any:
         else:
             return None
     return info
+
+
+def _tags_of(info: Any) -> list[Any]:
+    """The tag values a tagged Struct (or union of them) accepts, e.g. device kinds."""
+    options = info.types if isinstance(info, msgspec.inspect.UnionType) else [info]
+    return [o.tag for o in options if isinstance(o, msgspec.inspect.StructType) and o.tag is not None]
 
 
 def _unwrap(info: Any) -> Any:

@@ -1,0 +1,154 @@
+"""Pure parts of the agent shell: aligned schedule, persistent sequence, uplink buffer."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from edge_agent.schedule import next_aligned, skipped_deadlines
+from edge_agent.sequence import PersistentSequence, SequenceCorrupt
+from edge_agent.uplink import UplinkBuffer
+from wire.schema import Reading
+
+
+def test_next_aligned_lands_on_wall_clock_multiples() -> None:
+    assert next_aligned(1000.0, 10) == 1010.0
+    assert next_aligned(1003.7, 10) == 1010.0
+    assert next_aligned(1009.999, 10) == 1010.0
+    assert next_aligned(59.5, 0.5) == 60.0
+    assert next_aligned(3599.0, 900) == 3600.0
+
+
+def test_skipped_deadlines() -> None:
+    assert skipped_deadlines(100.0, 100.5, 1.0) == 0
+    assert skipped_deadlines(100.0, 101.0, 1.0) == 1
+    assert skipped_deadlines(100.0, 103.2, 1.0) == 3
+
+
+def test_sequence_is_monotonic_across_restarts(tmp_path) -> None:
+    path = tmp_path / "sequence"
+    first = PersistentSequence(path, block=10)
+    issued = [first.next() for _ in range(25)]
+    assert issued == list(range(25))
+    # A crash here: the next run starts after everything that could have been issued.
+    second = PersistentSequence(path, block=10)
+    assert second.next() > issued[-1]
+
+
+def test_sequence_fsyncs_once_per_block(tmp_path, monkeypatch) -> None:
+    calls = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
+    seq = PersistentSequence(tmp_path / "sequence", block=100)
+    for _ in range(250):
+        seq.next()
+    assert len(calls) == 3 * 2  # three reservations, each: the file and its directory
+
+
+def test_corrupt_sequence_file_is_reported(tmp_path) -> None:
+    path = tmp_path / "sequence"
+    path.write_text("garbage")
+    with pytest.raises(SequenceCorrupt, match="expected a non-negative integer"):
+        PersistentSequence(path)
+
+
+def _reading(i: int) -> Reading:
+    return Reading("d", "m", i, {"v": float(i)})
+
+
+def test_uplink_buffer_drops_oldest_and_counts() -> None:
+    buf = UplinkBuffer(max_readings=5, max_message_readings=3)
+    assert buf.add([_reading(i) for i in range(4)]) == 0
+    assert buf.add([_reading(i) for i in range(4, 8)]) == 3
+    assert buf.dropped_total == 3
+    batch = buf.take()
+    assert [r.time_ns for r in batch] == [3, 4, 5]
+    buf.put_back(batch)
+    assert [r.time_ns for r in buf.take()] == [3, 4, 5]
+    assert [r.time_ns for r in buf.take()] == [6, 7]
+    assert buf.take() == []
+
+
+AGENT_OK = """
+[gateway]
+id = "gw-test"
+state_dir = "{state}"
+
+[mqtt]
+host = "127.0.0.1"
+port = 8883
+
+[[devices]]
+kind = "modbus-tcp"
+id = "meter-1"
+profile = "eastron_sdm630"
+host = "127.0.0.1"
+port = 5020
+"""
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_agent.cli", *args], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (("port = 5020", 'port = "abc"'), 'devices[0].port: expected an integer 1..65535, got "abc"'),
+        (("port = 5020", "port = 70000"), "devices[0].port: expected an integer 1..65535, got 70000"),
+        (('id = "gw-test"', 'id = "gw/test"'), "gateway.id: expected 1-64 letters, digits"),
+        (("port = 5020", "prot = 5020"), 'devices[0].prot: unknown key (did you mean "port"?)'),
+        (('kind = "modbus-tcp"', 'kind = "modbus-tpc"'), 'devices[0].kind: expected one of "modbus-tcp", got "modbus-tpc"'),
+        (('profile = "eastron_sdm630"', 'profile = "no_such_meter"'), "devices[0].profile"),
+        (("[mqtt]", "[mqtt]\nca_file = \"/nonexistent/ca.crt\""), "mqtt.ca_file: /nonexistent/ca.crt does not exist"),
+        (("[mqtt]", '[mqtt]\nkeepalive = "often"'), 'mqtt.keepalive: expected a duration such as "10s"'),
+        (("[mqtt]", '[mqtt]\npassword = { env = "CITYNERVE_NO_SUCH_VAR" }'),
+         "mqtt.password: environment variable CITYNERVE_NO_SUCH_VAR is not set"),
+        (("[gateway]", "[gateway"), "not valid TOML"),
+    ],
+)
+def test_agent_config_errors_name_file_and_key(tmp_path, edit: tuple[str, str], expected: str) -> None:
+    text = AGENT_OK.format(state=tmp_path / "state").replace(*edit, 1)
+    path = tmp_path / "agent.toml"
+    path.write_text(textwrap.dedent(text))
+    result = run_cli("check", str(path))
+    assert result.returncode == 2, result
+    assert result.stderr.startswith(f"error: {path}: "), result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_agent_config_check_ok_and_secret_from_file(tmp_path) -> None:
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cret\n")
+    text = AGENT_OK.format(state=tmp_path / "state").replace(
+        "[mqtt]", f'[mqtt]\nusername = "gw-test"\npassword = {{ file = "{secret}" }}')
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    result = run_cli("check", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "device meter-1: modbus-tcp 127.0.0.1:5020 unit 1" in result.stdout
+    assert "s3cret" not in result.stdout + result.stderr
+
+    from edge_agent import config
+
+    assert config.load(path).mqtt.password.value == "s3cret"
+
+
+def test_missing_config_file(tmp_path) -> None:
+    result = run_cli("check", str(tmp_path / "nope.toml"))
+    assert result.returncode == 2
+    assert result.stderr == f"error: {tmp_path / 'nope.toml'}: file not found\n"
+
+
+def test_duplicate_device_ids(tmp_path) -> None:
+    text = AGENT_OK.format(state=tmp_path) + AGENT_OK.split("[mqtt]")[1].split("port = 8883", 1)[1]
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    result = run_cli("check", str(path))
+    assert 'devices[1].id: "meter-1" is already used by devices[0]' in result.stderr
