@@ -6,10 +6,14 @@ import argparse
 import asyncio
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from wire.cli import EXIT_USAGE, fail, iso_ns, run_until_signal
 from wire.config import ConfigError
 from wire.logs import setup_logging
+
+if TYPE_CHECKING:
+    from edge_agent.config import AgentConfig
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -69,23 +73,24 @@ def _dispatch(args: argparse.Namespace) -> int:
     return run_until_signal(run)
 
 
-def describe(path: str, cfg: object) -> str:
-    lines = [f"{path}: OK", f"  gateway {cfg.gateway.id}, state in {cfg.gateway.state_dir}"]  # type: ignore[attr-defined]
-    m = cfg.mqtt  # type: ignore[attr-defined]
+def describe(path: str, cfg: AgentConfig) -> str:
+    lines = [f"{path}: OK", f"  gateway {cfg.gateway.id}, state in {cfg.gateway.state_dir}"]
+    m = cfg.mqtt
     scheme = "mqtts" if m.tls else "mqtt"
-    lines.append(f"  uplink {scheme}://{m.host}:{m.port} topic {m.topic_prefix}/{cfg.gateway.id}/up, "  # type: ignore[attr-defined]
+    lines.append(f"  uplink {scheme}://{m.host}:{m.port} topic {m.topic_prefix}/{cfg.gateway.id}/up, "
                  f"MQTT {m.protocol}, client cert {'yes' if m.cert_file else 'no'}")
-    for d in cfg.devices:  # type: ignore[attr-defined]
-        lines.append(f"  device {d.id}: {type(d).__struct_config__.tag} {d.host}:{d.port} unit {d.unit}, profile {d.profile}, "
+    for d in cfg.devices:
+        kind = type(d).__struct_config__.tag
+        lines.append(f"  device {d.id}: {kind} {d.host}:{d.port} unit {d.unit}, profile {d.profile}, "
                      f"every {float(d.interval):g}s")
     return "\n".join(lines)
 
 
-def _poll_once(cfg: object) -> int:
+def _poll_once(cfg: AgentConfig) -> int:
     from edge_agent.app import poll_once
 
     failed = 0
-    for device_id, outcome in asyncio.run(poll_once(cfg)):  # type: ignore[arg-type]
+    for device_id, outcome in asyncio.run(poll_once(cfg)):
         if isinstance(outcome, Exception):
             failed += 1
             print(f"error: device {device_id}: {outcome}", file=sys.stderr)

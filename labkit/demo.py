@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from labkit import stack
 from labkit.influxd import InfluxdServer
 from labkit.mosquitto import MosquittoServer
 from labkit.pki import LabCA
@@ -29,68 +30,18 @@ MEASUREMENT = "electricity"
 SHOWN_FIELDS = ("voltage_l1", "current_l1", "power_total", "frequency", "energy_import")
 
 
-def _bin(name: str) -> str:
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def _log_contains(path: Path, text: str) -> bool:
-    try:
-        return text in path.read_text(errors="replace")
-    except OSError:
-        return False
-
-
 def write_configs(work: Path, ca: LabCA, broker: MosquittoServer, influx_url: str, meter_port: int) -> tuple[Path, Path]:
-    agent_cert = ca.issue(GATEWAY)
-    collector_cert = ca.issue("collector-demo")
-    agent = work / "agent.toml"
-    agent.write_text(f"""\
-[gateway]
-id = "{GATEWAY}"
-state_dir = "{work / 'agent-state'}"
-
-[mqtt]
-host = "127.0.0.1"
-port = {broker.port}
-ca_file = "{ca.cert_path}"
-cert_file = "{agent_cert.cert}"
-key_file = "{agent_cert.key}"
-reconnect_max = "5s"
-
-[uplink]
-publish_interval = "1s"
-
-[[devices]]
-kind = "modbus-tcp"
-id = "{DEVICE}"
-profile = "eastron_sdm630"
-host = "127.0.0.1"
-port = {meter_port}
-unit = 1
-interval = "2s"
-tags = {{ site = "demo-substation" }}
-""")
-    collector = work / "collector.toml"
-    collector.write_text(f"""\
-[mqtt]
-host = "127.0.0.1"
-port = {broker.port}
-ca_file = "{ca.cert_path}"
-cert_file = "{collector_cert.cert}"
-key_file = "{collector_cert.key}"
-client_id = "citynerve-collector-demo"
-reconnect_max = "5s"
-
-[influx]
-api = "v1"
-url = "{influx_url}"
-database = "{DATABASE}"
-flush_interval = "500ms"
-
-[log]
-stats_interval = "10s"
-""")
+    agent = stack.write_agent_config(
+        work / "agent.toml", GATEWAY, stack.mqtt_section(broker, ca.issue(GATEWAY), reconnect_max="5s"),
+        [stack.modbus_tcp_device(DEVICE, meter_port, interval="2s", tags={"site": "demo-substation"})],
+    )
+    collector = stack.write_collector_config(
+        work / "collector.toml",
+        stack.mqtt_section(broker, ca.issue("collector-demo"), client_id="citynerve-collector-demo",
+                           reconnect_max="5s"),
+        {"api": "v1", "url": influx_url, "database": DATABASE, "flush_interval": "500ms"},
+        log={"stats_interval": "10s"},
+    )
     return agent, collector
 
 
@@ -168,20 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         started.append(meter)
         print(f"  SDM630 sim     modbus-tcp://127.0.0.1:{meter_port} unit 1", flush=True)
         agent_cfg, collector_cfg = write_configs(work, ca, broker, influx.url, meter_port)
-        collector_log = work / "collector.log"
-        collector = ServerProcess(
-            "edge-collector", [_bin("edge-collector"), "run", str(collector_cfg)], collector_log,
-            ready=lambda: _log_contains(collector_log, "subscribed to"),
-        ).start()
+        collector = stack.collector_process(collector_cfg).start()
         started.append(collector)
-        print(f"  edge-collector running (log: {collector_log})", flush=True)
-        agent_log = work / "agent.log"
-        agent = ServerProcess(
-            "edge-agent", [_bin("edge-agent"), "run", str(agent_cfg)], agent_log,
-            ready=lambda: _log_contains(agent_log, "connected to MQTT broker"),
-        ).start()
+        print(f"  edge-collector running (log: {collector.log_path})", flush=True)
+        agent = stack.agent_process(agent_cfg).start()
         started.append(agent)
-        print(f"  edge-agent     {GATEWAY}, polling {DEVICE} every 2 s (log: {agent_log})\n", flush=True)
+        print(f"  edge-agent     {GATEWAY}, polling {DEVICE} every 2 s (log: {agent.log_path})\n", flush=True)
         print("readings as InfluxDB stores them:", flush=True)
 
         t0 = time.monotonic()

@@ -7,6 +7,7 @@ must only hand work over (e.g. loop.call_soon_threadsafe), never block.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -149,10 +150,8 @@ class MqttLink:
         if final_message and self.connected.is_set():
             info = self.client.publish(*final_message)
             if final_message[2] > 0:
-                try:
+                with contextlib.suppress(RuntimeError, ValueError):
                     info.wait_for_publish(timeout=2)
-                except (RuntimeError, ValueError):
-                    pass
         self.client.disconnect()
         self.client.loop_stop()
 
@@ -251,7 +250,7 @@ class MqttLink:
     def _handle_disconnect(self, _c: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:
         was_connected = self.connected.is_set()
         self.connected.clear()
-        if self._stopping or self._fallback_pending and not was_connected:
+        if self._stopping or (self._fallback_pending and not was_connected):
             return
         if was_connected:
             log.warning("disconnected from MQTT broker %s:%d: %s; reconnecting", self.settings.host,
