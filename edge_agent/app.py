@@ -137,7 +137,8 @@ class Agent:
             except PollError as exc:
                 stats.errors += 1
                 stats.last_error = str(exc)
-                self._errors.warning(("poll", device.id), "poll failed: %s", exc, device=device.id)
+                self._errors.warning(("poll", device.id), "poll of device %s failed: %s", device.id, exc.message,
+                                     device=device.id)
                 readings = []
             except Exception:  # a bug in decoding must not stop this device or any other
                 stats.errors += 1

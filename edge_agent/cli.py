@@ -93,7 +93,7 @@ def _poll_once(cfg: AgentConfig) -> int:
     for device_id, outcome in asyncio.run(poll_once(cfg)):
         if isinstance(outcome, Exception):
             failed += 1
-            print(f"error: device {device_id}: {outcome}", file=sys.stderr)
+            print(f"error: device {device_id}: {getattr(outcome, 'message', outcome)}", file=sys.stderr)
             continue
         for r in outcome:
             print(json.dumps({

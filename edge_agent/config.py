@@ -65,6 +65,12 @@ def load(path: str | Path) -> AgentConfig:
     cfg = wconfig.load(path, AgentConfig)
     from edge_agent.profiles import load_profile
 
+    # A profile given as a relative path is relative to the config file, not to wherever the agent starts.
+    base = Path(path).resolve().parent
+    cfg.devices = [
+        msgspec.structs.replace(d, profile=str(base / d.profile)) if _is_relative_path(d.profile) else d
+        for d in cfg.devices
+    ]
     for index, device in enumerate(cfg.devices):
         try:
             load_profile(device.profile)
@@ -73,3 +79,7 @@ def load(path: str | Path) -> AgentConfig:
         except LookupError as exc:
             raise wconfig.ConfigError(str(path), f"devices[{index}].profile", str(exc)) from None
     return cfg
+
+
+def _is_relative_path(profile: str) -> bool:
+    return ("/" in profile or profile.endswith(".toml")) and not Path(profile).is_absolute()

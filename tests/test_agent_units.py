@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,20 @@ def test_duplicate_device_ids(tmp_path) -> None:
     path.write_text(text)
     result = run_cli("check", str(path))
     assert 'devices[1].id: "meter-1" is already used by devices[0]' in result.stderr
+
+
+def test_profile_path_is_relative_to_the_config_file(tmp_path) -> None:
+    import shutil
+
+    from edge_agent import config
+
+    (tmp_path / "profiles").mkdir()
+    shutil.copy(Path(__file__).parent.parent / "firmware_profiles" / "eastron_sdm630.toml",
+                tmp_path / "profiles" / "my_meter.toml")
+    path = tmp_path / "agent.toml"
+    path.write_text(AGENT_OK.format(state=tmp_path / "state").replace('"eastron_sdm630"', '"profiles/my_meter.toml"'))
+    cfg = config.load(path)
+    assert cfg.devices[0].profile == str(tmp_path / "profiles" / "my_meter.toml")
+    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "check", str(path)], capture_output=True,
+                            text=True, timeout=60, cwd="/")
+    assert result.returncode == 0, result.stderr
