@@ -7,6 +7,7 @@ new optional fields may only be appended at the end with a default, which keeps 
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 import msgspec
@@ -16,10 +17,12 @@ import msgspec
 GATEWAY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 GatewayId = Annotated[str, msgspec.Meta(pattern=GATEWAY_ID_PATTERN)]
 
-# Device ids, measurement, tag and field names: printable, bounded; no control characters,
-# which would corrupt line protocol and log lines.
-Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
-TagValue = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
+# Device ids, measurement, tag and field names: bounded, and without control characters, which would corrupt
+# line protocol and log lines. The control-character rule is checked in decode_batch() once per distinct name
+# (names repeat in every message) instead of by a per-string regex, which made decoding 6x slower.
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+TagValue = Annotated[str, msgspec.Meta(max_length=256)]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 FieldValue = float | int | bool | str
 TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -52,6 +55,34 @@ def encode_batch(batch: Batch) -> bytes:
     return _encoder.encode(batch)
 
 
-def decode_batch(data: bytes) -> Batch:
+_clean_names: set[str] = set()
+_CLEAN_NAMES_LIMIT = 100_000
+
+
+def _check_name(name: str, where: str) -> None:
+    if name in _clean_names:
+        return
+    bad = _CONTROL.search(name)
+    if bad:
+        raise msgspec.ValidationError(f"control character {bad.group()!r} in a name - at `$.{where}`")
+    if len(_clean_names) >= _CLEAN_NAMES_LIMIT:
+        _clean_names.clear()
+    _clean_names.add(name)
+
+
+def decode_batch(data: bytes | memoryview) -> Batch:
     """Raises msgspec.ValidationError / msgspec.DecodeError on anything that is not a valid v1 batch."""
-    return _batch_decoder.decode(data)
+    batch = _batch_decoder.decode(data)
+    clean = _clean_names
+    for i, r in enumerate(batch.readings):
+        if (r.device in clean and r.measurement in clean and clean.issuperset(r.fields)
+                and clean.issuperset(r.tags) and clean.issuperset(r.tags.values())):
+            continue  # the common case, checked at C speed
+        _check_name(r.device, f"readings[{i}].device")
+        _check_name(r.measurement, f"readings[{i}].measurement")
+        for key in r.fields:
+            _check_name(key, f"readings[{i}].fields")
+        for key, value in r.tags.items():
+            _check_name(key, f"readings[{i}].tags")
+            _check_name(value, f"readings[{i}].tags.{key}")
+    return batch

@@ -1,0 +1,135 @@
+"""Collector ingest: readings/s from a local mosquitto through edge-collector into influxd, divided by a direct
+line-protocol write of the same points into the same influxd from one client, in the same run.
+
+    python -m bench.collector_ingest [--messages 2000] [--readings 50] [--gateways 20]
+
+The publisher pre-builds every message, publishes at QoS 1 as fast as the broker takes them, and the clock
+stops when InfluxDB holds every reading (polled with count()). The baseline posts the collector's own lines
+(gzip, batches of the collector's batch size) with urllib3, one request at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import urllib3
+
+from collector.ingest import Ingest, TimePolicy
+from labkit import stack
+from labkit.influxd import InfluxdServer
+from labkit.mosquitto import MosquittoServer
+from labkit.pki import LabCA
+from wire.envelope import seal_plain
+from wire.mqttlink import MqttLink, MqttSettings
+from wire.schema import Batch, Reading
+
+FIELDS = ("voltage_l1", "voltage_l2", "voltage_l3", "current_l1", "current_l2", "current_l3", "power_l1",
+          "power_l2", "power_l3", "power_total", "power_factor_total", "frequency", "energy_import",
+          "energy_export", "reactive_power_total")
+BATCH_SIZE = 5000
+
+
+def build_messages(count: int, per_message: int, gateways: int, t0_ns: int) -> list[tuple[str, bytes]]:
+    messages = []
+    for i in range(count):
+        gw = f"gw-{i % gateways:04d}"
+        seq = i // gateways
+        readings = [
+            Reading(f"meter-{j}", "electricity", t0_ns + seq * 1_000_000_000 + j,
+                    {f: 230.0 + (i * 7 + j * 13 + k) % 1000 / 10 for k, f in enumerate(FIELDS)},
+                    {"model": "SDM630"})
+            for j in range(per_message)
+        ]
+        batch = Batch(gw, seq, t0_ns + seq * 1_000_000_000, readings)
+        messages.append((f"citynerve/v1/{gw}/up", seal_plain(batch)))
+    return messages
+
+
+def count_readings(influx: InfluxdServer, db: str) -> int:
+    rows = influx.query('SELECT count(voltage_l1) FROM "electricity"', db)
+    return int(rows[0]["count"]) if rows else 0
+
+
+def direct_write(influx: InfluxdServer, db: str, messages: list[tuple[str, bytes]]) -> float:
+    """Seconds to write the same points with one plain HTTP client: the baseline."""
+    ingest = Ingest("citynerve/v1", 1 << 30, TimePolicy(10**18, 0), "suspect")
+    lines = [line for topic, payload in messages for line in ingest.uplink(topic, payload, time.time_ns()).lines
+             if line.startswith(b"electricity")]
+    http = urllib3.PoolManager()
+    url = f"{influx.url}/write?db={db}&precision=ns"
+    start = time.perf_counter()
+    for i in range(0, len(lines), BATCH_SIZE):
+        body = gzip.compress(b"\n".join(lines[i:i + BATCH_SIZE]), 1)
+        r = http.request("POST", url, body=body, headers={"Content-Encoding": "gzip"})
+        assert r.status == 204, r.data
+    elapsed = time.perf_counter() - start
+    assert count_readings(influx, db) == len(lines)
+    return elapsed
+
+
+def through_collector(work: Path, broker: MosquittoServer, influx: InfluxdServer, db: str,
+                      messages: list[tuple[str, bytes]], expected: int) -> float:
+    config = stack.write_collector_config(
+        work / "collector.toml", stack.mqtt_section(broker, client_id="bench-collector"),
+        {"api": "v1", "url": influx.url, "database": db, "batch_size": BATCH_SIZE, "flush_interval": "200ms"},
+        log={"stats_interval": "0s", "level": "warning"},
+    )
+    collector = stack.collector_process(config, "--log-level", "info").start()
+    publisher = MqttLink(MqttSettings(host="127.0.0.1", port=broker.port, ca_file=str(broker.ca.cert_path)),
+                         "bench-publisher", max_inflight=1000)
+    publisher.start()
+    assert publisher.connected.wait(10)
+    try:
+        start = time.perf_counter()
+        infos = [publisher.publish(topic, payload, qos=1) for topic, payload in messages]
+        for info in infos:
+            info.wait_for_publish(60)
+        published = time.perf_counter() - start
+        while count_readings(influx, db) < expected:
+            if time.perf_counter() - start > 300:
+                raise TimeoutError(f"collector stored {count_readings(influx, db)} of {expected}")
+            time.sleep(0.05)
+        elapsed = time.perf_counter() - start
+        print(f"  publishing took {published:.2f} s of {elapsed:.2f} s")
+        return elapsed
+    finally:
+        publisher.stop()
+        collector.stop()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--readings", type=int, default=50, help="readings per message")
+    parser.add_argument("--gateways", type=int, default=20)
+    args = parser.parse_args(argv)
+
+    total = args.messages * args.readings
+    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
+        work = Path(tmp)
+        ca = LabCA(work / "pki")
+        with MosquittoServer(work / "mq", ca, extra_config="max_queued_messages 0\n") as broker, \
+                InfluxdServer(work / "influxd", log_level="warn") as influx:
+            t0 = (time.time_ns() // 10**9 - 86400) * 10**9
+            messages = build_messages(args.messages, args.readings, args.gateways, t0)
+            influx.create_database("direct")
+            influx.create_database("collector")
+            direct_s = direct_write(influx, "direct", messages)
+            collector_s = through_collector(work, broker, influx, "collector", messages, total)
+
+    result = {
+        "readings": total, "messages": args.messages, "fields_per_reading": len(FIELDS),
+        "direct_readings_per_s": round(total / direct_s), "collector_readings_per_s": round(total / collector_s),
+        "ratio": round(direct_s / collector_s, 3),
+    }
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
