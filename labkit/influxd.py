@@ -1,0 +1,279 @@
+"""A real InfluxDB 1.x (Debian's influxd) on free loopback ports, with all its state in a temp dir.
+
+    with InfluxdServer() as influx:
+        influx.create_database("citynerve")
+        ...  # write to influx.url
+        rows = influx.query('SELECT * FROM "power"', db="citynerve")  # [{"time": ns, "w": 1.5, ...}]
+
+It starts in a few tens of milliseconds. restart() comes back on the same port with the same data, as a
+fault test needs; kill() is SIGKILL (the WAL is fsynced on every write, so acknowledged points survive).
+
+auth=True turns on HTTP authentication. influxd 1.x lets anyone run CREATE USER ... WITH ALL PRIVILEGES while
+no admin user exists ("create admin user first or disable authentication"); start() does exactly that once,
+then every request needs credentials: the helpers here send the admin's.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import shutil
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from labkit.process import ServerProcess, free_port
+
+INFLUXD = shutil.which("influxd") or "/usr/bin/influxd"
+
+
+class InfluxError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        self.status = status
+        self.message = message
+        super().__init__(f"HTTP {status}: {message}")
+
+
+class InfluxdServer:
+    def __init__(
+        self,
+        directory: Path | str | None = None,
+        *,
+        auth: bool = False,
+        admin_user: str = "admin",
+        admin_password: str = "lab-admin-password",
+        log_level: str = "info",
+        start_timeout: float = 10.0,
+    ) -> None:
+        self._own_dir = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix="influxd-")) if directory is None else Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.auth = auth
+        self.admin_user = admin_user
+        self.admin_password = admin_password
+        self.log_level = log_level
+        self.start_timeout = start_timeout
+        self.config_path = self.directory / "influxdb.conf"
+        self.log_path = self.directory / "influxd.log"
+        self.port = 0
+        self.rpc_port = 0
+        self._process: ServerProcess | None = None
+        self._admin_created = False
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> InfluxdServer:
+        if self.port:
+            self._start_process()
+        else:
+            # Another process may take a "free" port before influxd binds it: try fresh ports a few times.
+            for attempt in range(3):
+                self.port, self.rpc_port = free_port(), free_port()
+                try:
+                    self._start_process()
+                    break
+                except RuntimeError:
+                    if attempt == 2 or "address already in use" not in self.tail_log():
+                        raise
+        if self.auth and not self._admin_created:
+            self._request(
+                "POST", "/query",
+                {"q": f"CREATE USER \"{self.admin_user}\" WITH PASSWORD '{self.admin_password}' "
+                      "WITH ALL PRIVILEGES"},
+                credentials=False,
+            )
+            self._admin_created = True
+        return self
+
+    def _start_process(self) -> None:
+        self._write_config()
+        self._process = ServerProcess(
+            "influxd",
+            [INFLUXD, "-config", str(self.config_path)],
+            self.log_path,
+            ready=self.ping,
+            start_timeout=self.start_timeout,
+        )
+        self._process.start()
+
+    def _write_config(self) -> None:
+        d = self.directory
+        self.config_path.write_text(
+            f"""\
+reporting-disabled = true
+bind-address = "127.0.0.1:{self.rpc_port}"
+
+[meta]
+  dir = "{d / 'meta'}"
+  logging-enabled = false
+
+[data]
+  dir = "{d / 'data'}"
+  wal-dir = "{d / 'wal'}"
+  wal-fsync-delay = "0s"
+  query-log-enabled = false
+  trace-logging-enabled = false
+
+[coordinator]
+  log-queries-after = "0s"
+
+[monitor]
+  store-enabled = false
+
+[subscriber]
+  enabled = false
+
+[continuous_queries]
+  enabled = false
+
+[shard-precreation]
+  enabled = false
+
+[http]
+  enabled = true
+  bind-address = "127.0.0.1:{self.port}"
+  auth-enabled = {"true" if self.auth else "false"}
+  log-enabled = false
+  pprof-enabled = false
+
+[logging]
+  level = "{self.log_level}"
+  suppress-logo = true
+"""
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+
+    def kill(self) -> None:
+        """SIGKILL, as a power cut or the OOM killer would."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.stop()  # closes the log file
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same ports with the same data."""
+        self.stop()
+        self._start_process()
+
+    def close(self) -> None:
+        """Stop and delete the temp dir (when this object made it)."""
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> InfluxdServer:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def tail_log(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    # -- HTTP helpers (stdlib only) -------------------------------------------------------------------------
+
+    def ping(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/ping", timeout=0.5) as response:
+                return response.status == 204
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def create_database(self, name: str) -> None:
+        self._request("POST", "/query", {"q": f"CREATE DATABASE {quote_ident(name)}"})
+
+    def drop_database(self, name: str) -> None:
+        self._request("POST", "/query", {"q": f"DROP DATABASE {quote_ident(name)}"})
+
+    def write(self, body: bytes | str, db: str, rp: str = "", precision: str = "ns") -> None:
+        """Write raw line protocol (for setting up a test, e.g. a field type to conflict with)."""
+        params = {"db": db, "precision": precision}
+        if rp:
+            params["rp"] = rp
+        self._request("POST", "/write", params, body=body.encode() if isinstance(body, str) else body)
+
+    def query_series(self, q: str, db: str | None = None) -> list[dict[str, Any]]:
+        """The raw series of every statement: [{"name", "tags"?, "columns", "values"}], times as int ns."""
+        params = {"q": q, "epoch": "ns"}
+        if db is not None:
+            params["db"] = db
+        doc = json.loads(self._request("GET", "/query", params))
+        series: list[dict[str, Any]] = []
+        for result in doc.get("results", []):
+            if "error" in result:
+                raise InfluxError(200, result["error"])
+            series.extend(result.get("series", []))
+        return series
+
+    def query(self, q: str, db: str | None = None) -> list[dict[str, Any]]:
+        """Rows as dicts: {"time": int ns, column: value, ...}; with GROUP BY, the series' tags are merged in
+        (a field of the same name wins)."""
+        rows: list[dict[str, Any]] = []
+        for series in self.query_series(q, db):
+            tags = series.get("tags") or {}
+            columns = series["columns"]
+            for values in series.get("values", []):
+                row = dict(tags)
+                row.update(zip(columns, values, strict=True))
+                rows.append(row)
+        return rows
+
+    def _request(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, str],
+        body: bytes | None = None,
+        credentials: bool = True,
+    ) -> bytes:
+        url = f"{self.url}{path}?{urllib.parse.urlencode(params)}"
+        if method == "POST" and body is None:
+            body = b""
+        request = urllib.request.Request(url, data=body, method=method)
+        if self.auth and credentials:
+            pair = f"{self.admin_user}:{self.admin_password}".encode()
+            request.add_header("Authorization", "Basic " + base64.b64encode(pair).decode())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                data = response.read()
+        except urllib.error.HTTPError as exc:
+            text = exc.read().decode("utf-8", "replace")
+            with contextlib.suppress(ValueError, AttributeError):
+                text = json.loads(text).get("error", text)
+            raise InfluxError(exc.code, text) from None
+        if path == "/query" and data:
+            doc = json.loads(data)
+            if isinstance(doc, dict) and doc.get("error"):
+                raise InfluxError(200, doc["error"])
+        return data
+
+
+def quote_ident(name: str) -> str:
+    """An InfluxQL identifier in double quotes."""
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def quote_string(value: str) -> str:
+    """An InfluxQL string literal in single quotes."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
