@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 
 from collector.config import CollectorConfig, default_client_id
 from collector.influx.backends import make_backend
-from collector.influx.batcher import BatchResult, BatchWriter
+from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
 from collector.ingest import Ingest, TimePolicy
 from wire import topics
 from wire.envelope import WireError
@@ -121,6 +121,8 @@ class Collector:
             msg, receive_ns = await self._queue.get()
             try:
                 await self._handle(msg, receive_ns)
+            except WriterClosed:
+                return  # shutting down: not acknowledged, so the broker delivers it again
             except Exception:  # a bug must cost one message, never the collector
                 log.exception("unexpected error handling a message on %s", msg.topic)
                 self._ack(msg.mid, msg.qos)
