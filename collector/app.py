@@ -22,6 +22,7 @@ from collector.influx.backends import make_backend
 from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
 from collector.ingest import Ingest, TimePolicy
 from wire import topics
+from wire.cli import run_tasks_until
 from wire.envelope import WireError
 from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink
@@ -104,11 +105,8 @@ class Collector:
         tasks = [asyncio.create_task(self._consume(), name="consume"),
                  asyncio.create_task(self._report(), name="stats")]
         try:
-            await stop.wait()
+            await run_tasks_until(stop, tasks)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             # Acknowledge only what is stored: drain the writer, then leave. Messages still unacknowledged
             # stay with the broker's session and come again.
             with contextlib.suppress(Exception):

@@ -6,15 +6,14 @@ import argparse
 import asyncio
 import sys
 
-from wire.cli import fail, run_until_signal
+from wire.cli import add_log_options, fail, run_until_signal
 from wire.config import ConfigError
 from wire.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-collector", description="citynerve central collector")
-    p.add_argument("--log-format", choices=["text", "json"], help="overrides [log] format in the config")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
+    add_log_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="subscribe, validate and write to InfluxDB until stopped")
     run.add_argument("config", metavar="FILE", help="collector.toml")

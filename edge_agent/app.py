@@ -17,6 +17,7 @@ from edge_agent.schedule import next_aligned, skipped_deadlines
 from edge_agent.sequence import PersistentSequence
 from edge_agent.uplink import UplinkBuffer
 from wire import topics
+from wire.cli import run_tasks_until
 from wire.envelope import seal_plain
 from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink, Will
@@ -110,11 +111,8 @@ class Agent:
         tasks = [asyncio.create_task(self._poll_loop(p), name=f"poll:{p.device.id}") for p in self.pollers]
         tasks.append(asyncio.create_task(self._publish_loop(), name="publish"))
         try:
-            await stop.wait()
+            await run_tasks_until(stop, tasks)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             await self._flush_on_exit()
             for poller in self.pollers:
                 with contextlib.suppress(Exception):

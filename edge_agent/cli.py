@@ -8,7 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING
 
-from wire.cli import EXIT_USAGE, fail, iso_ns, run_until_signal
+from wire.cli import EXIT_USAGE, add_log_options, fail, iso_ns, run_until_signal
 from wire.config import ConfigError
 from wire.logs import setup_logging
 
@@ -18,8 +18,7 @@ if TYPE_CHECKING:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="citynerve edge gateway agent")
-    p.add_argument("--log-format", choices=["text", "json"], help="overrides [log] format in the config")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
+    add_log_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="poll devices and publish readings until stopped")
     run.add_argument("config", metavar="FILE", help="agent.toml")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
 from wire.config import ConfigError
@@ -16,6 +17,22 @@ EXIT_USAGE = 2
 def fail(message: str, code: int = EXIT_USAGE) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", choices=["text", "json"], help="overrides [log] format in the config")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
+
+
+async def run_tasks_until(stop: asyncio.Event, tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Wait for `stop`, then cancel `tasks` and wait until they have all ended."""
+    tasks = list(tasks)
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
