@@ -308,3 +308,28 @@ def test_put_before_start_is_refused() -> None:
             await w.put([line(1)])
 
     run(main())
+
+
+def test_influxd_killed_and_restarted_keeps_what_was_acknowledged(influxd_factory) -> None:
+    server: InfluxdServer = influxd_factory()
+    server.create_database("db")
+
+    async def main() -> Results:
+        results = Results()
+        w = writer(v1(server, "db"), results, batch_size=10, flush_interval=0.02)
+        await w.start()
+        for i in range(20):
+            await w.put([line(i)], token=i)
+        await results.until(lambda r: sum(x.lines for x in r) == 20, timeout=5)
+        await asyncio.to_thread(server.kill)  # SIGKILL: no clean shutdown
+        for i in range(20, 40):
+            await w.put([line(i)], token=i)
+        await asyncio.sleep(0.5)
+        assert sum(x.lines for x in results.items) == 20
+        await asyncio.to_thread(server.restart)
+        await w.close()
+        return results
+
+    results = run(main())
+    assert results.tokens == list(range(40))
+    assert stored_values(server, "db") == list(range(40))
