@@ -57,8 +57,9 @@ class Collector:
         self._queue: asyncio.Queue[paho.MQTTMessage | tuple[paho.MQTTMessage, int]] = asyncio.Queue()
         self._unacked = 0
         self.gateway_state: dict[str, str] = {}
+        self.backend = make_backend(cfg.influx)
         self.writer = BatchWriter(
-            make_backend(cfg.influx),
+            self.backend,
             batch_size=cfg.influx.batch_size,
             flush_interval=float(cfg.influx.flush_interval),
             retry_initial=float(cfg.influx.retry_initial),
@@ -66,6 +67,7 @@ class Collector:
             max_pending_lines=cfg.influx.max_pending_lines,
             on_result=self._on_written,
             log=log,
+            max_batch_puts=max(1, cfg.mqtt.receive_maximum // 2),
         )
         self.link = MqttLink(
             cfg.mqtt,
@@ -111,6 +113,7 @@ class Collector:
             # stay with the broker's session and come again.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.close(drain=True), timeout=15)
+            self.backend.close()
             self.link.stop()
             log.info("collector stopped: %s", self._summary())
 
@@ -175,8 +178,8 @@ class Collector:
             self.counters["lines_rejected_by_influx"] += result.lines
             gateways = sorted({t.gateway for t in result.tokens if isinstance(t, _Delivery)})
             log.error(
-                "InfluxDB refused a batch of %d lines from gateway(s) %s: HTTP %s %s", result.lines,
-                ", ".join(gateways), result.status, result.reason, extra={"reason": "influx_rejected"},
+                "InfluxDB refused a batch of %d lines from gateway(s) %s (HTTP %s): %s; not retried",
+                result.lines, ", ".join(gateways), result.status, result.reason, extra={"reason": "influx_rejected"},
             )
         for token in result.tokens:
             if isinstance(token, _Delivery):

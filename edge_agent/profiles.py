@@ -22,7 +22,7 @@ import msgspec
 from edge_agent.modbus.decode import WIDTHS, Order, PointType, make_decoder, orders_for
 from edge_agent.modbus.plan import MODBUS_MAX_REGISTERS, PointSpec
 from wire.config import ConfigError, convert, invalid, read_toml
-from wire.schema import Name
+from wire.schema import ConfigName as Name
 
 PROFILE_PACKAGE = "firmware_profiles"
 _PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")

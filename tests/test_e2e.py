@@ -247,3 +247,33 @@ def test_eavesdropper_sees_status_and_uplink_topics(tmp_path, mosquitto, influxd
         agent.stop()
         collector.stop()
         probe.close()
+
+
+def test_small_messages_are_not_held_back_by_the_receive_maximum(tmp_path, mosquitto, influxd: InfluxdServer,
+                                                                 influx_db: str) -> None:
+    """The collector acknowledges only stored messages, so at most receive_maximum are in flight to it; it must
+    write them out then, not wait for batch_size lines or the flush interval (which would cap throughput)."""
+    collector = stack.collector_process(stack.write_collector_config(
+        tmp_path / "collector.toml",
+        stack.mqtt_section(mosquitto, client_id="collector-small", receive_maximum=20),
+        {"api": "v1", "url": influxd.url, "database": influx_db, "batch_size": 5000, "flush_interval": "10s"},
+    )).start()
+    link = MqttLink(mqtt_settings(mosquitto), "small-publisher", max_inflight=100)
+    link.start()
+    try:
+        assert link.connected.wait(10)
+        now = time.time_ns()
+        started = time.monotonic()
+        infos = [link.publish("citynerve/v1/gw-small/up",
+                              seal_plain(Batch("gw-small", i, now, [Reading("m", "small", now + i, {"v": i})])))
+                 for i in range(300)]
+        for info in infos:
+            info.wait_for_publish(10)
+        # All but the last partial batch (< receive_maximum / 2 = 10 messages, which waits for the flush
+        # interval) are stored at once; without the early flush it would take 15 batches x 10 s.
+        wait_until(lambda: (r := influxd.query("SELECT count(v) FROM small", influx_db)) and r[0]["count"] > 290,
+                   8, "at least 291 of 300 small messages stored")
+        assert time.monotonic() - started < 8
+    finally:
+        link.stop()
+        collector.stop()

@@ -198,8 +198,45 @@ def test_client_error_is_reported_once_and_not_retried(
     assert result.reason == 'database not found: "missing_db"'
     assert (stats.retries, stats.batches_rejected, stats.lines_rejected, stats.lines_written) == (0, 1, 3, 0)
     assert stats.last_error == 'HTTP 404: database not found: "missing_db"'
+    # The on_result owner (the collector) logs it once, naming the gateways; the batcher stays quiet.
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+def test_client_error_without_an_owner_is_logged_once(influxd: InfluxdServer,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger("test.batcher.alone")
+
+    async def main() -> None:
+        w = BatchWriter(v1(influxd, "missing_db"), batch_size=3, flush_interval=0.05, retry_initial=0.05,
+                        retry_max=0.4, max_pending_lines=100, log=log)
+        await w.start()
+        await w.put([line(1), line(2), line(3)])
+        await asyncio.sleep(0.4)
+        await w.close()
+
+    with caplog.at_level(logging.INFO, logger="test.batcher.alone"):
+        run(main())
     errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(errors) == 1 and 'database not found: "missing_db"' in errors[0].getMessage()
+
+
+def test_flush_by_number_of_puts(influxd: InfluxdServer, influx_db: str) -> None:
+    """Each put holds an MQTT acknowledgement: a batch goes once max_batch_puts wait, long before
+    batch_size lines or the flush interval, so a broker's receive maximum is never the bottleneck."""
+
+    async def main() -> None:
+        results = Results()
+        w = BatchWriter(v1(influxd, influx_db), batch_size=10_000, flush_interval=60, retry_initial=0.05,
+                        retry_max=0.4, max_pending_lines=100_000, on_result=results, max_batch_puts=5)
+        await w.start()
+        for i in range(12):
+            await w.put([line(i)], token=i)
+        await results.until(lambda r: sum(len(x.tokens) for x in r) >= 10, timeout=5)
+        assert results.tokens[:10] == list(range(10))
+        await w.close()
+
+    run(main())
+    assert stored_values(influxd, influx_db) == list(range(12))
 
 
 def test_retry_until_influxd_is_back(influxd_factory, caplog: pytest.LogCaptureFixture) -> None:

@@ -23,6 +23,11 @@ GatewayId = Annotated[str, msgspec.Meta(pattern=GATEWAY_ID_PATTERN)]
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 TagValue = Annotated[str, msgspec.Meta(max_length=256)]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+# The same rules for configuration and profile files, where a per-string pattern costs nothing and gives the
+# error its key path.
+ConfigName = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ConfigTagValue = Annotated[str, msgspec.Meta(max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")]
 FieldValue = float | int | bool | str
 TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]

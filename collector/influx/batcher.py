@@ -34,6 +34,7 @@ import concurrent.futures
 import contextlib
 import logging
 import random
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -91,6 +92,7 @@ class BatchWriter:
         max_pending_lines: int,
         on_result: Callable[[BatchResult], None] | None = None,
         log: logging.Logger | None = None,
+        max_batch_puts: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -106,6 +108,9 @@ class BatchWriter:
         self._retry_initial = float(retry_initial)
         self._retry_max = float(retry_max)
         self._max_pending = max_pending_lines
+        # Also flush once this many puts wait: a caller that holds an MQTT acknowledgement per put must not let
+        # the broker's receive maximum be reached while small messages accumulate towards batch_size.
+        self._max_puts = max_batch_puts or sys.maxsize
         self._on_result = on_result
         self._log = log or logging.getLogger(__name__)
         self._buf: deque[_Put] = deque()
@@ -144,7 +149,7 @@ class BatchWriter:
         was_empty = not self._buf
         self._buf.append(_Put(time.monotonic(), lines, count, token))
         self._buf_lines += count
-        if was_empty or self._buf_lines >= self._batch_size:
+        if was_empty or self._buf_lines >= self._batch_size or len(self._buf) >= self._max_puts:
             self._wake.set()
 
     async def close(self, drain: bool = True) -> None:
@@ -226,7 +231,7 @@ class BatchWriter:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if not self._closing and self._buf_lines < self._batch_size:
+            if not self._closing and self._buf_lines < self._batch_size and len(self._buf) < self._max_puts:
                 delay = self._buf[0].arrived + self._flush_interval - time.monotonic()
                 if delay > 0:
                     self._wake.clear()
@@ -313,6 +318,7 @@ class BatchWriter:
         else:
             stats.batches_rejected += 1
             stats.lines_rejected += result.lines
+        if not result.ok and self._on_result is None:  # an on_result owner reports it with its own context
             self._log.error(
                 "InfluxDB refused a batch of %d lines (HTTP %s): %s; not retried",
                 result.lines, result.status, result.reason, extra={"reason": "influx_rejected"},

@@ -7,7 +7,8 @@ from typing import Annotated
 import msgspec
 
 from wire.config import Duration, invalid
-from wire.schema import Name, TagValue
+from wire.schema import ConfigName as Name
+from wire.schema import ConfigTagValue as TagValue
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Unit = Annotated[int, msgspec.Meta(ge=0, le=255)]
