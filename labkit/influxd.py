@@ -19,14 +19,13 @@ import base64
 import contextlib
 import json
 import shutil
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from labkit.process import ServerProcess, free_port
+from labkit.process import LabServer, ServerProcess, free_port
 
 INFLUXD = shutil.which("influxd") or "/usr/bin/influxd"
 
@@ -38,7 +37,9 @@ class InfluxError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}")
 
 
-class InfluxdServer:
+class InfluxdServer(LabServer):
+    name = "influxd"
+
     def __init__(
         self,
         directory: Path | str | None = None,
@@ -49,40 +50,25 @@ class InfluxdServer:
         log_level: str = "info",
         start_timeout: float = 10.0,
     ) -> None:
-        self._own_dir = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="influxd-")) if directory is None else Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        super().__init__(directory, start_timeout)
         self.auth = auth
         self.admin_user = admin_user
         self.admin_password = admin_password
         self.log_level = log_level
-        self.start_timeout = start_timeout
         self.config_path = self.directory / "influxdb.conf"
-        self.log_path = self.directory / "influxd.log"
-        self.port = 0
         self.rpc_port = 0
-        self._process: ServerProcess | None = None
         self._admin_created = False
-
-    # -- lifecycle ------------------------------------------------------------------------------------------
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self) -> InfluxdServer:
-        if self.port:
-            self._start_process()
-        else:
-            # Another process may take a "free" port before influxd binds it: try fresh ports a few times.
-            for attempt in range(3):
-                self.port, self.rpc_port = free_port(), free_port()
-                try:
-                    self._start_process()
-                    break
-                except RuntimeError:
-                    if attempt == 2 or "address already in use" not in self.tail_log():
-                        raise
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def _choose_ports(self) -> None:
+        self.port, self.rpc_port = free_port(), free_port()
+
+    def _after_start(self) -> None:
         if self.auth and not self._admin_created:
             self._request(
                 "POST", "/query",
@@ -91,18 +77,16 @@ class InfluxdServer:
                 credentials=False,
             )
             self._admin_created = True
-        return self
 
-    def _start_process(self) -> None:
+    def _new_process(self) -> ServerProcess:
         self._write_config()
-        self._process = ServerProcess(
+        return ServerProcess(
             "influxd",
             [INFLUXD, "-config", str(self.config_path)],
             self.log_path,
             ready=self.ping,
             start_timeout=self.start_timeout,
         )
-        self._process.start()
 
     def _write_config(self) -> None:
         d = self.directory
@@ -149,47 +133,6 @@ bind-address = "127.0.0.1:{self.rpc_port}"
   suppress-logo = true
 """
         )
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-
-    def kill(self) -> None:
-        """SIGKILL, as a power cut or the OOM killer would."""
-        if self._process is not None:
-            self._process.kill()
-            self._process.stop()  # closes the log file
-
-    def restart(self) -> None:
-        """Stop (if running) and start again on the same ports with the same data."""
-        self.stop()
-        self._start_process()
-
-    def close(self) -> None:
-        """Stop and delete the temp dir (when this object made it)."""
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> InfluxdServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def tail_log(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     # -- HTTP helpers (stdlib only) -------------------------------------------------------------------------
 

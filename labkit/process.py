@@ -111,3 +111,95 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class LabServer:
+    """Life cycle shared by the lab's servers: a temp dir of their own, fresh free ports on each first start
+    (retried when another process took a port first), stop/kill/restart on the same ports and data.
+
+    Subclasses set `name`, pick their ports in `_choose_ports()` and build the process in `_new_process()`.
+    """
+
+    name = "server"
+
+    def __init__(self, directory: Path | str | None, start_timeout: float = 10.0) -> None:
+        import tempfile
+
+        self._own_dir = directory is None
+        self.directory = Path(tempfile.mkdtemp(prefix=f"{self.name}-")) if directory is None else Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.directory / f"{self.name}.log"
+        self.start_timeout = start_timeout
+        self.port = 0
+        self._process: ServerProcess | None = None
+
+    def _choose_ports(self) -> None:
+        self.port = free_port()
+
+    def _new_process(self) -> ServerProcess:
+        raise NotImplementedError
+
+    def _start_process(self) -> None:
+        self._process = self._new_process()
+        self._process.start()
+
+    def _after_start(self) -> None:
+        """Hook for set-up that needs the running server (e.g. creating users)."""
+
+    def start(self):
+        if self.port:
+            self._start_process()
+        else:
+            for attempt in range(3):
+                self._choose_ports()
+                try:
+                    self._start_process()
+                    break
+                except RuntimeError:
+                    if attempt == 2 or "address already in use" not in self.tail_log().lower():
+                        raise
+        self._after_start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.running
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.stop()
+
+    def kill(self) -> None:
+        """SIGKILL, as a power cut or the OOM killer would."""
+        if self._process is not None:
+            self._process.kill()
+            self._process.stop()  # closes the log file
+
+    def restart(self) -> None:
+        """Stop (if running) and start again on the same ports with the same data."""
+        self.stop()
+        self._start_process()
+
+    def close(self) -> None:
+        """Stop, and delete the directory when this object made it."""
+        import shutil
+
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def tail_log(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -36,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit.process import ServerProcess, free_port
+from labkit.process import LabServer, ServerProcess
 
 VICTORIA_METRICS = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
 
@@ -49,7 +48,9 @@ class Sample:
     timestamp_ms: int
 
 
-class VictoriaMetricsServer:
+class VictoriaMetricsServer(LabServer):
+    name = "victoria-metrics"
+
     def __init__(
         self,
         directory: Path | str | None = None,
@@ -57,36 +58,14 @@ class VictoriaMetricsServer:
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 10.0,
     ) -> None:
-        self._own_dir = directory is None
-        self.directory = Path(tempfile.mkdtemp(prefix="victoria-")) if directory is None else Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        super().__init__(directory, start_timeout)
         self.extra_args = tuple(extra_args)
-        self.start_timeout = start_timeout
-        self.log_path = self.directory / "victoria-metrics.log"
-        self.port = 0
-        self._process: ServerProcess | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    # -- lifecycle ------------------------------------------------------------------------------------------
-
-    def start(self) -> VictoriaMetricsServer:
-        if self.port:
-            self._start_process()
-            return self
-        for attempt in range(3):
-            self.port = free_port()
-            try:
-                self._start_process()
-                return self
-            except RuntimeError:
-                if attempt == 2 or "address already in use" not in self.tail_log():
-                    raise
-        return self
-
-    def _start_process(self) -> None:
+    def _new_process(self) -> ServerProcess:
         argv = [
             VICTORIA_METRICS,
             f"-storageDataPath={self.directory / 'data'}",
@@ -95,48 +74,9 @@ class VictoriaMetricsServer:
             "-loggerLevel=INFO",
             *self.extra_args,
         ]
-        self._process = ServerProcess(
+        return ServerProcess(
             "victoria-metrics", argv, self.log_path, ready=self.healthy, start_timeout=self.start_timeout
         )
-        self._process.start()
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.running
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.stop()
-
-    def kill(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.stop()
-
-    def restart(self) -> None:
-        self.stop()
-        self._start_process()
-
-    def close(self) -> None:
-        self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.directory, ignore_errors=True)
-
-    def __enter__(self) -> VictoriaMetricsServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def tail_log(self, lines: int = 20) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
     # -- HTTP helpers ---------------------------------------------------------------------------------------
 
