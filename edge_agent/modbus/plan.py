@@ -3,9 +3,13 @@
 Built once at start-up; a poll then just runs the plan's requests and hands each response to its slots.
 
 Rules (per table, points sorted by address):
-- a request never exceeds `max_registers` registers (Modbus allows 125 for FC3/FC4; many devices fewer);
+- a request never exceeds `max_registers` registers (Modbus allows 125 for FC3/FC4; many devices fewer), or
+  `max_bits` bits for the bit tables (coil FC1, discrete FC2; Modbus allows 2000);
 - a request may bridge unused registers between two points only if that gap is at most `max_gap` registers
   (0 = only adjacent points share a request), because some devices answer exception 2 for unmapped registers;
+- a request never covers an address the profile marks as unreadable (`unreadable` ranges);
+- with the `one_request_per_point` workaround every point is its own request (devices that refuse any
+  multi-point read);
 - a request starts at its first point and ends with its last, so no register is read that no point needs
   except inside a bridged gap.
 
@@ -26,7 +30,12 @@ MODBUS_MAX_REGISTERS = 125  # FC3/FC4 limit of the Modbus application protocol (
 
 
 class PointSpec(NamedTuple):
-    """A point as the planner sees it: where it lives, how wide it is, how to decode it, where it goes."""
+    """A point as the planner sees it: where it lives, how wide it is, how to decode it, where it goes.
+
+    `width` is in registers, or in bits for the bit tables. `scale_factor` names the point holding a
+    SunSpec-style power-of-ten exponent for this one; `emit` is False for points read only to serve others
+    (scale factors).
+    """
 
     field: str
     table: str
@@ -34,6 +43,8 @@ class PointSpec(NamedTuple):
     width: int
     decode: Decoder
     measurement: str
+    scale_factor: str | None = None
+    emit: bool = True
 
     @property
     def end(self) -> int:
