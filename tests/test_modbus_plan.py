@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.modbus.decode import make_decoder
-from edge_agent.modbus.plan import PointSpec, ReadRequest, decode_answers, plan_reads
+from edge_agent.modbus.plan import PointSpec, ReadRequest, Unreadable, decode_answers, decode_poll, plan_reads
 
 WIDTH_TYPE = {1: "uint16", 2: "uint32", 4: "uint64"}
 
@@ -142,9 +142,9 @@ def test_empty_point_list_gives_empty_plan() -> None:
 @pytest.mark.parametrize(
     ("points", "max_registers", "max_gap", "message"),
     [
-        ([spec("a", 0, 4)], 2, 0, "more than max_registers"),
+        ([spec("a", 0, 4)], 2, 0, "more than the limit of 2"),
         ([spec("a", 0), spec("b", 1)], 125, 0, "overlap"),
-        ([spec("a", 65535, 2)], 125, 0, "outside the register range"),
+        ([spec("a", 65535, 2)], 125, 0, "outside the address range"),
         ([spec("a", 0)], 0, 0, "max_registers must be 1..125"),
         ([spec("a", 0)], 126, 0, "max_registers must be 1..125"),
         ([spec("a", 0)], 125, -1, "max_gap must be 0 or more"),
@@ -155,3 +155,92 @@ def test_impossible_plans_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         plan_reads(points, max_registers, max_gap)
+
+
+# -- unreadable ranges, bit tables, workarounds, quality ---------------------------------------------------
+
+
+@st.composite
+def point_sets_with_holes(draw: st.DrawFn) -> tuple[list[PointSpec], int, int, list[Unreadable]]:
+    points, max_registers, max_gap = draw(point_sets())
+    used = {(p.table, r) for p in points for r in range(p.address, p.end)}
+    holes = []
+    for _ in range(draw(st.integers(0, 3))):
+        table = draw(st.sampled_from(["input", "holding"]))
+        start = draw(st.integers(0, 40))
+        end = start + draw(st.integers(0, 3))
+        if not any((table, r) in used for r in range(start, end + 1)):
+            holes.append(Unreadable(table, start, end))
+    return points, max_registers, max_gap, holes
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=point_sets_with_holes())
+def test_plan_never_reads_unreadable_addresses_and_stays_minimal(case) -> None:
+    points, max_registers, max_gap, holes = case
+    plan = plan_reads(points, max_registers, max_gap, unreadable=holes)
+    check_valid(plan, points, max_registers, max_gap)
+    for request in plan:
+        for hole in holes:
+            if hole.table == request.table:
+                assert request.address + request.count - 1 < hole.start or request.address > hole.end
+
+    def allowed(group: list[PointSpec]) -> bool:
+        if not feasible(group, max_registers, max_gap):
+            return False
+        table, start = group[0].table, min(p.address for p in group)
+        end = max(p.end for p in group)
+        return not any(h.table == table and start <= h.end and end - 1 >= h.start for h in holes)
+
+    best = min(len(part) for part in partitions(points) if all(allowed(g) for g in part))
+    assert len(plan) == best
+
+
+def test_unreadable_gap_splits_a_request() -> None:
+    points = [spec("a", 0), spec("b", 4)]
+    assert [(r.address, r.count) for r in plan_reads(points, 125, 2)] == [(0, 6)]
+    split = plan_reads(points, 125, 2, unreadable=[Unreadable("input", 3, 3)])
+    assert [(r.address, r.count) for r in split] == [(0, 2), (4, 2)]
+    other_table = plan_reads(points, 125, 2, unreadable=[Unreadable("holding", 3, 3)])
+    assert len(other_table) == 1
+    with pytest.raises(ValueError, match="unreadable input addresses 1..1"):
+        plan_reads(points, 125, 2, unreadable=[Unreadable("input", 1, 1)])
+
+
+def test_bit_tables_use_the_bit_limit() -> None:
+    coils = [PointSpec(f"c{i}", "coil", i, 1, lambda bits: bool(bits[0]), "m") for i in range(0, 3000, 1)]
+    plan = plan_reads(coils, max_registers=10)
+    assert [(r.table, r.address, r.count) for r in plan] == [("coil", 0, 2000), ("coil", 2000, 1000)]
+    assert [r.count for r in plan_reads(coils, max_bits=800)] == [800, 800, 800, 600]
+    with pytest.raises(ValueError, match="max_bits must be 1..2000"):
+        plan_reads(coils, max_bits=2001)
+
+
+def test_one_request_per_point_workaround() -> None:
+    points = [spec("a", 0), spec("b", 2), spec("c", 4)]
+    assert len(plan_reads(points)) == 1
+    plan = plan_reads(points, one_request_per_point=True)
+    assert [(r.address, r.count) for r in plan] == [(0, 2), (2, 2), (4, 2)]
+
+
+def test_decode_poll_reports_errors_sentinels_bitfields_and_scale_factors() -> None:
+    from edge_agent.modbus import plan as plan_module
+
+    missing = plan_module.Missing  # the decoders' marker type
+    not_available = missing("not_available") if missing.__init__ is not object.__init__ else missing()
+    points = [
+        PointSpec("w", "holding", 0, 1, lambda r: r[0], "inv", scale_factor="w_sf"),
+        PointSpec("w_sf", "holding", 1, 1, lambda r: r[0] - 65536 if r[0] > 32767 else r[0], "inv", emit=False),
+        PointSpec("status", "holding", 2, 1, lambda r: {"alarm": bool(r[0] & 1), "running": bool(r[0] & 2)}, "inv"),
+        PointSpec("va", "holding", 3, 1, lambda r: not_available if r[0] == 0xFFFF else r[0], "inv"),
+        PointSpec("hz", "input", 0, 1, lambda r: r[0] / 100, "inv"),
+    ]
+    plan = plan_reads(points)
+    assert [r.table for r in plan] == ["holding", "input"]
+    got = decode_poll(plan, [[2301, 0xFFFF, 2, 0xFFFF], TimeoutError("no answer")])
+    assert got.fields == {"inv": {"w": 230.1, "alarm": False, "running": True}}
+    assert got.quality == {"inv": {"va": "not_available", "hz": "error"}}
+    assert decode_poll(plan, [[5, 2, 0, 7], [5000]]).fields == {
+        "inv": {"w": 500, "alarm": False, "running": False, "va": 7, "hz": 50.0}}
+    no_sf = decode_poll(plan, [[5, 99, 0, 7], [5000]])  # exponent outside any sane range
+    assert no_sf.quality == {"inv": {"w": "no_scale_factor"}}

@@ -26,6 +26,12 @@ from typing import NamedTuple
 
 from edge_agent.modbus.decode import Decoder, Value
 
+try:  # the Missing marker arrives with the extended decoders
+    from edge_agent.modbus.decode import Missing
+except ImportError:  # pragma: no cover - transitional
+    class Missing:  # type: ignore[no-redef]
+        reason = "not_available"
+
 MODBUS_MAX_REGISTERS = 125  # FC3/FC4 limit of the Modbus application protocol (PDU of 253 bytes)
 
 
@@ -60,6 +66,8 @@ class Slot(NamedTuple):
     decode: Decoder
     field: str
     measurement: str
+    scale_factor: str | None = None
+    emit: bool = True
 
 
 class ReadRequest(NamedTuple):
@@ -73,34 +81,70 @@ class ReadRequest(NamedTuple):
         return f"{self.table} 0x{self.address:04X}+{self.count}"
 
 
-def plan_reads(points: Iterable[PointSpec], max_registers: int, max_gap: int = 0) -> list[ReadRequest]:
+BIT_TABLES = frozenset({"coil", "discrete"})
+MODBUS_MAX_BITS = 2000  # FC1/FC2 limit
+
+
+class Unreadable(NamedTuple):
+    """Addresses start..end (inclusive) of one table that a request must never cover."""
+
+    table: str
+    start: int
+    end: int
+
+
+def plan_reads(
+    points: Iterable[PointSpec],
+    max_registers: int = MODBUS_MAX_REGISTERS,
+    max_gap: int = 0,
+    *,
+    max_bits: int = MODBUS_MAX_BITS,
+    unreadable: Iterable[Unreadable] = (),
+    one_request_per_point: bool = False,
+) -> list[ReadRequest]:
     """The fewest read requests that fetch every point, ordered by table then address.
 
-    Raises ValueError for limits out of range, a point wider than max_registers, points outside 0..65535
-    or points that overlap in one table (a profile is validated before it gets here; this is the backstop).
+    Raises ValueError for limits out of range, a point wider than the limit, points outside 0..65535,
+    points that overlap in one table or lie on an unreadable address (a profile is validated before it gets
+    here; this is the backstop).
     """
     if not 1 <= max_registers <= MODBUS_MAX_REGISTERS:
         raise ValueError(f"max_registers must be 1..{MODBUS_MAX_REGISTERS}, got {max_registers}")
+    if not 1 <= max_bits <= MODBUS_MAX_BITS:
+        raise ValueError(f"max_bits must be 1..{MODBUS_MAX_BITS}, got {max_bits}")
     if max_gap < 0:
         raise ValueError(f"max_gap must be 0 or more, got {max_gap}")
+    blocked: dict[str, list[Unreadable]] = {}
+    for block in unreadable:
+        blocked.setdefault(block.table, []).append(block)
 
     by_table: dict[str, list[PointSpec]] = {}
     for point in points:
-        if point.width > max_registers:
-            raise ValueError(f"point {point.field!r} is {point.width} registers, more than max_registers")
+        limit = max_bits if point.table in BIT_TABLES else max_registers
+        if point.width > limit:
+            raise ValueError(f"point {point.field!r} is {point.width} wide, more than the limit of {limit}")
         if point.address < 0 or point.end > 65536:
-            raise ValueError(f"point {point.field!r} lies outside the register range 0..65535")
+            raise ValueError(f"point {point.field!r} lies outside the address range 0..65535")
+        for block in blocked.get(point.table, ()):
+            if point.address <= block.end and point.end - 1 >= block.start:
+                raise ValueError(f"point {point.field!r} lies on unreadable {block.table} addresses "
+                                 f"{block.start}..{block.end}")
         by_table.setdefault(point.table, []).append(point)
 
     requests: list[ReadRequest] = []
     for table in sorted(by_table):
+        limit = max_bits if table in BIT_TABLES else max_registers
+        blocks = blocked.get(table, [])
         run: list[PointSpec] = []
         for point in sorted(by_table[table], key=lambda p: p.address):
             if run:
                 last_end = max(p.end for p in run)
                 if point.address < last_end:
                     raise ValueError(f"points {run[-1].field!r} and {point.field!r} overlap in table {table}")
-                if point.address - last_end <= max_gap and point.end - run[0].address <= max_registers:
+                if (not one_request_per_point
+                        and point.address - last_end <= max_gap
+                        and point.end - run[0].address <= limit
+                        and not any(last_end <= b.end and point.address - 1 >= b.start for b in blocks)):
                     run.append(point)
                     continue
                 requests.append(_request(table, run))
@@ -113,25 +157,74 @@ def plan_reads(points: Iterable[PointSpec], max_registers: int, max_gap: int = 0
 def _request(table: str, run: list[PointSpec]) -> ReadRequest:
     start = run[0].address
     end = max(p.end for p in run)
-    slots = tuple(Slot(p.address - start, p.width, p.decode, p.field, p.measurement) for p in run)
+    slots = tuple(Slot(p.address - start, p.width, p.decode, p.field, p.measurement, p.scale_factor, p.emit)
+                  for p in run)
     return ReadRequest(table, start, end - start, slots)
+
+
+class PollValues(NamedTuple):
+    """What one poll of a device produced: values, and why any expected value is missing."""
+
+    fields: dict[str, dict[str, Value]]  # measurement -> field -> value
+    quality: dict[str, dict[str, str]]  # measurement -> field -> reason ("not_available", "error", ...)
+
+
+def decode_poll(plan: Sequence[ReadRequest], answers: Sequence[Sequence[int] | BaseException]) -> PollValues:
+    """Registers in, values out, for one answer per planned request.
+
+    An answer may be the exception that request ended with: its points are then missing with quality
+    "error", while the other requests' points are decoded as usual. A decoder returning a `Missing` gives a
+    missing value with that reason; one returning a dict (a bitfield) adds each named bit as a field.
+    Scale factors are applied after every request is decoded: value * 10**sf.
+    """
+    if len(answers) != len(plan):
+        raise ValueError(f"{len(answers)} answers for {len(plan)} requests")
+    fields: dict[str, dict[str, Value]] = {}
+    quality: dict[str, dict[str, str]] = {}
+    raw: dict[str, object] = {}
+    scaled: list[Slot] = []
+    for request, registers in zip(plan, answers, strict=True):
+        if isinstance(registers, BaseException):
+            for slot in request.slots:
+                if slot.emit:
+                    quality.setdefault(slot.measurement, {})[slot.field] = "error"
+            continue
+        if len(registers) != request.count:
+            raise ValueError(f"{len(registers)} registers for {request.describe()}")
+        for slot in request.slots:
+            value = slot.decode(registers[slot.offset : slot.offset + slot.width])
+            raw[slot.field] = value
+            if not slot.emit:
+                continue
+            if slot.scale_factor is not None:
+                scaled.append(slot)
+            elif isinstance(value, dict):
+                fields.setdefault(slot.measurement, {}).update(value)
+            elif value is None or isinstance(value, Missing):
+                quality.setdefault(slot.measurement, {})[slot.field] = getattr(value, "reason", "not_available")
+            else:
+                fields.setdefault(slot.measurement, {})[slot.field] = value
+    for slot in scaled:
+        value, sf = raw[slot.field], raw.get(slot.scale_factor)  # type: ignore[arg-type]
+        if value is None or isinstance(value, Missing):
+            quality.setdefault(slot.measurement, {})[slot.field] = getattr(value, "reason", "not_available")
+        elif not isinstance(sf, int) or isinstance(sf, bool) or not -20 <= sf <= 20:
+            quality.setdefault(slot.measurement, {})[slot.field] = "no_scale_factor"
+        else:
+            fields.setdefault(slot.measurement, {})[slot.field] = _apply_exponent(value, sf)  # type: ignore[arg-type]
+    return PollValues(fields, quality)
+
+
+def _apply_exponent(value: float | int, sf: int) -> float | int:
+    # Integers with a non-negative exponent stay exact integers; otherwise round the float to the precision
+    # the exponent gives, so 2301 * 10**-1 is 230.1 and not 230.10000000000002.
+    if sf >= 0:
+        return value * 10**sf
+    return round(value * 10.0**sf, -sf) if isinstance(value, int) else value * 10.0**sf
 
 
 def decode_answers(
     plan: Sequence[ReadRequest], answers: Sequence[Sequence[int]]
 ) -> dict[str, dict[str, Value]]:
-    """Registers in, values out: {measurement: {field: value}} for one answer per planned request.
-
-    Values that decode to None (NaN/inf) are left out; a measurement without any value is left out.
-    """
-    if len(answers) != len(plan):
-        raise ValueError(f"{len(answers)} answers for {len(plan)} requests")
-    fields: dict[str, dict[str, Value]] = {}
-    for request, registers in zip(plan, answers, strict=True):
-        if len(registers) != request.count:
-            raise ValueError(f"{len(registers)} registers for {request.describe()}")
-        for slot in request.slots:
-            value = slot.decode(registers[slot.offset : slot.offset + slot.width])
-            if value is not None:
-                fields.setdefault(slot.measurement, {})[slot.field] = value
-    return fields
+    """The values of `decode_poll`, without the quality flags."""
+    return decode_poll(plan, answers).fields
