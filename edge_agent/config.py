@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from edge_agent.modbus.config import ModbusTcpDevice
+from edge_agent.modbus.config import ModbusBus, ModbusDevice, ModbusTcpDevice
 from wire import config as wconfig
 from wire.config import Duration, invalid
 from wire.mqttlink import MqttSettings
@@ -18,7 +18,8 @@ GatewayId = Annotated[
     msgspec.Meta(pattern=GATEWAY_ID_PATTERN, extra={"expect": "1-64 letters, digits, '.', '_' or '-'"}),
 ]
 
-Device = ModbusTcpDevice  # later: a tagged union of every device kind (`kind = "..."` selects)
+# Every device kind, selected by `kind = "..."`.
+Device = ModbusDevice | ModbusTcpDevice
 
 
 class GatewaySection(msgspec.Struct, forbid_unknown_fields=True):
@@ -48,14 +49,46 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     uplink: UplinkSection = msgspec.field(default_factory=UplinkSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
+    buses: list[ModbusBus] = []
     devices: list[Device] = []
 
     def __post_init__(self) -> None:
-        seen: dict[str, int] = {}
+        _unique_ids("buses", self.buses)
+        _unique_ids("devices", self.devices)
+        buses = {bus.id: bus for bus in self.buses}
         for index, device in enumerate(self.devices):
-            if device.id in seen:
-                raise invalid(f"devices[{index}].id", f'"{device.id}" is already used by devices[{seen[device.id]}]')
-            seen[device.id] = index
+            if isinstance(device, ModbusDevice):
+                bus = buses.get(device.bus)
+                if bus is None:
+                    known = ", ".join(f'"{b}"' for b in buses) or "none configured"
+                    raise invalid(f"devices[{index}].bus", f'no bus "{device.bus}" in [[buses]] (known: {known})')
+                if bus.where.kind == "serial" and not 1 <= device.unit <= 247:
+                    raise invalid(f"devices[{index}].unit", f"expected a unit id 1..247 on serial bus {bus.id}, "
+                                                            f"got {device.unit}")
+        on_bus: dict[tuple[str, int], int] = {}
+        for index, device in enumerate(self.devices):
+            key = (device.bus if isinstance(device, ModbusDevice) else f"tcp://{device.host}:{device.port}",
+                   device.unit)
+            if key in on_bus:
+                raise invalid(f"devices[{index}].unit", f"unit {device.unit} on bus {key[0]} is already "
+                                                        f"devices[{on_bus[key]}]")
+            on_bus[key] = index
+
+    def bus_of(self, device: Device) -> ModbusBus:
+        """The bus a device is polled on; a `modbus-tcp` device's endpoint is a bus of its own, shared by
+        every device with the same host and port (one TCP connection, one transaction at a time)."""
+        if isinstance(device, ModbusDevice):
+            return next(b for b in self.buses if b.id == device.bus)
+        return ModbusBus(id=f"tcp://{device.host}:{device.port}", target=f"tcp://{device.host}:{device.port}",
+                         timeout=device.timeout)
+
+
+def _unique_ids(key: str, items: list) -> None:
+    seen: dict[str, int] = {}
+    for index, item in enumerate(items):
+        if item.id in seen:
+            raise invalid(f"{key}[{index}].id", f'"{item.id}" is already used by {key}[{seen[item.id]}]')
+        seen[item.id] = index
 
 
 

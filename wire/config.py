@@ -162,7 +162,7 @@ def _join_path(parts: list[str | int]) -> str:
 def explain(error: str, raw: Any, schema: type) -> tuple[str, str]:
     match = _AT.match(error)
     message, parts = (match["msg"], _split_path(match["path"])) if match else (error, [])
-    info = _type_at(msgspec.inspect.type_info(schema), parts)
+    info = _pick_tagged(_type_at(msgspec.inspect.type_info(schema), parts, raw), _value_at(raw, parts)[1])
 
     if message.startswith("@"):  # raised by invalid(key, ...) in a __post_init__
         key, _, text = message[1:].partition("@")
@@ -177,10 +177,10 @@ def explain(error: str, raw: Any, schema: type) -> tuple[str, str]:
     missing = re.match(r"Object missing required field `(.+)`", message)
     if missing:
         field = missing.group(1)
-        field_info = _type_at(info, [field])
+        field_info = _type_at(info, [field], _value_at(raw, parts)[1])
         return _join_path([*parts, field]), f"required key is missing: expected {_describe(field_info)}"
     if message.startswith("Invalid value") and parts:
-        kinds = _tags_of(_type_at(msgspec.inspect.type_info(schema), parts[:-1]))
+        kinds = _tags_of(_type_at(msgspec.inspect.type_info(schema), parts[:-1], raw))
         if kinds:
             found, value = _value_at(raw, parts)
             return _join_path(parts), f"expected one of {', '.join(map(_show, kinds))}, got {_show(value)}"
@@ -191,9 +191,11 @@ def explain(error: str, raw: Any, schema: type) -> tuple[str, str]:
     return _join_path(parts), message
 
 
-def _type_at(info: Any, parts: list[str | int]) -> Any:
+def _type_at(info: Any, parts: list[str | int], raw: Any = None) -> Any:
     for part in parts:
-        info = _unwrap(info)
+        info = _pick_tagged(_unwrap(info), raw)
+        raw = raw.get(part) if isinstance(raw, dict) else (
+            raw[part] if isinstance(raw, list) and isinstance(part, int) and part < len(raw) else None)
         if isinstance(info, msgspec.inspect.StructType):
             info = next((f.type for f in info.fields if f.encode_name == part), None)
         elif isinstance(info, msgspec.inspect.ListType | msgspec.inspect.TupleType):
@@ -202,6 +204,16 @@ def _type_at(info: Any, parts: list[str | int]) -> Any:
             info = info.value_type
         else:
             return None
+    return info
+
+
+def _pick_tagged(info: Any, raw: Any) -> Any:
+    """The member of a tagged union that the raw table's tag value selects (e.g. devices[i].kind)."""
+    if isinstance(info, msgspec.inspect.UnionType) and isinstance(raw, dict):
+        for option in info.types:
+            if isinstance(option, msgspec.inspect.StructType) and option.tag_field is not None \
+                    and raw.get(option.tag_field) == option.tag:
+                return option
     return info
 
 

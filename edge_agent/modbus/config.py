@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import re
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -56,3 +57,107 @@ class ModbusTcpDevice(
             raise invalid("interval", "must be more than 0 s")
         if self.timeout <= 0:
             raise invalid("timeout", "must be more than 0 s")
+
+
+BAUD_RATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
+WORKAROUNDS = ("one_request_per_point", "no_gap_reads")
+Workaround = Literal["one_request_per_point", "no_gap_reads"]
+SerialUnit = Annotated[int, msgspec.Meta(ge=1, le=247)]
+_TCP_TARGET = re.compile(r"^(tcp|rtu-over-tcp)://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
+
+
+class BusTarget(msgspec.Struct, frozen=True):
+    """Where a bus is: a serial port, or a TCP endpoint speaking Modbus TCP (MBAP) or RTU frames."""
+
+    kind: Literal["serial", "tcp", "rtu-over-tcp"]
+    path: str = ""  # serial
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, target: str) -> BusTarget:
+        match = _TCP_TARGET.match(target)
+        if match:
+            port = int(match.group(3))
+            if not 1 <= port <= 65535:
+                raise ValueError(f"TCP port {port} is outside 1..65535")
+            return cls(match.group(1), host=match.group(2).strip("[]"), port=port)  # type: ignore[arg-type]
+        if target.startswith("/") and not any(c.isspace() for c in target):
+            return cls("serial", path=target)
+        raise ValueError(f'expected "tcp://HOST:PORT", "rtu-over-tcp://HOST:PORT" or a serial port such as '
+                         f'"/dev/ttyUSB0", got "{target}"')
+
+    def __str__(self) -> str:
+        return self.path if self.kind == "serial" else f"{self.kind}://{self.host}:{self.port}"
+
+
+class ModbusBus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One serial port or TCP endpoint: the unit of scheduling. One transaction at a time on it.
+
+    [[buses]]
+    id = "rs485-1"
+    target = "/dev/ttyUSB0"          # or "tcp://192.0.2.5:502", "rtu-over-tcp://192.0.2.9:4001"
+    framing = "rtu"                  # serial: "rtu" or "ascii"
+    baud = 9600
+    parity = "N"                     # "N", "E", "O"
+    pause_between_requests = "50ms"  # some meters need 50-500 ms between requests
+    """
+
+    id: DeviceId
+    target: str
+    framing: Literal["rtu", "ascii"] = "rtu"
+    baud: int = 9600
+    parity: Literal["N", "E", "O"] = "N"
+    data_bits: Literal[7, 8] = 8
+    stop_bits: Literal[1, 2] = 1
+    timeout: Duration = Duration(1.0)
+    pause_after_connect: Duration = Duration(0.0)
+    pause_between_requests: Duration = Duration(0.0)
+    busy_retries: Annotated[int, msgspec.Meta(ge=0, le=20)] = 3
+    busy_pause: Duration = Duration(0.2)
+    backoff_max: Duration = Duration(300.0)
+    reconnect_max: Duration = Duration(60.0)
+
+    def __post_init__(self) -> None:
+        try:
+            where = BusTarget.parse(self.target)
+        except ValueError as exc:
+            raise invalid("target", str(exc)) from None
+        if self.baud not in BAUD_RATES:
+            raise invalid("baud", f"expected one of {', '.join(map(str, BAUD_RATES))}, got {self.baud}")
+        if where.kind != "serial" and self.framing == "ascii":
+            raise invalid("framing", 'ASCII framing needs a serial port; for RTU frames over TCP use '
+                                     'target "rtu-over-tcp://HOST:PORT"')
+        if self.timeout <= 0:
+            raise invalid("timeout", "must be more than 0 s")
+
+    @property
+    def where(self) -> BusTarget:
+        return BusTarget.parse(self.target)
+
+
+class ModbusDevice(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag="modbus", tag_field="kind"):
+    """A Modbus unit on a configured bus.
+
+    [[devices]]
+    kind = "modbus"
+    id = "sdm120-flat-3"
+    bus = "rs485-1"
+    unit = 3
+    profile = "eastron_sdm120"      # or "sunspec": discover the SunSpec model chain at start-up
+    interval = "10s"
+    """
+
+    id: DeviceId
+    bus: DeviceId
+    profile: ProfileRef
+    unit: Unit = 1
+    interval: Duration = Duration(10.0)
+    tags: dict[Name, TagValue] = {}
+    measurement: Name | None = None
+    workarounds: list[Workaround] = []
+    max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] | None = None  # overrides the profile's limit
+
+    def __post_init__(self) -> None:
+        if self.interval <= 0:
+            raise invalid("interval", "must be more than 0 s")
