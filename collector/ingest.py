@@ -57,17 +57,20 @@ class Ingest:
         suspect = skipped = 0
         for index, reading in enumerate(batch.readings):
             tags = {**reading.tags, "gateway": batch.gateway, "device": reading.device}
+            fields = reading.fields
+            if reading.quality:  # the reason a value is missing, stored next to where the value would be
+                fields = {**fields, **{f"{name}_quality": flag for name, flag in reading.quality.items()}}
             try:
                 if policy.min_time_ns <= reading.time_ns <= latest_ok:
-                    lines.append(encode_line(reading.measurement, tags, reading.fields, reading.time_ns))
+                    lines.append(encode_line(reading.measurement, tags, fields, reading.time_ns))
                     continue
                 # Never store a reading at a time we believe is wrong: keep it aside, at its receive time
                 # (offset by its index so readings of one message do not overwrite each other), with the
                 # gateway's own time as a field for the clock correction to come.
                 suspect += 1
                 tags["measurement"] = reading.measurement
-                fields = {**reading.fields, "sample_time_ns": reading.time_ns}
-                lines.append(encode_line(self.suspect_measurement, tags, fields, receive_ns + index))
+                lines.append(encode_line(self.suspect_measurement, tags, {**fields, "sample_time_ns": reading.time_ns},
+                                         receive_ns + index))
             except LineProtocolError:
                 skipped += 1
         lines.append(

@@ -31,6 +31,7 @@ readings = st.builds(
     fields=st.dictionaries(names, field_values, min_size=1, max_size=6),
     tags=st.dictionaries(names, st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=20),
                          max_size=4),
+    quality=st.dictionaries(names, st.sampled_from(["not_available", "error", "no_scale_factor"]), max_size=3),
 )
 batches = st.builds(
     Batch,

@@ -41,6 +41,9 @@ class Reading(msgspec.Struct, array_like=True, forbid_unknown_fields=True, froze
     time_ns: TimeNs
     fields: dict[Name, FieldValue]
     tags: dict[Name, TagValue] = {}
+    # Why an expected field is missing: "not_available" (the device's sentinel), "error" (its request
+    # failed), "no_scale_factor". A missing value is never replaced by a made-up number.
+    quality: dict[Name, TagValue] = {}
 
 
 class Batch(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
@@ -81,7 +84,7 @@ def decode_batch(data: bytes | memoryview) -> Batch:
     clean = _clean_names
     for i, r in enumerate(batch.readings):
         if (r.device in clean and r.measurement in clean and clean.issuperset(r.fields)
-                and clean.issuperset(r.tags) and clean.issuperset(r.tags.values())):
+                and clean.issuperset(r.tags) and clean.issuperset(r.tags.values()) and not r.quality):
             continue  # the common case, checked at C speed
         _check_name(r.device, f"readings[{i}].device")
         _check_name(r.measurement, f"readings[{i}].measurement")
@@ -90,4 +93,7 @@ def decode_batch(data: bytes | memoryview) -> Batch:
         for key, value in r.tags.items():
             _check_name(key, f"readings[{i}].tags")
             _check_name(value, f"readings[{i}].tags.{key}")
+        for key, value in r.quality.items():
+            _check_name(key, f"readings[{i}].quality")
+            _check_name(value, f"readings[{i}].quality.{key}")
     return batch

@@ -1,0 +1,62 @@
+"""The collector's pure pipeline: topic + payload + receive time -> line protocol or a typed rejection."""
+
+from __future__ import annotations
+
+import pytest
+
+from collector.ingest import Ingest, TimePolicy
+from wire.envelope import Rejection, WireError, seal_plain
+from wire.schema import Batch, Reading
+
+NOW = 1_800_000_000_000_000_000
+ingest = Ingest("citynerve/v1", 10_000, TimePolicy(300 * 10**9, 1_577_836_800 * 10**9), "suspect")
+
+
+def lines_of(batch: Batch, topic: str = "citynerve/v1/gw-1/up") -> list[bytes]:
+    return ingest.uplink(topic, seal_plain(batch), NOW).lines
+
+
+def test_tags_fields_time_and_ingest_record() -> None:
+    reading = Reading("meter 1", "electricity", NOW - 5, {"v": 230.5, "n": 3}, {"model": "SDM630", "device": "forged"})
+    lines = lines_of(Batch("gw-1", 7, NOW - 2, [reading]))
+    assert lines[0] == b"electricity,device=meter\\ 1,gateway=gw-1,model=SDM630 v=230.5,n=3i " + str(NOW - 5).encode()
+    assert lines[1].startswith(b"citynerve_ingest,gateway=gw-1 seq=7i,readings=1i,suspect=0i,")
+    assert lines[1].endswith(str(NOW - 2).encode())
+
+
+def test_quality_flags_are_stored_beside_the_missing_value() -> None:
+    reading = Reading("m", "inverter", NOW, {"w": 1200.0}, {}, {"va": "not_available", "hz": "error"})
+    (line, _) = lines_of(Batch("gw-1", 1, NOW, [reading]))
+    assert line == b'inverter,device=m,gateway=gw-1 w=1200.0,va_quality="not_available",hz_quality="error" ' + str(NOW).encode()
+    only_flags = Reading("m", "inverter", NOW, {}, {}, {"va": "not_available"})
+    assert lines_of(Batch("gw-1", 2, NOW, [only_flags]))[0].startswith(b'inverter,device=m,gateway=gw-1 va_quality="not_available" ')
+
+
+def test_implausible_times_go_to_the_suspect_measurement() -> None:
+    early = Reading("m", "e", 1_000, {"v": 1.0})
+    future = Reading("m", "e", NOW + 301 * 10**9, {"v": 2.0})
+    accepted = ingest.uplink("citynerve/v1/gw-1/up", seal_plain(Batch("gw-1", 1, NOW, [early, future])), NOW)
+    assert accepted.suspect == 2
+    assert accepted.lines[0] == b"suspect,device=m,gateway=gw-1,measurement=e v=1.0,sample_time_ns=1000i " + str(NOW).encode()
+    assert accepted.lines[1].endswith(str(NOW + 1).encode())
+
+
+def test_reading_without_a_storable_field_is_skipped_and_counted() -> None:
+    nan = Reading("m", "e", NOW, {"v": float("nan")})
+    accepted = ingest.uplink("citynerve/v1/gw-1/up", seal_plain(Batch("gw-1", 1, NOW, [nan])), NOW)
+    assert accepted.skipped == 1 and len(accepted.lines) == 1  # only the ingest record
+
+
+@pytest.mark.parametrize(
+    "topic, payload, reason",
+    [
+        ("citynerve/v1/gw-1/up", b"\x01" + b"\x00" * 20_000, Rejection.TOO_LARGE),
+        ("citynerve/v1/gw-1/status", seal_plain(Batch("gw-1", 1, NOW, [])), Rejection.BAD_TOPIC),
+        ("elsewhere/gw-1/up", seal_plain(Batch("gw-1", 1, NOW, [])), Rejection.BAD_TOPIC),
+        ("citynerve/v1/gw-2/up", seal_plain(Batch("gw-1", 1, NOW, [])), Rejection.TOPIC_MISMATCH),
+    ],
+)
+def test_rejections(topic: str, payload: bytes, reason: Rejection) -> None:
+    with pytest.raises(WireError) as exc:
+        ingest.uplink(topic, payload, NOW)
+    assert exc.value.reason == reason
