@@ -1,7 +1,9 @@
-"""Register decoding: every type in every byte order, against struct packing done independently here."""
+"""Register decoding: every type in every byte order against struct packing done independently here, plus
+strings, enumerations, bitfields, not-available sentinels, scale and offset."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import struct
 
@@ -9,16 +11,27 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge_agent.modbus.decode import WIDTHS, encode, make_decoder, orders_for
+from edge_agent.modbus.decode import (
+    NO_SCALE_FACTOR,
+    NOT_AVAILABLE,
+    OUT_OF_RANGE,
+    WIDTHS,
+    Missing,
+    encode,
+    make_decoder,
+    orders_for,
+    width_of,
+)
 
 STRUCT = {
     "int16": "h",
     "uint16": "H",
+    "float16": "e",
     "int32": "i",
     "uint32": "I",
+    "float32": "f",
     "int64": "q",
     "uint64": "Q",
-    "float32": "f",
     "float64": "d",
 }
 INT_RANGES = {
@@ -30,21 +43,33 @@ INT_RANGES = {
     "uint64": (0, 2**64 - 1),
 }
 CASES = [(t, o) for t in STRUCT for o in orders_for(t)]
+# What each order name means as bytes on the wire, written out letter by letter (A = most significant byte).
+AS_SENT = {
+    1: {"AB": "AB", "BA": "BA", "ABCD": "AB", "CDAB": "AB", "BADC": "BA", "DCBA": "BA"},
+    2: {"ABCD": "ABCD", "CDAB": "CDAB", "BADC": "BADC", "DCBA": "DCBA"},
+    4: {
+        "ABCD": "ABCDEFGH",
+        "CDAB": "GHEFCDAB",
+        "BADC": "BADCFEHG",
+        "DCBA": "HGFEDCBA",
+        "ABCDEFGH": "ABCDEFGH",
+        "GHEFCDAB": "GHEFCDAB",
+        "BADCFEHG": "BADCFEHG",
+        "HGFEDCBA": "HGFEDCBA",
+    },
+}
 
 
 def to_registers(type_: str, order: str, value: float | int) -> list[int]:
-    """What a device sends: big-endian bytes of the value, split into words, then rearranged per `order`."""
+    """What a device sends: the value's big-endian bytes rearranged letter by letter, then cut into words."""
     data = struct.pack(">" + STRUCT[type_], value)
-    words = [data[i : i + 2] for i in range(0, len(data), 2)]
-    byte_order = order[:2] if len(order) == 4 else order  # "BA" / "BADC" / "DCBA" swap bytes in a word
-    if byte_order in ("BA", "DC"):
-        words = [w[::-1] for w in words]
-    if order in ("CDAB", "DCBA") and len(words) > 1:
-        words.reverse()
-    return [int.from_bytes(w, "big") for w in words]
+    sent = bytes(data[ord(letter) - ord("A")] for letter in AS_SENT[len(data) // 2][order])
+    return [int.from_bytes(sent[i : i + 2], "big") for i in range(0, len(sent), 2)]
 
 
 def values_for(type_: str) -> st.SearchStrategy:
+    if type_ == "float16":
+        return st.floats(width=16, allow_nan=False, allow_infinity=False)
     if type_ == "float32":
         return st.floats(width=32, allow_nan=False, allow_infinity=False)
     if type_ == "float64":
@@ -53,12 +78,15 @@ def values_for(type_: str) -> st.SearchStrategy:
     return st.integers(lo, hi)
 
 
+# --- every type, every order ---------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(("type_", "order"), CASES)
 @given(data=st.data())
 def test_decode_equals_packed_value(type_: str, order: str, data: st.DataObject) -> None:
     value = data.draw(values_for(type_))
     registers = to_registers(type_, order, value)
-    assert len(registers) == WIDTHS[type_]
+    assert len(registers) == WIDTHS[type_] == width_of(type_)
     decoded = make_decoder(type_, order)(registers)
     assert decoded == value
     assert type(decoded) is type(value)
@@ -78,12 +106,17 @@ def test_float32_230_volts_in_each_order(order: str, registers: list[int]) -> No
     assert make_decoder("float32", order)(registers) == 230.0
 
 
-def test_64_bit_word_orders() -> None:
+def test_64_bit_word_orders_and_their_eight_letter_names() -> None:
     value = 0x0102030405060708
-    assert make_decoder("uint64", "ABCD")([0x0102, 0x0304, 0x0506, 0x0708]) == value
-    assert make_decoder("uint64", "CDAB")([0x0708, 0x0506, 0x0304, 0x0102]) == value
-    assert make_decoder("uint64", "BADC")([0x0201, 0x0403, 0x0605, 0x0807]) == value
-    assert make_decoder("uint64", "DCBA")([0x0807, 0x0605, 0x0403, 0x0201]) == value
+    cases = {
+        ("ABCD", "ABCDEFGH"): [0x0102, 0x0304, 0x0506, 0x0708],
+        ("CDAB", "GHEFCDAB"): [0x0708, 0x0506, 0x0304, 0x0102],
+        ("BADC", "BADCFEHG"): [0x0201, 0x0403, 0x0605, 0x0807],
+        ("DCBA", "HGFEDCBA"): [0x0807, 0x0605, 0x0403, 0x0201],
+    }
+    for names, registers in cases.items():
+        for name in names:
+            assert make_decoder("uint64", name)(registers) == value, name
 
 
 def test_16_bit_orders() -> None:
@@ -92,19 +125,198 @@ def test_16_bit_orders() -> None:
     for order in ("BA", "BADC", "DCBA"):
         assert make_decoder("int16", order)([0xFEFF]) == -2
     assert make_decoder("uint16", "BA")([0x3412]) == 0x1234
+    assert make_decoder("float16", "AB")([0x3C00]) == 1.0
+    assert make_decoder("float16", "BA")([0x003C]) == 1.0
 
 
-@pytest.mark.parametrize("type_", ["float32", "float64"])
+def test_eight_letter_orders_are_only_for_64_bit_types() -> None:
+    assert "GHEFCDAB" in orders_for("float64") and "GHEFCDAB" not in orders_for("uint32")
+    with pytest.raises(ValueError, match="does not fit uint32"):
+        make_decoder("uint32", "GHEFCDAB")
+    with pytest.raises(ValueError, match="does not fit int16"):
+        make_decoder("int16", "HGFEDCBA")
+
+
+# --- bits ------------------------------------------------------------------------------------------------
+
+
+def test_bool_points_read_one_bit() -> None:
+    decode = make_decoder("bool")
+    assert decode([1]) is True
+    assert decode([0]) is False
+    assert decode([True]) is True
+    assert width_of("bool") == 1
+    assert make_decoder("bool", "DCBA")([1]) is True  # bits have no byte order: any order is accepted
+    labelled = make_decoder("bool", enum={0: "closed", 1: "open"})
+    assert (labelled([0]), labelled([1])) == ("closed", "open")
+
+
+# --- not available -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("type_", ["float16", "float32", "float64"])
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
-def test_non_finite_floats_decode_to_none(type_: str, bad: float) -> None:
+def test_non_finite_floats_are_missing(type_: str, bad: float) -> None:
     for order in orders_for(type_):
-        assert make_decoder(type_, order)(to_registers(type_, order, bad)) is None
-        assert make_decoder(type_, order, 2.0, 1.0)(to_registers(type_, order, bad)) is None
+        assert make_decoder(type_, order)(to_registers(type_, order, bad)) is NOT_AVAILABLE
+        assert make_decoder(type_, order, 2.0, 1.0)(to_registers(type_, order, bad)) is NOT_AVAILABLE
 
 
-def test_scale_overflow_to_infinity_decodes_to_none() -> None:
+@given(mantissa=st.integers(1, 2**23 - 1), sign=st.integers(0, 1))
+def test_every_float32_nan_payload_is_missing(mantissa: int, sign: int) -> None:
+    pattern = sign << 31 | 0xFF << 23 | mantissa
+    assert make_decoder("float32")([pattern >> 16, pattern & 0xFFFF]) is NOT_AVAILABLE
+
+
+def test_scale_overflow_to_infinity_is_out_of_range() -> None:
     registers = to_registers("float32", "ABCD", 3.0e38)
-    assert make_decoder("float32", "ABCD", scale=1e300)(registers) is None
+    assert make_decoder("float32", "ABCD", scale=1e300)(registers) is OUT_OF_RANGE
+    assert make_decoder("uint64", "ABCD", scale=1e300)([0xFFFF] * 4) is OUT_OF_RANGE
+
+
+@pytest.mark.parametrize(
+    ("type_", "registers"),
+    [
+        ("int16", [0x8000]),
+        ("uint16", [0xFFFF]),
+        ("int32", [0x8000, 0x0000]),
+        ("uint32", [0xFFFF, 0xFFFF]),
+        ("int64", [0x8000, 0, 0, 0]),
+        ("uint64", [0xFFFF] * 4),
+        ("float32", [0x7FC0, 0x0000]),
+    ],
+)
+def test_auto_sentinels_are_sunspec_not_implemented_values(type_: str, registers: list[int]) -> None:
+    assert make_decoder(type_, sentinel="auto")(registers) is NOT_AVAILABLE
+    # without a sentinel the same registers are an ordinary (if odd) number, except NaN
+    plain = make_decoder(type_)(registers)
+    assert (plain is NOT_AVAILABLE) == type_.startswith("float")
+    # the pattern is matched after undoing the byte order: the same value word-swapped is still missing
+    if len(registers) > 1:
+        assert make_decoder(type_, "CDAB", sentinel="auto")(registers[::-1]) is NOT_AVAILABLE
+
+
+def test_explicit_sentinels_match_raw_patterns_before_scaling() -> None:
+    decode = make_decoder("int32", "ABCD", 0.1, sentinel=[0x7FFFFFFF, -1])
+    assert decode([0x7FFF, 0xFFFF]) is NOT_AVAILABLE  # ABB: "highest value possible" for signed quantities
+    assert decode([0xFFFF, 0xFFFF]) is NOT_AVAILABLE  # -1 is the pattern 0xFFFFFFFF
+    assert decode([0x0000, 0x0010]) == pytest.approx(1.6)
+    assert make_decoder("int16", sentinel=[-32768])([0x8000]) is NOT_AVAILABLE
+    assert make_decoder("float32", sentinel=[-1.0])(to_registers("float32", "ABCD", -1.0)) is NOT_AVAILABLE
+    assert make_decoder("float32", sentinel=[0xFF7FFFFF])([0xFF7F, 0xFFFF]) is NOT_AVAILABLE
+    assert make_decoder("float32", sentinel=[-1.0])(to_registers("float32", "ABCD", -2.0)) == -2.0
+
+
+@given(raw=st.integers(0, 2**16 - 1), sentinels=st.sets(st.integers(0, 2**16 - 1), max_size=4))
+def test_a_sentinel_is_missing_and_everything_else_is_a_number(raw: int, sentinels: set[int]) -> None:
+    value = make_decoder("uint16", sentinel=sorted(sentinels))([raw])
+    assert (value is NOT_AVAILABLE) == (raw in sentinels)
+    if raw not in sentinels:
+        assert value == raw
+
+
+@pytest.mark.parametrize(
+    ("type_", "sentinel", "message"),
+    [
+        ("int16", [0x10000], "does not fit a int16"),
+        ("int16", [-32769], "does not fit a int16"),
+        ("uint16", [-1], "does not fit a uint16"),
+        ("int16", [1.5], "is a float but the point is a int16"),
+        ("float32", [math.nan], "always missing"),
+        ("float32", "always", 'sentinel must be "auto"'),
+        ("string", "auto", "has no sentinels"),
+        ("bool", [1], "has no sentinels"),
+        ("uint16", [True], "is not a number"),
+    ],
+)
+def test_bad_sentinels(type_: str, sentinel: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_decoder(type_, sentinel=sentinel, length=2 if type_ == "string" else None)  # type: ignore[arg-type]
+
+
+def test_missing_is_a_small_frozen_value() -> None:
+    assert Missing("not_available") == NOT_AVAILABLE
+    assert NOT_AVAILABLE.reason == "not_available"
+    assert (OUT_OF_RANGE.reason, NO_SCALE_FACTOR.reason) == ("out_of_range", "no_scale_factor")
+    assert repr(NOT_AVAILABLE) == "Missing('not_available')"
+    assert len({NOT_AVAILABLE, Missing("not_available"), OUT_OF_RANGE}) == 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        NOT_AVAILABLE.reason = "x"  # type: ignore[misc]
+
+
+# --- strings -----------------------------------------------------------------------------------------------
+
+
+def test_strings_strip_nul_and_space_padding() -> None:
+    decode = make_decoder("string", length=4)
+    assert decode([0x5344, 0x4D36, 0x3330, 0x0000]) == "SDM630"  # "SDM630\0\0"
+    assert decode([0x2041, 0x4243, 0x2020, 0x2020]) == "ABC"  # " ABC    "
+    assert decode([0x4142, 0x0043, 0x4444, 0x4444]) == "AB"  # cut at the first NUL, garbage after it ignored
+    assert decode([0, 0, 0, 0]) is NOT_AVAILABLE  # SunSpec: an unimplemented string is all NULs
+    assert decode([0x2020, 0x2020, 0x2020, 0x2020]) is NOT_AVAILABLE
+
+
+def test_string_byte_order_and_encodings() -> None:
+    assert make_decoder("string", "BA", length=2)([0x4241, 0x0043]) == "ABC"
+    assert make_decoder("string", "DCBA", length=2)([0x4241, 0x0043]) == "ABC"
+    utf8 = "Zähler".encode()
+    registers = list(struct.unpack(">4H", utf8.ljust(8, b"\0")))
+    assert make_decoder("string", length=4, encoding="utf-8")(registers) == "Zähler"
+    assert make_decoder("string", length=4)(registers) == "Z\ufffd\ufffdhler"  # not ASCII: replaced, not dropped
+    with pytest.raises(ValueError, match="encoding"):
+        make_decoder("string", length=4, encoding="latin-1")
+
+
+@given(text=st.text(st.characters(codec="utf-8", exclude_characters="\0 "), min_size=1, max_size=20))
+def test_string_round_trip(text: str) -> None:
+    length = (len(text.encode()) + 1) // 2
+    for order in ("AB", "BA"):
+        registers = encode("string", order, text, length=length, encoding="utf-8")
+        assert make_decoder("string", order, length=length, encoding="utf-8")(registers) == text
+
+
+def test_string_width() -> None:
+    assert width_of("string", 16) == 16
+    with pytest.raises(ValueError, match="needs a length"):
+        width_of("string")
+    with pytest.raises(ValueError, match="needs a length"):
+        make_decoder("string", length=124)
+
+
+# --- enumerations and bitfields ------------------------------------------------------------------------------
+
+
+def test_enumerations_give_labels() -> None:
+    states = {1: "OFF", 2: "SLEEPING", 4: "MPPT", 7: "FAULT"}
+    decode = make_decoder("uint16", enum=states, sentinel="auto")
+    assert [decode([n]) for n in (1, 2, 4, 7)] == ["OFF", "SLEEPING", "MPPT", "FAULT"]
+    assert decode([5]) == "5"  # a value the table lacks stays visible as its number
+    assert decode([0xFFFF]) is NOT_AVAILABLE  # the sentinel wins over the table
+    sequence = make_decoder("int16", enum={-1: "L1-L3-L2", 0: "L1-L2-L3"})
+    assert (sequence([0xFFFF]), sequence([0])) == ("L1-L3-L2", "L1-L2-L3")
+    word_swapped = make_decoder("uint32", "CDAB", enum={0x10000: "high"})
+    assert word_swapped([0x0000, 0x0001]) == "high"
+
+
+@given(raw=st.integers(0, 2**32 - 1), indexes=st.sets(st.integers(0, 31), min_size=1, max_size=8))
+def test_bitfields_give_one_bool_per_named_bit(raw: int, indexes: set[int]) -> None:
+    bits = {i: f"bit{i}" for i in indexes}
+    for order in orders_for("uint32"):
+        registers = to_registers("uint32", order, raw)
+        assert make_decoder("uint32", order, bits=bits)(registers) == {f"bit{i}": bool(raw >> i & 1) for i in indexes}
+
+
+def test_bitfield_sentinel_and_errors() -> None:
+    events = make_decoder("uint32", bits={0: "ground_fault", 7: "over_temp"}, sentinel="auto")
+    assert events([0x0000, 0x0081]) == {"ground_fault": True, "over_temp": True}
+    assert events([0xFFFF, 0xFFFF]) is NOT_AVAILABLE
+    with pytest.raises(ValueError, match="bit 16 does not exist"):
+        make_decoder("uint16", bits={16: "x"})
+    with pytest.raises(ValueError, match="used twice"):
+        make_decoder("uint16", bits={1: "x", 2: "x"})
+
+
+# --- scale and offset --------------------------------------------------------------------------------------
 
 
 @given(raw=st.integers(-(2**15), 2**15 - 1))
@@ -115,6 +327,13 @@ def test_scale_and_offset(raw: int) -> None:
     assert scaled == raw * 10 + 3
     assert type(scaled) is int  # integer scale keeps an integer point integer (InfluxDB field types)
     assert type(make_decoder("int16", "AB", scale=1.0)(registers)) is float
+    assert type(make_decoder("int16", "AB", offset=0.5)(registers)) is float
+
+
+@given(value=st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-(2.0**100), max_value=2.0**100))
+def test_float_scale_and_offset(value: float) -> None:
+    registers = to_registers("float32", "CDAB", value)
+    assert make_decoder("float32", "CDAB", 0.001, 5)(registers) == value * 0.001 + 5
 
 
 def test_float_points_are_always_floats() -> None:
@@ -122,21 +341,31 @@ def test_float_points_are_always_floats() -> None:
     assert type(make_decoder("float32", "ABCD", scale=2)([0x4366, 0x0000])) is float
 
 
+# --- misuse ------------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "kwargs", "message"),
     [
-        (("float16", "ABCD"), "unknown type"),
-        (("float32", "AB"), "does not fit float32"),
-        (("int64", "BA"), "does not fit int64"),
-        (("int16", "XYZW"), "does not fit int16"),
-        (("int16", "AB", math.nan), "scale must be a finite number"),
-        (("int16", "AB", 1, math.inf), "offset must be a finite number"),
-        (("int16", "AB", True), "scale must be a finite number"),
+        (("float128", "ABCD"), {}, "unknown type"),
+        (("float32", "AB"), {}, "does not fit float32"),
+        (("int64", "BA"), {}, "does not fit int64"),
+        (("int16", "XYZW"), {}, "does not fit int16"),
+        (("int16", "AB", math.nan), {}, "scale must be a finite number"),
+        (("int16", "AB", 1, math.inf), {}, "offset must be a finite number"),
+        (("int16", "AB", True), {}, "scale must be a finite number"),
+        (("int16", "AB", 0), {}, "scale must not be 0"),
+        (("int16", "AB", 2), {"enum": {1: "a"}}, "take no scale or offset"),
+        (("uint16",), {"enum": {1: "a"}, "bits": {1: "b"}}, "not both"),
+        (("float32",), {"enum": {1: "a"}}, "needs an integer or bool type"),
+        (("float32",), {"bits": {1: "a"}}, "bitfield needs an integer type"),
+        (("bool", "AB", 2), {}, "takes no scale or offset"),
+        (("string", "AB", 2), {"length": 2}, "takes no scale or offset"),
     ],
 )
-def test_bad_decoder_arguments(args: tuple, message: str) -> None:
+def test_bad_decoder_arguments(args: tuple, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        make_decoder(*args)
+        make_decoder(*args, **kwargs)
 
 
 def test_wrong_register_count_or_range_is_an_error() -> None:
@@ -145,3 +374,5 @@ def test_wrong_register_count_or_range_is_an_error() -> None:
         decode([0x4366])
     with pytest.raises(struct.error):
         decode([0x4366, 0x10000])
+    with pytest.raises(struct.error):
+        make_decoder("string", length=2)([0x4142])

@@ -1,38 +1,91 @@
-"""Registers in, values out: pure decoding of Modbus register words, no I/O.
+"""Registers in, values out: pure decoding of Modbus register words and bits, no I/O.
 
 A decoder is built once per point at start-up (`make_decoder`) and then called for every poll with exactly
-`WIDTHS[type]` registers (16-bit unsigned ints, in the order the device sent them).
+`width_of(type, length)` items: 16-bit unsigned register words in the order the device sent them, or for the
+bit tables (coils, discrete inputs) one 0/1 int per bit.
+
+What a decoder returns (`Decoded`):
+
+- a value (`Value`: float, int, bool or str) with scale and offset applied;
+- `Missing(reason)` when the device says "no value": a not-available sentinel, a NaN/infinite float, an empty
+  string (`NOT_AVAILABLE`), or a finite raw value that scale/offset pushed beyond a float (`OUT_OF_RANGE`).
+  A missing value is never replaced by a made-up number;
+- for a bitfield point, a `dict[str, bool]`: each named bit as its own field.
+
+Types and widths: bool (1 bit), int16/uint16/float16 (1 register), int32/uint32/float32 (2), int64/uint64/
+float64 (4), string (`length` registers).
 
 Byte orders are written with letters for the bytes of the big-endian value, most significant first:
 
 - "ABCD": big-endian words, big-endian bytes in each word (Modbus default; Eastron, most meters);
-- "CDAB": word-swapped (low word first), bytes big-endian in each word (many PLCs: "little-endian words");
+- "CDAB": word-swapped (low word first), bytes big-endian in each word (many PLCs, Carlo Gavazzi);
 - "BADC": words in big-endian order, bytes swapped inside each word;
 - "DCBA": fully little-endian.
 
-For 64-bit types the letters name the same two properties (word order, byte order inside a word):
-"CDAB" means the four words arrive least significant first, each word big-endian. For 16-bit types only the
-byte order inside the word can differ: "AB" (normal) or "BA" (swapped); the four-letter orders are accepted
-too and mean their byte order inside a word ("ABCD"/"CDAB" -> "AB", "BADC"/"DCBA" -> "BA"), so a
-profile-wide order works for every point.
+For 64-bit types the same four letters name the same two properties (word order, byte order inside a word),
+so "CDAB" means the four words arrive least significant first, each word big-endian. The explicit 8-letter
+names are accepted for 64-bit types and mean exactly the same: "ABCDEFGH" = "ABCD", "GHEFCDAB" = "CDAB",
+"BADCFEHG" = "BADC", "HGFEDCBA" = "DCBA". For 16-bit types (and strings) only the byte order inside a word can
+differ: "AB" (normal) or "BA" (swapped); the four-letter orders are accepted too and mean their byte order
+inside a word ("ABCD"/"CDAB" -> "AB", "BADC"/"DCBA" -> "BA"), so a profile-wide order works for every point.
+Bits have no byte order; every order is accepted and ignored.
+
+Sentinels are compared with the raw bit pattern before any scaling: 0x8000 for an int16 matches the register
+0x8000 whatever the byte order on the wire. A negative number for a signed type means the same pattern
+(-32768 == 0x8000 for int16). A float sentinel (1.5e38) is compared with the decoded float value.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
-PointType = Literal["int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64"]
-Order = Literal["ABCD", "CDAB", "BADC", "DCBA", "AB", "BA"]
-Value = float | int
-Decoder = Callable[[Sequence[int]], Value | None]
+PointType = Literal[
+    "bool",
+    "int16",
+    "uint16",
+    "int32",
+    "uint32",
+    "int64",
+    "uint64",
+    "float16",
+    "float32",
+    "float64",
+    "string",
+]
+Order = Literal[
+    "ABCD", "CDAB", "BADC", "DCBA", "AB", "BA", "ABCDEFGH", "GHEFCDAB", "BADCFEHG", "HGFEDCBA"
+]
+Encoding = Literal["ascii", "utf-8"]
+Value = float | int | bool | str
 
-#: Registers (16-bit words) each type occupies.
+
+@dataclass(frozen=True, slots=True)
+class Missing:
+    """No value, and why: "not_available" (the device says so), "out_of_range", "no_scale_factor", ..."""
+
+    reason: str
+
+    def __repr__(self) -> str:
+        return f"Missing({self.reason!r})"
+
+
+NOT_AVAILABLE = Missing("not_available")
+OUT_OF_RANGE = Missing("out_of_range")
+NO_SCALE_FACTOR = Missing("no_scale_factor")
+
+Decoded = Value | Missing | dict[str, bool]
+Decoder = Callable[[Sequence[int]], Decoded]
+
+#: Registers (16-bit words) each fixed-width type occupies; bool occupies one bit of a bit table.
 WIDTHS: dict[str, int] = {
+    "bool": 1,
     "int16": 1,
     "uint16": 1,
+    "float16": 1,
     "int32": 2,
     "uint32": 2,
     "float32": 2,
@@ -40,16 +93,14 @@ WIDTHS: dict[str, int] = {
     "uint64": 4,
     "float64": 4,
 }
-_STRUCT_CODES = {
-    "int16": "h",
-    "uint16": "H",
-    "int32": "i",
-    "uint32": "I",
-    "float32": "f",
-    "int64": "q",
-    "uint64": "Q",
-    "float64": "d",
-}
+INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
+SIGNED_TYPES = frozenset({"int16", "int32", "int64"})
+FLOAT_TYPES = frozenset({"float16", "float32", "float64"})
+NUMERIC_TYPES = INTEGER_TYPES | FLOAT_TYPES
+MAX_STRING_REGISTERS = 123  # the most one FC3/FC4 request can carry within the 125 limit, with room to spare
+
+_CODES = {1: "H", 2: "I", 4: "Q"}  # unsigned bit patterns, by width in registers
+_FLOAT_CODES = {"float16": "e", "float32": "f", "float64": "d"}
 #: order -> (words least significant first, bytes swapped inside each word)
 _ORDER_FLAGS = {
     "ABCD": (False, False),
@@ -58,69 +109,276 @@ _ORDER_FLAGS = {
     "DCBA": (True, True),
     "AB": (False, False),
     "BA": (False, True),
+    "ABCDEFGH": (False, False),
+    "GHEFCDAB": (True, False),
+    "BADCFEHG": (False, True),
+    "HGFEDCBA": (True, True),
 }
 ORDERS_16 = ("AB", "BA", "ABCD", "CDAB", "BADC", "DCBA")
 ORDERS_WIDE = ("ABCD", "CDAB", "BADC", "DCBA")
+ORDERS_64 = ("ABCD", "CDAB", "BADC", "DCBA", "ABCDEFGH", "GHEFCDAB", "BADCFEHG", "HGFEDCBA")
+ORDERS_ANY = tuple(_ORDER_FLAGS)
+
+#: SunSpec-style "not implemented" patterns, chosen by `sentinel = "auto"`. Floats always treat NaN as missing.
+AUTO_SENTINELS: dict[str, tuple[int, ...]] = {
+    "int16": (0x8000,),
+    "uint16": (0xFFFF,),
+    "int32": (0x8000_0000,),
+    "uint32": (0xFFFF_FFFF,),
+    "int64": (0x8000_0000_0000_0000,),
+    "uint64": (0xFFFF_FFFF_FFFF_FFFF,),
+    "float16": (),
+    "float32": (0x7FC0_0000,),
+    "float64": (),
+}
+
+
+def width_of(type_: str, length: int | None = None) -> int:
+    """Registers (or bits, for bool) a point of this type occupies; strings take `length` registers."""
+    if type_ == "string":
+        if length is None or not 1 <= length <= MAX_STRING_REGISTERS:
+            raise ValueError(f"a string needs a length of 1..{MAX_STRING_REGISTERS} registers, got {length!r}")
+        return length
+    if type_ not in WIDTHS:
+        raise ValueError(f"unknown type {type_!r}; expected one of {', '.join([*WIDTHS, 'string'])}")
+    return WIDTHS[type_]
 
 
 def orders_for(type_: str) -> tuple[str, ...]:
     """The byte orders a point of this type may declare."""
-    return ORDERS_16 if WIDTHS[type_] == 1 else ORDERS_WIDE
+    if type_ == "bool":
+        return ORDERS_ANY
+    if type_ == "string" or WIDTHS[type_] == 1:
+        return ORDERS_16
+    return ORDERS_64 if WIDTHS[type_] == 4 else ORDERS_WIDE
 
 
-def make_decoder(type_: str, order: str = "ABCD", scale: float = 1, offset: float = 0) -> Decoder:
-    """A function turning `WIDTHS[type_]` registers into `raw * scale + offset`.
+def normalize_sentinels(type_: str, sentinel: str | Iterable[int | float] | None) -> tuple[frozenset[int], frozenset[float]]:
+    """(bit patterns, float values) a point treats as "not available". Raises ValueError for ones that cannot fit."""
+    if sentinel is None:
+        return frozenset(), frozenset()
+    if type_ not in NUMERIC_TYPES:
+        raise ValueError(f"a {type_} point has no sentinels")
+    if isinstance(sentinel, str):
+        if sentinel != "auto":
+            raise ValueError(f'sentinel must be "auto" or a list of values, got {sentinel!r}')
+        return frozenset(AUTO_SENTINELS[type_]), frozenset()
+    bits = 16 * WIDTHS[type_]
+    patterns: set[int] = set()
+    floats: set[float] = set()
+    for item in sentinel:
+        if isinstance(item, bool) or not isinstance(item, int | float):
+            raise ValueError(f"sentinel {item!r} is not a number")
+        if isinstance(item, float):
+            if type_ not in FLOAT_TYPES:
+                raise ValueError(f"sentinel {item!r} is a float but the point is a {type_}; write the raw integer")
+            if not math.isfinite(item):
+                raise ValueError("NaN and infinity are always missing for floats; list finite values only")
+            floats.add(item)
+            continue
+        low = -(1 << (bits - 1)) if type_ in SIGNED_TYPES else 0
+        if not low <= item < (1 << bits):
+            raise ValueError(f"sentinel {item} does not fit a {type_} ({bits} bits)")
+        patterns.add(item & ((1 << bits) - 1))
+    return frozenset(patterns), frozenset(floats)
 
-    Integers stay integers while scale and offset are integers; any float scale or offset gives a float.
-    A non-finite float result (NaN, +-inf: a meter's "no value") decodes to None.
-    Raises struct.error if given the wrong number of registers or a register outside 0..65535.
-    """
-    if type_ not in WIDTHS:
-        raise ValueError(f"unknown type {type_!r}; expected one of {', '.join(WIDTHS)}")
-    if order not in orders_for(type_):
-        raise ValueError(
-            f"byte order {order!r} does not fit {type_}; expected one of {', '.join(orders_for(type_))}"
-        )
-    for name, number in (("scale", scale), ("offset", offset)):
-        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
-            raise ValueError(f"{name} must be a finite number, got {number!r}")
 
-    width = WIDTHS[type_]
+def _words(width: int, order: str) -> Callable[[Sequence[int]], bytes]:
+    """registers as sent -> the value's bytes, most significant first."""
     words_reversed, bytes_swapped = _ORDER_FLAGS[order]
     # Packing each word with "<H" writes its two bytes swapped: that undoes a device's in-word byte swap.
     pack = struct.Struct(("<" if bytes_swapped else ">") + "H" * width).pack
-    unpack = struct.Struct(">" + _STRUCT_CODES[type_]).unpack
-    is_float = type_.startswith("float")
-    identity = scale == 1 and offset == 0 and type(scale) is int and type(offset) is int
-
     if width > 1 and words_reversed:
+        return lambda registers: pack(*reversed(registers))
+    return lambda registers: pack(*registers)
 
-        def raw_of(registers: Sequence[int]) -> Value:
-            return unpack(pack(*reversed(registers)))[0]
-    else:
 
-        def raw_of(registers: Sequence[int]) -> Value:
-            return unpack(pack(*registers))[0]
+def make_decoder(
+    type_: str,
+    order: str = "ABCD",
+    scale: float = 1,
+    offset: float = 0,
+    *,
+    sentinel: str | Iterable[int | float] | None = None,
+    enum: Mapping[int, str] | None = None,
+    bits: Mapping[int, str] | None = None,
+    length: int | None = None,
+    encoding: str = "ascii",
+) -> Decoder:
+    """A function turning one point's registers (or bits) into its value.
 
-    if identity and not is_float:
-        return raw_of
+    Numbers: `raw * scale + offset`; integers stay integers while scale and offset are integers, any float
+    scale or offset gives a float, float types always give floats. NaN/inf floats and sentinel patterns give
+    `NOT_AVAILABLE`; a finite value that scaling pushes to infinity gives `OUT_OF_RANGE`.
+    `enum` (integer types and bool): the label of the raw value, or the raw value as a decimal string if the
+    table lacks it. `bits` (integer types): {bit index: field name} -> {field name: bool}.
+    Strings: `length` registers, cut at the first NUL, spaces stripped, decoded as ASCII or UTF-8 (undecodable
+    bytes become U+FFFD); an empty result is `NOT_AVAILABLE`.
+    Raises ValueError for a bad combination of arguments, struct.error when called with the wrong number of
+    registers or a register outside 0..65535.
+    """
+    width = width_of(type_, length)
+    if order not in _ORDER_FLAGS or order not in orders_for(type_):
+        raise ValueError(f"byte order {order!r} does not fit {type_}; expected one of {', '.join(orders_for(type_))}")
+    for name, number in (("scale", scale), ("offset", offset)):
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, got {number!r}")
+    if scale == 0:
+        raise ValueError("scale must not be 0")
+    scaled = not (scale == 1 and offset == 0 and type(scale) is int and type(offset) is int)
+    if enum is not None and bits is not None:
+        raise ValueError("a point is either an enumeration or a bitfield, not both")
+    if (enum is not None or bits is not None) and scaled:
+        raise ValueError("enumerations and bitfields take no scale or offset")
+    if enum is not None and type_ not in INTEGER_TYPES and type_ != "bool":
+        raise ValueError(f"an enumeration needs an integer or bool type, not {type_}")
+    if bits is not None and type_ not in INTEGER_TYPES:
+        raise ValueError(f"a bitfield needs an integer type, not {type_}")
+    if type_ in ("bool", "string") and scaled:
+        raise ValueError(f"a {type_} point takes no scale or offset")
+    patterns, float_sentinels = normalize_sentinels(type_, sentinel)
 
-    def decode(registers: Sequence[int]) -> Value | None:
-        value = raw_of(registers) * scale + offset
-        if isinstance(value, float) and not math.isfinite(value):
-            return None
-        return value
+    if type_ == "bool":
+        return _bool_decoder(enum)
+    if type_ == "string":
+        if encoding not in ("ascii", "utf-8"):
+            raise ValueError(f'encoding must be "ascii" or "utf-8", got {encoding!r}')
+        return _string_decoder(width, order, encoding)
 
+    to_bytes = _words(width, order)
+    unsigned = struct.Struct(">" + _CODES[width]).unpack
+    if type_ in FLOAT_TYPES:
+        return _float_decoder(to_bytes, unsigned, struct.Struct(">" + _FLOAT_CODES[type_]).unpack,
+                              patterns, float_sentinels, scale, offset, scaled)
+    bit_count = 16 * width
+    signed = type_ in SIGNED_TYPES
+    if bits is not None:
+        table = _checked_bits(bits, bit_count)
+        return _bitfield_decoder(to_bytes, unsigned, patterns, table)
+    if enum is not None:
+        labels = dict(enum)
+        return _enum_decoder(to_bytes, unsigned, patterns, labels, signed, bit_count)
+    return _int_decoder(to_bytes, unsigned, patterns, signed, bit_count, scale, offset, scaled)
+
+
+def _bool_decoder(enum: Mapping[int, str] | None) -> Decoder:
+    if enum is None:
+        def decode(bits: Sequence[int]) -> Decoded:
+            (bit,) = bits
+            return bool(bit)
+        return decode
+    labels = {int(k): v for k, v in enum.items()}
+
+    def decode_label(bits: Sequence[int]) -> Decoded:
+        (bit,) = bits
+        raw = 1 if bit else 0
+        return labels.get(raw, str(raw))
+    return decode_label
+
+
+def _string_decoder(width: int, order: str, encoding: str) -> Decoder:
+    _, bytes_swapped = _ORDER_FLAGS[order]
+    pack = struct.Struct(("<" if bytes_swapped else ">") + "H" * width).pack
+
+    def decode(registers: Sequence[int]) -> Decoded:
+        data = pack(*registers)
+        end = data.find(b"\x00")
+        text = (data if end < 0 else data[:end]).decode(encoding, "replace").strip(" ")
+        return text if text else NOT_AVAILABLE
     return decode
 
 
-def encode(type_: str, order: str, value: Value) -> list[int]:
-    """The registers a device would send for a raw (unscaled) value: the inverse of an unscaled decoder.
+def _float_decoder(to_bytes, unsigned, unpack, patterns, float_sentinels, scale, offset, scaled) -> Decoder:
+    isfinite = math.isfinite
 
-    Used by the simulator and the tests; the agent itself never encodes.
+    def decode(registers: Sequence[int]) -> Decoded:
+        data = to_bytes(registers)
+        if patterns and unsigned(data)[0] in patterns:
+            return NOT_AVAILABLE
+        value = unpack(data)[0]
+        if not isfinite(value) or value in float_sentinels:
+            return NOT_AVAILABLE
+        if scaled:
+            value = value * scale + offset
+            if not isfinite(value):
+                return OUT_OF_RANGE
+        return value
+    return decode
+
+
+def _int_decoder(to_bytes, unsigned, patterns, signed, bit_count, scale, offset, scaled) -> Decoder:
+    half, modulus = 1 << (bit_count - 1), 1 << bit_count
+    isfinite = math.isfinite
+    float_result = scaled and (isinstance(scale, float) or isinstance(offset, float))
+
+    def decode(registers: Sequence[int]) -> Decoded:
+        raw = unsigned(to_bytes(registers))[0]
+        if raw in patterns:
+            return NOT_AVAILABLE
+        if signed and raw >= half:
+            raw -= modulus
+        if not scaled:
+            return raw
+        value = raw * scale + offset
+        if float_result and not isfinite(value):
+            return OUT_OF_RANGE
+        return value
+    return decode
+
+
+def _checked_bits(bits: Mapping[int, str], bit_count: int) -> tuple[tuple[int, str], ...]:
+    seen: set[str] = set()
+    table = []
+    for index, name in sorted(bits.items()):
+        if not 0 <= index < bit_count:
+            raise ValueError(f"bit {index} does not exist in a {bit_count}-bit value")
+        if name in seen:
+            raise ValueError(f"bit name {name!r} is used twice")
+        seen.add(name)
+        table.append((index, name))
+    return tuple(table)
+
+
+def _bitfield_decoder(to_bytes, unsigned, patterns, table) -> Decoder:
+    def decode(registers: Sequence[int]) -> Decoded:
+        raw = unsigned(to_bytes(registers))[0]
+        if raw in patterns:
+            return NOT_AVAILABLE
+        return {name: bool(raw >> index & 1) for index, name in table}
+    return decode
+
+
+def _enum_decoder(to_bytes, unsigned, patterns, labels, signed, bit_count) -> Decoder:
+    half, modulus = 1 << (bit_count - 1), 1 << bit_count
+
+    def decode(registers: Sequence[int]) -> Decoded:
+        raw = unsigned(to_bytes(registers))[0]
+        if raw in patterns:
+            return NOT_AVAILABLE
+        if signed and raw >= half:
+            raw -= modulus
+        label = labels.get(raw)
+        return label if label is not None else str(raw)
+    return decode
+
+
+def encode(type_: str, order: str, value: Value, length: int | None = None, encoding: str = "ascii") -> list[int]:
+    """The registers (or bits) a device would send for a raw (unscaled) value: the inverse of a plain decoder.
+
+    Used by the simulators and the tests; the agent itself never encodes.
     """
+    width = width_of(type_, length)
+    if type_ == "bool":
+        return [1 if value else 0]
     words_reversed, bytes_swapped = _ORDER_FLAGS[order]
-    width = WIDTHS[type_]
-    data = struct.pack(">" + _STRUCT_CODES[type_], value)
+    if type_ == "string":
+        data = str(value).encode(encoding)
+        if len(data) > 2 * width:
+            raise ValueError(f"{value!r} needs more than {width} registers")
+        data = data.ljust(2 * width, b"\x00")
+        return list(struct.unpack(("<" if bytes_swapped else ">") + "H" * width, data))
+    code = _FLOAT_CODES.get(type_) or {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I",
+                                       "int64": "q", "uint64": "Q"}[type_]
+    data = struct.pack(">" + code, value)
     words = list(struct.unpack(("<" if bytes_swapped else ">") + "H" * width, data))
     return words[::-1] if words_reversed and width > 1 else words
