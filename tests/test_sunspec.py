@@ -451,6 +451,16 @@ def test_golden_fixture_decodes_to_the_xml_values():
     _check_golden(_poll(point_specs_for(fixture_map()), fixture()))
 
 
+def test_not_implemented_scale_factor_and_values():
+    regs = fixture() | {40085: 0x8000, 40072: 0xFFFF, 40094: 0, 40095: 0}  # W_SF, A, WH
+    values = _poll(point_specs_for(fixture_map()), regs)
+    quality = values.quality["sunspec_inverter"]
+    assert quality["inverter_W"] == "no_scale_factor"
+    assert quality["inverter_A"] == "not_available" and quality["inverter_WH"] == "not_available"
+    assert "inverter_W" not in values.fields["sunspec_inverter"]
+    assert values.fields["sunspec_inverter"]["inverter_AphA"] == pytest.approx(4.1)
+
+
 @needs_profile_fields
 def test_golden_fixture_through_a_profile():
     profile = profile_for(fixture_map())
