@@ -593,3 +593,16 @@ def test_discover_with_a_plain_async_reader():
 
     smap = asyncio.run(discover(read, read_common=False))
     assert smap.model_ids == [1, 103] and dict(smap.common) == {}
+
+
+def test_which_failures_mean_no_answer_is_the_callers_choice():
+    class LinkDown(Exception):
+        pass
+
+    async def down(address: int, count: int) -> list[int]:
+        raise LinkDown("gateway offline")
+
+    with pytest.raises(LinkDown):
+        asyncio.run(discover(down, no_answer=(LinkDown,)))
+    with pytest.raises(SunSpecNotFound, match="40000: exception: gateway offline; 0: exception: gateway offline"):
+        asyncio.run(discover(down, no_answer=()))

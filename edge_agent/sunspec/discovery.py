@@ -308,7 +308,17 @@ def _printable(text: str) -> str:
 ReadHolding = Callable[[int, int], Awaitable[Sequence[int]]]
 #: Exceptions that mean "the device did not answer" rather than "it has no such register": discover() lets them
 #: propagate instead of trying the next base, so an unreachable device is not reported as "not SunSpec".
+#: The agent's own transport errors (edge_agent.modbus.transport: NoAnswer, TransportError) are added when
+#: that module is there.
 NO_ANSWER: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError)
+
+
+def default_no_answer() -> tuple[type[BaseException], ...]:
+    try:
+        from edge_agent.modbus.transport import NoAnswer, TransportError
+    except ImportError:  # pragma: no cover - the bus engine's transport not installed
+        return NO_ANSWER
+    return (*NO_ANSWER, NoAnswer, TransportError)
 
 
 async def discover(
@@ -318,14 +328,16 @@ async def discover(
     library: ModelLibrary | None = None,
     max_models: int = DEFAULT_MAX_MODELS,
     read_common: bool = True,
-    no_answer: tuple[type[BaseException], ...] = NO_ANSWER,
+    no_answer: tuple[type[BaseException], ...] | None = None,
 ) -> SunSpecMap:
     """Walk a device through `read_holding(address, count) -> registers` (function code 3).
 
     An exception from `read_holding` counts as an exception answer ("no such register": try the next base,
-    or end the chain), except `no_answer` types (timeouts, lost connections), which propagate.
-    Raises SunSpecNotFound when no base has the marker.
+    or end the chain), except `no_answer` types (default: timeouts, lost connections and the agent's transport
+    errors, see `default_no_answer`), which propagate. Raises SunSpecNotFound when no base has the marker.
     """
+    if no_answer is None:
+        no_answer = default_no_answer()
     walker = SunSpecWalker(bases, library=library, max_models=max_models, read_common=read_common)
     while (request := walker.next_read()) is not None:
         try:
