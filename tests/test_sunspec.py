@@ -256,7 +256,7 @@ def test_custom_bases_and_their_checks():
     with pytest.raises(ValueError):
         SunSpecWalker(bases=())
     with pytest.raises(ValueError):
-        SunSpecWalker(bases=(65535,))
+        SunSpecWalker(bases=(65533,))
 
 
 def test_invalid_length_of_a_known_model_stops_the_walk():

@@ -143,8 +143,8 @@ class SunSpecWalker:
         if not self.bases:
             raise ValueError("at least one base address is needed")
         for base in self.bases:
-            if not 0 <= base <= 65534:
-                raise ValueError(f"base {base} is not a register address that can hold 2 registers")
+            if not 0 <= base <= 65532:
+                raise ValueError(f"base {base}: the marker and a model header need 4 registers from 0..65535")
         if max_models < 1:
             raise ValueError("max_models must be 1 or more")
         self.library = library if library is not None else shipped_models()
