@@ -240,7 +240,8 @@ def test_decode_poll_reports_errors_sentinels_bitfields_and_scale_factors() -> N
     got = decode_poll(plan, [[2301, 0xFFFF, 2, 0xFFFF], TimeoutError("no answer")])
     assert got.fields == {"inv": {"w": 230.1, "alarm": False, "running": True}}
     assert got.quality == {"inv": {"va": "not_available", "hz": "error"}}
-    assert decode_poll(plan, [[5, 2, 0, 7], [5000]]).fields == {
-        "inv": {"w": 500, "alarm": False, "running": False, "va": 7, "hz": 50.0}}
+    scaled_up = decode_poll(plan, [[5, 2, 0, 7], [5000]]).fields
+    assert scaled_up == {"inv": {"w": 500.0, "alarm": False, "running": False, "va": 7, "hz": 50.0}}
+    assert type(scaled_up["inv"]["w"]) is float  # one field type whatever the exponent
     no_sf = decode_poll(plan, [[5, 99, 0, 7], [5000]])  # exponent outside any sane range
     assert no_sf.quality == {"inv": {"w": "no_scale_factor"}}

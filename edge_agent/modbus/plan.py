@@ -215,11 +215,12 @@ def decode_poll(plan: Sequence[ReadRequest], answers: Sequence[Sequence[int] | B
     return PollValues(fields, quality)
 
 
-def _apply_exponent(value: float | int, sf: int) -> float | int:
-    # Integers with a non-negative exponent stay exact integers; otherwise round the float to the precision
-    # the exponent gives, so 2301 * 10**-1 is 230.1 and not 230.10000000000002.
+def _apply_exponent(value: float | int, sf: int) -> float:
+    # Always a float: a device may change its scale factor at run time, and a field that turned from integer
+    # to float would be refused by InfluxDB. An integer is rounded to the precision the exponent gives, so
+    # 2301 * 10**-1 is 230.1 and not 230.10000000000002.
     if sf >= 0:
-        return value * 10**sf
+        return float(value * 10**sf)
     return round(value * 10.0**sf, -sf) if isinstance(value, int) else value * 10.0**sf
 
 
