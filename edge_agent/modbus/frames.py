@@ -290,6 +290,10 @@ class _Decoder:
         """Bytes of the incomplete frame received so far."""
         return len(self._buf)
 
+    def remainder(self) -> bytes:
+        """Bytes fed but not consumed by a frame: an incomplete frame, or what followed the frame."""
+        return bytes(self._buf) + self.surplus
+
     def _step(self) -> bytes | _NeedMore:
         raise NotImplementedError
 
