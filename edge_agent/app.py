@@ -7,13 +7,13 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.config import AgentConfig
-from edge_agent.modbus.poller import ModbusTcpPoller, PollError
-from edge_agent.profiles import load_profile
-from edge_agent.schedule import next_aligned, skipped_deadlines
+from edge_agent.modbus.bus import BusEngine, PollOutcome
+from edge_agent.modbus.devices import bus_engines
+from edge_agent.schedule import next_aligned
 from edge_agent.sequence import PersistentSequence
 from edge_agent.uplink import UplinkBuffer
 from wire import topics
@@ -30,24 +30,11 @@ AGENT_VERSION = "0.1.0"
 
 
 @dataclass
-class DeviceStats:
-    polls: int = 0
-    errors: int = 0
-    overruns: int = 0
-    last_error: str = ""
-
-
-@dataclass
 class AgentStats:
     published_messages: int = 0
     published_readings: int = 0
     acked_messages: int = 0
     dropped_readings: int = 0
-    devices: dict[str, DeviceStats] = field(default_factory=dict)
-
-
-def make_pollers(cfg: AgentConfig) -> list[ModbusTcpPoller]:
-    return [ModbusTcpPoller(device, load_profile(device.profile)) for device in cfg.devices]
 
 
 class Agent:
@@ -59,7 +46,7 @@ class Agent:
         state_dir = Path(cfg.gateway.state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         self.sequence = PersistentSequence(state_dir / "sequence")
-        self.pollers = make_pollers(cfg)
+        self.buses = bus_engines(cfg)
         prefix = cfg.mqtt.topic_prefix
         self.up_topic = topics.up(prefix, self.gateway_id)
         self.status_topic = topics.status(prefix, self.gateway_id)
@@ -85,7 +72,7 @@ class Agent:
     def _on_connected(self, _session_present: bool) -> None:
         birth = encode_status(
             ONLINE, gateway=self.gateway_id, version=AGENT_VERSION, since_ns=self.started_ns,
-            devices=len(self.pollers), mqtt=self.link.protocol_name,
+            devices=len(self.cfg.devices), mqtt=self.link.protocol_name,
         )
         self.link.publish(self.status_topic, birth, qos=1, retain=True)
 
@@ -104,56 +91,21 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         log.info(
-            "agent %s starting: %d device(s), uplink %s:%d", self.gateway_id, len(self.pollers),
-            self.cfg.mqtt.host, self.cfg.mqtt.port,
+            "agent %s starting: %d device(s) on %d bus(es), uplink %s:%d", self.gateway_id, len(self.cfg.devices),
+            len(self.buses), self.cfg.mqtt.host, self.cfg.mqtt.port,
         )
         self.link.start()
-        tasks = [asyncio.create_task(self._poll_loop(p), name=f"poll:{p.device.id}") for p in self.pollers]
+        tasks = [asyncio.create_task(bus.run(self._enqueue), name=f"bus:{bus.bus.id}") for bus in self.buses]
         tasks.append(asyncio.create_task(self._publish_loop(), name="publish"))
         try:
             await run_tasks_until(stop, tasks)
         finally:
             await self._flush_on_exit()
-            for poller in self.pollers:
-                with contextlib.suppress(Exception):
-                    await poller.close()
             self.link.stop(final_message=(self.status_topic, encode_status(OFFLINE, gateway=self.gateway_id), 1, True))
             log.info(
                 "agent stopped: %d messages published, %d readings, %d dropped",
                 self.stats.published_messages, self.stats.published_readings, self.stats.dropped_readings,
             )
-
-    async def _poll_loop(self, poller: ModbusTcpPoller) -> None:
-        device = poller.device
-        stats = self.stats.devices.setdefault(device.id, DeviceStats())
-        interval = float(device.interval)
-        deadline = next_aligned(time.time(), interval)
-        while True:
-            await asyncio.sleep(max(0.0, deadline - time.time()))
-            try:
-                readings = await poller.poll()
-            except PollError as exc:
-                stats.errors += 1
-                stats.last_error = str(exc)
-                self._errors.warning(("poll", device.id), "poll of device %s failed: %s", device.id, exc.message,
-                                     device=device.id)
-                readings = []
-            except Exception:  # a bug in decoding must not stop this device or any other
-                stats.errors += 1
-                log.exception("unexpected error polling device %s", device.id, extra={"device": device.id})
-                readings = []
-            stats.polls += 1
-            if readings:
-                self._enqueue(readings)
-            now = time.time()
-            skipped = skipped_deadlines(deadline, now, interval)
-            if skipped:
-                stats.overruns += skipped
-                self._errors.warning(
-                    ("overrun", device.id), "device %s cannot keep its %.3gs interval: poll took %.2fs",
-                    device.id, interval, now - deadline, device=device.id,
-                )
-            deadline = next_aligned(now, interval)
 
     def _enqueue(self, readings: list[Reading]) -> None:
         dropped = self.buffer.add(readings)
@@ -201,20 +153,19 @@ class Agent:
             )
 
 
-async def poll_once(cfg: AgentConfig) -> list[tuple[str, list[Reading] | PollError]]:
-    """Poll every device once, concurrently; for `edge-agent poll-once`."""
-    pollers = make_pollers(cfg)
+async def poll_once(cfg: AgentConfig) -> list[PollOutcome]:
+    """Poll every device once, buses concurrently, devices on one bus one after the other."""
 
-    async def one(poller: ModbusTcpPoller) -> tuple[str, list[Reading] | PollError]:
+    async def one_bus(engine: BusEngine) -> list[PollOutcome]:
         try:
-            return poller.device.id, await poller.poll()
-        except PollError as exc:
-            return poller.device.id, exc
+            if not await engine.open_once():
+                return [PollOutcome(d, [], engine.last_open_error) for d in engine.devices]
+            return [await engine.poll(device) for device in engine.devices]
         finally:
-            with contextlib.suppress(Exception):
-                await poller.close()
+            await engine.transport.close()
 
-    return list(await asyncio.gather(*(one(p) for p in pollers)))
+    results = await asyncio.gather(*(one_bus(engine) for engine in bus_engines(cfg)))
+    return [outcome for per_bus in results for outcome in per_bus]
 
 
 def state_dir_problem(path: str) -> str | None:

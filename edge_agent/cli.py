@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,37 @@ def _parser() -> argparse.ArgumentParser:
     once = sub.add_parser("poll-once", help="poll every device once, print readings as JSON lines, publish nothing")
     once.add_argument("config", metavar="FILE")
     sub.add_parser("profiles", help="list the bundled firmware profiles")
+
+    read = sub.add_parser("read", help="read a device once and print named values (or raw registers)")
+    _line_options(read)
+    read.add_argument("--unit", type=int, required=True, help="Modbus unit id")
+    what = read.add_mutually_exclusive_group(required=True)
+    what.add_argument("--profile", help="decode with this firmware profile (name or file)")
+    what.add_argument("--table", choices=["input", "holding", "coil", "discrete"], help="raw read of this table")
+    read.add_argument("--address", type=int, default=0, help="raw read: 0-based start address")
+    read.add_argument("--count", type=int, default=2, help="raw read: registers (or bits)")
+    read.add_argument("--json", action="store_true", help="one JSON object per point")
+
+    scan = sub.add_parser("scan", help="find the unit ids that answer on a bus, and which profile fits")
+    _line_options(scan, several=True)
+    scan.add_argument("--units", default="1-247", help='unit ids to try, e.g. "1-247" or "1,2,10-20"')
+    scan.add_argument("--profile", action="append", help="only try these profiles (repeatable)")
     return p
+
+
+def _line_options(p: argparse.ArgumentParser, several: bool = False) -> None:
+    p.add_argument("--target", required=True,
+                   help="tcp://HOST:PORT, rtu-over-tcp://HOST:PORT or a serial port such as /dev/ttyUSB0")
+    if several:
+        p.add_argument("--baud", default="9600", help="serial baud rate(s) to try, comma-separated")
+        p.add_argument("--parity", default="N", help="serial parity/parities to try: N, E, O, comma-separated")
+    else:
+        p.add_argument("--baud", type=int, default=9600)
+        p.add_argument("--parity", choices=["N", "E", "O"], default="N")
+    p.add_argument("--data-bits", type=int, choices=[7, 8], default=8)
+    p.add_argument("--stop-bits", type=int, choices=[1, 2], default=1)
+    p.add_argument("--framing", choices=["rtu", "ascii"], default="rtu")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for an answer")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +82,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{name:<28} {profile.vendor} {profile.model} ({len(profile.points)} points)")
         return 0
 
+    if args.command in ("read", "scan"):
+        return _technician(args)
+
     cfg = agent_config.load(args.config)
     setup_logging(args.log_format or cfg.log.format, args.log_level or cfg.log.level)
 
@@ -72,6 +106,49 @@ def _dispatch(args: argparse.Namespace) -> int:
     return run_until_signal(run)
 
 
+def _technician(args: argparse.Namespace) -> int:
+    from edge_agent import technician as tech
+
+    setup_logging(args.log_format or "text", args.log_level or "warning")
+    common = {"data_bits": args.data_bits, "stop_bits": args.stop_bits, "framing": args.framing}
+    try:
+        if args.command == "read":
+            line = tech.LineSettings(args.target, baud=args.baud, parity=args.parity,
+                                     timeout=args.timeout or 1.0, **common)
+            line.bus()  # validates the target and settings
+            if args.profile:
+                tech.print_profile_rows(asyncio.run(tech.read_profile(line, args.unit, args.profile)), args.json)
+            else:
+                registers = asyncio.run(tech.read_raw(line, args.unit, args.table, args.address, args.count))
+                tech.print_raw(args.table, args.address, registers, args.json)
+            return 0
+        units = tech.parse_units(args.units)
+        bauds = [int(b) for b in args.baud.split(",")]
+        parities = [p.strip().upper() for p in args.parity.split(",")]
+        lines = tech.line_settings(args.target, bauds, parities, timeout=args.timeout or 0.3, **common)
+        for line in lines:
+            line.bus()
+        progress = tech.Progress(len(lines) * len(units))
+        try:
+            found, notes = asyncio.run(tech.scan(lines, units, args.profile, progress))
+        finally:
+            progress.close()
+    except tech.TechnicianError as exc:
+        return fail(str(exc), 1)
+    except ValueError as exc:  # a bad --target, --baud, --units ...
+        return fail(str(exc))
+    for item in found:
+        fits = ", ".join(item.profiles) if item.profiles else "no bundled profile reads cleanly"
+        note = f"  [{item.note}]" if item.note else ""
+        print(f"unit {item.unit:>3}  {item.line.describe()}  profiles: {fits}{note}")
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not found:
+        print(f"no unit answered on {args.target}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def describe(path: str, cfg: AgentConfig) -> str:
     lines = [f"{path}: OK", f"  gateway {cfg.gateway.id}, state in {cfg.gateway.state_dir}"]
     m = cfg.mqtt
@@ -80,7 +157,7 @@ def describe(path: str, cfg: AgentConfig) -> str:
                  f"MQTT {m.protocol}, client cert {'yes' if m.cert_file else 'no'}")
     for d in cfg.devices:
         kind = type(d).__struct_config__.tag
-        lines.append(f"  device {d.id}: {kind} {d.host}:{d.port} unit {d.unit}, profile {d.profile}, "
+        lines.append(f"  device {d.id}: {kind} on {cfg.bus_of(d).target} unit {d.unit}, profile {d.profile}, "
                      f"every {float(d.interval):g}s")
     return "\n".join(lines)
 
@@ -88,17 +165,18 @@ def describe(path: str, cfg: AgentConfig) -> str:
 def _poll_once(cfg: AgentConfig) -> int:
     from edge_agent.app import poll_once
 
+    logging.getLogger("citynerve.modbus").setLevel(logging.ERROR)  # failures are reported below, once
     failed = 0
-    for device_id, outcome in asyncio.run(poll_once(cfg)):
-        if isinstance(outcome, Exception):
+    for outcome in asyncio.run(poll_once(cfg)):
+        if outcome.error:
             failed += 1
-            print(f"error: device {device_id}: {getattr(outcome, 'message', outcome)}", file=sys.stderr)
-            continue
-        for r in outcome:
-            print(json.dumps({
-                "device": r.device, "measurement": r.measurement, "time": iso_ns(r.time_ns),
-                "time_ns": r.time_ns, "tags": r.tags, "fields": r.fields,
-            }), flush=True)
+            print(f"error: device {outcome.device.id}: {outcome.error}", file=sys.stderr)
+        for r in outcome.readings:
+            line = {"device": r.device, "measurement": r.measurement, "time": iso_ns(r.time_ns),
+                    "time_ns": r.time_ns, "tags": r.tags, "fields": r.fields}
+            if r.quality:
+                line["quality"] = r.quality
+            print(json.dumps(line), flush=True)
     return 1 if failed else 0
 
 

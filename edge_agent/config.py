@@ -105,6 +105,8 @@ def load(path: str | Path) -> AgentConfig:
         for d in cfg.devices
     ]
     for index, device in enumerate(cfg.devices):
+        if device.profile == "sunspec":  # discovered on the device itself at start-up
+            continue
         try:
             load_profile(device.profile)
         except wconfig.ConfigError as exc:

@@ -80,6 +80,8 @@ SDM630_INPUT: dict[str, int] = {
     "frequency": 0x46,
     "energy_import": 0x48,
     "energy_export": 0x4A,
+    "reactive_energy_import": 0x4C,
+    "reactive_energy_export": 0x4E,
 }
 SDM630_HOLDING: dict[str, int] = {"demand_period": 0x02, "system_type": 0x0A}
 INPUT_BLOCK = 0x50  # registers 0x0000..0x004F are served
@@ -152,12 +154,14 @@ class MeterModel:
         day_seconds: float = 86400.0,
         energy_import_kwh: float = 18_250.0,
         energy_export_kwh: float = 0.0,
+        reactive_import_kvarh: float = 2_100.0,
     ) -> None:
         self.rng = rng
         self.peak_current = peak_current
         self.day_seconds = day_seconds
         self.energy_import_kwh = energy_import_kwh
         self.energy_export_kwh = energy_export_kwh
+        self.reactive_import_kvarh = reactive_import_kvarh
         self._last: float | None = None
 
     def load_factor(self, now: float) -> float:
@@ -204,9 +208,12 @@ class MeterModel:
         if self._last is not None:
             dt = max(0.0, now - self._last)  # a wall clock stepping back must not make energy run backwards
             self.energy_import_kwh += total_p * dt / 3.6e6
+            self.reactive_import_kvarh += total_q * dt / 3.6e6
         self._last = now
         values["energy_import"] = self.energy_import_kwh
         values["energy_export"] = self.energy_export_kwh
+        values["reactive_energy_import"] = self.reactive_import_kvarh
+        values["reactive_energy_export"] = 0.0
         return values
 
 

@@ -133,7 +133,7 @@ def test_agent_config_check_ok_and_secret_from_file(tmp_path) -> None:
     path.write_text(text)
     result = run_cli("check", str(path))
     assert result.returncode == 0, result.stderr
-    assert "device meter-1: modbus-tcp 127.0.0.1:5020 unit 1" in result.stdout
+    assert "device meter-1: modbus-tcp on tcp://127.0.0.1:5020 unit 1" in result.stdout
     assert "s3cret" not in result.stdout + result.stderr
 
     from edge_agent import config

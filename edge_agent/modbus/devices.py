@@ -1,0 +1,64 @@
+"""From configuration and firmware profile to what the bus engine polls: plans built once, at start-up."""
+
+from __future__ import annotations
+
+from edge_agent.config import AgentConfig, Device
+from edge_agent.modbus.bus import BusEngine, PolledDevice
+from edge_agent.modbus.config import ModbusBus, ModbusDevice
+from edge_agent.modbus.plan import Unreadable, plan_reads
+from edge_agent.profiles import Profile, load_profile
+
+
+def plan_for(device: Device, profile: Profile) -> list:
+    """The device's request plan within the profile's limits, its workarounds and the device's overrides."""
+    workarounds = set(getattr(profile, "workarounds", ())) | set(getattr(device, "workarounds", ()))
+    max_registers = getattr(device, "max_registers", None) or profile.max_registers
+    return plan_reads(
+        profile.point_specs(device.measurement),
+        max_registers,
+        0 if "no_gap_reads" in workarounds else profile.max_gap,
+        max_bits=getattr(profile, "max_bits", 2000),
+        unreadable=[Unreadable(u.table, u.start, u.end) for u in getattr(profile, "unreadable", ())],
+        one_request_per_point="one_request_per_point" in workarounds,
+    )
+
+
+SUNSPEC_DISCOVERY = "sunspec"
+
+
+def polled_device(device: Device, profile: Profile | None) -> PolledDevice:
+    """`profile` None: the device is SunSpec and its plan comes from discovery on the first poll."""
+    if profile is None:
+        return PolledDevice(id=device.id, unit=device.unit, interval=float(device.interval), plan=[],
+                            tags={"model": "SunSpec", **device.tags}, discover=_sunspec_discovery(device))
+    return PolledDevice(
+        id=device.id,
+        unit=device.unit,
+        interval=float(device.interval),
+        plan=plan_for(device, profile),
+        tags={"model": profile.model, **device.tags},
+    )
+
+
+def bus_engines(cfg: AgentConfig) -> list[BusEngine]:
+    """One engine per bus; devices sharing a serial port or TCP endpoint share its engine."""
+    grouped: dict[str, tuple[ModbusBus, list[PolledDevice]]] = {}
+    for device in cfg.devices:
+        bus = cfg.bus_of(device)
+        profile = None if device.profile == SUNSPEC_DISCOVERY else load_profile(device.profile)
+        grouped.setdefault(bus.id, (bus, []))[1].append(polled_device(device, profile))
+    return [BusEngine(bus, devices) for bus, devices in grouped.values()]
+
+
+def _sunspec_discovery(device: Device):
+    async def discover(read_holding):
+        from edge_agent.sunspec.discovery import discover as walk_chain
+        from edge_agent.sunspec.discovery import profile_for
+
+        profile = profile_for(await walk_chain(read_holding), device.measurement or "sunspec")
+        return plan_for(device, profile), profile.model
+
+    return discover
+
+
+__all__ = ["ModbusDevice", "bus_engines", "plan_for", "polled_device"]
