@@ -131,10 +131,11 @@ class BusEngine:
             await self.transport.close()
 
     def _backoff(self, device: PolledDevice) -> float:
-        """Extra wait for a unit that does not answer: doubles per failed poll, capped by backoff_max."""
+        """Extra wait for a unit that does not answer: it skips 1, 3, 7 ... deadlines (the gap doubles per
+        failed poll, capped by backoff_max), so a dead unit costs its timeout ever more rarely."""
         if device.failures == 0:
             return 0.0
-        return min(device.interval * 2 ** (device.failures - 1), float(self.bus.backoff_max)) - device.interval
+        return max(0.0, min(device.interval * 2 ** device.failures, float(self.bus.backoff_max)) - device.interval)
 
     async def open_once(self) -> bool:
         """Open the transport for a one-off use (poll-once, read); False with `last_open_error` set."""
