@@ -2,10 +2,12 @@
 
 A profile is a TOML file validated with the shared config rules (wire.config), so a mistake is reported as
 
-    firmware_profiles/eastron_sdm630.toml: points[4].type: expected one of "int16", ..., got "float"
+    firmware_profiles/eastron_sdm630.toml: points[4].type: expected one of "bool", ..., got "float"
 
 Profiles shipped with the agent live in the `firmware_profiles` package; `load_profile("eastron_sdm630")`
 finds them by name, `load_profile("/etc/citynerve/my_meter.toml")` loads any file.
+
+`Profile.point_specs()` turns the points into the planner's `PointSpec`s, each with its decoder built once.
 """
 
 from __future__ import annotations
@@ -19,17 +21,65 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from edge_agent.modbus.decode import WIDTHS, Order, PointType, make_decoder, orders_for
+from edge_agent.modbus.decode import (
+    FLOAT_TYPES,
+    INTEGER_TYPES,
+    MAX_STRING_REGISTERS,
+    NUMERIC_TYPES,
+    SIGNED_TYPES,
+    Encoding,
+    Order,
+    PointType,
+    make_decoder,
+    normalize_sentinels,
+    orders_for,
+    width_of,
+)
 from edge_agent.modbus.plan import MODBUS_MAX_REGISTERS, PointSpec
 from wire.config import ConfigError, convert, invalid, read_toml
 from wire.schema import ConfigName as Name
 
 PROFILE_PACKAGE = "firmware_profiles"
+MODBUS_MAX_BITS = 2000  # FC1/FC2 limit of the Modbus application protocol
 _PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 
-Table = Literal["input", "holding"]
+Table = Literal["input", "holding", "coil", "discrete"]
+BIT_TABLES = frozenset({"coil", "discrete"})
 Address = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+
+#: Device quirks a profile can name; docs/profiles.md says which vendor behaviour each one addresses.
+WORKAROUNDS: dict[str, str] = {
+    "one_request_per_point": "every point is read with its own request (devices or register groups that "
+    "refuse multi-quantity reads, e.g. Carlo Gavazzi's 'limited to a word at a time' tables)",
+    "no_gap_reads": "no request ever covers a register the profile does not name, whatever max_gap says "
+    "(devices that answer exception 2 for any unmapped register inside a block)",
+}
+Workaround = Literal["one_request_per_point", "no_gap_reads"]
+
+
+class Serial(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """RS-485 line settings: the device's factory default, or one it can be set to."""
+
+    baud: Literal[1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200]
+    parity: Literal["N", "E", "O"] = "N"
+    data_bits: Literal[7, 8] = 8
+    stop_bits: Literal[1, 2] = 1
+
+    def describe(self) -> str:
+        return f"{self.baud} {self.data_bits}{self.parity}{self.stop_bits}"
+
+
+class UnreadableRange(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Addresses start..end (both included) of one table that no request may cover."""
+
+    table: Table
+    start: Address
+    end: Address
+
+    def __post_init__(self) -> None:
+        if self.end < self.start:
+            raise invalid("end", f"{self.end} is before start {self.start}")
 
 
 class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -43,60 +93,202 @@ class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     scale: int | float = 1  # value = raw * scale + offset; integers keep integer points integer
     offset: int | float = 0
     unit: str = ""  # informational (docs, dashboards); not sent on the wire
+    sentinel: Literal["auto"] | list[int | float] | None = None  # raw values meaning "not available"
     measurement: Name | None = None  # None: the device's or profile's measurement
     description: str = ""
+    length: Annotated[int, msgspec.Meta(ge=1, le=MAX_STRING_REGISTERS)] | None = None  # strings: registers
+    encoding: Encoding | None = None  # strings: "ascii" (default) or "utf-8"
+    enum: dict[str, Text] | None = None  # raw integer (as a TOML key) -> label
+    bits: dict[str, Name] | None = None  # bit index (as a TOML key) -> field name
+    scale_factor: Name | None = None  # name of the point holding this one's power-of-ten exponent
+    internal: bool = False  # read (e.g. a scale factor) but not emitted as a field
 
     def __post_init__(self) -> None:
-        if self.address + WIDTHS[self.type] > 65536:
-            raise invalid(
-                "address",
-                f"a {self.type} at {self.address} would end past register 65535",
-            )
-        if self.order is not None and self.order not in orders_for(self.type):
-            raise invalid(
-                "order",
-                f"{self.order} does not fit {self.type}; expected one of " + ", ".join(orders_for(self.type)),
-            )
+        kind = self.type
+        if kind == "bool" and self.table not in BIT_TABLES:
+            raise invalid("type", f'a bool lives in the "coil" or "discrete" table, not in the {self.table} registers')
+        if kind != "bool" and self.table in BIT_TABLES:
+            raise invalid("table", f'the {self.table} table holds single bits: use type = "bool"')
+        if kind == "string" and self.length is None:
+            raise invalid("length", "a string needs its length in registers")
+        if kind != "string":
+            for key in ("length", "encoding"):
+                if getattr(self, key) is not None:
+                    raise invalid(key, f"only string points take a {key}")
+        if self.address + self.width > 65536:
+            where = "address" if self.table in BIT_TABLES else "register"
+            raise invalid("address", f"a {self.type} at {self.address} would end past {where} 65535")
+        if self.order is not None and self.order not in orders_for(kind):
+            raise invalid("order", f"{self.order} does not fit {kind}; expected one of " + ", ".join(orders_for(kind)))
         for key, number in (("scale", self.scale), ("offset", self.offset)):
             if not math.isfinite(number):
                 raise invalid(key, f"expected a finite number, got {number}")
         if self.scale == 0:
             raise invalid("scale", "must not be 0 (every value would read 0)")
+        plain = self.scale == 1 and self.offset == 0
+        if not plain and (kind not in NUMERIC_TYPES or self.enum is not None or self.bits is not None):
+            what = "an enumeration" if self.enum is not None else "a bitfield" if self.bits is not None else f"a {kind}"
+            raise invalid("scale" if self.scale != 1 else "offset", f"{what} takes no scale or offset")
+        if self.sentinel is not None:
+            try:
+                normalize_sentinels(kind, self.sentinel)
+            except ValueError as exc:
+                raise invalid("sentinel", str(exc)) from None
+        if self.enum is not None:
+            self._check_enum()
+        if self.bits is not None:
+            self._check_bits()
+        if self.scale_factor is not None:
+            if kind not in NUMERIC_TYPES or self.enum is not None or self.bits is not None:
+                raise invalid("scale_factor", f"only plain numbers take a scale factor, not {self._kind_name()}")
+            if self.scale_factor == self.name:
+                raise invalid("scale_factor", "a point cannot be its own scale factor")
+
+    def _kind_name(self) -> str:
+        if self.enum is not None:
+            return "an enumeration"
+        if self.bits is not None:
+            return "a bitfield"
+        return f"a {self.type}"
+
+    def _check_enum(self) -> None:
+        if self.bits is not None:
+            raise invalid("enum", "a point is either an enumeration or a bitfield, not both")
+        if self.type not in INTEGER_TYPES and self.type != "bool":
+            raise invalid("enum", f"an enumeration needs an integer or bool type, not {self.type}")
+        if not self.enum:
+            raise invalid("enum", "expected at least one value")
+        low, high = _int_range(self.type)
+        for key in self.enum:
+            number = _int_key(key)
+            if number is None:
+                raise invalid("enum", f'key "{key}" is not an integer')
+            if not low <= number <= high:
+                raise invalid("enum", f"{number} is not a possible {self.type} value ({low}..{high})")
+
+    def _check_bits(self) -> None:
+        if self.type not in INTEGER_TYPES:
+            raise invalid("bits", f"a bitfield needs an integer type, not {self.type}")
+        if not self.bits:
+            raise invalid("bits", "expected at least one bit")
+        count = 16 * self.width
+        seen: dict[str, str] = {}
+        for key, name in self.bits.items():
+            number = _int_key(key)
+            if number is None or not 0 <= number < count:
+                raise invalid("bits", f'bit "{key}" does not exist in a {count}-bit {self.type} (0..{count - 1})')
+            if name in seen:
+                raise invalid("bits", f'"{name}" names bits {seen[name]} and {key}')
+            seen[name] = key
 
     @property
     def width(self) -> int:
-        return WIDTHS[self.type]
+        """Registers occupied; bits for the coil and discrete tables."""
+        return width_of(self.type, self.length)
+
+    def enum_table(self) -> dict[int, str] | None:
+        return None if self.enum is None else {_int_key(k): v for k, v in self.enum.items()}  # type: ignore[misc]
+
+    def bits_table(self) -> dict[int, str] | None:
+        return None if self.bits is None else {_int_key(k): v for k, v in self.bits.items()}  # type: ignore[misc]
+
+    def fields(self) -> list[str]:
+        """The field names this point adds to a reading (a bitfield adds one per named bit)."""
+        if self.internal:
+            return []
+        return list(self.bits.values()) if self.bits is not None else [self.name]
+
+
+def _int_key(key: str) -> int | None:
+    try:
+        return int(key, 0)
+    except ValueError:
+        return None
+
+
+def _int_range(type_: str) -> tuple[int, int]:
+    if type_ == "bool":
+        return 0, 1
+    bits = 16 * width_of(type_)
+    if type_ in SIGNED_TYPES:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
 
 
 class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     vendor: Text
-    model: Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+    model: Text
     measurement: Name  # default measurement of every point
     points: Annotated[list[Point], msgspec.Meta(min_length=1)]
     description: str = ""
+    firmware: str = ""  # firmware versions the map was checked against, and notes
+    default_unit: Annotated[int, msgspec.Meta(ge=1, le=255)] | None = None  # factory Modbus unit id
+    serial: Serial | None = None  # factory RS-485 settings (None: a Modbus TCP-only device)
+    serial_alternatives: list[Serial] = []  # other settings a scan should try, most likely first
     order: Literal["ABCD", "CDAB", "BADC", "DCBA"] = "ABCD"  # default byte order of the points
     max_registers: Annotated[int, msgspec.Meta(ge=1, le=MODBUS_MAX_REGISTERS)] = MODBUS_MAX_REGISTERS
+    max_bits: Annotated[int, msgspec.Meta(ge=1, le=MODBUS_MAX_BITS)] = MODBUS_MAX_BITS
     max_gap: Annotated[int, msgspec.Meta(ge=0, le=MODBUS_MAX_REGISTERS - 2)] = 0
+    unreadable: list[UnreadableRange] = []
+    workarounds: list[Workaround] = []
 
     def __post_init__(self) -> None:
-        claimed: dict[tuple[str, str], int] = {}
+        self._check_serial()
+        if "no_gap_reads" in self.workarounds and self.max_gap > 0:
+            raise invalid("max_gap", f"is {self.max_gap} but the no_gap_reads workaround forbids bridging gaps")
+        if len(set(self.workarounds)) != len(self.workarounds):
+            raise invalid("workarounds", "a workaround is listed twice")
+        claimed: dict[tuple[str, str], str] = {}
+        by_name: dict[str, list[int]] = {}
         for i, point in enumerate(self.points):
-            if point.width > self.max_registers:
-                raise invalid(
-                    f"points[{i}].type",
-                    f"a {point.type} needs {point.width} registers but max_registers is {self.max_registers}",
-                )
+            limit, limit_key = (self.max_bits, "max_bits") if point.table in BIT_TABLES else (
+                self.max_registers, "max_registers")
+            if point.width > limit:
+                unit = "bits" if point.table in BIT_TABLES else "registers"
+                raise invalid(f"points[{i}].{'length' if point.type == 'string' else 'type'}",
+                              f"a {point.type} needs {point.width} {unit} but {limit_key} is {limit}")
             order = point.order or self.order
             if order not in orders_for(point.type):  # pragma: no cover - every profile order fits every type
                 raise invalid(f"points[{i}].order", f"{order} does not fit {point.type}")
-            key = (point.measurement or self.measurement, point.name)
-            if key in claimed:
-                raise invalid(
-                    f"points[{i}].name",
-                    f'"{point.name}" is already used by points[{claimed[key]}] in measurement "{key[0]}"',
-                )
-            claimed[key] = i
+            measurement = point.measurement or self.measurement
+            names = [(point.name, "name")] + [(f, "bits") for f in (point.bits or {}).values()]
+            for field, key in names:
+                if (measurement, field) in claimed:
+                    owner = claimed[measurement, field]
+                    raise invalid(f"points[{i}].{key}",
+                                  f'"{field}" is already used by {owner} in measurement "{measurement}"')
+                claimed[measurement, field] = f"points[{i}]" if key == "name" else f"a bit of points[{i}]"
+            by_name.setdefault(point.name, []).append(i)
+        self._check_scale_factors(by_name)
+        self._check_overlaps()
+        self._check_unreadable()
 
+    def _check_serial(self) -> None:
+        seen = [self.serial] if self.serial is not None else []
+        for i, alternative in enumerate(self.serial_alternatives):
+            if alternative in seen:
+                raise invalid(f"serial_alternatives[{i}]", f"{alternative.describe()} is listed already")
+            seen.append(alternative)
+
+    def _check_scale_factors(self, by_name: dict[str, list[int]]) -> None:
+        for i, point in enumerate(self.points):
+            if point.scale_factor is None:
+                continue
+            key = f"points[{i}].scale_factor"
+            found = by_name.get(point.scale_factor, [])
+            if not found:
+                raise invalid(key, f'no point is named "{point.scale_factor}"')
+            if len(found) > 1:
+                raise invalid(key, f'"{point.scale_factor}" names points {found}: a scale factor\'s name must be unique')
+            sf = self.points[found[0]]
+            if sf.measurement != point.measurement:
+                raise invalid(key, f'"{sf.name}" is in another measurement; a scale factor must share its point\'s')
+            if sf.type not in INTEGER_TYPES or sf.enum is not None or sf.bits is not None:
+                raise invalid(key, f'"{sf.name}" is {sf._kind_name()}; a scale factor is a plain integer (int16)')
+            if sf.scale != 1 or sf.offset != 0 or sf.scale_factor is not None:
+                raise invalid(key, f'"{sf.name}" is itself scaled; a scale factor is read as it is')
+
+    def _check_overlaps(self) -> None:
         by_table: dict[str, list[int]] = {}
         for i, point in enumerate(self.points):
             by_table.setdefault(point.table, []).append(i)
@@ -108,14 +300,23 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                     raise invalid(
                         f"points[{after}].address",
                         f'"{b.name}" ({_span(b)}) overlaps "{a.name}" ({_span(a)}, points[{before}]) '
-                        f"in the {table} registers",
+                        f"in the {_table_words(table)}",
                     )
+
+    def _check_unreadable(self) -> None:
+        for i, point in enumerate(self.points):
+            for j, block in enumerate(self.unreadable):
+                if block.table == point.table and point.address <= block.end and point.address + point.width > block.start:
+                    raise invalid(f"points[{i}].address",
+                                  f'"{point.name}" ({_span(point)}) lies in unreadable[{j}] '
+                                  f"(0x{block.start:04X}..0x{block.end:04X})")
 
     def point_specs(self, measurement: str | None = None) -> list[PointSpec]:
         """The points with their decoders built, ready for plan_reads.
 
         `measurement` (a device's override) replaces the profile's default measurement; points that name their
-        own measurement keep it.
+        own measurement keep it. Internal points come with emit=False; `scale_factor` names the field whose
+        value is this point's power-of-ten exponent (unique within the profile, same measurement).
         """
         default = measurement or self.measurement
         return [
@@ -124,15 +325,40 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 table=p.table,
                 address=p.address,
                 width=p.width,
-                decode=make_decoder(p.type, p.order or self.order, p.scale, p.offset),
+                decode=make_decoder(
+                    p.type,
+                    p.order or self.order,
+                    p.scale,
+                    p.offset,
+                    sentinel=p.sentinel,
+                    enum=p.enum_table(),
+                    bits=p.bits_table(),
+                    length=p.length,
+                    encoding=p.encoding or "ascii",
+                ),
                 measurement=p.measurement or default,
+                scale_factor=p.scale_factor,
+                emit=not p.internal,
             )
             for p in self.points
         ]
 
+    def fields(self, measurement: str | None = None) -> dict[str, list[str]]:
+        """{measurement: [field, ...]}: every field a full poll of this profile can emit."""
+        default = measurement or self.measurement
+        out: dict[str, list[str]] = {}
+        for point in self.points:
+            if point.fields():
+                out.setdefault(point.measurement or default, []).extend(point.fields())
+        return out
+
 
 def _span(point: Point) -> str:
     return f"0x{point.address:04X}..0x{point.address + point.width - 1:04X}"
+
+
+def _table_words(table: str) -> str:
+    return {"coil": "coils", "discrete": "discrete inputs"}.get(table, f"{table} registers")
 
 
 def available_profiles() -> list[str]:
@@ -163,3 +389,16 @@ def load_profile(name_or_path: str | Path) -> Profile:
         raise ConfigError(text, "", f"no firmware profile of that name (shipped profiles: {known})")
     with resources.as_file(resource) as path:
         return convert(read_toml(path), Profile, f"{PROFILE_PACKAGE}/{text}.toml")
+
+
+__all__ = [
+    "BIT_TABLES",
+    "FLOAT_TYPES",
+    "WORKAROUNDS",
+    "Point",
+    "Profile",
+    "Serial",
+    "UnreadableRange",
+    "available_profiles",
+    "load_profile",
+]
