@@ -17,7 +17,12 @@ from wire.config import ConfigError
 
 GOLDEN = Path(__file__).parent / "golden" / "profiles"
 SHIPPED = {
+    "abb_b2x",
+    "carlo_gavazzi_em24",
+    "carlo_gavazzi_em340",
+    "eastron_sdm120",
     "eastron_sdm630",
+    "schneider_iem3000",
 }
 
 HEADER = """
