@@ -22,7 +22,10 @@ SHIPPED = {
     "carlo_gavazzi_em340",
     "eastron_sdm120",
     "eastron_sdm630",
+    "growatt_tlx",
     "schneider_iem3000",
+    "sunspec_generic",
+    "xy_md02",
 }
 
 HEADER = """
