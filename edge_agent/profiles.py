@@ -27,6 +27,7 @@ from edge_agent.modbus.decode import (
     MAX_STRING_REGISTERS,
     NUMERIC_TYPES,
     SIGNED_TYPES,
+    Decoder,
     Encoding,
     Order,
     PointType,
@@ -125,10 +126,12 @@ class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 raise invalid(key, f"expected a finite number, got {number}")
         if self.scale == 0:
             raise invalid("scale", "must not be 0 (every value would read 0)")
-        plain = self.scale == 1 and self.offset == 0
+        # `scale = 1.0` is not plain: it makes the value a float, which enums, bits and strings cannot be
+        plain = self.scale == 1 and self.offset == 0 and type(self.scale) is int and type(self.offset) is int
         if not plain and (kind not in NUMERIC_TYPES or self.enum is not None or self.bits is not None):
             what = "an enumeration" if self.enum is not None else "a bitfield" if self.bits is not None else f"a {kind}"
-            raise invalid("scale" if self.scale != 1 else "offset", f"{what} takes no scale or offset")
+            key = "scale" if self.scale != 1 or type(self.scale) is not int else "offset"
+            raise invalid(key, f"{what} takes no scale or offset")
         if self.sentinel is not None:
             try:
                 normalize_sentinels(kind, self.sentinel)
@@ -262,6 +265,11 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         self._check_scale_factors(by_name)
         self._check_overlaps()
         self._check_unreadable()
+        for i, point in enumerate(self.points):  # so that point_specs() can never fail on a loaded profile
+            try:
+                _decoder(point, self.order)
+            except ValueError as exc:  # pragma: no cover - every case is caught by the checks above
+                raise invalid(f"points[{i}]", str(exc)) from None
 
     def _check_serial(self) -> None:
         seen = [self.serial] if self.serial is not None else []
@@ -325,17 +333,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 table=p.table,
                 address=p.address,
                 width=p.width,
-                decode=make_decoder(
-                    p.type,
-                    p.order or self.order,
-                    p.scale,
-                    p.offset,
-                    sentinel=p.sentinel,
-                    enum=p.enum_table(),
-                    bits=p.bits_table(),
-                    length=p.length,
-                    encoding=p.encoding or "ascii",
-                ),
+                decode=_decoder(p, self.order),
                 measurement=p.measurement or default,
                 scale_factor=p.scale_factor,
                 emit=not p.internal,
@@ -351,6 +349,20 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             if point.fields():
                 out.setdefault(point.measurement or default, []).extend(point.fields())
         return out
+
+
+def _decoder(point: Point, default_order: str) -> Decoder:
+    return make_decoder(
+        point.type,
+        point.order or default_order,
+        point.scale,
+        point.offset,
+        sentinel=point.sentinel,
+        enum=point.enum_table(),
+        bits=point.bits_table(),
+        length=point.length,
+        encoding=point.encoding or "ascii",
+    )
 
 
 def _span(point: Point) -> str:

@@ -378,6 +378,9 @@ POINT_ERRORS = [
     ('bits = { 1 = "b", 2 = "b" }', "points[0].bits", '"b" names bits 1 and 2'),
     ('type = "float32"\nbits = { 1 = "b" }', "points[0].bits", "a bitfield needs an integer type"),
     ('bits = { 1 = "b" }\noffset = 1', "points[0].offset", "a bitfield takes no scale or offset"),
+    ('enum = { 1 = "a" }\nscale = 1.0', "points[0].scale", "an enumeration takes no scale or offset"),
+    ('type = "string"\nlength = 2\noffset = 0.0', "points[0].offset", "a string takes no scale or offset"),
+    ('type = "bool"\ntable = "coil"\nscale = 2', "points[0].scale", "a bool takes no scale or offset"),
     ('scale_factor = "v"', "points[0].scale_factor", "cannot be its own scale factor"),
     ('enum = { 1 = "a" }\nscale_factor = "x"', "points[0].scale_factor", "only plain numbers take a scale factor"),
 ]
