@@ -49,6 +49,8 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import SimData, SimDevice
 from pymodbus.simulator.simutils import DataType
 
+from edge_agent.modbus.decode import Missing
+
 # The simulator's own SDM630 input register map (0-based addresses, float32 ABCD), written from Eastron's
 # table independently of firmware_profiles/eastron_sdm630.toml so that a wrong profile address shows up.
 SDM630_INPUT: dict[str, int] = {
@@ -345,7 +347,7 @@ def decode_served(entries: Iterable[Served], profile: Any, measurement: str | No
                 continue
             value = spec.decode(entry.registers[offset : offset + spec.width])
             fields = out.setdefault(spec.measurement, {})
-            if value is None:
+            if value is None or isinstance(value, Missing):
                 fields.pop(spec.field, None)
             else:
                 fields[spec.field] = value

@@ -244,3 +244,30 @@ def test_ascii_framing(profile_path: Path) -> None:
 
         outcome = asyncio.run(scenario())
     assert not outcome.error and close_to(outcome.readings[0], 5)
+
+
+def test_a_bus_that_cannot_keep_up_says_so(profile_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Four units answering in 0.3 s each cannot be polled every 0.5 s: overruns are counted and one line
+    per report period names the bus, its utilisation and the devices that overran."""
+    import logging
+
+    responder = MisbehavingResponder({u: [0, 211, 461, 0] for u in (1, 2, 3, 4)}, turnaround=0.15)
+    profile = load_profile(profile_path)
+    from edge_agent.modbus.plan import plan_reads
+
+    one_request = plan_reads([p for p in profile.point_specs() if p.table == "input"])
+    devs = [PolledDevice(f"th-{u}", u, 0.5, one_request, {}) for u in (1, 2, 3, 4)]
+    engine = BusEngine(bus_on(responder.device, timeout=1.0), devs, report_interval=1.5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="citynerve.modbus"):
+            readings = asyncio.run(run_for(engine, 3.6))
+    finally:
+        responder.close()
+    assert readings  # it still polls, as fast as the line allows
+    assert engine.stats["overruns"] > 0
+    assert sum(d.stats["overruns"] for d in devs) == engine.stats["overruns"]
+    lines = [r.getMessage() for r in caplog.records if "cannot keep up" in r.getMessage()]
+    assert 1 <= len(lines) <= 3
+    assert "bus rs485-1 cannot keep up with its intervals: utilisation" in lines[0] and "th-" in lines[0]
+    utilisation = max(int(line.split("utilisation ")[1].split("%")[0]) for line in lines)
+    assert utilisation >= 80

@@ -245,3 +245,15 @@ def test_decode_poll_reports_errors_sentinels_bitfields_and_scale_factors() -> N
     assert type(scaled_up["inv"]["w"]) is float  # one field type whatever the exponent
     no_sf = decode_poll(plan, [[5, 99, 0, 7], [5000]])  # exponent outside any sane range
     assert no_sf.quality == {"inv": {"w": "no_scale_factor"}}
+
+
+def test_same_field_name_in_two_measurements_keeps_both_values_and_scale_factors() -> None:
+    sf = lambda r: r[0] - 65536 if r[0] > 32767 else r[0]  # noqa: E731
+    points = [
+        PointSpec("current", "holding", 0, 1, lambda r: r[0], "inverter", scale_factor="a_sf"),
+        PointSpec("a_sf", "holding", 1, 1, sf, "inverter", emit=False),
+        PointSpec("current", "holding", 2, 1, lambda r: r[0], "meter", scale_factor="a_sf"),
+        PointSpec("a_sf", "holding", 3, 1, sf, "meter", emit=False),
+    ]
+    got = decode_poll(plan_reads(points), [[243, 0xFFFF, 1234, 0xFFFE]])
+    assert got.fields == {"inverter": {"current": 24.3}, "meter": {"current": 12.34}}

@@ -181,7 +181,7 @@ def decode_poll(plan: Sequence[ReadRequest], answers: Sequence[Sequence[int] | B
         raise ValueError(f"{len(answers)} answers for {len(plan)} requests")
     fields: dict[str, dict[str, Value]] = {}
     quality: dict[str, dict[str, str]] = {}
-    raw: dict[str, object] = {}
+    raw: dict[tuple[str, str], object] = {}  # (measurement, field): names repeat across measurements
     scaled: list[Slot] = []
     for request, registers in zip(plan, answers, strict=True):
         if isinstance(registers, BaseException):
@@ -193,7 +193,7 @@ def decode_poll(plan: Sequence[ReadRequest], answers: Sequence[Sequence[int] | B
             raise ValueError(f"{len(registers)} registers for {request.describe()}")
         for slot in request.slots:
             value = slot.decode(registers[slot.offset : slot.offset + slot.width])
-            raw[slot.field] = value
+            raw[(slot.measurement, slot.field)] = value
             if not slot.emit:
                 continue
             if slot.scale_factor is not None:
@@ -205,7 +205,7 @@ def decode_poll(plan: Sequence[ReadRequest], answers: Sequence[Sequence[int] | B
             else:
                 fields.setdefault(slot.measurement, {})[slot.field] = value
     for slot in scaled:
-        value, sf = raw[slot.field], raw.get(slot.scale_factor)  # type: ignore[arg-type]
+        value, sf = raw[(slot.measurement, slot.field)], raw.get((slot.measurement, slot.scale_factor))  # type: ignore[arg-type]
         if value is None or isinstance(value, Missing):
             quality.setdefault(slot.measurement, {})[slot.field] = getattr(value, "reason", "not_available")
         elif not isinstance(sf, int) or isinstance(sf, bool) or not -20 <= sf <= 20:
