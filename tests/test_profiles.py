@@ -610,16 +610,15 @@ def test_golden(golden: Path) -> None:
                 assert name in got, (measurement, name, reasons.get(name))
                 assert same_value(got[name], value), (measurement, name, got[name], value)
 
-    # the engine's own decode_poll agrees wherever it can tell the points apart: it looks scale factors up
-    # by field name alone, so a profile whose scaled names repeat across measurements (sunspec_generic: the
-    # inverter's and the meter's "current") is only checked by contract above until decode_poll scopes them
-    if not scale_factor_names_collide(profile):
-        poll = decode_poll(plan, answers)
-        assert poll.quality == quality
-        assert {m: set(f) for m, f in poll.fields.items()} == {m: set(f) for m, f in fields.items()}
-        for measurement, values in fields.items():
-            for name, value in values.items():
-                assert same_value(poll.fields[measurement][name], value), (measurement, name)
+    # the engine's own decode_poll agrees, including profiles whose scaled names repeat across measurements
+    # (sunspec_generic: the inverter's and the meter's "current")
+    assert scale_factor_names_collide(profile) == (golden.name == "sunspec_generic")
+    poll = decode_poll(plan, answers)
+    assert poll.quality == quality
+    assert {m: set(f) for m, f in poll.fields.items()} == {m: set(f) for m, f in fields.items()}
+    for measurement, values in fields.items():
+        for name, value in values.items():
+            assert same_value(poll.fields[measurement][name], value), (measurement, name)
 
 
 def test_missing_values_are_never_numbers() -> None:

@@ -11,14 +11,15 @@ from edge_agent.profiles import Profile, load_profile
 
 def plan_for(device: Device, profile: Profile) -> list:
     """The device's request plan within the profile's limits, its workarounds and the device's overrides."""
-    workarounds = set(getattr(profile, "workarounds", ())) | set(getattr(device, "workarounds", ()))
+    # A modbus-tcp shorthand device has no workarounds or limit overrides of its own.
+    workarounds = set(profile.workarounds) | set(getattr(device, "workarounds", ()))
     max_registers = getattr(device, "max_registers", None) or profile.max_registers
     return plan_reads(
         profile.point_specs(device.measurement),
         max_registers,
         0 if "no_gap_reads" in workarounds else profile.max_gap,
-        max_bits=getattr(profile, "max_bits", 2000),
-        unreadable=[Unreadable(u.table, u.start, u.end) for u in getattr(profile, "unreadable", ())],
+        max_bits=profile.max_bits,
+        unreadable=[Unreadable(u.table, u.start, u.end) for u in profile.unreadable],
         one_request_per_point="one_request_per_point" in workarounds,
     )
 
