@@ -271,3 +271,29 @@ def test_a_bus_that_cannot_keep_up_says_so(profile_path: Path, caplog: pytest.Lo
     assert "bus rs485-1 cannot keep up with its intervals: utilisation" in lines[0] and "th-" in lines[0]
     utilisation = max(int(line.split("utilisation ")[1].split("%")[0]) for line in lines)
     assert utilisation >= 80
+
+
+def test_pauses_after_connect_and_between_requests(profile_path: Path) -> None:
+    """Slow meters need quiet time: the engine keeps pause_between_requests between transactions and
+    pause_after_connect after opening the port."""
+    responder = MisbehavingResponder({1: [0, 211, 461, 0]})
+    device = devices(profile_path, [1])[0]
+    assert len(device.plan) == 2
+    engine = BusEngine(bus_on(responder.device, pause_between_requests=0.3, pause_after_connect=0.4), [device])
+
+    async def scenario() -> tuple[float, float, PollOutcome]:
+        started = time.monotonic()
+        assert await engine._ensure_open()
+        opened = time.monotonic() - started
+        started = time.monotonic()
+        outcome = await engine.poll(device)
+        return opened, time.monotonic() - started, outcome
+
+    try:
+        opened, polled, outcome = asyncio.run(scenario())
+        asyncio.run(engine.transport.close())
+    finally:
+        responder.close()
+    assert not outcome.error
+    assert opened >= 0.4
+    assert 0.3 <= polled < 1.0  # two requests, one pause between them

@@ -23,6 +23,8 @@ DeviceId = Annotated[
         extra={"expect": "a device id: 1..128 characters, no control characters"},
     ),
 ]
+WORKAROUNDS = ("one_request_per_point", "no_gap_reads")
+Workaround = Literal["one_request_per_point", "no_gap_reads"]
 ProfileRef = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
@@ -51,6 +53,8 @@ class ModbusTcpDevice(
     timeout: Duration = Duration(2.0)
     tags: dict[Name, TagValue] = {}
     measurement: Name | None = None  # overrides the profile's default measurement
+    workarounds: list[Workaround] = []
+    max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] | None = None  # overrides the profile's limit
 
     def __post_init__(self) -> None:
         if self.interval <= 0:
@@ -60,8 +64,6 @@ class ModbusTcpDevice(
 
 
 BAUD_RATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
-WORKAROUNDS = ("one_request_per_point", "no_gap_reads")
-Workaround = Literal["one_request_per_point", "no_gap_reads"]
 SerialUnit = Annotated[int, msgspec.Meta(ge=1, le=247)]
 _TCP_TARGET = re.compile(r"^(tcp|rtu-over-tcp)://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
 
