@@ -21,6 +21,7 @@ from collector.config import CollectorConfig, default_client_id
 from collector.influx.backends import make_backend
 from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
 from collector.ingest import Ingest, TimePolicy
+from collector.quarantine import Quarantine
 from wire import topics
 from wire.cli import run_tasks_until
 from wire.envelope import WireError
@@ -50,6 +51,8 @@ class Collector:
             TimePolicy(int(v.max_future * 1e9), int(v.min_time.timestamp()) * 1_000_000_000),
             v.suspect_measurement,
         )
+        q = cfg.quarantine
+        self.quarantine = Quarantine(q.path, q.max_entries, q.max_bytes) if q.max_entries else None
         self.counters: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self._warn = RateLimitedLog(log, interval=60)
@@ -114,6 +117,8 @@ class Collector:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.close(drain=True), timeout=15)
             self.backend.close()
+            if self.quarantine is not None:
+                self.quarantine.close()
             self.link.stop()
             log.info("collector stopped: %s", self._summary())
 
@@ -144,6 +149,8 @@ class Collector:
                 ("reject", gateway, exc.reason), "rejected message from gateway %s on %s: %s",
                 gateway, topic, exc, gateway=gateway, reason=str(exc.reason),
             )
+            if self.quarantine is not None:
+                self.quarantine.add(gateway, topic, str(exc.reason), exc.detail, msg.payload, receive_ns)
             self._ack(msg.mid, msg.qos)
             return
         self.counters["messages"] += 1

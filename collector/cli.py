@@ -19,6 +19,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", metavar="FILE", help="collector.toml")
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("config", metavar="FILE")
+    quarantine = sub.add_parser("quarantine", help="inspect rejected payloads")
+    qsub = quarantine.add_subparsers(dest="action", required=True, metavar="ACTION")
+    qlist = qsub.add_parser("list", help="newest first")
+    qlist.add_argument("config", metavar="FILE")
+    qlist.add_argument("--gateway")
+    qlist.add_argument("--reason")
+    qlist.add_argument("--limit", type=int, default=50)
+    qshow = qsub.add_parser("show", help="one entry with a hex dump of its payload")
+    qshow.add_argument("config", metavar="FILE")
+    qshow.add_argument("id", type=int)
+    qshow.add_argument("--raw", action="store_true", help="write the payload bytes to stdout")
     return p
 
 
@@ -34,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         print(describe(args.config, cfg))
         return 0
+    if args.command == "quarantine":
+        return _quarantine(args, cfg)
 
     from collector.app import Collector
 
@@ -41,6 +54,36 @@ def main(argv: list[str] | None = None) -> int:
         await Collector(cfg).run(stop)
 
     return run_until_signal(run)
+
+
+def _quarantine(args: argparse.Namespace, cfg: object) -> int:
+    import os
+
+    from collector.quarantine import Quarantine, hexdump
+    from wire.cli import iso_ns
+
+    path = cfg.quarantine.path  # type: ignore[attr-defined]
+    if not os.path.exists(path):
+        return fail(f"{args.config}: quarantine.path: {path} does not exist (nothing rejected yet?)", 1)
+    store = Quarantine(path)
+    try:
+        if args.action == "list":
+            for e in store.list(args.limit, args.gateway, args.reason):
+                print(f"{e.id:>6}  {iso_ns(e.received_ns)}  {e.gateway:<20} {e.reason:<18} {e.size:>7} B  {e.detail[:60]}")
+            return 0
+        entry = store.get(args.id)
+        if entry is None:
+            return fail(f"no quarantine entry {args.id} in {path}", 1)
+        if args.raw:
+            sys.stdout.buffer.write(entry.payload)
+            return 0
+        print(f"id {entry.id}  received {iso_ns(entry.received_ns)}\ngateway {entry.gateway}  topic {entry.topic}\n"
+              f"reason {entry.reason}: {entry.detail}\nsize {entry.size} bytes"
+              f"{' (first ' + str(len(entry.payload)) + ' kept)' if len(entry.payload) < entry.size else ''}\n")
+        print(hexdump(entry.payload))
+        return 0
+    finally:
+        store.close()
 
 
 def describe(path: str, cfg: object) -> str:

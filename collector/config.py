@@ -40,6 +40,13 @@ class ValidationSection(msgspec.Struct, forbid_unknown_fields=True):
             raise invalid("min_time", "expected a date-time with a time zone, e.g. 2020-01-01T00:00:00Z")
 
 
+class QuarantineSection(msgspec.Struct, forbid_unknown_fields=True):
+    # Rejected payloads are kept here for `edge-collector quarantine list|show`, oldest dropped first.
+    path: str = "/var/lib/citynerve-collector/quarantine.db"
+    max_entries: Annotated[int, msgspec.Meta(ge=0, le=1_000_000)] = 1000
+    max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 16 * 1024 * 1024
+
+
 class LogSection(msgspec.Struct, forbid_unknown_fields=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -50,6 +57,7 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     mqtt: CollectorMqtt = msgspec.field(default_factory=CollectorMqtt)
     influx: InfluxConfig = msgspec.field(default_factory=InfluxConfig)
     validation: ValidationSection = msgspec.field(default_factory=ValidationSection)
+    quarantine: QuarantineSection = msgspec.field(default_factory=QuarantineSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
 
 

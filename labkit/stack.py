@@ -79,6 +79,7 @@ def write_agent_config(path: Path, gateway: str, mqtt: dict[str, Any], devices: 
 
 
 def write_collector_config(path: Path, mqtt: dict[str, Any], influx: dict[str, Any], **sections: dict[str, Any]) -> Path:
+    sections.setdefault("quarantine", {"path": str(path.with_suffix(".quarantine.db"))})
     doc = {"mqtt": mqtt, "influx": {"flush_interval": "200ms", **influx}, **sections}
     path.write_text(to_toml(doc))
     return path

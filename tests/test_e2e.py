@@ -223,6 +223,17 @@ def test_collector_rejects_bad_messages_flags_bad_clocks_and_keeps_going(
         assert "suspect_time=2" in log
         assert "implausible sample time" in log
         assert collector.running and "Traceback" not in log
+
+        # every rejected payload is kept for inspection, with its reason
+        listing = subprocess.run([sys.executable, "-m", "collector.cli", "quarantine", "list",
+                                  str(tmp_path / "collector.toml")], capture_output=True, text=True, timeout=30)
+        assert listing.returncode == 0, listing.stderr
+        reasons = [line.split()[3] for line in listing.stdout.splitlines()]
+        assert sorted(reasons) == sorted(["malformed", "empty", "unknown_format", "topic_mismatch", "schema"])
+        newest = listing.stdout.splitlines()[0].split()[0]
+        shown = subprocess.run([sys.executable, "-m", "collector.cli", "quarantine", "show",
+                                str(tmp_path / "collector.toml"), newest], capture_output=True, text=True, timeout=30)
+        assert "reason schema:" in shown.stdout and "00000000  01 " in shown.stdout
     finally:
         link.stop()
         collector.stop()
