@@ -17,6 +17,7 @@ def test_example_passes_check(tmp_path: Path, name: str, program: str) -> None:
     ca.write_text("placeholder: check only tests that the file is readable\n")
     text = (EXAMPLES / name).read_text().replace("/etc/citynerve/ca.crt", str(ca))
     text = text.replace('state_dir = "/var/lib/citynerve"', f'state_dir = "{tmp_path / "state"}"')
+    text = text.replace("/var/lib/citynerve-collector/", f"{tmp_path}/")
     path = tmp_path / name
     path.write_text(text)
     result = subprocess.run([sys.executable, "-m", program, "check", str(path)], capture_output=True, text=True,
