@@ -30,11 +30,19 @@ def _parser() -> argparse.ArgumentParser:
     qshow.add_argument("config", metavar="FILE")
     qshow.add_argument("id", type=int)
     qshow.add_argument("--raw", action="store_true", help="write the payload bytes to stdout")
+    # ca / keys / gateways: the device CA, the collector's keys, the gateway registry (collector/pki.py)
+    from collector import pki
+
+    pki.register_subcommands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from collector import pki
+
+    if (code := pki.dispatch(args)) is not None:  # ca / keys / gateways need no collector.toml
+        return code
     from collector import config as collector_config
 
     try:

@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     once = sub.add_parser("poll-once", help="poll every device once, print readings as JSON lines, publish nothing")
     once.add_argument("config", metavar="FILE")
     sub.add_parser("profiles", help="list the bundled firmware profiles")
+    from edge_agent import enroll  # enroll: keys and certificate request (edge_agent/enroll.py)
+
+    enroll.register_subcommands(sub)
 
     read = sub.add_parser("read", help="read a device once and print named values (or raw registers)")
     _line_options(read)
@@ -63,6 +66,10 @@ def _line_options(p: argparse.ArgumentParser, several: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from edge_agent import enroll
+
+    if (code := enroll.dispatch(args)) is not None:
+        return code
     try:
         return _dispatch(args)
     except ConfigError as exc:
