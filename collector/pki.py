@@ -11,8 +11,8 @@
 
 The device CA signs only client certificates whose CN is a gateway id (wire.schema.GATEWAY_ID_PATTERN: no
 '+', '#', '/', NUL or control characters - the CN becomes the MQTT username and, through the broker's ACL
-patterns, a topic level), or, with --collector, the fixed collector role name. docs/enrollment.md has the
-procedures.
+patterns, a topic level), or, with --collector, a collector instance's name collector-<name>.
+docs/enrollment.md has the procedures.
 """
 
 from __future__ import annotations
@@ -34,10 +34,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from edge_agent.enroll import EnrollError, write_private
 from wire.schema import GATEWAY_ID_PATTERN
 
-# The broker ACL's fixed username for every collector instance (deploy/mosquitto/acl: "user collector").
-COLLECTOR_USERNAME = "collector"
-# Names no gateway may have: a gateway with CN "collector" would get the collector's ACL.
-RESERVED_NAMES = frozenset({COLLECTOR_USERNAME})
+# Collector instances have certificate CNs collector-<name> (collector-1, collector-2, ...): the broker makes
+# the CN both the username and the client id (deploy/mosquitto/citynerve.conf), and the ACL names each one in a
+# "user collector-<name>" block (deploy/mosquitto/acl). Gateway ids may not start with "collector".
+COLLECTOR_PREFIX = "collector"
+_COLLECTOR_CN = re.compile(r"collector-[A-Za-z0-9][A-Za-z0-9._-]{0,53}")
 
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
@@ -55,18 +56,24 @@ class PkiError(Exception):
     """A refused operation or a bad input: printed as one line."""
 
 
+def is_reserved(name: str) -> bool:
+    """Names no gateway may have: they belong to collector instances (and would get their ACL)."""
+    return name.lower().startswith(COLLECTOR_PREFIX)
+
+
 def check_common_name(cn: str, *, collector: bool = False) -> str:
-    """The CN a certificate may carry: a gateway id (not a reserved name), or the collector role name."""
+    """The CN a certificate may carry: a gateway id (not a reserved name), or collector-<name> with --collector."""
     if collector:
-        if cn != COLLECTOR_USERNAME:
-            raise PkiError(f"a collector certificate must have CN {COLLECTOR_USERNAME!r}, got {cn!r}")
+        if not isinstance(cn, str) or not _COLLECTOR_CN.fullmatch(cn):
+            raise PkiError(f"a collector certificate must have CN collector-<name> (e.g. collector-1), got {cn!r}")
         return cn
     # fullmatch, not match: the pattern's "$" alone would let a trailing newline through.
     if not isinstance(cn, str) or not _GATEWAY_ID.fullmatch(cn):
         raise PkiError(f"CN {cn!r} is not a gateway id (1-64 letters, digits, '.', '_' or '-', starting with a "
                        "letter or digit; no '+', '#', '/', NUL or control characters)")
-    if cn.lower() in RESERVED_NAMES:
-        raise PkiError(f"CN {cn!r} is reserved for the collector role (sign it with --collector)")
+    if is_reserved(cn):
+        raise PkiError(f"CN {cn!r}: names starting with {COLLECTOR_PREFIX!r} are reserved for collector "
+                       "instances (sign those with --collector)")
     return cn
 
 
@@ -410,7 +417,7 @@ def register_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", required=True, metavar="DIR", help="the device CA directory")
     p.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS, help="validity (default %(default)s)")
     p.add_argument("--out", metavar="FILE", help="where the certificate goes (default: CSR with .crt)")
-    p.add_argument("--collector", action="store_true", help=f"sign the collector's CSR (CN {COLLECTOR_USERNAME!r})")
+    p.add_argument("--collector", action="store_true", help="sign a collector instance's CSR (CN collector-<name>)")
     p = ca_sub.add_parser("revoke", help="revoke every certificate issued to a gateway (updates ca.crl)")
     p.add_argument("gateway_id", metavar="ID")
     p.add_argument("--dir", required=True, metavar="DIR")

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from wire.schema import GATEWAY_ID_PATTERN
 
 IDENTITY_KEY_PREFIX = "ed25519:"  # as edge_agent.enroll writes it
-RESERVED_NAMES = frozenset({"collector"})  # the collector's broker username (collector.pki.RESERVED_NAMES)
+RESERVED_PREFIX = "collector"  # collector instances' broker usernames (collector.pki.is_reserved)
 _GATEWAY_ID = re.compile(GATEWAY_ID_PATTERN)
 _SCHEMA_VERSION = 1
 
@@ -86,8 +86,9 @@ def check_gateway_id(gateway_id: str) -> str:
     if not isinstance(gateway_id, str) or not _GATEWAY_ID.fullmatch(gateway_id):
         raise RegistryError(f"invalid gateway id {gateway_id!r}: expected 1-64 letters, digits, '.', '_' or '-', "
                             "starting with a letter or digit")
-    if gateway_id.lower() in RESERVED_NAMES:
-        raise RegistryError(f"{gateway_id!r} is reserved for the collector and cannot be a gateway id")
+    if gateway_id.lower().startswith(RESERVED_PREFIX):
+        raise RegistryError(f"{gateway_id!r}: names starting with {RESERVED_PREFIX!r} are reserved for collector "
+                            "instances and cannot be gateway ids")
     return gateway_id
 
 

@@ -61,6 +61,9 @@ def check_gateway_id(gateway_id: str) -> str:
     if not isinstance(gateway_id, str) or not _GATEWAY_ID.fullmatch(gateway_id):
         raise EnrollError(f"invalid gateway id {gateway_id!r}: expected 1-64 letters, digits, '.', '_' or '-', "
                           "starting with a letter or digit")
+    if gateway_id.lower().startswith("collector"):  # the broker's collector usernames (collector/pki.py)
+        raise EnrollError(f"invalid gateway id {gateway_id!r}: names starting with 'collector' are reserved "
+                          "for collector instances")
     return gateway_id
 
 
