@@ -21,12 +21,15 @@ from collector.config import CollectorConfig, default_client_id
 from collector.influx.backends import make_backend
 from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
 from collector.ingest import Ingest, TimePolicy
+from collector.pki import load_private_keys
 from collector.quarantine import Quarantine
+from collector.registry import GatewayRegistry
 from wire import topics
 from wire.cli import run_tasks_until
 from wire.envelope import WireError
 from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink
+from wire.seal import Opener
 from wire.status import decode_status
 
 log = logging.getLogger("citynerve.collector")
@@ -45,11 +48,15 @@ class Collector:
         self.cfg = cfg
         self.prefix = cfg.mqtt.topic_prefix
         v = cfg.validation
+        self.registry, opener = _security(cfg)
+        self._registry_checked = 0.0
         self.ingest = Ingest(
             self.prefix,
             v.max_payload_bytes,
             TimePolicy(int(v.max_future * 1e9), int(v.min_time.timestamp()) * 1_000_000_000),
             v.suspect_measurement,
+            opener,
+            accept_plain=cfg.security is None or cfg.security.accept_plain,
         )
         q = cfg.quarantine
         self.quarantine = Quarantine(q.path, q.max_entries, q.max_bytes) if q.max_entries else None
@@ -119,6 +126,8 @@ class Collector:
             self.backend.close()
             if self.quarantine is not None:
                 self.quarantine.close()
+            if self.registry is not None:
+                self.registry.close()
             self.link.stop()
             log.info("collector stopped: %s", self._summary())
 
@@ -133,7 +142,17 @@ class Collector:
                 log.exception("unexpected error handling a message on %s", msg.topic)
                 self._ack(msg.mid, msg.qos)
 
+    def _refresh_registry(self) -> None:
+        """Adding or revoking a gateway takes effect within a second, without a restart."""
+        now = time.monotonic()
+        if self.registry is None or now - self._registry_checked < 1.0:
+            return
+        self._registry_checked = now
+        if self.registry.refresh_if_changed():
+            log.info("gateway registry changed: %d gateway(s) enrolled", len(self.registry.list()))
+
     async def _handle(self, msg: paho.MQTTMessage, receive_ns: int) -> None:
+        self._refresh_registry()
         topic = msg.topic
         parsed = topics.parse(self.prefix, topic)
         if parsed is not None and parsed[1] == topics.STATUS:
@@ -155,6 +174,8 @@ class Collector:
             return
         self.counters["messages"] += 1
         self.counters["readings"] += accepted.readings
+        if accepted.duplicate:
+            self.counters["duplicates"] += 1  # counted, not alarmed: the same points are written again
         if accepted.suspect:
             self.counters["suspect_time"] += accepted.suspect
             self._warn.warning(
@@ -209,3 +230,19 @@ class Collector:
         parts = [f"{k}={v}" for k, v in sorted(self.counters.items())]
         parts += [f"rejected.{k}={v}" for k, v in sorted(self.rejections.items())]
         return " ".join(parts) or "no messages"
+
+
+def _security(cfg: CollectorConfig) -> tuple[GatewayRegistry | None, Opener | None]:
+    """The registry and the opener of sealed payloads, when [security] is configured."""
+    sec = cfg.security
+    if sec is None:
+        return None, None
+    from wire.seal import CollectorKey
+
+    keys = [CollectorKey.from_private(k) for k in load_private_keys(sec.keys_dir).values()]
+    registry = GatewayRegistry(sec.registry)
+    opener = Opener(keys, registry.lookup, grace_seconds=float(sec.session_grace), replay_window=sec.replay_window)
+    log.info("sealed payloads: collector key(s) %s, %d gateway(s) enrolled, plain payloads %s",
+             ", ".join(k.kid.hex() for k in keys), len(registry.list()),
+             "accepted" if sec.accept_plain else "refused")
+    return registry, opener

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -40,6 +41,26 @@ class ValidationSection(msgspec.Struct, forbid_unknown_fields=True):
             raise invalid("min_time", "expected a date-time with a time zone, e.g. 2020-01-01T00:00:00Z")
 
 
+class SecuritySection(msgspec.Struct, forbid_unknown_fields=True):
+    """End-to-end sealing (docs/security.md). Without this section the collector accepts plain payloads only."""
+
+    # collector.key (current), collector-next.key (rotation) and retired/*.key from `edge-collector keys init`
+    keys_dir: str
+    # the gateway registry of `edge-collector gateways add|revoke`; re-read on change, no restart needed
+    registry: str
+    # accept unsealed (format 0x01) payloads too, e.g. while gateways are being enrolled one by one
+    accept_plain: bool = False
+    # how long a gateway's previous session stays valid after a newer one appeared
+    session_grace: Duration = Duration(300)
+    replay_window: Annotated[int, msgspec.Meta(ge=64, le=1 << 20)] = 4096
+
+    def __post_init__(self) -> None:
+        if not os.path.isdir(self.keys_dir):
+            raise invalid("keys_dir", f"{self.keys_dir} is not a directory (run: edge-collector keys init --dir DIR)")
+        if not os.path.exists(self.registry):
+            raise invalid("registry", f"{self.registry} does not exist (run: edge-collector gateways add ...)")
+
+
 class QuarantineSection(msgspec.Struct, forbid_unknown_fields=True):
     # Rejected payloads are kept here for `edge-collector quarantine list|show`, oldest dropped first.
     path: str = "/var/lib/citynerve-collector/quarantine.db"
@@ -58,6 +79,7 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     influx: InfluxConfig = msgspec.field(default_factory=InfluxConfig)
     validation: ValidationSection = msgspec.field(default_factory=ValidationSection)
     quarantine: QuarantineSection = msgspec.field(default_factory=QuarantineSection)
+    security: SecuritySection | None = None
     log: LogSection = msgspec.field(default_factory=LogSection)
 
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from collector.influx.lineproto import LineProtocolError, encode_line
 from wire import topics
-from wire.envelope import Rejection, WireError, open_plain
+from wire.envelope import Rejection, WireError, decode_body, open_plain
+from wire.seal import FORMAT_SEALED, Opener, SealError
 
 INGEST_MEASUREMENT = "citynerve_ingest"
 
@@ -28,24 +29,44 @@ class Accepted:
     lines: list[bytes]
     suspect: int = 0  # readings whose sample time is implausible (written to the suspect measurement)
     skipped: int = 0  # readings with no storable field (e.g. every value NaN)
+    sealed: bool = False
+    duplicate: bool = False  # a sealed message seen before (stored again: the write is idempotent)
 
 
 class Ingest:
-    def __init__(self, prefix: str, max_payload_bytes: int, time_policy: TimePolicy, suspect_measurement: str):
+    """Checks, in this order: size -> topic -> (sealed: header, gateway and key, session signature, AEAD,
+    replay window -> see wire.seal.Opener) -> schema -> topic/gateway agreement -> time plausibility."""
+
+    def __init__(self, prefix: str, max_payload_bytes: int, time_policy: TimePolicy, suspect_measurement: str,
+                 opener: Opener | None = None, accept_plain: bool = True):
         self.prefix = prefix
         self.max_payload_bytes = max_payload_bytes
         self.time_policy = time_policy
         self.suspect_measurement = suspect_measurement
+        self.opener = opener
+        self.accept_plain = accept_plain
 
     def uplink(self, topic: str, payload: bytes, receive_ns: int) -> Accepted:
-        """Raises WireError with a Rejection reason for anything that must not be stored."""
+        """Raises WireError with a Rejection or SealReason for anything that must not be stored."""
         if len(payload) > self.max_payload_bytes:
             raise WireError(Rejection.TOO_LARGE, f"{len(payload)} bytes > limit {self.max_payload_bytes}")
         parsed = topics.parse(self.prefix, topic)
         if parsed is None or parsed[1] != topics.UP:
             raise WireError(Rejection.BAD_TOPIC, f"not an uplink topic under {self.prefix}/: {topic!r}")
         topic_gateway = parsed[0]
-        batch = open_plain(payload)
+        sealed = duplicate = False
+        if payload[:1] == bytes((FORMAT_SEALED,)) and self.opener is not None:
+            try:
+                opened = self.opener.open(topic_gateway, topic, payload)
+            except SealError as exc:
+                raise WireError(exc.reason, exc.detail) from None
+            batch = decode_body(opened.plaintext)
+            sealed, duplicate = True, opened.duplicate
+        elif not self.accept_plain:
+            fmt = f"0x{payload[0]:02x}" if payload else "empty"
+            raise WireError(Rejection.UNSEALED, f"format {fmt}: this collector accepts sealed payloads only")
+        else:
+            batch = open_plain(payload)
         if batch.gateway != topic_gateway:
             raise WireError(
                 Rejection.TOPIC_MISMATCH,
@@ -87,4 +108,4 @@ class Ingest:
                 batch.sent_ns,
             )
         )
-        return Accepted(batch.gateway, batch.seq, len(batch.readings), lines, suspect, skipped)
+        return Accepted(batch.gateway, batch.seq, len(batch.readings), lines, suspect, skipped, sealed, duplicate)

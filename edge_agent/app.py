@@ -19,9 +19,11 @@ from edge_agent.uplink import UplinkBuffer
 from wire import topics
 from wire.cli import run_tasks_until
 from wire.envelope import seal_plain
+from wire.keys import collector_key_from_pem, identity_from_pem
 from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink, Will
-from wire.schema import Batch, Reading
+from wire.schema import Batch, Reading, encode_batch
+from wire.seal import GatewaySealer
 from wire.status import OFFLINE, ONLINE, encode_status
 
 log = logging.getLogger("citynerve.agent")
@@ -47,6 +49,7 @@ class Agent:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.sequence = PersistentSequence(state_dir / "sequence")
         self.buses = bus_engines(cfg)
+        self.sealer = make_sealer(cfg)
         prefix = cfg.mqtt.topic_prefix
         self.up_topic = topics.up(prefix, self.gateway_id)
         self.status_topic = topics.status(prefix, self.gateway_id)
@@ -132,7 +135,8 @@ class Agent:
 
     def _publish(self, readings: list[Reading]) -> None:
         batch = Batch(gateway=self.gateway_id, seq=self.sequence.next(), sent_ns=time.time_ns(), readings=readings)
-        info = self.link.publish(self.up_topic, seal_plain(batch), qos=1)
+        payload = self.sealer.seal(self.up_topic, encode_batch(batch)) if self.sealer else seal_plain(batch)
+        info = self.link.publish(self.up_topic, payload, qos=1)
         self._inflight.add(info.mid)
         self.stats.published_messages += 1
         self.stats.published_readings += len(readings)
@@ -151,6 +155,21 @@ class Agent:
                 "stopping with %d readings not delivered (%d messages awaiting PUBACK)",
                 len(self.buffer), len(self._inflight),
             )
+
+
+def make_sealer(cfg: AgentConfig) -> GatewaySealer | None:
+    sec = cfg.security
+    if sec is None:
+        log.warning("uplink is NOT sealed: add a [security] section (docs/enrollment.md) so that the broker "
+                    "and networks can neither read nor forge readings")
+        return None
+    return GatewaySealer(
+        cfg.gateway.id,
+        identity_from_pem(Path(sec.identity_key).read_bytes()),
+        collector_key_from_pem(Path(sec.collector_key).read_bytes()),
+        rotate_after_messages=sec.rotate_after_messages,
+        rotate_after_seconds=float(sec.rotate_after),
+    )
 
 
 async def poll_once(cfg: AgentConfig) -> list[PollOutcome]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -39,6 +40,23 @@ class UplinkSection(msgspec.Struct, forbid_unknown_fields=True):
             raise invalid("publish_interval", "expected a duration greater than 0")
 
 
+class SecuritySection(msgspec.Struct, forbid_unknown_fields=True):
+    """End-to-end sealing of every uplink message (docs/security.md, docs/enrollment.md)."""
+
+    identity_key: str  # identity.key from `edge-agent enroll`
+    collector_key: str  # collector.pub from `edge-collector keys init` (the key the gateway seals to)
+    rotate_after_messages: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
+    rotate_after: Duration = Duration(86400)
+
+    def __post_init__(self) -> None:
+        for key in ("identity_key", "collector_key"):
+            path = getattr(self, key)
+            if not os.access(path, os.R_OK):
+                raise invalid(key, f"{path} {'is not readable' if os.path.exists(path) else 'does not exist'}")
+        if self.rotate_after <= 0:
+            raise invalid("rotate_after", "expected a duration greater than 0")
+
+
 class LogSection(msgspec.Struct, forbid_unknown_fields=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -49,6 +67,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     uplink: UplinkSection = msgspec.field(default_factory=UplinkSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
+    security: SecuritySection | None = None
     buses: list[ModbusBus] = []
     devices: list[Device] = []
 
@@ -104,6 +123,14 @@ def load(path: str | Path) -> AgentConfig:
         msgspec.structs.replace(d, profile=str(base / d.profile)) if _is_relative_path(d.profile) else d
         for d in cfg.devices
     ]
+    if cfg.security is not None:
+        from wire.keys import collector_key_from_pem, identity_from_pem
+
+        for key, read in (("identity_key", identity_from_pem), ("collector_key", collector_key_from_pem)):
+            try:
+                read(Path(getattr(cfg.security, key)).read_bytes())
+            except (ValueError, TypeError) as exc:
+                raise wconfig.ConfigError(str(path), f"security.{key}", f"not a usable key file: {exc}") from None
     for index, device in enumerate(cfg.devices):
         if device.profile == "sunspec":  # discovered on the device itself at start-up
             continue

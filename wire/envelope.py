@@ -32,10 +32,13 @@ class Rejection(enum.StrEnum):
     SCHEMA = "schema"
     TOPIC_MISMATCH = "topic_mismatch"
     BAD_TOPIC = "bad_topic"
+    UNSEALED = "unsealed"  # a plain payload where the collector requires sealing
 
 
 class WireError(Exception):
-    def __init__(self, reason: Rejection, detail: str) -> None:
+    """`reason` is a Rejection or a wire.seal.SealReason: stable codes either way."""
+
+    def __init__(self, reason: enum.StrEnum, detail: str) -> None:
         self.reason = reason
         self.detail = detail
         super().__init__(f"{reason}: {detail}")
@@ -53,8 +56,13 @@ def open_plain(payload: bytes | memoryview) -> Batch:
         raise WireError(Rejection.UNSUPPORTED_FORMAT, "sealed v2 payloads are not supported by this collector")
     if fmt != Format.PLAIN_V1:
         raise WireError(Rejection.UNKNOWN_FORMAT, f"unknown format byte 0x{fmt:02x} at byte offset 0")
+    return decode_body(payload[1:])
+
+
+def decode_body(body: bytes | memoryview) -> Batch:
+    """The msgpack Batch inside a plain or sealed envelope, or a WireError (malformed / schema)."""
     try:
-        return decode_batch(payload[1:])
+        return decode_batch(body)
     except msgspec.ValidationError as exc:
         raise WireError(Rejection.SCHEMA, str(exc)) from None
     except msgspec.DecodeError as exc:
