@@ -9,7 +9,7 @@ One SQLite file in WAL mode (a reader never blocks the CLI's writes and vice ver
 and read by the collector, which keeps the whole table in memory and re-reads it when it changed:
 
     reg = GatewayRegistry(path)
-    reg.refresh_if_changed()      # cheap (PRAGMA data_version + stat); call it before looking up, e.g. per batch
+    reg.refresh_if_changed()      # cheap (one PRAGMA data_version); call it before looking up, e.g. per message
     reg.lookup("gw-0001")         # Ed25519PublicKey, or None for an unknown or revoked gateway
 
 A revoke made by any process is seen by every reader at its next refresh_if_changed(): no restart.
@@ -118,7 +118,6 @@ class GatewayRegistry:
         self._entries: dict[str, GatewayEntry] = {}
         self._conn: sqlite3.Connection | None = None
         self._data_version = -1
-        self._file_id: tuple[int, int] | None = None
         self._open(create)
 
     # -- reading (the collector's side) ----------------------------------------------------------------------
@@ -136,24 +135,13 @@ class GatewayRegistry:
         return sorted(self._entries.values(), key=lambda e: e.gateway_id)
 
     def refresh_if_changed(self) -> bool:
-        """Re-read the table if another connection committed since the last read (or the file was replaced).
+        """Re-read the table if another connection (any process) committed since the last read.
 
-        Costs one `PRAGMA data_version` and one stat() when nothing changed. True when the table was re-read.
+        Costs one `PRAGMA data_version` when nothing changed. True when the table was re-read.
+        Change the file only through SQLite (this class, the CLI, or `sqlite3 FILE ".restore BACKUP"`): a file
+        copied or moved over a live WAL database is not seen, and mixed with the old -wal file it is corrupt.
         """
         with self._lock:
-            try:
-                st = os.stat(self.path)
-                file_id = (st.st_dev, st.st_ino)
-            except FileNotFoundError:
-                file_id = None
-            if file_id != self._file_id:  # replaced (restored from a backup, moved into place) or deleted
-                if file_id is None:
-                    return False  # keep the last known table rather than letting every gateway in or out
-                old = self._conn
-                self._open(create=False)  # raises RegistryError and keeps the old table if the new file is bad
-                if old is not None:
-                    old.close()
-                return True
             version = self._conn_or_raise().execute("PRAGMA data_version").fetchone()[0]
             if version == self._data_version:
                 return False
@@ -232,12 +220,11 @@ class GatewayRegistry:
                 conn.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
             elif version != _SCHEMA_VERSION:
                 raise sqlite3.DatabaseError(f"schema version {version}, this program knows {_SCHEMA_VERSION}")
-            st = os.stat(self.path)
             entries, data_version = self._read(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise RegistryError(f"{self.path}: not a gateway registry ({exc})") from None
-        self._conn, self._file_id = conn, (st.st_dev, st.st_ino)
+        self._conn = conn
         self._entries, self._data_version = entries, data_version
 
     def _load(self) -> None:

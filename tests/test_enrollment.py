@@ -1,0 +1,388 @@
+"""Enrollment end to end: edge-agent enroll -> CSR -> edge-collector ca sign -> the certificate works on the
+shipped broker; the device CA's checks; the collector's keys; the gateway registry and its reload on change;
+every user mistake is one line on stderr, never a traceback."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from collector import cli as collector_cli
+from collector.pki import DeviceCA, PkiError, check_common_name, key_id, load_private_keys
+from collector.registry import GatewayRegistry, RegistryError, parse_identity_key
+from edge_agent import cli as agent_cli
+from edge_agent.enroll import format_identity_key
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+def csr_with_cn(cn: str, *, extra: list[x509.NameAttribute] | None = None) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=False), *(extra or [])])
+    return x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256()).public_bytes(
+        serialization.Encoding.PEM)
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> DeviceCA:
+    return DeviceCA.init(tmp_path / "device-ca")
+
+
+# --- edge-agent enroll -----------------------------------------------------------------------------------------
+
+
+def test_enroll_makes_private_keys_0600_a_csr_and_prints_the_public_key(tmp_path: Path, capsys) -> None:
+    os.umask(0o022)
+    d = tmp_path / "pki"
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-0001", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert mode(d) == 0o700
+    assert mode(d / "identity.key") == 0o600 and mode(d / "tls.key") == 0o600
+
+    identity = serialization.load_pem_private_key((d / "identity.key").read_bytes(), None)
+    assert isinstance(identity, ed25519.Ed25519PrivateKey)
+    public = format_identity_key(identity.public_key())
+    assert f"identity public key: {public}\n" in out
+    assert (d / "identity.pub").read_text() == public + "\n"
+    assert public.startswith("ed25519:") and "=" not in public and len(public) == len("ed25519:") + 43
+    assert parse_identity_key(public).public_bytes_raw() == identity.public_key().public_bytes_raw()
+
+    tls_key = serialization.load_pem_private_key((d / "tls.key").read_bytes(), None)
+    assert isinstance(tls_key, ec.EllipticCurvePrivateKey) and tls_key.curve.name == "secp256r1"
+    csr = x509.load_pem_x509_csr((d / "tls.csr").read_bytes())
+    assert csr.is_signature_valid
+    assert csr.subject.rfc4514_string() == "CN=gw-0001"
+    assert csr.public_key().public_numbers() == tls_key.public_key().public_numbers()
+    assert "edge-collector gateways add gw-0001 ed25519:" in out and "ca sign" in out
+    # No private key material in what is printed.
+    assert "PRIVATE" not in out
+
+
+def test_enroll_refuses_to_overwrite_keys_unless_forced(tmp_path: Path, capsys) -> None:
+    d = tmp_path / "pki"
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-1", "--dir", str(d)]) == 0
+    before = {n: (d / n).read_bytes() for n in ("identity.key", "tls.key", "tls.csr")}
+    capsys.readouterr()
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-1", "--dir", str(d)]) == 2
+    assert "refusing to overwrite" in one_line_error(capsys)
+    assert {n: (d / n).read_bytes() for n in before} == before
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-1", "--dir", str(d), "--force"]) == 0
+    after = {n: (d / n).read_bytes() for n in before}
+    assert all(after[n] != before[n] for n in before)
+    assert mode(d / "identity.key") == 0o600 and mode(d / "tls.key") == 0o600
+    assert not [p.name for p in d.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.parametrize("bad", ["a/b", "a+b", "a#", "a\x00b", "a\x01b", "gw\n", "", " gw", "-gw", "x" * 65,
+                                 "collector-1", "Collector"])
+def test_enroll_rejects_gateway_ids_that_are_not_ids(tmp_path: Path, capsys, bad: str) -> None:
+    assert agent_cli.main(["enroll", f"--gateway-id={bad}", "--dir", str(tmp_path / "pki")]) == 2
+    assert "gateway id" in one_line_error(capsys)
+    assert not (tmp_path / "pki").exists()
+
+
+# --- the device CA ---------------------------------------------------------------------------------------------
+
+
+def test_ca_init_key_0600_and_refuses_to_overwrite(tmp_path: Path, capsys) -> None:
+    d = tmp_path / "ca"
+    assert collector_cli.main(["ca", "init", "--dir", str(d)]) == 0
+    assert mode(d / "ca.key") == 0o600 and mode(d) == 0o700
+    cert = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+    assert (cert.not_valid_after_utc - cert.not_valid_before_utc).days > 10 * 365
+    crl = x509.load_pem_x509_crl((d / "ca.crl").read_bytes())
+    assert crl.is_signature_valid(cert.public_key()) and len(crl) == 0
+    key_before = (d / "ca.key").read_bytes()
+    capsys.readouterr()
+    assert collector_cli.main(["ca", "init", "--dir", str(d)]) == 2
+    assert "refusing to overwrite" in one_line_error(capsys)
+    assert (d / "ca.key").read_bytes() == key_before
+
+
+def test_ca_sign_issues_a_client_certificate_for_the_csr(tmp_path: Path, ca: DeviceCA, capsys) -> None:
+    agent_cli.main(["enroll", "--gateway-id", "gw-7", "--dir", str(tmp_path / "gw")])
+    out_file = tmp_path / "out" / "gw-7.crt"
+    out_file.parent.mkdir()
+    capsys.readouterr()
+    assert collector_cli.main(["ca", "sign", str(tmp_path / "gw" / "tls.csr"), "--dir", str(ca.directory),
+                               "--days", "30", "--out", str(out_file)]) == 0
+    assert f"written to {out_file}" in capsys.readouterr().out
+    cert = x509.load_pem_x509_certificate(out_file.read_bytes())
+    assert cert.subject.rfc4514_string() == "CN=gw-7"
+    assert cert.issuer == ca.cert.subject
+    cert.verify_directly_issued_by(ca.cert)
+    assert cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value == x509.ExtendedKeyUsage(
+        [ExtendedKeyUsageOID.CLIENT_AUTH])
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert 29 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 30
+    csr = x509.load_pem_x509_csr((tmp_path / "gw" / "tls.csr").read_bytes())
+    assert cert.public_key().public_numbers() == csr.public_key().public_numbers()
+    # Default output: next to the CSR.
+    assert collector_cli.main(["ca", "sign", str(tmp_path / "gw" / "tls.csr"), "--dir", str(ca.directory)]) == 0
+    assert (tmp_path / "gw" / "tls.crt").exists()
+
+
+@pytest.mark.parametrize("bad", ["a/b", "a+b", "a#", "a\x00b", "a\x01b", "a\x7fb", "gw\n", "", " gw", "x" * 65,
+                                 "collector", "collector-1", "gw\u00e9"])
+@pytest.mark.filterwarnings("ignore:Attribute's length")
+def test_ca_sign_rejects_common_names_that_are_not_gateway_ids(ca: DeviceCA, bad: str) -> None:
+    with pytest.raises(PkiError):
+        check_common_name(bad)
+    with pytest.raises(PkiError, match="CN"):
+        ca.sign(csr_with_cn(bad))
+    assert ca.issued() == []
+
+
+def test_ca_sign_checks_the_csr_itself(ca: DeviceCA) -> None:
+    good = csr_with_cn("gw-1")
+    tampered = x509.load_pem_x509_csr(good).public_bytes(serialization.Encoding.DER)
+    i = tampered.index(b"gw-1")
+    tampered = tampered[:i] + b"gw-2" + tampered[i + 4:]  # same length: a valid structure, a wrong signature
+    with pytest.raises(PkiError, match="signature"):
+        ca.sign(tampered)
+    with pytest.raises(PkiError, match="exactly one CN"):
+        ca.sign(csr_with_cn("gw-1", extra=[x509.NameAttribute(NameOID.ORGANIZATION_NAME, "x")]))
+    with pytest.raises(PkiError, match="not a certificate signing request"):
+        ca.sign(b"hello")
+    with pytest.raises(PkiError, match="collector-<name>"):
+        ca.sign(good, collector=True)  # --collector is only for collector-<name>
+    cert = ca.sign(csr_with_cn("collector-1"), collector=True)
+    assert cert.subject.rfc4514_string() == "CN=collector-1"
+    assert ca.sign(good).subject.rfc4514_string() == "CN=gw-1"
+
+
+def test_ca_revoke_lists_the_gateways_certificates_in_the_crl(ca: DeviceCA, capsys) -> None:
+    first, second, other = ca.sign(csr_with_cn("gw-1")), ca.sign(csr_with_cn("gw-1")), ca.sign(csr_with_cn("gw-2"))
+    assert collector_cli.main(["ca", "revoke", "gw-1", "--dir", str(ca.directory)]) == 0
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.is_signature_valid(ca.cert.public_key())
+    assert {r.serial_number for r in crl} == {first.serial_number, second.serial_number}
+    assert crl.get_revoked_certificate_by_serial_number(other.serial_number) is None
+    capsys.readouterr()
+    assert collector_cli.main(["ca", "revoke", "gw-9", "--dir", str(ca.directory)]) == 2
+    assert "no certificate" in one_line_error(capsys)
+    # Re-signing keeps the list and moves the next update forward.
+    assert collector_cli.main(["ca", "crl", "--dir", str(ca.directory), "--crl-days", "400"]) == 0
+    crl2 = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert {r.serial_number for r in crl2} == {first.serial_number, second.serial_number}
+    assert crl2.next_update_utc > crl.next_update_utc
+
+
+# --- the collector's keys --------------------------------------------------------------------------------------
+
+
+def test_collector_keys_init_next_and_promote(tmp_path: Path, capsys) -> None:
+    d = tmp_path / "keys"
+    assert collector_cli.main(["keys", "init", "--dir", str(d)]) == 0
+    out = capsys.readouterr().out
+    assert mode(d / "collector.key") == 0o600
+    private = serialization.load_pem_private_key((d / "collector.key").read_bytes(), None)
+    assert isinstance(private, x25519.X25519PrivateKey)
+    public = serialization.load_pem_public_key((d / "collector.pub").read_bytes())  # SPKI PEM for the agents
+    raw = private.public_key().public_bytes_raw()
+    assert public.public_bytes_raw() == raw
+    kid = hashlib.sha256(raw).digest()[:8].hex()
+    assert key_id(private.public_key()) == kid and f"key id: {kid}\n" in out
+
+    assert collector_cli.main(["keys", "init", "--dir", str(d)]) == 2
+    assert "keys init --next" in one_line_error(capsys)
+    assert collector_cli.main(["keys", "init", "--dir", str(d), "--next"]) == 0
+    next_kid = capsys.readouterr().out.split("key id: ")[1].split()[0]
+    assert mode(d / "collector-next.key") == 0o600
+    assert collector_cli.main(["keys", "init", "--dir", str(d), "--next"]) == 2
+    one_line_error(capsys)
+    assert set(load_private_keys(d)) == {kid, next_kid}  # the collector decrypts for both during a rotation
+
+    assert collector_cli.main(["keys", "promote", "--dir", str(d)]) == 0
+    capsys.readouterr()
+    assert collector_cli.main(["keys", "show", "--dir", str(d)]) == 0
+    shown = capsys.readouterr().out.splitlines()
+    assert [line.split()[:2] for line in shown] == [["current", next_kid], ["retired", kid]]
+    assert set(load_private_keys(d)) == {kid, next_kid}  # retired keys still decrypt until deleted
+    assert collector_cli.main(["keys", "promote", "--dir", str(d)]) == 2
+    assert "no rotation" in one_line_error(capsys)
+
+
+# --- the gateway registry --------------------------------------------------------------------------------------
+
+
+def identity_text() -> tuple[ed25519.Ed25519PublicKey, str]:
+    key = ed25519.Ed25519PrivateKey.generate().public_key()
+    return key, format_identity_key(key)
+
+
+def test_registry_add_list_revoke(tmp_path: Path, capsys) -> None:
+    reg_path = str(tmp_path / "gateways.db")
+    key_a, text_a = identity_text()
+    _, text_b = identity_text()
+    assert collector_cli.main(["gateways", "add", "gw-a", text_a, "--registry", reg_path]) == 0
+    (tmp_path / "identity.pub").write_text(text_b + "\n")  # a file written by enroll works too
+    assert collector_cli.main(["gateways", "add", "gw-b", str(tmp_path / "identity.pub"), "--registry", reg_path]) == 0
+    assert collector_cli.main(["gateways", "revoke", "gw-b", "--registry", reg_path]) == 0
+    capsys.readouterr()
+    assert collector_cli.main(["gateways", "list", "--registry", reg_path]) == 0
+    rows = [line.split()[:3] for line in capsys.readouterr().out.splitlines()]
+    assert rows == [["gw-a", "active", text_a], ["gw-b", "revoked", text_b]]
+
+    reg = GatewayRegistry(reg_path)
+    assert reg.lookup("gw-a").public_bytes_raw() == key_a.public_bytes_raw()
+    assert reg.lookup("gw-b") is None and reg.lookup("gw-x") is None
+    assert [reg.status(g) for g in ("gw-a", "gw-b", "gw-x")] == ["active", "revoked", "unknown"]
+    assert [e.gateway_id for e in reg.list()] == ["gw-a", "gw-b"]
+    assert reg.revoke("gw-b") is False  # already revoked
+    with pytest.raises(RegistryError, match="already registered"):
+        reg.add("gw-a", identity_text()[1])
+    new_key, new_text = identity_text()
+    reg.add("gw-b", new_text, replace=True)  # re-enrolment
+    assert reg.status("gw-b") == "active" and reg.lookup("gw-b").public_bytes_raw() == new_key.public_bytes_raw()
+    reg.close()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["gateways", "add", "gw/1", "KEY"], "invalid gateway id"),
+    (["gateways", "add", "collector-1", "KEY"], "reserved"),
+    (["gateways", "add", "gw-1", "ed25519:AAAA"], "32 bytes"),
+    (["gateways", "add", "gw-1", "ssh-ed25519 AAAA"], "ed25519:"),
+    (["gateways", "add", "gw-1", "ed25519:not*base64"], "base64url"),
+    (["gateways", "revoke", "gw-unknown"], "not registered"),
+])
+def test_registry_cli_errors_are_one_line(tmp_path: Path, capsys, argv: list[str], message: str) -> None:
+    reg_path = tmp_path / "gateways.db"
+    GatewayRegistry(reg_path, create=True).close()
+    argv = [identity_text()[1] if a == "KEY" else a for a in argv]
+    assert collector_cli.main([*argv, "--registry", str(reg_path)]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_registry_that_does_not_exist_is_an_error_not_an_empty_registry(tmp_path: Path, capsys) -> None:
+    assert collector_cli.main(["gateways", "list", "--registry", str(tmp_path / "typo.db")]) == 2
+    assert "no gateway registry" in one_line_error(capsys)
+    assert not (tmp_path / "typo.db").exists()
+    with pytest.raises(RegistryError):
+        GatewayRegistry(tmp_path / "typo.db")
+    (tmp_path / "junk.db").write_bytes(b"not sqlite at all" * 100)
+    with pytest.raises(RegistryError, match="not a gateway registry"):
+        GatewayRegistry(tmp_path / "junk.db")
+
+
+def test_a_reader_sees_adds_and_revokes_by_another_instance_after_refresh(tmp_path: Path) -> None:
+    path = tmp_path / "gateways.db"
+    writer = GatewayRegistry(path, create=True)
+    reader = GatewayRegistry(path)
+    assert reader.refresh_if_changed() is False
+    key, text = identity_text()
+    writer.add("gw-1", text)
+    assert reader.lookup("gw-1") is None  # the in-memory copy until a refresh
+    assert reader.refresh_if_changed() is True
+    assert reader.lookup("gw-1").public_bytes_raw() == key.public_bytes_raw()
+    assert reader.refresh_if_changed() is False
+    writer.revoke("gw-1")
+    assert reader.refresh_if_changed() is True
+    assert reader.lookup("gw-1") is None and reader.status("gw-1") == "revoked"
+    # Refreshing when nothing changed is cheap: no re-read, a stat and a pragma.
+    t0 = time.perf_counter()
+    for _ in range(1000):
+        reader.refresh_if_changed()
+    assert (time.perf_counter() - t0) / 1000 < 0.001
+    writer.close()
+    reader.close()
+
+
+def test_a_reader_sees_a_revoke_by_another_process_and_a_replaced_file(tmp_path: Path) -> None:
+    path = tmp_path / "gateways.db"
+    reg = GatewayRegistry(path, create=True)
+    reg.add("gw-1", identity_text()[1])
+    reader = GatewayRegistry(path)
+    assert reader.status("gw-1") == "active"
+    proc = subprocess.run([sys.executable, "-m", "collector.cli", "gateways", "revoke", "gw-1", "--registry", str(path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert reader.refresh_if_changed() is True and reader.status("gw-1") == "revoked"
+
+    # A backup restored through SQLite (what `sqlite3 FILE ".restore BACKUP"` does) is picked up too.
+    backup = GatewayRegistry(tmp_path / "backup.db", create=True)
+    backup.add("gw-2", identity_text()[1])
+    backup.close()
+    with sqlite3.connect(tmp_path / "backup.db") as src, sqlite3.connect(path) as dst:
+        src.backup(dst)
+    assert reader.refresh_if_changed() is True
+    assert reader.status("gw-2") == "active" and reader.status("gw-1") == "unknown"
+    reader.close()
+    reg.close()
+
+
+def test_cli_errors_are_one_line_without_traceback_as_processes(tmp_path: Path) -> None:
+    (tmp_path / "bad.csr").write_text("-----BEGIN CERTIFICATE REQUEST-----\nnope\n-----END CERTIFICATE REQUEST-----\n")
+    DeviceCA.init(tmp_path / "ca")
+    cases = [
+        ["collector.cli", "gateways", "list", "--registry", str(tmp_path / "missing.db")],
+        ["collector.cli", "ca", "sign", str(tmp_path / "bad.csr"), "--dir", str(tmp_path / "ca")],
+        ["collector.cli", "ca", "sign", str(tmp_path / "missing.csr"), "--dir", str(tmp_path / "ca")],
+        ["collector.cli", "ca", "sign", str(tmp_path / "bad.csr"), "--dir", str(tmp_path / "not-a-ca")],
+        ["collector.cli", "keys", "show", "--dir", str(tmp_path / "nokeys")],
+        ["edge_agent.cli", "enroll", "--gateway-id", "a+b", "--dir", str(tmp_path / "gw")],
+    ]
+    for argv in cases:
+        proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, cwd=REPO, timeout=30)
+        assert proc.returncode != 0, argv
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, (argv, proc.stderr)
+        assert "Traceback" not in proc.stderr
+
+
+# --- the certificate works on the shipped broker ---------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_enrolled_gateway_certificate_works_on_the_secure_broker(tmp_path: Path, capsys) -> None:
+    from labkit.pki import LabCA
+    from labkit.secure_broker import SecureBroker, TestClient
+
+    ca_dir, gw = tmp_path / "device-ca", tmp_path / "gw"
+    assert collector_cli.main(["ca", "init", "--dir", str(ca_dir)]) == 0
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-e2e", "--dir", str(gw)]) == 0
+    assert collector_cli.main(["ca", "sign", str(gw / "tls.csr"), "--dir", str(ca_dir)]) == 0
+    collector_key = ec.generate_private_key(ec.SECP256R1())
+    (tmp_path / "collector.csr").write_bytes(
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "collector-1")]))
+        .sign(collector_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "collector.key").write_bytes(collector_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    assert collector_cli.main(["ca", "sign", str(tmp_path / "collector.csr"), "--dir", str(ca_dir), "--collector"]) == 0
+
+    with SecureBroker(tmp_path / "broker", device_ca_dir=ca_dir, server_ca=LabCA(tmp_path / "lab")) as broker:
+        collector = TestClient(broker.port, broker.ca_file, tmp_path / "collector.crt", tmp_path / "collector.key")
+        assert collector.connect() == "connected"
+        collector.subscribe("citynerve/v1/+/up")
+        gateway = TestClient(broker.port, broker.ca_file, gw / "tls.crt", gw / "tls.key", client_id="agent")
+        assert gateway.connect() == "connected", broker.tail_log()
+        assert gateway.publish("citynerve/v1/gw-e2e/up", b"hello") in (0, 0x10)
+        collector.wait_for(lambda msgs: [(m.topic, m.payload) for m in msgs] == [("citynerve/v1/gw-e2e/up", b"hello")])
+        assert "u'gw-e2e'" in broker.log_text()  # the CN became the username
+        gateway.close()
+        collector.close()
