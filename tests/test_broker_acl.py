@@ -209,13 +209,16 @@ def test_will_on_another_gateways_topic_is_never_published(clients: Lab) -> None
     collector = clients.connected("collector-1")
     collector.subscribe(f"{P}/gw-b/status", f"{P}/gw-c/status")
 
+    procs: list[subprocess.Popen[bytes]] = []
+
     def vanishing(name: str, will_topic: str, will: str) -> subprocess.Popen[bytes]:
         ident = clients.ids[name]
         proc = subprocess.Popen(
             [mosquitto_sub, "-V", "5", "-h", "127.0.0.1", "-p", str(clients.broker.port),
              "--cafile", clients.broker.ca_file, "--cert", str(ident.cert), "--key", str(ident.key),
              "-t", f"{P}/{name}/down/#", "--will-topic", will_topic, "--will-payload", will, "--will-qos", "1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(proc)
         deadline = time.monotonic() + 5
         while clients.broker.log_text().count(f"Sending CONNACK to {name} ") == before[name]:
             assert time.monotonic() < deadline and proc.poll() is None, f"{name} did not connect"
@@ -224,11 +227,17 @@ def test_will_on_another_gateways_topic_is_never_published(clients: Lab) -> None
 
     before = {n: clients.broker.log_text().count(f"Sending CONNACK to {n} ") for n in ("gw-a", "gw-c")}
 
-    forged = vanishing("gw-a", f"{P}/gw-b/status", "forged-will")
-    honest = vanishing("gw-c", f"{P}/gw-c/status", "honest-will")
-    for proc in (forged, honest):  # no DISCONNECT: the broker must publish the wills
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(5)
+    try:
+        forged = vanishing("gw-a", f"{P}/gw-b/status", "forged-will")
+        honest = vanishing("gw-c", f"{P}/gw-c/status", "honest-will")
+        for proc in (forged, honest):  # no DISCONNECT: the broker must publish the wills
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(5)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
     collector.wait_for(lambda msgs: any(m.payload == b"honest-will" for m in msgs))
     time.sleep(0.2)
     assert not [m for m in collector.messages if m.payload == b"forged-will"]
