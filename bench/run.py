@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from bench import collector_ingest
+from bench import collector_ingest, modbus_engine, modbus_wire, plan_efficiency
 
 
 def main() -> None:
     print("== collector ingest: mosquitto -> edge-collector -> influxd vs a direct write ==")
     collector_ingest.main([])
+    print("== modbus plan efficiency: requests per poll vs the minimum, every bundled profile ==")
+    plan_efficiency.main([])
+    print("== modbus engine overhead: BusEngine.poll vs a bare pymodbus TCP client, same reads ==")
+    modbus_engine.main([])
+    print("== modbus wire efficiency: engine transactions/s on a timed serial line vs the line's limit ==")
+    modbus_wire.main([])
 
 
 if __name__ == "__main__":
