@@ -57,9 +57,16 @@ def main(argv: list[str] | None = None) -> int:
         return _quarantine(args, cfg)
 
     from collector.app import Collector
+    from collector.pki import PkiError
+    from collector.registry import RegistryError
+
+    try:
+        collector = Collector(cfg)
+    except (PkiError, RegistryError) as exc:  # a key or registry file that cannot be used: say which
+        return fail(f"{args.config}: security: {exc}")
 
     async def run(stop: asyncio.Event) -> None:
-        await Collector(cfg).run(stop)
+        await collector.run(stop)
 
     return run_until_signal(run)
 

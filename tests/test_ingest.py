@@ -60,3 +60,49 @@ def test_rejections(topic: str, payload: bytes, reason: Rejection) -> None:
     with pytest.raises(WireError) as exc:
         ingest.uplink(topic, payload, NOW)
     assert exc.value.reason == reason
+
+
+def _sealed_setup():
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from wire.seal import CollectorKey, GatewaySealer, Opener
+
+    identity = Ed25519PrivateKey.generate()
+    collector_key = CollectorKey.generate()
+    registry = {"gw-1": identity.public_key()}
+    opener = Opener([collector_key], registry.get)
+    sealer = GatewaySealer("gw-1", identity, collector_key.public_only())
+    sealed_ingest = Ingest("citynerve/v1", 10_000, TimePolicy(300 * 10**9, 1_577_836_800 * 10**9), "suspect",
+                           opener, accept_plain=False)
+    return sealer, sealed_ingest
+
+
+def test_sealed_payloads_are_opened_and_duplicates_flagged() -> None:
+    from wire.schema import encode_batch
+
+    sealer, sealed_ingest = _sealed_setup()
+    topic = "citynerve/v1/gw-1/up"
+    payload = sealer.seal(topic, encode_batch(Batch("gw-1", 5, NOW, [Reading("m", "e", NOW, {"v": 1.5})])))
+    first = sealed_ingest.uplink(topic, payload, NOW)
+    assert first.sealed and not first.duplicate and first.lines[0].startswith(b"e,device=m,gateway=gw-1 v=1.5 ")
+    again = sealed_ingest.uplink(topic, payload, NOW)
+    assert again.duplicate and again.lines == first.lines  # stored again: the same point, idempotent
+
+
+def test_sealed_collector_refuses_plain_and_checks_the_batch_gateway() -> None:
+    from wire.schema import encode_batch
+
+    sealer, sealed_ingest = _sealed_setup()
+    with pytest.raises(WireError) as exc:
+        sealed_ingest.uplink("citynerve/v1/gw-1/up", seal_plain(Batch("gw-1", 1, NOW, [])), NOW)
+    assert exc.value.reason == Rejection.UNSEALED
+    # a gateway that seals a batch claiming to be another gateway: the sealed header is right, the batch lies
+    topic = "citynerve/v1/gw-1/up"
+    lie = sealer.seal(topic, encode_batch(Batch("gw-2", 1, NOW, [])))
+    with pytest.raises(WireError) as exc:
+        sealed_ingest.uplink(topic, lie, NOW)
+    assert exc.value.reason == Rejection.TOPIC_MISMATCH
+    moved = sealer.seal(topic, encode_batch(Batch("gw-1", 2, NOW, [])))
+    with pytest.raises(WireError) as exc:
+        sealed_ingest.uplink("citynerve/v1/gw-2/up", moved, NOW)
+    assert exc.value.reason == "topic_mismatch"

@@ -87,6 +87,7 @@ def test_format_byte_dispatch() -> None:
     [
         (["gw 1", 1, 2, []], "gateway id with a space"),
         (["gw/1", 1, 2, []], "gateway id with a topic separator"),
+        (["gw-1\n", 1, 2, []], "gateway id with a trailing newline"),
         (["gw-1", -1, 2, []], "negative sequence"),
         (["gw-1", 1, 2, [["dev", "m", 1, {}, {}, "extra"]]], "unknown trailing field"),
         (["gw-1", 1, 2, [["dev", "m", -5, {"v": 1.0}]]], "negative sample time"),
@@ -134,6 +135,7 @@ def test_compactness() -> None:
         ("citynerve/v1//up", None),
         ("other/v1/gw-1/up", None),
         ("citynerve/v1/g+w/up", None),
+        ("citynerve/v1/gw\n/up", None),
     ],
 )
 def test_topic_parse(topic: str, expected: tuple[str, str] | None) -> None:

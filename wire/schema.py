@@ -14,7 +14,7 @@ import msgspec
 
 # A gateway id ends up in MQTT topics, TLS certificate CNs, InfluxDB tags and file names:
 # letters, digits and . _ - only, so none of those places needs escaping or can be confused.
-GATEWAY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+GATEWAY_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z"  # \Z: "$" would accept a trailing newline
 GatewayId = Annotated[str, msgspec.Meta(pattern=GATEWAY_ID_PATTERN)]
 
 # Device ids, measurement, tag and field names: bounded, and without control characters, which would corrupt

@@ -1,0 +1,107 @@
+"""An enrolled deployment in a directory, made with the real command-line tools as a technician would:
+
+    edge-collector ca init            the device CA (broker trusts it for client certificates)
+    edge-collector keys init          the collector's X25519 sealing key
+    edge-agent enroll                 per gateway: identity key, TLS key, CSR - made "on the gateway"
+    edge-collector ca sign            per gateway: its client certificate (CN = gateway id)
+    edge-collector gateways add       per gateway: its identity key in the registry
+    edge-collector ca sign --collector  the collector instance's certificate (CN collector-1)
+
+Used by the security tests and the demo, so both run what docs/enrollment.md tells a technician to run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+
+def _run(module: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout
+
+
+@dataclass
+class GatewayFiles:
+    id: str
+    dir: Path
+
+    @property
+    def identity_key(self) -> Path:
+        return self.dir / "identity.key"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.dir / "tls.crt"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.dir / "tls.key"
+
+
+@dataclass
+class Deployment:
+    root: Path
+    ca_dir: Path
+    keys_dir: Path
+    registry: Path
+    collector_cert: Path
+    collector_key: Path
+    gateways: dict[str, GatewayFiles] = field(default_factory=dict)
+
+    @property
+    def collector_pub(self) -> Path:
+        return self.keys_dir / "collector.pub"
+
+    def enroll(self, gateway_id: str, register: bool = True) -> GatewayFiles:
+        gw = GatewayFiles(gateway_id, self.root / "gateways" / gateway_id)
+        _run("edge_agent.cli", "enroll", "--gateway-id", gateway_id, "--dir", str(gw.dir))
+        _run("collector.cli", "ca", "sign", str(gw.dir / "tls.csr"), "--dir", str(self.ca_dir),
+             "--out", str(gw.tls_cert))
+        if register:
+            _run("collector.cli", "gateways", "add", gateway_id, str(gw.dir / "identity.pub"),
+                 "--registry", str(self.registry))
+        self.gateways[gateway_id] = gw
+        return gw
+
+    def revoke(self, gateway_id: str) -> None:
+        _run("collector.cli", "gateways", "revoke", gateway_id, "--registry", str(self.registry))
+
+
+def collector_certificate(root: Path, ca_dir: Path, name: str) -> tuple[Path, Path]:
+    """A collector instance's TLS key and certificate (CN `name`); production makes the CSR with openssl."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    collector_name = name
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, collector_name)]))
+           .sign(key, hashes.SHA256()))
+    collector_key = root / f"{collector_name}.key"
+    collector_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                serialization.NoEncryption()))
+    collector_key.chmod(0o600)
+    csr_path = root / f"{collector_name}.csr"
+    csr_path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    collector_cert = root / f"{collector_name}.crt"
+    _run("collector.cli", "ca", "sign", str(csr_path), "--dir", str(ca_dir), "--collector", "--out", str(collector_cert))
+    return collector_cert, collector_key
+
+
+def create(root: Path, gateways: list[str], collector_name: str = "collector-1") -> Deployment:
+    root.mkdir(parents=True, exist_ok=True)
+    ca_dir, keys_dir = root / "device-ca", root / "collector-keys"
+    _run("collector.cli", "ca", "init", "--dir", str(ca_dir))
+    _run("collector.cli", "keys", "init", "--dir", str(keys_dir))
+    collector_cert, collector_key = collector_certificate(root, ca_dir, collector_name)
+    deployment = Deployment(root, ca_dir, keys_dir, root / "gateways.db", collector_cert, collector_key)
+    for gateway_id in gateways:
+        deployment.enroll(gateway_id)
+    return deployment
