@@ -1,6 +1,7 @@
 """`make demo`: the whole path on loopback, in a temporary directory, with real programs.
 
-    simulated SDM630 (pymodbus, TCP) -> edge-agent -> mosquitto (mutual TLS) -> edge-collector -> influxd 1.x
+    simulated SDM630 (pymodbus, TCP) -> edge-agent (enrolled, sealing) -> mosquitto (shipped config: mutual
+    TLS, per-gateway ACL) -> edge-collector (opens and checks) -> influxd 1.x
 
 It prints readings as InfluxDB stores them, after --summary-after seconds a table queried back from InfluxDB,
 and runs until Ctrl-C (or --duration). Everything it started is stopped on the way out.
@@ -17,11 +18,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from labkit import stack
+from labkit import enrolled, stack
 from labkit.influxd import InfluxdServer
-from labkit.mosquitto import MosquittoServer
 from labkit.pki import LabCA
 from labkit.process import ServerProcess, free_port, port_is_open
+from labkit.secure_broker import SecureBroker
 
 GATEWAY = "gw-demo-01"
 DEVICE = "main-meter"
@@ -30,16 +31,23 @@ MEASUREMENT = "electricity"
 SHOWN_FIELDS = ("voltage_l1", "current_l1", "power_total", "frequency", "energy_import")
 
 
-def write_configs(work: Path, ca: LabCA, broker: MosquittoServer, influx_url: str, meter_port: int) -> tuple[Path, Path]:
+def write_configs(work: Path, dep: enrolled.Deployment, broker: SecureBroker, influx_url: str,
+                  meter_port: int) -> tuple[Path, Path]:
+    gw = dep.gateways[GATEWAY]
+
+    def mqtt(cert: Path, key: Path) -> dict:
+        return {"host": "127.0.0.1", "port": broker.port, "ca_file": broker.ca_file, "cert_file": str(cert),
+                "key_file": str(key), "reconnect_max": "5s"}
+
     agent = stack.write_agent_config(
-        work / "agent.toml", GATEWAY, stack.mqtt_section(broker, ca.issue(GATEWAY), reconnect_max="5s"),
+        work / "agent.toml", GATEWAY, mqtt(gw.tls_cert, gw.tls_key),
         [stack.modbus_tcp_device(DEVICE, meter_port, interval="2s", tags={"site": "demo-substation"})],
+        security={"identity_key": str(gw.identity_key), "collector_key": str(dep.collector_pub)},
     )
     collector = stack.write_collector_config(
-        work / "collector.toml",
-        stack.mqtt_section(broker, ca.issue("collector-demo"), client_id="citynerve-collector-demo",
-                           reconnect_max="5s"),
+        work / "collector.toml", mqtt(dep.collector_cert, dep.collector_key),
         {"api": "v1", "url": influx_url, "database": DATABASE, "flush_interval": "500ms"},
+        security={"keys_dir": str(dep.keys_dir), "registry": str(dep.registry)},
         log={"stats_interval": "10s"},
     )
     return agent, collector
@@ -103,10 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         print(f"citynerve demo in {work} (loopback only)", flush=True)
-        ca = LabCA(work / "pki")
-        broker = MosquittoServer(work / "mosquitto", ca, require_certificate=True).start()
+        print("  enrolling      device CA, collector key, gateway gw-demo-01 (edge-agent enroll, "
+              "edge-collector ca/keys/gateways)", flush=True)
+        dep = enrolled.create(work / "deployment", [GATEWAY])
+        broker = SecureBroker(work / "mosquitto", device_ca_dir=dep.ca_dir, server_ca=LabCA(work / "server-ca")).start()
         started.append(broker)
-        print(f"  mosquitto      mqtts://127.0.0.1:{broker.port}  (mutual TLS, throwaway CA)", flush=True)
+        print(f"  mosquitto      mqtts://127.0.0.1:{broker.port}  (deploy/mosquitto: mutual TLS, per-gateway ACL)",
+              flush=True)
         influx = InfluxdServer(work / "influxd").start()
         started.append(influx)
         influx.create_database(DATABASE)
@@ -118,13 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         ).start()
         started.append(meter)
         print(f"  SDM630 sim     modbus-tcp://127.0.0.1:{meter_port} unit 1", flush=True)
-        agent_cfg, collector_cfg = write_configs(work, ca, broker, influx.url, meter_port)
+        agent_cfg, collector_cfg = write_configs(work, dep, broker, influx.url, meter_port)
         collector = stack.collector_process(collector_cfg).start()
         started.append(collector)
         print(f"  edge-collector running (log: {collector.log_path})", flush=True)
         agent = stack.agent_process(agent_cfg).start()
         started.append(agent)
-        print(f"  edge-agent     {GATEWAY}, polling {DEVICE} every 2 s (log: {agent.log_path})\n", flush=True)
+        print(f"  edge-agent     {GATEWAY}, polling {DEVICE} every 2 s, payloads sealed end to end "
+              f"(log: {agent.log_path})\n", flush=True)
         print("readings as InfluxDB stores them:", flush=True)
 
         t0 = time.monotonic()
