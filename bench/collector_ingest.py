@@ -1,7 +1,11 @@
 """Collector ingest: readings/s from a local mosquitto through edge-collector into influxd, divided by a direct
 line-protocol write of the same points into the same influxd from one client, in the same run.
 
-    python -m bench.collector_ingest [--messages 2000] [--readings 50] [--gateways 20]
+    python -m bench.collector_ingest [--messages 2000] [--readings 50] [--gateways 20] [--sealed]
+
+With --sealed every message is sealed end to end (wire v2) by enrolled gateways and opened by the collector;
+the run also measures the collector process's CPU time and the cost of opening the same messages in this
+process, and reports the share of crypto in the collector's CPU time per message.
 
 The publisher pre-builds every message, publishes at QoS 1 as fast as the broker takes them, and the clock
 stops when InfluxDB holds every reading (polled with count()). The baseline posts the collector's own lines
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +39,39 @@ FIELDS = ("voltage_l1", "voltage_l2", "voltage_l3", "current_l1", "current_l2", 
 BATCH_SIZE = 5000
 
 
-def build_messages(count: int, per_message: int, gateways: int, t0_ns: int) -> list[tuple[str, bytes]]:
+class Sealing:
+    """Enrolled gateways (registry + identity keys) and the collector's key, made through the same modules the
+    CLIs use, and one GatewaySealer per gateway."""
+
+    def __init__(self, work: Path, gateways: int) -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from collector.pki import init_collector_key, load_private_keys
+        from collector.registry import GatewayRegistry
+        from wire.seal import CollectorKey, GatewaySealer, Opener
+
+        self.keys_dir = work / "collector-keys"
+        init_collector_key(self.keys_dir)
+        self.registry_path = work / "gateways.db"
+        registry = GatewayRegistry(self.registry_path, create=True)
+        keys = [CollectorKey.from_private(k) for k in load_private_keys(self.keys_dir).values()]
+        self.sealers = {}
+        for i in range(gateways):
+            identity = Ed25519PrivateKey.generate()
+            gw = f"gw-{i:04d}"
+            registry.add(gw, identity.public_key())
+            self.sealers[gw] = GatewaySealer(gw, identity, keys[0].public_only())
+        self.opener = Opener(keys, registry.lookup)
+        self.registry = registry
+
+    def seal(self, gateway: str, topic: str, plaintext: bytes) -> bytes:
+        return self.sealers[gateway].seal(topic, plaintext)
+
+
+def build_messages(count: int, per_message: int, gateways: int, t0_ns: int,
+                   sealing: Sealing | None = None) -> list[tuple[str, bytes]]:
+    from wire.schema import encode_batch
+
     messages = []
     for i in range(count):
         gw = f"gw-{i % gateways:04d}"
@@ -46,8 +83,34 @@ def build_messages(count: int, per_message: int, gateways: int, t0_ns: int) -> l
             for j in range(per_message)
         ]
         batch = Batch(gw, seq, t0_ns + seq * 1_000_000_000, readings)
-        messages.append((f"citynerve/v1/{gw}/up", seal_plain(batch)))
+        topic = f"citynerve/v1/{gw}/up"
+        payload = sealing.seal(gw, topic, encode_batch(batch)) if sealing else seal_plain(batch)
+        messages.append((topic, payload))
     return messages
+
+
+def open_cost_us(sealing: Sealing, messages: list[tuple[str, bytes]]) -> float:
+    """Mean µs to open one of these messages with a warm session cache: the collector's per-message crypto."""
+    for topic, payload in messages[: len(sealing.sealers)]:  # first message of each session: cache warm-up
+        sealing.opener.open(topic.split("/")[2], topic, payload)
+    from wire.seal import Opener
+
+    opener = sealing.opener
+    best = float("inf")
+    for _ in range(3):
+        fresh = Opener(list(opener._keys.values()), sealing.registry.lookup)
+        for topic, payload in messages[: len(sealing.sealers)]:
+            fresh.open(topic.split("/")[2], topic, payload)
+        start = time.perf_counter()
+        for topic, payload in messages[len(sealing.sealers):]:
+            fresh.open(topic.split("/")[2], topic, payload)
+        best = min(best, (time.perf_counter() - start) / max(1, len(messages) - len(sealing.sealers)) * 1e6)
+    return best
+
+
+def process_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def count_readings(influx: InfluxdServer, db: str) -> int:
@@ -55,9 +118,13 @@ def count_readings(influx: InfluxdServer, db: str) -> int:
     return int(rows[0]["count"]) if rows else 0
 
 
-def direct_write(influx: InfluxdServer, db: str, messages: list[tuple[str, bytes]]) -> float:
+def direct_write(influx: InfluxdServer, db: str, messages: list[tuple[str, bytes]],
+                 sealing: Sealing | None = None) -> float:
     """Seconds to write the same points with one plain HTTP client: the baseline."""
-    ingest = Ingest("citynerve/v1", 1 << 30, TimePolicy(10**18, 0), "suspect")
+    from wire.seal import Opener
+
+    opener = Opener(list(sealing.opener._keys.values()), sealing.registry.lookup) if sealing else None
+    ingest = Ingest("citynerve/v1", 1 << 30, TimePolicy(10**18, 0), "suspect", opener)
     lines = [line for topic, payload in messages for line in ingest.uplink(topic, payload, time.time_ns()).lines
              if line.startswith(b"electricity")]
     http = urllib3.PoolManager()
@@ -73,13 +140,20 @@ def direct_write(influx: InfluxdServer, db: str, messages: list[tuple[str, bytes
 
 
 def through_collector(work: Path, broker: MosquittoServer, influx: InfluxdServer, db: str,
-                      messages: list[tuple[str, bytes]], expected: int) -> float:
+                      messages: list[tuple[str, bytes]], expected: int,
+                      sealing: Sealing | None = None) -> tuple[float, float]:
+    """(seconds until every reading is stored, collector CPU seconds spent on it)."""
+    sections: dict = {"log": {"stats_interval": "0s", "level": "warning"}}
+    if sealing:
+        sections["security"] = {"keys_dir": str(sealing.keys_dir), "registry": str(sealing.registry_path)}
     config = stack.write_collector_config(
         work / "collector.toml", stack.mqtt_section(broker, client_id="bench-collector"),
         {"api": "v1", "url": influx.url, "database": db, "batch_size": BATCH_SIZE, "flush_interval": "200ms"},
-        log={"stats_interval": "0s", "level": "warning"},
+        **sections,
     )
     collector = stack.collector_process(config, "--log-level", "info").start()
+    assert collector.proc is not None
+    cpu_before = process_cpu_seconds(collector.proc.pid)
     publisher = MqttLink(MqttSettings(host="127.0.0.1", port=broker.port, ca_file=str(broker.ca.cert_path)),
                          "bench-publisher", max_inflight=1000)
     publisher.start()
@@ -95,8 +169,9 @@ def through_collector(work: Path, broker: MosquittoServer, influx: InfluxdServer
                 raise TimeoutError(f"collector stored {count_readings(influx, db)} of {expected}")
             time.sleep(0.05)
         elapsed = time.perf_counter() - start
-        print(f"  publishing took {published:.2f} s of {elapsed:.2f} s")
-        return elapsed
+        cpu = process_cpu_seconds(collector.proc.pid) - cpu_before
+        print(f"  publishing took {published:.2f} s of {elapsed:.2f} s; collector CPU {cpu:.2f} s")
+        return elapsed, cpu
     finally:
         publisher.stop()
         collector.stop()
@@ -107,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--messages", type=int, default=2000)
     parser.add_argument("--readings", type=int, default=50, help="readings per message")
     parser.add_argument("--gateways", type=int, default=20)
+    parser.add_argument("--sealed", action="store_true", help="seal every message end to end (wire v2)")
     args = parser.parse_args(argv)
 
     total = args.messages * args.readings
@@ -116,17 +192,23 @@ def main(argv: list[str] | None = None) -> dict:
         with MosquittoServer(work / "mq", ca, extra_config="max_queued_messages 0\n") as broker, \
                 InfluxdServer(work / "influxd", log_level="warn") as influx:
             t0 = (time.time_ns() // 10**9 - 86400) * 10**9
-            messages = build_messages(args.messages, args.readings, args.gateways, t0)
+            sealing = Sealing(work, args.gateways) if args.sealed else None
+            messages = build_messages(args.messages, args.readings, args.gateways, t0, sealing)
             influx.create_database("direct")
             influx.create_database("collector")
-            direct_s = direct_write(influx, "direct", messages)
-            collector_s = through_collector(work, broker, influx, "collector", messages, total)
+            direct_s = direct_write(influx, "direct", messages, sealing)
+            collector_s, collector_cpu = through_collector(work, broker, influx, "collector", messages, total, sealing)
+            crypto_us = open_cost_us(sealing, messages) if sealing else 0.0
 
     result = {
-        "readings": total, "messages": args.messages, "fields_per_reading": len(FIELDS),
+        "sealed": args.sealed, "readings": total, "messages": args.messages, "fields_per_reading": len(FIELDS),
         "direct_readings_per_s": round(total / direct_s), "collector_readings_per_s": round(total / collector_s),
         "ratio": round(direct_s / collector_s, 3),
+        "collector_cpu_us_per_message": round(collector_cpu / args.messages * 1e6, 1),
     }
+    if sealing:
+        result["open_us_per_message"] = round(crypto_us, 2)
+        result["crypto_share_of_collector_cpu"] = round(crypto_us * args.messages / 1e6 / collector_cpu, 4)
     print(json.dumps(result, indent=2))
     return result
 
