@@ -13,9 +13,20 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 @pytest.mark.parametrize("name, program", [("agent.toml", "edge_agent.cli"), ("collector.toml", "collector.cli")])
 def test_example_passes_check(tmp_path: Path, name: str, program: str) -> None:
+    from labkit import enrolled
+
+    dep = enrolled.create(tmp_path / "dep", ["gw-0001"])
+    gw = dep.gateways["gw-0001"]
     ca = tmp_path / "ca.crt"
     ca.write_text("placeholder: check only tests that the file is readable\n")
     text = (EXAMPLES / name).read_text().replace("/etc/citynerve/ca.crt", str(ca))
+    for production, lab in {
+        "/etc/citynerve/pki/identity.key": gw.identity_key, "/etc/citynerve/pki/tls.crt": gw.tls_cert,
+        "/etc/citynerve/pki/tls.key": gw.tls_key, "/etc/citynerve/collector.pub": dep.collector_pub,
+        "/etc/citynerve/collector-1.crt": dep.collector_cert, "/etc/citynerve/collector-1.key": dep.collector_key,
+        "/etc/citynerve/collector-keys": dep.keys_dir, "/var/lib/citynerve-collector/gateways.db": dep.registry,
+    }.items():
+        text = text.replace(production, str(lab))
     text = text.replace('state_dir = "/var/lib/citynerve"', f'state_dir = "{tmp_path / "state"}"')
     text = text.replace("/var/lib/citynerve-collector/", f"{tmp_path}/")
     path = tmp_path / name

@@ -106,3 +106,35 @@ def test_sealed_collector_refuses_plain_and_checks_the_batch_gateway() -> None:
     with pytest.raises(WireError) as exc:
         sealed_ingest.uplink("citynerve/v1/gw-2/up", moved, NOW)
     assert exc.value.reason == "topic_mismatch"
+
+
+def test_random_and_mutated_payloads_end_in_a_typed_rejection() -> None:
+    """Anything arriving on an uplink topic ends in a WireError with a reason code, never another exception."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from wire.envelope import Rejection
+    from wire.schema import encode_batch
+    from wire.seal import SealReason
+
+    sealer, sealed_ingest = _sealed_setup()
+    topic = "citynerve/v1/gw-1/up"
+    genuine = sealer.seal(topic, encode_batch(Batch("gw-1", 1, NOW, [Reading("m", "e", NOW, {"v": 1.0})])))
+    reasons = {str(r) for r in Rejection} | {str(r) for r in SealReason}
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(
+        st.binary(max_size=400),
+        st.builds(lambda cut: genuine[:cut], st.integers(0, len(genuine) - 1)),
+        st.builds(lambda i, b: genuine[:i] + bytes([b]) + genuine[i + 1:], st.integers(0, len(genuine) - 1),
+                  st.integers(0, 255)),
+    ))
+    def check(payload: bytes) -> None:
+        try:
+            sealed_ingest.uplink(topic, payload, NOW)
+        except WireError as exc:
+            assert str(exc.reason) in reasons
+        else:
+            assert payload == genuine  # only the untouched message (a duplicate by now) is accepted
+
+    check()
