@@ -296,18 +296,7 @@ class SerialTransport(Transport):
         self._opened()
 
     def _open_error(self, exc: BaseException) -> str:
-        code = getattr(exc, "errno", None)
-        port = self.port
-        if code in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
-            return f"serial port {port} does not exist"
-        if code in (errno.EACCES, errno.EPERM):
-            return f"permission denied on {port}: add the service user to group dialout"
-        if code in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EBUSY):
-            return f"serial port {port} is in use by another program"
-        if code is None and "configure port" in str(exc):
-            return f"{port} is not a serial port (it does not accept serial settings)"
-        reason = getattr(exc, "strerror", None) or str(exc)
-        return f"cannot open serial port {port}: {reason}"
+        return serial_open_error(self.port, exc)
 
     async def close(self) -> None:
         if self._fd >= 0:
@@ -642,3 +631,18 @@ class TcpTransport(Transport):
                 break
             await asyncio.sleep(wait)
         self._dirty = False
+
+
+def serial_open_error(port: str, exc: BaseException) -> str:
+    """Why a serial port could not be opened, in words a technician can act on."""
+    code = getattr(exc, "errno", None)
+    if code in (errno.ENOENT, errno.ENXIO, errno.ENODEV):
+        return f"serial port {port} does not exist"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"permission denied on {port}: add the service user to group dialout"
+    if code in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EBUSY):
+        return f"serial port {port} is in use by another program"
+    if code is None and "configure port" in str(exc):
+        return f"{port} is not a serial port (it does not accept serial settings)"
+    reason = getattr(exc, "strerror", None) or str(exc)
+    return f"cannot open serial port {port}: {reason}"
