@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_agent.config import AgentConfig
-from edge_agent.modbus.bus import BusEngine, PollOutcome
+from edge_agent.modbus.bus import BusEngine, PolledDevice, PollOutcome
 from edge_agent.modbus.devices import bus_engines
 from edge_agent.schedule import next_aligned
 from edge_agent.sequence import PersistentSequence
+from edge_agent.serial.port import PortError
+from edge_agent.serial.source import SerialSource
 from edge_agent.uplink import UplinkBuffer
 from wire import topics
 from wire.cli import run_tasks_until
@@ -49,6 +51,7 @@ class Agent:
         state_dir.mkdir(parents=True, exist_ok=True)
         self.sequence = PersistentSequence(state_dir / "sequence")
         self.buses = bus_engines(cfg)
+        self.serial_sources = [SerialSource(d) for d in cfg.serial_devices]
         self.sealer = make_sealer(cfg)
         prefix = cfg.mqtt.topic_prefix
         self.up_topic = topics.up(prefix, self.gateway_id)
@@ -99,6 +102,8 @@ class Agent:
         )
         self.link.start()
         tasks = [asyncio.create_task(bus.run(self._enqueue), name=f"bus:{bus.bus.id}") for bus in self.buses]
+        tasks += [asyncio.create_task(src.run(self._enqueue), name=f"serial:{src.device.id}")
+                  for src in self.serial_sources]
         tasks.append(asyncio.create_task(self._publish_loop(), name="publish"))
         try:
             await run_tasks_until(stop, tasks)
@@ -183,7 +188,18 @@ async def poll_once(cfg: AgentConfig) -> list[PollOutcome]:
         finally:
             await engine.transport.close()
 
-    results = await asyncio.gather(*(one_bus(engine) for engine in bus_engines(cfg)))
+    async def one_serial(source: SerialSource) -> list[PollOutcome]:
+        device = PolledDevice(source.device.id, 0, float(source.device.interval), [], {})
+        try:
+            readings = await source.once(timeout=max(5.0, 2 * float(source.device.interval)))
+        except PortError as exc:
+            return [PollOutcome(device, [], str(exc))]
+        return [PollOutcome(device, readings, "" if readings else
+                            f"no complete {source.info.name} frame from {source.device.port} "
+                            f"({', '.join(f'{k}={v}' for k, v in source.stats.items()) or 'nothing received'})")]
+
+    results = await asyncio.gather(*(one_bus(engine) for engine in bus_engines(cfg)),
+                                   *(one_serial(SerialSource(d)) for d in cfg.serial_devices))
     return [outcome for per_bus in results for outcome in per_bus]
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from edge_agent.modbus.config import ModbusBus, ModbusDevice, ModbusTcpDevice
+from edge_agent.serial.config import SerialDevice
 from wire import config as wconfig
 from wire.config import Duration, invalid
 from wire.mqttlink import MqttSettings
@@ -20,7 +21,8 @@ GatewayId = Annotated[
 ]
 
 # Every device kind, selected by `kind = "..."`.
-Device = ModbusDevice | ModbusTcpDevice
+Device = ModbusDevice | ModbusTcpDevice | SerialDevice
+ModbusKind = ModbusDevice | ModbusTcpDevice
 
 
 class GatewaySection(msgspec.Struct, forbid_unknown_fields=True):
@@ -84,8 +86,16 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
                 if bus.where.kind == "serial" and not 1 <= device.unit <= 247:
                     raise invalid(f"devices[{index}].unit", f"expected a unit id 1..247 on serial bus {bus.id}, "
                                                             f"got {device.unit}")
+        serial_ports = {b.where.path: f"buses[{i}]" for i, b in enumerate(self.buses) if b.where.kind == "serial"}
+        for index, device in enumerate(self.devices):
+            if isinstance(device, SerialDevice):
+                if device.port in serial_ports:
+                    raise invalid(f"devices[{index}].port", f"{device.port} is already used by {serial_ports[device.port]}")
+                serial_ports[device.port] = f"devices[{index}]"
         on_bus: dict[tuple[str, int], int] = {}
         for index, device in enumerate(self.devices):
+            if isinstance(device, SerialDevice):
+                continue
             key = (device.bus if isinstance(device, ModbusDevice) else f"tcp://{device.host}:{device.port}",
                    device.unit)
             if key in on_bus:
@@ -93,7 +103,15 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
                                                         f"devices[{on_bus[key]}]")
             on_bus[key] = index
 
-    def bus_of(self, device: Device) -> ModbusBus:
+    @property
+    def modbus_devices(self) -> list[ModbusKind]:
+        return [d for d in self.devices if not isinstance(d, SerialDevice)]
+
+    @property
+    def serial_devices(self) -> list[SerialDevice]:
+        return [d for d in self.devices if isinstance(d, SerialDevice)]
+
+    def bus_of(self, device: ModbusKind) -> ModbusBus:
         """The bus a device is polled on; a `modbus-tcp` device's endpoint is a bus of its own, shared by
         every device with the same host and port (one TCP connection, one transaction at a time)."""
         if isinstance(device, ModbusDevice):
@@ -120,7 +138,8 @@ def load(path: str | Path) -> AgentConfig:
     # A profile given as a relative path is relative to the config file, not to wherever the agent starts.
     base = Path(path).resolve().parent
     cfg.devices = [
-        msgspec.structs.replace(d, profile=str(base / d.profile)) if _is_relative_path(d.profile) else d
+        msgspec.structs.replace(d, profile=str(base / d.profile))
+        if not isinstance(d, SerialDevice) and _is_relative_path(d.profile) else d
         for d in cfg.devices
     ]
     if cfg.security is not None:
@@ -132,7 +151,7 @@ def load(path: str | Path) -> AgentConfig:
             except (ValueError, TypeError) as exc:
                 raise wconfig.ConfigError(str(path), f"security.{key}", f"not a usable key file: {exc}") from None
     for index, device in enumerate(cfg.devices):
-        if device.profile == "sunspec":  # discovered on the device itself at start-up
+        if isinstance(device, SerialDevice) or device.profile == "sunspec":  # discovered on the device itself at start-up
             continue
         try:
             load_profile(device.profile)

@@ -44,7 +44,7 @@ def polled_device(device: Device, profile: Profile | None) -> PolledDevice:
 def bus_engines(cfg: AgentConfig) -> list[BusEngine]:
     """One engine per bus; devices sharing a serial port or TCP endpoint share its engine."""
     grouped: dict[str, tuple[ModbusBus, list[PolledDevice]]] = {}
-    for device in cfg.devices:
+    for device in cfg.modbus_devices:
         bus = cfg.bus_of(device)
         profile = None if device.profile == SUNSPEC_DISCOVERY else load_profile(device.profile)
         grouped.setdefault(bus.id, (bus, []))[1].append(polled_device(device, profile))

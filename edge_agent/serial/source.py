@@ -1,0 +1,147 @@
+"""A serial source: one port, one protocol, one device. The async shell around a pure decoder.
+
+Streaming protocols (DSMR P1, NMEA, particulate sensors, ASCII lines) are read as the bytes come; query
+protocols (MH-Z19B) are asked every interval; IEC 62056-21 runs its sign-on dialogue every interval. A port
+that disappears (USB unplugged) is reopened with backoff when it returns; a rejected frame is counted by
+reason and logged (rate-limited) with its byte offset; a decoder bug costs the frame, never the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from edge_agent.schedule import next_aligned
+from edge_agent.serial.base import Event, Rejected, Sample
+from edge_agent.serial.config import SerialDevice
+from edge_agent.serial.port import PortError, PortLost, SerialStream
+from edge_agent.serial.protocols import ProtocolInfo, protocol_info
+from wire.logs import RateLimitedLog
+from wire.schema import Reading
+
+log = logging.getLogger("citynerve.serial")
+
+
+class SerialSource:
+    def __init__(self, device: SerialDevice) -> None:
+        self.device = device
+        self.info: ProtocolInfo = protocol_info(device.protocol)
+        settings = self.info.line_settings(device)
+        self.stream = SerialStream(device.port, *settings)
+        self.measurement = device.measurement or self.info.measurement
+        self.stats: Counter[str] = Counter()
+        self.last_error = ""
+        self._warn = RateLimitedLog(log, interval=300)
+        self._stream_offset = 0
+
+    # -- turning decoder events into readings ------------------------------------------------------------------
+
+    def readings(self, events: list[Event], received_ns: int) -> list[Reading]:
+        out = []
+        for event in events:
+            if isinstance(event, Rejected):
+                self.stats[f"rejected.{event.reason}"] += 1
+                self._warn.warning(("reject", self.device.id, event.reason),
+                                   "device %s: rejected %s at byte offset %d on %s: %s", self.device.id,
+                                   event.reason, event.offset, self.device.port, event.detail or "-",
+                                   device=self.device.id, reason=event.reason)
+                continue
+            if not event.fields and not event.quality:
+                continue
+            self.stats["samples"] += 1
+            out.append(self._reading(event, received_ns))
+        return out
+
+    def _reading(self, sample: Sample, received_ns: int) -> Reading:
+        return Reading(self.device.id, sample.measurement or self.measurement, sample.time_ns or received_ns,
+                       dict(sample.fields), {**sample.tags, **self.device.tags}, dict(sample.quality))
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    async def run(self, emit: Callable[[list[Reading]], None]) -> None:
+        backoff = 1.0
+        while True:
+            try:
+                self.stream.open()
+            except PortError as exc:
+                self.last_error = str(exc)
+                self.stats["open_failures"] += 1
+                self._warn.warning(("open", self.device.id), "device %s: %s; retrying", self.device.id, exc,
+                                   device=self.device.id)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 60.0)
+                continue
+            if self.stats["open_failures"] or self.stats["lost"]:
+                log.info("device %s: serial port %s is open again", self.device.id, self.device.port,
+                         extra={"device": self.device.id})
+            backoff = 1.0
+            decoder = self.info.make_decoder(self.device)  # a fresh decoder resynchronises from scratch
+            try:
+                await self._serve(decoder, emit)
+            except PortLost as exc:
+                self.last_error = str(exc)
+                self.stats["lost"] += 1
+                self._warn.warning(("lost", self.device.id), "device %s: %s", self.device.id, exc,
+                                   device=self.device.id)
+            finally:
+                self.stream.close()
+            await asyncio.sleep(backoff)
+
+    async def _serve(self, decoder, emit: Callable[[list[Reading]], None]) -> None:
+        if self.info.dialogue is not None:
+            await self.info.dialogue(self, decoder, emit)
+            return
+        if self.info.query is not None:
+            await self._query_loop(decoder, emit)
+            return
+        while True:
+            data = await self.stream.read()
+            self._emit(decoder, data, emit)
+
+    def _emit(self, decoder, data: bytes, emit: Callable[[list[Reading]], None]) -> list[Reading]:
+        now = time.time_ns()
+        try:
+            readings = self.readings(decoder.feed(data), now)
+        except Exception:  # a decoder bug costs these bytes, never the source
+            log.exception("device %s: decoder error", self.device.id, extra={"device": self.device.id})
+            self.stats["decode_errors"] += 1
+            return []
+        if readings:
+            emit(readings)
+        return readings
+
+    async def _query_loop(self, decoder, emit: Callable[[list[Reading]], None]) -> None:
+        interval = float(self.device.interval)
+        while True:
+            await asyncio.sleep(max(0.0, next_aligned(time.time(), interval) - time.time()))
+            self.stream.write(self.info.query)  # type: ignore[arg-type]
+            deadline = time.monotonic() + min(2.0, interval)
+            while time.monotonic() < deadline:
+                data = await self.stream.read(deadline - time.monotonic())
+                if data and self._emit(decoder, data, emit):
+                    break
+            else:
+                self.stats["no_answer"] += 1
+                self._warn.warning(("silent", self.device.id), "device %s: no answer to the query on %s",
+                                   self.device.id, self.device.port, device=self.device.id)
+
+    async def once(self, timeout: float) -> list[Reading]:
+        """Open, take the first complete sample(s) (asking first for query protocols), close: `poll-once`."""
+        got: list[Reading] = []
+        self.stream.open()
+        try:
+            decoder = self.info.make_decoder(self.device)
+            task = asyncio.ensure_future(self._serve(decoder, got.extend))
+            deadline = time.monotonic() + timeout
+            while not got and time.monotonic() < deadline and not task.done():
+                await asyncio.sleep(0.05)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, PortLost):
+                await task
+        finally:
+            self.stream.close()
+        return got
