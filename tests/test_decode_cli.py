@@ -1,0 +1,48 @@
+"""`edge-agent decode PROTOCOL FILE` on every fixture capture: readings on stdout, rejected frames with their
+byte offsets on stderr, as JSON lines; the same results as the golden tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def decode(protocol: str, path: Path, *extra: str) -> tuple[list[dict], list[dict], int]:
+    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "decode", protocol, str(path), *extra],
+                            capture_output=True, text=True, timeout=60)
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    err = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    return out, err, result.returncode
+
+
+@pytest.mark.parametrize("protocol, capture", [("sds011", "pypms_SDS01x.hexdump"), ("pmsx003", "pypms_PMSx003.hexdump"),
+                                               ("mhz19b", "pypms_MHZ19B.hexdump")])
+def test_decode_sensor_captures(tmp_path: Path, protocol: str, capture: str) -> None:
+    from tests.test_serial_sensors import frames
+
+    raw = tmp_path / f"{protocol}.bin"
+    raw.write_bytes(b"\x00junk" + b"".join(frames(protocol)) + frames(protocol)[0][:3])  # junk first, torn frame last
+    out, err, code = decode(protocol, raw)
+    assert code == 0
+    expected = json.loads((GOLDEN / "serial_sensors" / "expected.json").read_text())[capture]["samples"]
+    assert [o["fields"] for o in out] == [s["fields"] for s in expected]
+    assert all(o["measurement"] == "air_quality" for o in out)
+    assert err[0]["offset"] == 0 and err[0]["reason"] == "garbage"
+    assert err[-1]["reason"] == "incomplete" and err[-1]["offset"] == raw.stat().st_size - 3
+
+
+def test_decode_usage_errors(tmp_path: Path) -> None:
+    out, _, code = decode("dsmr9", tmp_path / "x")
+    assert code == 2
+    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "decode", "nmea", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "No such file" in result.stderr and "Traceback" not in result.stderr
+    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "decode", "ascii", str(tmp_path / "x")],
+                            capture_output=True, text=True, timeout=60)
+    assert "needs --config FILE --device ID" in result.stderr

@@ -1,0 +1,91 @@
+"""Serial meters and sensors end to end: real captured frames written into ptys at the device's rate, one agent
+process reading every port, the collector, InfluxDB. What is stored equals the golden expectations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from labkit import stack
+from labkit.influxd import InfluxdServer
+from labkit.serial_devices import QueryDevice, StreamingDevice
+from tests.test_e2e import wait_until
+from tests.test_serial_sensors import frames
+
+pytestmark = pytest.mark.integration
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def sensor_expectations(name: str) -> list[dict]:
+    return json.loads((GOLDEN / "serial_sensors" / "expected.json").read_text())[name]["samples"]
+
+
+def collector_for(tmp_path: Path, mosquitto, influxd: InfluxdServer, db: str):
+    # Captured devices state times from years ago: accept them as they are for this test.
+    return stack.collector_process(stack.write_collector_config(
+        tmp_path / "collector.toml", stack.mqtt_section(mosquitto, client_id="collector-serial"),
+        {"api": "v1", "url": influxd.url, "database": db},
+        validation={"min_time": "1990-01-01T00:00:00Z", "max_future": "3650d"},
+    )).start()
+
+
+def test_every_serial_protocol_from_a_pty_into_influxdb(tmp_path: Path, mosquitto, influxd: InfluxdServer,
+                                                         influx_db: str) -> None:
+    sds = StreamingDevice(frames("sds011"), period=0.3)
+    pms = StreamingDevice(frames("pmsx003"), period=0.3)
+    co2_answers = frames("mhz19b")
+    answered: list[bytes] = []
+
+    def mhz19b(request: bytes) -> bytes | None:
+        if request != b"\xff\x01\x86\x00\x00\x00\x00\x00\x79":
+            return None
+        answer = co2_answers[len(answered) % len(co2_answers)]
+        answered.append(answer)
+        return answer
+
+    co2 = QueryDevice(mhz19b)
+    weather = StreamingDevice([b"T=21.4C H=45% P=1013.2hPa\r\n", b"T=21.6C H=44% P=1013.1hPa\r\n"], period=0.3)
+    devices = [
+        {"kind": "serial", "id": "pm-sds", "port": sds.device, "protocol": "sds011", "tags": {"site": "roof"}},
+        {"kind": "serial", "id": "pm-pms", "port": pms.device, "protocol": "pmsx003"},
+        {"kind": "serial", "id": "co2", "port": co2.device, "protocol": "mhz19b", "interval": "1s"},
+        {"kind": "serial", "id": "weather", "port": weather.device, "protocol": "ascii", "measurement": "weather",
+         "ascii": {"regex": r"^T=(?P<temperature>-?\d+\.\d+)C H=(?P<humidity>\d+)% P=(?P<pressure>\d+\.\d+)hPa$"}},
+    ]
+    collector = collector_for(tmp_path, mosquitto, influxd, influx_db)
+    agent = stack.agent_process(stack.write_agent_config(
+        tmp_path / "agent.toml", "gw-serial", stack.mqtt_section(mosquitto), devices))
+    try:
+        agent.start()
+
+        def count(device: str, measurement: str) -> int:
+            rows = influxd.query(f'SELECT * FROM "{measurement}" WHERE device = \'{device}\' GROUP BY *', influx_db)
+            return len(rows)
+
+        wait_until(lambda: all(count(d, m) >= 3 for d, m in [("pm-sds", "air_quality"), ("pm-pms", "air_quality"),
+                                                               ("co2", "air_quality"), ("weather", "weather")]),
+                   25, "3 readings from every serial device")
+        rows = {d: influxd.query(f'SELECT * FROM "{m}" WHERE device = \'{d}\' GROUP BY *', influx_db)
+                for d, m in [("pm-sds", "air_quality"), ("pm-pms", "air_quality"), ("co2", "air_quality"),
+                             ("weather", "weather")]}
+    finally:
+        agent.stop()
+        collector.stop()
+        for device in (sds, pms, co2, weather):
+            device.close()
+
+    # every stored sample is one of the capture's frames, decoded as the golden file says
+    for device, capture in (("pm-sds", "pypms_SDS01x.hexdump"), ("pm-pms", "pypms_PMSx003.hexdump"),
+                            ("co2", "pypms_MHZ19B.hexdump")):
+        expected = [s["fields"] for s in sensor_expectations(capture)]
+        for row in rows[device]:
+            stored = {k: row[k] for k in expected[0]}
+            assert stored in expected, (device, stored)
+    assert rows["pm-sds"][0]["site"] == "roof" and rows["pm-sds"][0]["sensor_id"] == "58D9"
+    assert len(answered) >= 3  # the CO2 sensor was queried every interval
+    for row in rows["weather"]:
+        assert (row["temperature"], row["humidity"], row["pressure"]) in [(21.4, 45.0, 1013.2), (21.6, 44.0, 1013.1)]
+    assert "Traceback" not in agent.log_path.read_text()
