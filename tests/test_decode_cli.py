@@ -38,7 +38,7 @@ def test_decode_sensor_captures(tmp_path: Path, protocol: str, capture: str) -> 
 
 
 def test_decode_usage_errors(tmp_path: Path) -> None:
-    out, _, code = decode("dsmr9", tmp_path / "x")
+    _, _, code = decode("dsmr9", tmp_path / "x")
     assert code == 2
     result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "decode", "nmea", str(tmp_path / "missing")],
                             capture_output=True, text=True, timeout=60)
