@@ -46,3 +46,21 @@ def test_decode_usage_errors(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "decode", "ascii", str(tmp_path / "x")],
                             capture_output=True, text=True, timeout=60)
     assert "needs --config FILE --device ID" in result.stderr
+
+
+def test_decode_nmea_captures() -> None:
+    for capture, golden in (("pynmea2_valid_sentences.txt", "expected_valid.json"),
+                            ("pynmea2_examples_data.log", "expected_examples.json")):
+        out, err, code = decode("nmea", GOLDEN / "nmea" / capture)
+        assert code == 0
+        expected = json.loads((GOLDEN / "nmea" / golden).read_text())
+        if golden == "expected_valid.json":
+            expected = [e for entry in expected for e in entry["events"]]
+        samples = [e for e in expected if "rejected" not in e]
+        rejects = [e for e in expected if "rejected" in e]
+        assert [o["fields"] for o in out] == [s["fields"] for s in samples]
+        if golden == "expected_examples.json":  # one capture: offsets are the file's
+            assert [(r["reason"], r["offset"]) for r in err] == [(r["rejected"], r["offset"]) for r in rejects]
+        else:  # golden per sentence; the file as one stream also holds what lies between sentences
+            assert {r["rejected"] for r in rejects} <= {r["reason"] for r in err}
+            assert all(isinstance(r["offset"], int) and r["offset"] >= 0 for r in err)

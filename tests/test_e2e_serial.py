@@ -89,3 +89,32 @@ def test_every_serial_protocol_from_a_pty_into_influxdb(tmp_path: Path, mosquitt
     for row in rows["weather"]:
         assert (row["temperature"], row["humidity"], row["pressure"]) in [(21.4, 45.0, 1013.2), (21.6, 44.0, 1013.1)]
     assert "Traceback" not in agent.log_path.read_text()
+
+
+def test_nmea_gps_from_a_pty_into_influxdb(tmp_path: Path, mosquitto, influxd: InfluxdServer, influx_db: str) -> None:
+    from edge_agent.serial.nmea import NmeaDecoder
+
+    sentences = [b"$GPGGA,184353.07,1929.045,S,02410.506,E,1,04,2.6,100.00,M,-33.9,M,,0000*6D\r\n",
+                 b"$GPRMC,225446,A,4916.45,N,12311.12,W,000.5,054.7,191194,020.3,E*68\r\n"]
+    expected = [e for e in NmeaDecoder().feed(b"".join(sentences)) if hasattr(e, "fields")]
+    assert len(expected) == 2  # the decoder itself is held to golden data in tests/test_nmea.py
+    gps = StreamingDevice(sentences, period=0.3)
+    collector = collector_for(tmp_path, mosquitto, influxd, influx_db)
+    agent = stack.agent_process(stack.write_agent_config(
+        tmp_path / "agent.toml", "gw-gps", stack.mqtt_section(mosquitto),
+        [{"kind": "serial", "id": "gps-1", "port": gps.device, "protocol": "nmea", "baud": 4800}]))
+    try:
+        agent.start()
+        rows = wait_until(lambda: (r := influxd.query('SELECT * FROM "gps" GROUP BY *', influx_db)) and len(r) >= 2 and r,
+                          20, "GGA and RMC samples")
+    finally:
+        agent.stop()
+        collector.stop()
+        gps.close()
+    rmc = next(e for e in expected if e.time_ns)
+    stored_rmc = [r for r in rows if r["time"] == rmc.time_ns]
+    assert stored_rmc, "the RMC fix is stored at its own UTC time (1994-11-19 22:54:46)"
+    assert stored_rmc[0]["latitude"] == pytest.approx(rmc.fields["latitude"])
+    gga = next(e for e in expected if not e.time_ns)
+    assert any(r.get("altitude_m") == gga.fields["altitude_m"] and r["latitude"] == pytest.approx(gga.fields["latitude"])
+               for r in rows)
