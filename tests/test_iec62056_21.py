@@ -531,6 +531,14 @@ def test_run_session_keeps_the_timing():
     assert 0.29 <= times[3] - times[2] < 0.45  # the switch: after the option select has left, before the answer
 
 
+def test_run_session_skips_a_switch_to_the_rate_the_port_has():
+    port = SimPort(SimMeter(ident=b"/ABC0meter\r\n"))  # a 300 baud meter
+    port.baud = 300
+    events = asyncio.run(run_session(Iec62056Session(), port))
+    assert isinstance(events[-1], Sample)
+    assert [kind for kind, _, _ in port.log] == ["write", "write"]  # request, option select; no set_baud
+
+
 def test_run_dialogue_emits_readings_and_counts_failures():
     readings: list = []
     stats: Counter[str] = Counter()
@@ -574,3 +582,25 @@ def test_run_dialogue_emits_readings_and_counts_failures():
 
     asyncio.run(failing())
     assert stats == {"iec62056.timeout": 1} and readings == []
+
+
+def test_the_dialogue_through_a_serial_source_on_a_pty():
+    """The real port code (pyserial on a pty: baud changes are accepted, not enforced) and SerialSource."""
+    from edge_agent.serial.config import SerialDevice
+    from edge_agent.serial.source import SerialSource
+    from labkit.serial_devices import QueryDevice
+
+    def answer(request: bytes) -> bytes | None:
+        if request.startswith(b"/?"):
+            return b"/LGZ5ZMD120AR\r\n"
+        return block(READOUT) if request.startswith(bytes([ACK])) else None
+
+    meter = QueryDevice(answer, quiet=0.05)
+    try:
+        source = SerialSource(SerialDevice(id="m1", port=meter.device, protocol="iec62056-21", interval=60.0))
+        [reading] = asyncio.run(source.once(5.0))
+    finally:
+        meter.close()
+    assert reading.fields == READOUT_FIELDS and reading.measurement == "electricity"
+    assert reading.tags == {"manufacturer": "LGZ", "identification": "ZMD120AR"}
+    assert meter.requests == [b"/?!\r\n", b"\x06050\r\n"]

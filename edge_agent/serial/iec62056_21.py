@@ -681,6 +681,8 @@ class Iec62056Session:
 
 
 class DialoguePort(Protocol):
+    baud: int  # the current rate (SetBaud to the same rate is skipped)
+
     def write(self, data: bytes) -> None: ...
 
     async def read(self, timeout: float | None = None) -> bytes: ...  # b"" when the timeout passed
@@ -704,7 +706,8 @@ async def run_session(session: Iec62056Session, port: DialoguePort,
             wait = sent_at + step.delay_s - clock()
             if wait > 0:
                 await asyncio.sleep(wait)
-            port.set_baud(step.baud)
+            if getattr(port, "baud", None) != step.baud:  # (re-setting the same rate fails on some ttys, e.g. ptys)
+                port.set_baud(step.baud)
         elif isinstance(step, Expect):
             data = await port.read(step.timeout_s)
             events += session.feed(data) if data else session.timeout()
@@ -726,10 +729,9 @@ async def run_dialogue(source: Any, emit: Callable[[list], None]) -> None:
     interval = float(device.interval)
     while True:
         session = Iec62056Session(device.address, device.max_baud)
-        try:
-            events = await run_session(session, source.stream)
-        finally:
-            source.stream.set_baud(300)
+        events = await run_session(session, source.stream)
+        if source.stream.baud != 300:
+            source.stream.set_baud(300)  # tidy; the next session starts with SetBaud(300) anyway
         readings = source.readings(events, time.time_ns())
         if readings:
             emit(readings)
