@@ -27,6 +27,7 @@ Driving `Iec62056Session` (the one protocol a driver has to keep; `run_session` 
         step = session.next_step()
         Send(data, delay_s):      sleep delay_s; sent_at = now(); write data
         SetBaud(baud, delay_s):   sleep until sent_at + delay_s (no sleep if that has passed); set the port's baud
+                                  (a port already at that rate is left alone)
         Expect(what, timeout_s):  read what arrives, waiting at most timeout_s;
                                   bytes -> events += session.feed(bytes)     (any split, any amount)
                                   silence for timeout_s -> events += session.timeout()
