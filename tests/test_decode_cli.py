@@ -64,3 +64,14 @@ def test_decode_nmea_captures() -> None:
         else:  # golden per sentence; the file as one stream also holds what lies between sentences
             assert {r["rejected"] for r in rejects} <= {r["reason"] for r in err}
             assert all(isinstance(r["offset"], int) and r["offset"] >= 0 for r in err)
+
+
+def test_decode_iec62056_21_capture() -> None:
+    out, err, code = decode("iec62056-21", GOLDEN / "iec62056_21" / "capture_synthetic.bin")
+    assert code == 0
+    expected = json.loads((GOLDEN / "iec62056_21" / "expected_capture.json").read_text())
+    events = expected if isinstance(expected, list) else expected.get("events", expected)
+    samples = [e for e in events if "rejected" not in e and "reason" not in e]
+    rejects = [e for e in events if "rejected" in e or "reason" in e]
+    assert [o["fields"] for o in out] == [s["fields"] for s in samples]
+    assert len(err) == len(rejects)

@@ -118,3 +118,35 @@ def test_nmea_gps_from_a_pty_into_influxdb(tmp_path: Path, mosquitto, influxd: I
     gga = next(e for e in expected if not e.time_ns)
     assert any(r.get("altitude_m") == gga.fields["altitude_m"] and r["latitude"] == pytest.approx(gga.fields["latitude"])
                for r in rows)
+
+
+def test_iec62056_21_meter_behind_an_optical_head_into_influxdb(tmp_path: Path, mosquitto, influxd: InfluxdServer,
+                                                                 influx_db: str) -> None:
+    """Sign-on, identification, option select with a baud switch, readout with BCC - every interval."""
+    from edge_agent.serial.iec62056_21 import Iec62056ReadoutDecoder
+    from tests.test_iec62056_21 import SimMeter
+
+    meter = SimMeter()
+    expected = [e for e in Iec62056ReadoutDecoder().feed(meter.ident + meter.readout) if hasattr(e, "fields")]
+    assert len(expected) == 1 and expected[0].fields
+
+    def optical_head(request: bytes) -> bytes | None:
+        return b"".join(data for data, _baud in meter.receive(request, meter.baud)) or None  # a pty has no baud
+
+    head = QueryDevice(optical_head)
+    collector = collector_for(tmp_path, mosquitto, influxd, influx_db)
+    agent = stack.agent_process(stack.write_agent_config(
+        tmp_path / "agent.toml", "gw-iec", stack.mqtt_section(mosquitto),
+        [{"kind": "serial", "id": "landis-1", "port": head.device, "protocol": "iec62056-21", "interval": "2s"}]))
+    try:
+        agent.start()
+        rows = wait_until(lambda: (r := influxd.query('SELECT * FROM "electricity" GROUP BY *', influx_db))
+                          and len(r) >= 2 and r, 25, "two readouts")
+    finally:
+        agent.stop()
+        collector.stop()
+        head.close()
+    for row in rows:
+        assert {k: row[k] for k in expected[0].fields} == expected[0].fields
+        assert row["device"] == "landis-1" and row["manufacturer"] == expected[0].tags["manufacturer"]
+    assert any(r.startswith(b"/?") for r in head.requests) and any(r[:1] == b"\x06" for r in head.requests)

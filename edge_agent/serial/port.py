@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import termios
 
 import serial
 
@@ -103,15 +104,26 @@ class SerialStream:
             raise PortLost(f"serial port {self.path} disappeared (USB adapter unplugged?): {exc}") from None
 
     def set_baud(self, baud: int) -> None:
-        if self._serial is not None:
-            self._serial.baudrate = baud
+        self._reconfigure(lambda ser: setattr(ser, "baudrate", baud))
         self.baud = baud
 
     def set_format(self, data_bits: int, parity: str, stop_bits: int) -> None:
-        if self._serial is not None:
-            self._serial.bytesize = data_bits
-            self._serial.parity = _PARITY[parity]
-            self._serial.stopbits = _STOP[stop_bits]
+        def apply(ser: serial.Serial) -> None:
+            ser.bytesize = data_bits
+            ser.parity = _PARITY[parity]
+            ser.stopbits = _STOP[stop_bits]
+
+        self._reconfigure(apply)
+
+    def _reconfigure(self, change) -> None:
+        """A port that refuses new settings is treated as lost: the source reopens it with backoff."""
+        if self._serial is None:
+            return
+        try:
+            change(self._serial)
+        except (serial.SerialException, OSError, termios.error, ValueError) as exc:
+            self._lost(f"cannot change its settings: {exc}")
+            raise PortLost(f"serial port {self.path} refused new settings: {exc}") from None
 
     def close(self) -> None:
         ser, self._serial = self._serial, None
