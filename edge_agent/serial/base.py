@@ -57,3 +57,38 @@ class StreamDecoder(Protocol):
     def flush(self) -> list[Event]:
         """End of stream (a capture file's end): whatever is left is rejected as incomplete."""
         ...
+
+
+class JunkRun:
+    """Bytes between frames, reported as `garbage` runs of at most `limit` bytes with the offset of their first
+    byte - the same runs however the stream is split. Line ends (`blank`) between frames are not garbage."""
+
+    def __init__(self, limit: int, detail: str, blank: bytes = b"\r\n") -> None:
+        self.limit = limit
+        self.detail = detail
+        self.blank = blank
+        self.start = 0
+        self.pending = 0  # bytes of the current run not yet reported
+        self.total = 0  # every garbage byte reported so far
+
+    def add(self, data: bytes | bytearray, pos: int, end: int, base: int, events: list[Event]) -> None:
+        """data[pos:end] is junk; `base` is the stream offset of data[0]."""
+        while pos < end:
+            if self.pending == 0:
+                while pos < end and data[pos] in self.blank:
+                    pos += 1
+                if pos == end:
+                    return
+                self.start = base + pos
+            take = min(end - pos, self.limit - self.pending)
+            self.pending += take
+            pos += take
+            if self.pending >= self.limit:
+                self.end(events)
+
+    def end(self, events: list[Event]) -> None:
+        """The run is over (a frame starts, or the stream ends): report it."""
+        if self.pending:
+            events.append(Rejected(self.start, "garbage", self.detail, self.pending))
+            self.total += self.pending
+        self.pending = 0

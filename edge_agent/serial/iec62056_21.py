@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Protocol
 
-from edge_agent.serial.base import Event, Rejected, Sample
+from edge_agent.serial.base import Event, JunkRun, Rejected, Sample
 from wire.logs import RateLimitedLog
 from wire.schema import FieldValue
 
@@ -394,13 +394,12 @@ class Iec62056ReadoutDecoder:
         self._kind = ""
         self._start = 0
         self._end_seen = False  # block/command: ETX (or EOT) seen, the BCC byte comes next
-        self._junk_start = 0
-        self._junk_len = 0
+        self._junk = JunkRun(self.max_block, "bytes outside IEC 62056-21 messages", _BLANK)
 
     @property
     def pending_garbage(self) -> int:
         """Bytes of a garbage run not yet reported (it is reported when the next frame starts)."""
-        return self._junk_len
+        return self._junk.pending
 
     def _limit(self, kind: str) -> int:
         return {"ident": MAX_IDENT_LINE, "ack": 6}.get(kind, self.max_block)
@@ -417,10 +416,10 @@ class Iec62056ReadoutDecoder:
                 start = _find_any(data, bytes(_STARTS), pos)
                 end = n if start < 0 else start
                 if end > pos:
-                    self._junk(data, pos, end, base, events)
+                    self._junk.add(data, pos, end, base, events)
                 if start < 0:
                     break
-                self._end_junk(events)
+                self._junk.end(events)
                 self._kind = _STARTS[data[start]]
                 self._start = base + start
                 self._end_seen = False
@@ -487,29 +486,9 @@ class Iec62056ReadoutDecoder:
                 events.append(Rejected(self._start, "incomplete", f"the stream ended inside a {self._kind}",
                                        len(self._buf)))
             self._buf.clear()
-        self._end_junk(events)
+        self._junk.end(events)
         return events
 
-    def _junk(self, data: bytes, pos: int, end: int, base: int, events: list[Event]) -> None:
-        while pos < end:
-            if self._junk_len == 0:
-                while pos < end and data[pos] in _BLANK:
-                    pos += 1
-                if pos == end:
-                    return
-                self._junk_start = base + pos
-            take = min(end - pos, self.max_block - self._junk_len)
-            self._junk_len += take
-            pos += take
-            if self._junk_len >= self.max_block:
-                self._end_junk(events)
-
-    def _end_junk(self, events: list[Event]) -> None:
-        if self._junk_len:
-            events.append(Rejected(self._junk_start, "garbage", "bytes outside IEC 62056-21 messages",
-                                   self._junk_len))
-            self.stats["garbage_bytes"] += self._junk_len
-        self._junk_len = 0
 
     def _frame(self, frame: bytes) -> list[Event]:
         offset, kind = self._start, self._kind

@@ -49,7 +49,7 @@ import re
 from collections import Counter
 from collections.abc import Collection
 
-from edge_agent.serial.base import Event, Rejected, Sample
+from edge_agent.serial.base import Event, JunkRun, Rejected, Sample
 from wire.schema import FieldValue
 
 MEASUREMENT = "gps"
@@ -95,8 +95,7 @@ class NmeaDecoder:
         self._offset = 0  # stream offset of the next byte fed
         self._buf = bytearray()  # the sentence being received, from its '$' / '!'; empty while hunting
         self._start = 0
-        self._junk_start = 0
-        self._junk_len = 0
+        self._junk = JunkRun(self.max_sentence, "bytes outside NMEA sentences", _BLANK)
         self._rmc_instant_ns: int | None = None  # the last valid RMC's date and time
 
     # -- framing ---------------------------------------------------------------------------------------------------
@@ -112,10 +111,10 @@ class NmeaDecoder:
                 start = _find_any(data, _START, pos)
                 end = n if start < 0 else start
                 if end > pos:
-                    self._junk(data, pos, end, base, events)
+                    self._junk.add(data, pos, end, base, events)
                 if start < 0:
                     break
-                self._end_junk(events)
+                self._junk.end(events)
                 self._start = base + start
                 buf.append(data[start])
                 pos = start + 1
@@ -156,28 +155,9 @@ class NmeaDecoder:
             else:
                 events.append(Rejected(self._start, "incomplete", "the stream ended inside a sentence", len(line)))
             self._buf.clear()
-        self._end_junk(events)
+        self._junk.end(events)
         return events
 
-    def _junk(self, data: bytes, pos: int, end: int, base: int, events: list[Event]) -> None:
-        """Bytes outside sentences, gathered into runs of at most max_sentence (the same runs however split)."""
-        while pos < end:
-            if self._junk_len == 0:
-                while pos < end and data[pos] in _BLANK:  # line ends between sentences are no garbage
-                    pos += 1
-                if pos == end:
-                    return
-                self._junk_start = base + pos
-            take = min(end - pos, self.max_sentence - self._junk_len)
-            self._junk_len += take
-            pos += take
-            if self._junk_len >= self.max_sentence:
-                self._end_junk(events)
-
-    def _end_junk(self, events: list[Event]) -> None:
-        if self._junk_len:
-            events.append(Rejected(self._junk_start, "garbage", "bytes outside NMEA sentences", self._junk_len))
-        self._junk_len = 0
 
     # -- one sentence ----------------------------------------------------------------------------------------------
 
