@@ -263,10 +263,7 @@ class MeterSimulator:
             ),
             action=self._on_access,
         )
-        self._server = ModbusTcpServer(device, address=(host, port))
-        await self._server.serve_forever(background=True)
-        sockname = self._server.transport.sockets[0].getsockname()  # type: ignore[attr-defined]
-        self.host, self.port = sockname[0], sockname[1]
+        self._server, self.host, self.port = await serve_tcp(device, host, port)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -317,6 +314,14 @@ class MeterSimulator:
         if self._log_file is not None:
             self._log_file.write(entry.to_json() + "\n")
             self._log_file.flush()
+
+
+async def serve_tcp(device: SimDevice, host: str, port: int) -> tuple[ModbusTcpServer, str, int]:
+    """A pymodbus TCP server for `device` in the background; port 0 picks a free one. (server, host, port)"""
+    server = ModbusTcpServer(device, address=(host, port))
+    await server.serve_forever(background=True)
+    sockname = server.transport.sockets[0].getsockname()  # type: ignore[attr-defined]
+    return server, sockname[0], sockname[1]
 
 
 def sdm630_values(entry: Served) -> dict[str, float]:

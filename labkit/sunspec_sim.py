@@ -31,6 +31,8 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import SimData, SimDevice
 from pymodbus.simulator.simutils import DataType
 
+from labkit.meter_sim import serve_tcp
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "golden" / "sunspec" / "test_inverter_1_registers_base40000.txt"
 FIXTURE_BASE = 40000
@@ -106,10 +108,7 @@ class SunSpecSimulator:
             ),
             action=self._on_access,
         )
-        self._server = ModbusTcpServer(device, address=(host, port))
-        await self._server.serve_forever(background=True)
-        sockname = self._server.transport.sockets[0].getsockname()  # type: ignore[attr-defined]
-        self.host, self.port = sockname[0], sockname[1]
+        self._server, self.host, self.port = await serve_tcp(device, host, port)
 
     async def stop(self) -> None:
         if self._server is not None:
