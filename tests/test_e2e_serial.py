@@ -150,3 +150,37 @@ def test_iec62056_21_meter_behind_an_optical_head_into_influxdb(tmp_path: Path, 
         assert {k: row[k] for k in expected[0].fields} == expected[0].fields
         assert row["device"] == "landis-1" and row["manufacturer"] == expected[0].tags["manufacturer"]
     assert any(r.startswith(b"/?") for r in head.requests) and any(r[:1] == b"\x06" for r in head.requests)
+
+
+def test_dsmr_p1_telegrams_with_mbus_submeters_into_influxdb(tmp_path: Path, mosquitto, influxd: InfluxdServer,
+                                                              influx_db: str) -> None:
+    """A DSMR 5.0 meter with two M-Bus sub-meters, one telegram per period on the P1 port; the electricity
+    reading at the telegram's own time, the sub-meters at their capture times - as the golden file says."""
+    name = "dsmr50_iskra_am550_two_mbus"
+    telegram = (GOLDEN / "dsmr" / f"{name}.txt").read_bytes()
+    golden = [e for e in json.loads((GOLDEN / "dsmr" / f"{name}.json").read_text())["events"] if "fields" in e]
+    p1 = StreamingDevice([telegram], period=0.3, chunk=32)
+    collector = collector_for(tmp_path, mosquitto, influxd, influx_db)
+    agent = stack.agent_process(stack.write_agent_config(
+        tmp_path / "agent.toml", "gw-p1", stack.mqtt_section(mosquitto),
+        [{"kind": "serial", "id": "p1", "port": p1.device, "protocol": "dsmr"}]))
+    measurements = {e["measurement"] or "electricity" for e in golden}
+    try:
+        agent.start()
+
+        def stored() -> dict[str, list[dict]]:
+            return {m: influxd.query(f'SELECT * FROM "{m}" GROUP BY *', influx_db) for m in measurements}
+
+        rows = wait_until(lambda: (r := stored()) and all(r.values()) and r, 20, "every measurement of the telegram")
+    finally:
+        agent.stop()
+        collector.stop()
+        p1.close()
+    for event in golden:
+        measurement = event["measurement"] or "electricity"
+        matching = [r for r in rows[measurement] if r["time"] == event["time_ns"]]
+        assert matching, (measurement, event["time_ns"])
+        # the same telegram repeated lands on the same point: stored once, whatever the repeats
+        assert len(matching) == 1
+        assert {k: matching[0][k] for k in event["fields"]} == event["fields"]
+        assert matching[0]["device"] == "p1"
