@@ -75,3 +75,15 @@ def test_decode_iec62056_21_capture() -> None:
     rejects = [e for e in events if "rejected" in e or "reason" in e]
     assert [o["fields"] for o in out] == [s["fields"] for s in samples]
     assert len(err) == len(rejects)
+
+
+@pytest.mark.parametrize("capture", sorted(p.stem for p in (GOLDEN / "dsmr").glob("*.txt")))
+def test_decode_every_dsmr_capture(capture: str) -> None:
+    out, err, code = decode("dsmr", GOLDEN / "dsmr" / f"{capture}.txt")
+    assert code == 0
+    events = json.loads((GOLDEN / "dsmr" / f"{capture}.json").read_text())["events"]
+    samples = [e for e in events if "fields" in e]
+    rejects = [e for e in events if "fields" not in e]
+    assert [(o["measurement"], o["fields"], o["time_ns"]) for o in out] == [
+        (s["measurement"] or "electricity", s["fields"], s["time_ns"]) for s in samples]
+    assert [(r["offset"], r["reason"], r["length"]) for r in err] == [(r["offset"], r["rejected"], r["length"]) for r in rejects]
