@@ -80,12 +80,7 @@ async def read_profile(line: LineSettings, unit: int, profile_name: str) -> list
     profile = load_profile(profile_name)
     device = ModbusDevice(id="read", bus="technician", profile=profile_name, unit=unit)
     engine = BusEngine(line.bus(), [polled_device(device, profile)])
-    if not await engine.open_once():
-        raise TechnicianError(engine.last_open_error)
-    try:
-        outcome = await engine.poll(engine.devices[0])
-    finally:
-        await engine.transport.close()
+    outcome = await engine.poll_alone(engine.devices[0])
     if not outcome.readings and outcome.error:
         raise TechnicianError(outcome.error)
     values: dict[str, Any] = {}

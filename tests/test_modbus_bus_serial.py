@@ -155,15 +155,8 @@ def test_busy_is_retried_after_a_pause(profile_path: Path) -> None:
     engine = BusEngine(bus_on(responder.device, busy_pause=0.05), [device])
     responder.plan("exception:6", "exception:6")
 
-    async def scenario() -> PollOutcome:
-        assert await engine.open_once()
-        try:
-            return await engine.poll(device)
-        finally:
-            await engine.transport.close()
-
     try:
-        outcome = asyncio.run(scenario())
+        outcome = asyncio.run(engine.poll_alone(device))
     finally:
         responder.close()
     assert not outcome.error and device.stats["busy_retries"] == 2
@@ -178,15 +171,8 @@ def test_other_exceptions_cost_only_their_register_group(profile_path: Path) -> 
     engine = BusEngine(bus_on(responder.device), [device])
     responder.plan("exception:2")  # the holding read fails, the input read is answered
 
-    async def scenario() -> PollOutcome:
-        assert await engine.open_once()
-        try:
-            return await engine.poll(device)
-        finally:
-            await engine.transport.close()
-
     try:
-        outcome = asyncio.run(scenario())
+        outcome = asyncio.run(engine.poll_alone(device))
     finally:
         responder.close()
     assert outcome.error == "exception 2 (illegal data address) reading holding 0x0000+2"
@@ -235,14 +221,7 @@ def test_ascii_framing(profile_path: Path) -> None:
         device = devices(profile_path, [5])[0]
         engine = BusEngine(bus_on(link.client_path, framing="ascii", baud=9600, timeout=1.0), [device])
 
-        async def scenario() -> PollOutcome:
-            assert await engine.open_once()
-            try:
-                return await engine.poll(device)
-            finally:
-                await engine.transport.close()
-
-        outcome = asyncio.run(scenario())
+        outcome = asyncio.run(engine.poll_alone(device))
     assert not outcome.error and close_to(outcome.readings[0], 5)
 
 

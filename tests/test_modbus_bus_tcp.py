@@ -32,12 +32,7 @@ def engine_for(cfg: ModbusTcpDevice, profile: Profile) -> BusEngine:
 
 
 async def poll_once(engine: BusEngine) -> PollOutcome:
-    try:
-        if not await engine.open_once():
-            return PollOutcome(engine.devices[0], [], engine.last_open_error)
-        return await engine.poll(engine.devices[0])
-    finally:
-        await engine.transport.close()
+    return await engine.poll_alone(engine.devices[0])
 
 
 def assert_stored_equals_served(readings: list[Reading], served: list, profile: Profile) -> None:

@@ -146,6 +146,15 @@ class BusEngine:
             return False
         return True
 
+    async def poll_alone(self, device: PolledDevice) -> PollOutcome:
+        """Open the bus, poll one device once, close it again: for `read`, one-off checks and tests."""
+        if not await self.open_once():
+            return PollOutcome(device, [], self.last_open_error)
+        try:
+            return await self.poll(device)
+        finally:
+            await self.transport.close()
+
     async def _ensure_open(self) -> bool:
         if self.transport.is_open:
             return True

@@ -64,7 +64,6 @@ class ModbusTcpDevice(
 
 
 BAUD_RATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
-SerialUnit = Annotated[int, msgspec.Meta(ge=1, le=247)]
 _TCP_TARGET = re.compile(r"^(tcp|rtu-over-tcp)://(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})$")
 
 

@@ -107,14 +107,6 @@ class SerialStream:
         self._reconfigure(lambda ser: setattr(ser, "baudrate", baud))
         self.baud = baud
 
-    def set_format(self, data_bits: int, parity: str, stop_bits: int) -> None:
-        def apply(ser: serial.Serial) -> None:
-            ser.bytesize = data_bits
-            ser.parity = _PARITY[parity]
-            ser.stopbits = _STOP[stop_bits]
-
-        self._reconfigure(apply)
-
     def _reconfigure(self, change) -> None:
         """A port that refuses new settings is treated as lost: the source reopens it with backoff."""
         if self._serial is None:

@@ -9,6 +9,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from edge_agent.serial.sensors import MHZ19B_QUERY
+
 if TYPE_CHECKING:
     from edge_agent.serial.base import StreamDecoder
     from edge_agent.serial.config import SerialDevice
@@ -89,7 +91,7 @@ PROTOCOLS: dict[str, ProtocolInfo] = {
     "pmsx003": ProtocolInfo("pmsx003", 9600, 8, "N", 1, "air_quality", _sensor("pmsx003"),
                             description="Plantower PMS x003 particulate sensor"),
     "mhz19b": ProtocolInfo("mhz19b", 9600, 8, "N", 1, "air_quality", _sensor("mhz19b"),
-                           query=b"\xff\x01\x86\x00\x00\x00\x00\x00\x79", description="Winsen MH-Z19B CO2 (queried)"),
+                           query=MHZ19B_QUERY, description="Winsen MH-Z19B CO2 (queried)"),
     "ascii": ProtocolInfo("ascii", 9600, 8, "N", 1, "sensor", _ascii,
                           description="generic ASCII lines, parsed with a regular expression"),
 }
