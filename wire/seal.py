@@ -306,8 +306,11 @@ class GatewaySealer:
         header = s.prefix + ctr
         return header + s.aead.encrypt(_NONCE_PREFIX + ctr, plaintext, header + _topic_aad(topic))
 
-    def open_downlink(self, topic: str, payload: bytes) -> bytes:
-        """The payload of a collector's downlink (format 0x03) for this topic; raises SealError."""
+    def open_downlink(self, topic: str, payload: bytes, *, check_age: bool = True) -> bytes:
+        """The payload of a collector's downlink (format 0x03) for this topic; raises SealError.
+
+        check_age=False is for downlinks whose replay is harmless (acknowledgements: deleting what is already
+        deleted), so that a gateway whose clock is off by more than the age limit still drains its outbox."""
         payload = bytes(payload)
         if len(payload) < _DOWN_HEADER_LEN + MAC_LEN or payload[0] != FORMAT_DOWNLINK:
             raise SealError(SealReason.MALFORMED_HEADER, f"not a downlink ({len(payload)} bytes)")
@@ -325,7 +328,7 @@ class GatewaySealer:
             raise SealError(SealReason.BAD_TAG, "downlink authentication failed") from None
         now_ms = self._clock() * 1000.0
         sent_ms = int.from_bytes(payload[1 + SID_LEN:_DOWN_HEADER_LEN], "big")
-        if abs(now_ms - sent_ms) > self._down_max_age_ms:
+        if check_age and abs(now_ms - sent_ms) > self._down_max_age_ms:
             raise SealError(SealReason.STALE, f"downlink sent {(now_ms - sent_ms) / 1000:.1f} s ago (limit "
                                               f"{self._down_max_age_ms / 1000:.0f} s either way)")
         # Replays inside the age window: remember every accepted tag for 2 x max age after its arrival; a replay
