@@ -11,7 +11,7 @@ import msgspec
 from edge_agent.modbus.config import ModbusBus, ModbusDevice, ModbusTcpDevice
 from edge_agent.serial.config import SerialDevice
 from wire import config as wconfig
-from wire.config import Duration, invalid
+from wire.config import Duration, Size, invalid
 from wire.mqttlink import MqttSettings
 from wire.schema import GATEWAY_ID_PATTERN
 
@@ -31,15 +31,45 @@ class GatewaySection(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class UplinkSection(msgspec.Struct, forbid_unknown_fields=True):
+    # The cycle: every interval (aligned to the wall clock) the readings of the interval are committed to the
+    # outbox in one transaction and sent. A power cut loses at most the readings of the current cycle.
     publish_interval: Duration = Duration(5)
-    # Until the durable outbox exists, readings wait in RAM while the broker is unreachable; beyond this bound
-    # the oldest are dropped, counted and logged.
+    # Readings waiting in RAM for the end of the cycle; beyond, the oldest are dropped (counted and logged).
+    # Only reached if a commit stalls for long (a failing SD card).
     max_buffered_readings: Annotated[int, msgspec.Meta(ge=1)] = 50_000
     max_message_readings: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 5_000
+    # A message not acknowledged end to end (stored in InfluxDB) within ack_timeout is sent again; while
+    # nothing is acknowledged at all, the timeout doubles up to ack_timeout_max.
+    ack_timeout: Duration = Duration(30)
+    ack_timeout_max: Duration = Duration(600)
+    # Messages sent and not yet acknowledged, backlog included: bounds what the broker queues for the collectors
+    # per gateway (keep it below mosquitto's max_queued_messages, docs/operations.md). Live messages are always
+    # sent; the backlog drains oldest-first into what is left.
+    max_unacked_messages: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 200
+    # The retained status is republished with the outbox and device health this often.
+    heartbeat_interval: Duration = Duration(60)
 
     def __post_init__(self) -> None:
-        if self.publish_interval <= 0:
-            raise invalid("publish_interval", "expected a duration greater than 0")
+        for key in ("publish_interval", "ack_timeout", "heartbeat_interval"):
+            if getattr(self, key) <= 0:
+                raise invalid(key, "expected a duration greater than 0")
+        if self.ack_timeout_max < self.ack_timeout:
+            raise invalid("ack_timeout_max", f"expected at least ack_timeout ({float(self.ack_timeout):g} s)")
+
+
+class OutboxSection(msgspec.Struct, forbid_unknown_fields=True):
+    """The durable outbox (docs/operations.md): SQLite in the state directory unless `path` says otherwise."""
+
+    path: str = ""
+    # Bounds: beyond either, the oldest messages are dropped (counted, logged, reported in the heartbeat).
+    max_size: Size = Size(200_000_000)
+    max_age: Duration = Duration(30 * 86400)
+
+    def __post_init__(self) -> None:
+        if self.max_size < 1_000_000:
+            raise invalid("max_size", f"expected at least 1MB, got {int(self.max_size)} bytes")
+        if self.max_age <= 0:
+            raise invalid("max_age", "expected a duration greater than 0")
 
 
 class SecuritySection(msgspec.Struct, forbid_unknown_fields=True):
@@ -68,6 +98,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     gateway: GatewaySection
     mqtt: MqttSettings = msgspec.field(default_factory=MqttSettings)
     uplink: UplinkSection = msgspec.field(default_factory=UplinkSection)
+    outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     security: SecuritySection | None = None
     buses: list[ModbusBus] = []
@@ -110,6 +141,10 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     @property
     def serial_devices(self) -> list[SerialDevice]:
         return [d for d in self.devices if isinstance(d, SerialDevice)]
+
+    @property
+    def outbox_path(self) -> Path:
+        return Path(self.outbox.path) if self.outbox.path else Path(self.gateway.state_dir) / "outbox.sqlite3"
 
     def bus_of(self, device: ModbusKind) -> ModbusBus:
         """The bus a device is polled on; a `modbus-tcp` device's endpoint is a bus of its own, shared by

@@ -52,6 +52,10 @@ class PersistentSequence:
         self._next += 1
         return value
 
+    def at_least(self, value: int) -> None:
+        """Never hand out a number below `value` (e.g. the outbox already holds higher ones)."""
+        self._next = max(self._next, value)
+
     @property
     def peek(self) -> int:
         return self._next

@@ -8,6 +8,7 @@ one error style everywhere:
 Conventions for config Structs:
 - declare `forbid_unknown_fields=True` so a typo is an error, not a silently ignored key;
 - durations are `Duration` (accepts 10, 2.5, "10s", "500ms", "5m", "1h");
+- sizes are `Size` (accepts 1000000, "200MB", "64KiB");
 - secrets are `Secret` (accepts "inline", {env = "NAME"} or {file = "/path"}), masked in repr;
 - cross-field checks go in `__post_init__` and raise `invalid("key", "message")` so the path is exact.
 """
@@ -62,6 +63,24 @@ class Duration(float):
         return f"Duration({float(self)}s)"
 
 
+class Size(int):
+    """Bytes, written in a file as a number or a string such as "200MB", "64KiB", "1GB"."""
+
+    _UNITS: ClassVar[dict[str, int]] = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10,
+                                        "mib": 2**20, "gib": 2**30}
+    _PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+    @classmethod
+    def parse(cls, value: object) -> Size:
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return cls(value)
+        if isinstance(value, str):
+            match = cls._PATTERN.match(value)
+            if match and match.group(2).lower() in cls._UNITS:
+                return cls(int(float(match.group(1)) * cls._UNITS[match.group(2).lower()]))
+        raise ValueError(f'expected a size such as "200MB", "512KiB" or a number of bytes, got {_show(value)}')
+
+
 class Secret:
     """A password or token: inline, from an environment variable or from a file (first line, stripped).
 
@@ -110,6 +129,8 @@ def _dec_hook(type_: type, obj: Any) -> Any:
         return Duration.parse(obj)
     if type_ is Secret:
         return Secret.parse(obj)
+    if type_ is Size:
+        return Size.parse(obj)
     raise NotImplementedError(f"no config decoder for {type_!r}")
 
 
@@ -272,6 +293,8 @@ def _describe(info: Any) -> str:
     if isinstance(info, t.CustomType):
         if info.cls is Duration:
             return 'a duration such as "10s"'
+        if info.cls is Size:
+            return 'a size such as "200MB"'
         if info.cls is Secret:
             return 'a string, {env = "NAME"} or {file = "/path"}'
     if isinstance(info, t.UnionType):

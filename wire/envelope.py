@@ -1,7 +1,7 @@
 """The outer frame of every uplink payload: one format byte, then the body.
 
     0x01  plain v1: body = msgpack Batch (wire/schema.py)
-    0x02  sealed v2: reserved for the end-to-end sealed envelope (encrypted + authenticated); not yet defined
+    0x02  sealed v2: the end-to-end sealed envelope (encrypted + authenticated), wire/seal.py
 
 A collector reads the first byte before anything else, so a sealed format can be introduced per gateway
 without a flag day, and a collector that requires sealing can refuse 0x01 outright.
@@ -45,7 +45,12 @@ class WireError(Exception):
 
 
 def seal_plain(batch: Batch) -> bytes:
-    return bytes((Format.PLAIN_V1,)) + encode_batch(batch)
+    return frame_plain(encode_batch(batch))
+
+
+def frame_plain(body: bytes) -> bytes:
+    """A plain v1 payload around an already encoded Batch."""
+    return bytes((Format.PLAIN_V1,)) + body
 
 
 def open_plain(payload: bytes | memoryview) -> Batch:

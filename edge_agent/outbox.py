@@ -1,0 +1,281 @@
+"""The durable outbox: every message the gateway made, kept until a collector acknowledges it stored.
+
+SQLite in WAL mode with synchronous=FULL, in the agent's state directory. One transaction per cycle inserts the
+cycle's messages, deletes what was acknowledged since the last cycle and enforces the bounds, so a cycle costs
+one WAL fsync (plus, every ~1000 WAL pages, a checkpoint: two more). Counted and explained in
+docs/operations.md; measured by bench/outbox_fsync.py.
+
+Why these choices:
+- WAL + FULL: a committed cycle survives kill -9 and a power cut; an uncommitted one is rolled back whole.
+  synchronous=NORMAL would lose the last commits on a power cut.
+- Messages are stored as the plaintext msgpack Batch with its sequence number and creation time, and sealed
+  only when sent: a re-send is the same points (idempotent in InfluxDB) under the sealer's current session.
+- Nothing is written when a message is sent or re-sent (delivery state is in RAM, wear on an SD card is per
+  cycle, not per send); after a restart every row is simply unsent.
+- A database that SQLite cannot read is moved aside (with its -wal and -shm) and a new one is started, so a
+  damaged SD card sector costs the backlog it held, never the gateway's polling.
+
+Not thread-safe: the agent runs every call on one worker thread, off the event loop (an fsync on an SD card
+can take 10-100 ms).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("citynerve.agent.outbox")
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS message (
+    seq        INTEGER PRIMARY KEY,
+    created_ns INTEGER NOT NULL,
+    readings   INTEGER NOT NULL,
+    body       BLOB    NOT NULL
+);
+CREATE TABLE IF NOT EXISTS counter (
+    name  TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    seq: int
+    created_ns: int
+    readings: int
+    body: bytes
+
+
+@dataclass
+class Backlog:
+    """What the outbox holds: kept current by every transaction, without scanning the table."""
+
+    messages: int = 0
+    readings: int = 0
+    bytes: int = 0
+    oldest_seq: int | None = None
+    oldest_ns: int | None = None
+    newest_seq: int | None = None
+
+
+@dataclass
+class Dropped:
+    """Messages removed by the bounds in one transaction (oldest first); the totals are persistent."""
+
+    messages: int = 0
+    readings: int = 0
+    by_age: int = 0
+    by_size: int = 0
+    seqs: list[tuple[int, int]] = field(default_factory=list)  # (first, last) dropped this time
+
+
+class Outbox:
+    def __init__(self, path: Path, max_bytes: int, max_age_s: float, clock=time.time_ns) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.max_age_ns = int(max_age_s * 1e9)
+        self._clock = clock
+        self.backlog = Backlog()
+        self.dropped_readings_total = 0
+        self.dropped_messages_total = 0
+        self.resets = 0  # damaged databases moved aside by this process
+        self.commits = 0
+        self._db: sqlite3.Connection | None = None
+        self._open()
+
+    # -- opening, and surviving a damaged file ------------------------------------------------------------------
+
+    def _open(self) -> None:
+        try:
+            self._db = self._connect()
+            self._load()
+        except sqlite3.DatabaseError as exc:
+            self._move_aside(exc)
+            self._db = self._connect()
+            self._load()
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            db.execute("PRAGMA journal_mode=WAL").fetchone()
+            db.execute("PRAGMA synchronous=FULL")
+            # After a checkpoint the WAL is truncated back to this size instead of staying at its peak.
+            db.execute("PRAGMA journal_size_limit=4194304")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version not in (0, SCHEMA_VERSION):
+                raise sqlite3.DatabaseError(f"schema version {version}, this agent knows {SCHEMA_VERSION}")
+            # quick_check reads every page once: a few seconds for 100 MB on a Pi, once per start, and it is
+            # what finds a damaged page before a send or a delete trips over it.
+            problem = db.execute("PRAGMA quick_check(1)").fetchone()[0]
+            if problem != "ok":
+                raise sqlite3.DatabaseError(f"quick_check: {problem}")
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _load(self) -> None:
+        db = self._require()
+        count, readings, size, oldest, newest = db.execute(
+            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(body)), 0), min(seq), max(seq) "
+            "FROM message").fetchone()
+        oldest_ns = None
+        if oldest is not None:
+            oldest_ns = db.execute("SELECT created_ns FROM message WHERE seq = ?", (oldest,)).fetchone()[0]
+        self.backlog = Backlog(count, readings, size, oldest, oldest_ns, newest)
+        counters = dict(db.execute("SELECT name, value FROM counter").fetchall())
+        self.dropped_readings_total = counters.get("dropped_readings", 0)
+        self.dropped_messages_total = counters.get("dropped_messages", 0)
+
+    def _move_aside(self, exc: BaseException) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                os.replace(src, Path(str(aside) + suffix))
+        self.resets += 1
+        log.error(
+            "outbox %s is unreadable (%s): moved aside to %s, starting an empty outbox; the messages it held "
+            "are not sent (recover them with sqlite3 .recover if they matter). Polling goes on.",
+            self.path, exc, aside, extra={"reason": "outbox_damaged"},
+        )
+
+    def _require(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("outbox is closed")
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    # -- the one write path ---------------------------------------------------------------------------------------
+
+    def commit(self, messages: list[NewMessage], acked: Iterable[tuple[int, int]] = ()) -> Dropped:
+        """One transaction: insert this cycle's messages, delete acknowledged ranges, apply the bounds.
+
+        A damaged database is moved aside and the cycle is committed to a fresh one."""
+        acked = list(acked)
+        try:
+            return self._commit(messages, acked)
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise
+            self._move_aside(exc)
+            self._open()
+            return self._commit(messages, [])
+
+    def _commit(self, messages: list[NewMessage], acked: list[tuple[int, int]]) -> Dropped:
+        db = self._require()
+        b = self.backlog
+        dropped = Dropped()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for first, last in acked:
+                for count, readings, size in db.execute(
+                        "DELETE FROM message WHERE seq BETWEEN ? AND ? RETURNING 1, readings, length(body)",
+                        (first, last)).fetchall():
+                    b.messages -= count
+                    b.readings -= readings
+                    b.bytes -= size
+            db.executemany("INSERT INTO message (seq, created_ns, readings, body) VALUES (?, ?, ?, ?)",
+                           [(m.seq, m.created_ns, m.readings, m.body) for m in messages])
+            for m in messages:
+                b.messages += 1
+                b.readings += m.readings
+                b.bytes += len(m.body)
+            self._apply_bounds(db, dropped)
+            if dropped.messages:
+                self.dropped_messages_total += dropped.messages
+                self.dropped_readings_total += dropped.readings
+                db.executemany("INSERT OR REPLACE INTO counter (name, value) VALUES (?, ?)",
+                               [("dropped_messages", self.dropped_messages_total),
+                                ("dropped_readings", self.dropped_readings_total)])
+            self._refresh_ends(db)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._load()  # the RAM summary follows the database, not the half-applied changes
+            raise
+        self.commits += 1
+        return dropped
+
+    def _apply_bounds(self, db: sqlite3.Connection, dropped: Dropped) -> None:
+        b = self.backlog
+        cutoff = self._clock() - self.max_age_ns
+        while b.messages:
+            seq, created_ns, readings, size = db.execute(
+                "SELECT seq, created_ns, readings, length(body) FROM message ORDER BY seq LIMIT 1").fetchone()
+            too_old = created_ns < cutoff
+            if not too_old and b.bytes <= self.max_bytes:
+                return
+            db.execute("DELETE FROM message WHERE seq = ?", (seq,))
+            b.messages -= 1
+            b.readings -= readings
+            b.bytes -= size
+            dropped.messages += 1
+            dropped.readings += readings
+            if too_old:
+                dropped.by_age += 1
+            else:
+                dropped.by_size += 1
+            if dropped.seqs and dropped.seqs[-1][1] == seq - 1:
+                dropped.seqs[-1] = (dropped.seqs[-1][0], seq)
+            else:
+                dropped.seqs.append((seq, seq))
+
+    def _refresh_ends(self, db: sqlite3.Connection) -> None:
+        b = self.backlog
+        row = db.execute("SELECT seq, created_ns FROM message ORDER BY seq LIMIT 1").fetchone()
+        b.oldest_seq, b.oldest_ns = row if row else (None, None)
+        row = db.execute("SELECT max(seq) FROM message").fetchone()
+        b.newest_seq = row[0]
+
+    # -- reads for the sender --------------------------------------------------------------------------------------
+
+    def seqs_after(self, after: int, limit: int) -> list[int]:
+        """Up to `limit` sequence numbers greater than `after`, ascending."""
+        try:
+            return [seq for (seq,) in self._require().execute(
+                "SELECT seq FROM message WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))]
+        except sqlite3.DatabaseError as exc:
+            self._move_aside(exc)
+            self._open()
+            return []
+
+    def bodies(self, seqs: list[int]) -> list[tuple[int, bytes]]:
+        """(seq, body) of those of `seqs` still held, in seq order."""
+        if not seqs:
+            return []
+        out: list[tuple[int, bytes]] = []
+        try:
+            db = self._require()
+            for i in range(0, len(seqs), 500):
+                chunk = seqs[i:i + 500]
+                out += db.execute(f"SELECT seq, body FROM message WHERE seq IN ({','.join('?' * len(chunk))})",
+                                  chunk).fetchall()
+        except sqlite3.DatabaseError as exc:
+            self._move_aside(exc)
+            self._open()
+            return []
+        out.sort()
+        return out
