@@ -1,0 +1,209 @@
+"""The durable outbox (SQLite, real files) and the pure delivery rules."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge_agent.delivery import Delivery
+from edge_agent.outbox import NewMessage, Outbox
+
+NOW = 1_700_000_000_000_000_000
+
+
+def message(seq: int, size: int = 100, created_ns: int = NOW, readings: int = 3) -> NewMessage:
+    return NewMessage(seq, created_ns, readings, bytes([seq % 256]) * size)
+
+
+def test_commit_inserts_and_acks_delete_in_one_transaction(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=10**6, max_age_s=86400, clock=lambda: NOW)
+    box.commit([message(s) for s in range(10)])
+    assert (box.backlog.messages, box.backlog.readings, box.backlog.bytes) == (10, 30, 1000)
+    assert (box.backlog.oldest_seq, box.backlog.newest_seq) == (0, 9)
+    box.commit([message(10)], acked=[(0, 3), (7, 7), (50, 60)])
+    assert box.seqs_after(-1, 100) == [4, 5, 6, 8, 9, 10]
+    assert (box.backlog.messages, box.backlog.oldest_seq) == (6, 4)
+    assert box.bodies([9, 4, 99]) == [(4, bytes([4]) * 100), (9, bytes([9]) * 100)]
+    box.close()
+    reopened = Outbox(tmp_path / "o.sqlite3", max_bytes=10**6, max_age_s=86400, clock=lambda: NOW)
+    assert (reopened.backlog.messages, reopened.backlog.bytes, reopened.backlog.oldest_seq) == (6, 600, 4)
+    assert sqlite3.connect(tmp_path / "o.sqlite3").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_bounds_drop_oldest_by_size_and_age_counted_and_persistent(tmp_path: Path) -> None:
+    clock = [NOW]
+    box = Outbox(tmp_path / "o.sqlite3", max_bytes=1000, max_age_s=60, clock=lambda: clock[0])
+    dropped = box.commit([message(s) for s in range(12)])  # 1200 bytes > 1000
+    assert (dropped.messages, dropped.by_size, dropped.readings, dropped.seqs) == (2, 2, 6, [(0, 1)])
+    assert box.backlog.oldest_seq == 2 and box.backlog.bytes == 1000
+    clock[0] = NOW + 61 * 10**9
+    dropped = box.commit([message(12, created_ns=clock[0])])
+    assert (dropped.by_age, dropped.seqs) == (10, [(2, 11)])
+    assert box.seqs_after(-1, 100) == [12]
+    assert box.dropped_readings_total == 36
+    box.close()
+    assert Outbox(tmp_path / "o.sqlite3", 1000, 60, clock=lambda: clock[0]).dropped_messages_total == 12
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated_page"])
+def test_damaged_database_is_moved_aside_and_a_new_one_started(tmp_path: Path, damage: str, caplog) -> None:
+    path = tmp_path / "o.sqlite3"
+    box = Outbox(path, 10**6, 86400, clock=lambda: NOW)
+    box.commit([message(s, size=5000) for s in range(20)])
+    box.close()
+    if damage == "garbage":
+        path.write_bytes(b"this is not a database" * 100)
+    else:
+        data = bytearray(path.read_bytes())
+        data[4096 * 2:4096 * 3] = os.urandom(4096)  # a page of the table, as a failing SD card returns it
+        path.write_bytes(bytes(data))
+    box = Outbox(path, 10**6, 86400, clock=lambda: NOW)
+    assert box.resets == 1 and box.backlog.messages == 0
+    assert "moved aside" in caplog.text and "Polling goes on" in caplog.text
+    aside = [p.name for p in tmp_path.iterdir() if ".damaged-" in p.name]
+    assert aside and all(name.startswith("o.sqlite3.damaged-") for name in aside)
+    box.commit([message(100)])
+    assert box.seqs_after(-1, 10) == [100]
+
+
+def test_schema_from_the_future_is_not_overwritten(tmp_path: Path) -> None:
+    path = tmp_path / "o.sqlite3"
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    box = Outbox(path, 10**6, 86400)
+    assert box.resets == 1  # moved aside (kept for a newer agent), never reinterpreted
+
+
+_COMMITTER = textwrap.dedent("""
+    import sys, time
+    from edge_agent.outbox import NewMessage, Outbox
+    box = Outbox(sys.argv[1], 10**9, 10**9)
+    seq = (box.backlog.newest_seq or 0) + 1
+    print("ready", flush=True)
+    while True:
+        cycle = [NewMessage(seq + i, time.time_ns(), 50, bytes([i]) * 4000) for i in range(25)]
+        box.commit(cycle, acked=[(seq - 200, seq - 101)])
+        seq += 25
+""")
+
+
+def test_kill_9_in_the_middle_of_commits_keeps_whole_cycles(tmp_path: Path) -> None:
+    """A real process committing 25-message cycles is killed at random moments: every reopened database is
+    intact and holds whole cycles only (the commit is all or nothing), and sequence numbers stay consecutive."""
+    path = tmp_path / "o.sqlite3"
+    rng = __import__("random").Random(5)
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, "-c", _COMMITTER, str(path)], stdout=subprocess.PIPE,
+                                cwd=Path(__file__).parent.parent)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(rng.uniform(0.05, 0.4))
+        proc.kill()
+        proc.wait()
+        box = Outbox(path, 10**9, 10**9)
+        assert box.resets == 0
+        seqs = box.seqs_after(-1, 10**6)
+        box.close()
+        assert seqs, "nothing committed"
+        assert len(seqs) % 25 == 0 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+        assert seqs[0] % 25 == 1 and seqs[-1] % 25 == 0  # whole cycles: 1 + 25k .. 25(k + 1)
+
+
+# -- delivery rules ------------------------------------------------------------------------------------------------
+
+
+def test_live_first_then_oldest_backlog_within_the_window() -> None:
+    d = Delivery(window=3, ack_timeout=10, ack_timeout_max=80)
+    d.committed([100])
+    assert d.take_live() == [100]
+    d.sent([100], now=0)
+    assert d.budget == 2
+    assert d.choose([1, 2, 3, 100], d.budget) == [1, 2]
+    d.sent([1, 2], now=0)
+    assert d.budget == 0 and d.cursor == 2
+    d.acked([(1, 1), (100, 100)], now=1)
+    assert d.budget == 2
+    assert d.choose([3, 4, 100], d.budget) == [3, 4]
+    assert d.take_acked() == [(1, 1), (100, 100)]
+
+
+def test_timeouts_retry_oldest_first_with_backoff_reset_by_an_ack() -> None:
+    d = Delivery(window=10, ack_timeout=10, ack_timeout_max=40)
+    d.sent([5, 6, 7], now=0)
+    assert d.next_expiry() == 10
+    assert d.expire(now=9) == 0
+    assert d.expire(now=10) == 3 and d.timeout == 20  # nothing acknowledged: back off
+    assert d.choose([8], budget=2) == [5, 6]
+    d.sent([5, 6], now=10)
+    assert d.resent == 2
+    assert d.expire(now=30) == 2 and d.timeout == 40
+    d.sent([7], now=31)
+    d.expire(now=100)
+    assert d.timeout == 40  # capped
+    d.acked([(5, 7)], now=101)
+    assert d.timeout == 10 and not d.outstanding
+    assert d.choose([8, 9], budget=5) == [8, 9]
+
+
+def test_acks_for_numbers_never_sent_here_are_deleted_too() -> None:
+    d = Delivery(window=10, ack_timeout=10, ack_timeout_max=40)
+    d.acked([(0, 9)], now=0)
+    d.acked([(10, 12), (20, 20)], now=0)
+    assert d.take_acked() == [(0, 12), (20, 20)]
+    assert d.choose(list(range(8, 25)), budget=3) == [13, 14, 15]
+    taken = d.take_acked()
+    d.acked([(30, 30)], now=1)
+    d.acked_deleted(taken)
+    assert d.take_acked() == [(30, 30)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["commit", "send", "ack", "tick"]), st.integers(0, 5)), max_size=60))
+def test_every_committed_message_is_sent_until_acknowledged(events) -> None:
+    """Whatever the order of events, a message is never lost by the rules: after the acknowledgements stop
+    arriving, repeated rounds send every unacknowledged message again."""
+    d = Delivery(window=4, ack_timeout=1, ack_timeout_max=4)
+    held: list[int] = []  # the outbox
+    next_seq, now = 0, 0.0
+    sent_once: set[int] = set()
+
+    def round_() -> None:
+        d.expire(now)
+        live = d.take_live()
+        d.sent(live, now)
+        sent_once.update(live)
+        chosen = d.choose([s for s in held if s > d.cursor], d.budget)
+        d.sent(chosen, now)
+        sent_once.update(chosen)
+
+    for kind, n in events:
+        now += 0.5
+        if kind == "commit":
+            new = list(range(next_seq, next_seq + n))
+            next_seq += n
+            held.extend(new)
+            d.committed(new)
+        elif kind == "send":
+            round_()
+        elif kind == "ack" and d.outstanding:
+            seq = list(d.outstanding)[n % len(d.outstanding)]
+            d.acked([(seq, seq)], now)
+            held.remove(seq)
+        else:
+            d.expire(now)
+    for _ in range(400):
+        now += 5
+        round_()
+        for seq in list(d.outstanding):
+            d.acked([(seq, seq)], now)
+            held.remove(seq)
+    assert held == []
