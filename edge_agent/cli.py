@@ -1,4 +1,4 @@
-"""edge-agent: run | check | poll-once | profiles."""
+"""edge-agent: run | check | poll-once | outbox | profiles | read | scan | decode | enroll."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     once = sub.add_parser("poll-once", help="poll every device once, print readings as JSON lines, publish nothing")
     once.add_argument("config", metavar="FILE")
     sub.add_parser("profiles", help="list the bundled firmware profiles")
+    outbox = sub.add_parser("outbox", help="what the durable outbox holds: messages not yet acknowledged as stored")
+    outbox.add_argument("config", metavar="FILE")
     from edge_agent import enroll  # enroll: keys and certificate request (edge_agent/enroll.py)
 
     enroll.register_subcommands(sub)
@@ -109,6 +111,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "poll-once":
         return _poll_once(cfg)
+    if args.command == "outbox":
+        return _outbox(cfg)
 
     from edge_agent.app import Agent, state_dir_problem
 
@@ -120,6 +124,31 @@ def _dispatch(args: argparse.Namespace) -> int:
         await Agent(cfg).run(stop)
 
     return run_until_signal(run)
+
+
+def _outbox(cfg: AgentConfig) -> int:
+    import sqlite3
+    import time
+
+    from edge_agent.outbox import inspect
+
+    path = cfg.outbox_path
+    if not path.exists():
+        print(f"{path}: no outbox yet (the agent has not run with this state directory)")
+        return 0
+    try:
+        info = inspect(path)
+    except sqlite3.Error as exc:
+        return fail(f"{path}: unreadable outbox ({exc}); the agent moves it aside at its next start")
+    oldest = info["oldest_ns"]
+    age = f", oldest from {iso_ns(oldest)} ({(time.time_ns() - oldest) / 1e9:.0f} s ago)" if oldest else ""
+    print(f"{path}: {info['messages']} message(s) not yet acknowledged, {info['readings']} reading(s), "
+          f"{info['bytes']} bytes{age}")
+    if info["messages"]:
+        print(f"  sequence numbers {info['oldest_seq']} .. {info['newest_seq']}")
+    print(f"  dropped by the outbox bounds since it was created: {info['dropped_messages']} message(s), "
+          f"{info['dropped_readings']} reading(s)")
+    return 0
 
 
 def _decode(args: argparse.Namespace) -> int:

@@ -279,3 +279,18 @@ class Outbox:
             return []
         out.sort()
         return out
+
+
+def inspect(path: Path) -> dict[str, int | None]:
+    """A read-only summary for `edge-agent outbox` (safe while the agent runs: WAL readers never block it)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+    try:
+        count, readings, size, oldest, newest, oldest_ns = db.execute(
+            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(body)), 0), min(seq), max(seq), "
+            "min(created_ns) FROM message").fetchone()
+        counters = dict(db.execute("SELECT name, value FROM counter").fetchall())
+    finally:
+        db.close()
+    return {"messages": count, "readings": readings, "bytes": size, "oldest_seq": oldest, "newest_seq": newest,
+            "oldest_ns": oldest_ns, "dropped_messages": counters.get("dropped_messages", 0),
+            "dropped_readings": counters.get("dropped_readings", 0)}
