@@ -62,7 +62,7 @@ class OutboxSection(msgspec.Struct, forbid_unknown_fields=True):
 
     path: str = ""
     # Bounds: beyond either, the oldest messages are dropped (counted, logged, reported in the heartbeat).
-    max_size: Size = Size(200_000_000)
+    max_size: Size = Size(1_000_000_000)
     max_age: Duration = Duration(30 * 86400)
 
     def __post_init__(self) -> None:
