@@ -201,8 +201,11 @@ class Agent:
             readings = self.buffer.take()
             taken.append(readings)
             seq = self.sequence.next()
-            body = encode_batch(Batch(gateway=self.gateway_id, seq=seq, sent_ns=created_ns, readings=readings))
-            messages.append(NewMessage(seq, created_ns, len(readings), body))
+            # One nanosecond apart: the collector's per-message record is stamped with this time, so the
+            # messages of one cycle must not share it (they would overwrite each other's record).
+            made_ns = created_ns + len(messages)
+            body = encode_batch(Batch(gateway=self.gateway_id, seq=seq, sent_ns=made_ns, readings=readings))
+            messages.append(NewMessage(seq, made_ns, len(readings), body))
         acked = self.delivery.take_acked()
         if not messages and not acked:
             return
@@ -256,7 +259,7 @@ class Agent:
         if not budget:
             return
         loop = asyncio.get_running_loop()
-        scan = budget + len(d.outstanding) + len(d.acked_ranges) + 16  # skipped seqs must not use up the scan
+        scan = budget + min(d.skippable, 50_000) + 16  # the seqs the scan passes over must not use it up
         backlog = await loop.run_in_executor(self._db, self.outbox.seqs_after, d.cursor, scan)
         chosen = d.choose(backlog, budget)
         if not chosen:

@@ -130,6 +130,12 @@ class Delivery:
         """How many backlog or retry messages may be sent now."""
         return max(0, self.window - len(self.outstanding))
 
+    @property
+    def skippable(self) -> int:
+        """An upper bound of how many held seqs after the cursor skip() passes over (acked ones: per range)."""
+        return len(self.outstanding) + len(self._retry_set) + len(self._live_set) + sum(
+            b - a + 1 for a, b in self.acked_ranges)
+
     def skip(self, seq: int) -> bool:
         """A message the backlog scan must pass over: live, already outstanding, queued for retry or acked."""
         return seq in self._live_set or seq in self.outstanding or seq in self._retry_set or self.is_acked(seq)
