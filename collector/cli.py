@@ -112,6 +112,8 @@ def describe(path: str, cfg: object) -> str:
         f"{float(m.session_expiry):g}s, receive maximum {m.receive_maximum}",
         f"  write InfluxDB {i.api} API {i.url} {target}, batches of {i.batch_size} or every "
         f"{float(i.flush_interval):g}s, gzip {'on' if i.gzip else 'off'}",
+        f"  acknowledge stored messages to their gateways every {float(cfg.acks.interval):g}s on "  # type: ignore[attr-defined]
+        f"{m.topic_prefix}/<gateway>/down/ack",
     ])
 
 

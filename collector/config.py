@@ -68,6 +68,18 @@ class QuarantineSection(msgspec.Struct, forbid_unknown_fields=True):
     max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 16 * 1024 * 1024
 
 
+class AcksSection(msgspec.Struct, forbid_unknown_fields=True):
+    """End-to-end acknowledgements to the gateways (docs/wire-format.md#acknowledgements)."""
+
+    # Seqs stored since the last acknowledgement go out together after at most this long: one small message per
+    # gateway and interval, however many messages were stored. The agent's re-send timeout must be longer.
+    interval: Duration = Duration(1)
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0:
+            raise invalid("interval", f'expected a duration > 0 such as "1s" or "500ms", got {float(self.interval):g}')
+
+
 class LogSection(msgspec.Struct, forbid_unknown_fields=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -80,6 +92,7 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     validation: ValidationSection = msgspec.field(default_factory=ValidationSection)
     quarantine: QuarantineSection = msgspec.field(default_factory=QuarantineSection)
     security: SecuritySection | None = None
+    acks: AcksSection = msgspec.field(default_factory=AcksSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
 
 

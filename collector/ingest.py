@@ -31,6 +31,9 @@ class Accepted:
     skipped: int = 0  # readings with no storable field (e.g. every value NaN)
     sealed: bool = False
     duplicate: bool = False  # a sealed message seen before (stored again: the write is idempotent)
+    # The sealed session the message came in (wire.seal.Opened.session_id), None for a plain message: its
+    # downlink key authenticates the acknowledgement of this seq.
+    session_id: bytes | None = None
 
 
 class Ingest:
@@ -55,13 +58,14 @@ class Ingest:
             raise WireError(Rejection.BAD_TOPIC, f"not an uplink topic under {self.prefix}/: {topic!r}")
         topic_gateway = parsed[0]
         sealed = duplicate = False
+        session_id: bytes | None = None
         if payload[:1] == bytes((FORMAT_SEALED,)) and self.opener is not None:
             try:
                 opened = self.opener.open(topic_gateway, topic, payload)
             except SealError as exc:
                 raise WireError(exc.reason, exc.detail) from None
             batch = decode_body(opened.plaintext)
-            sealed, duplicate = True, opened.duplicate
+            sealed, duplicate, session_id = True, opened.duplicate, opened.session_id
         elif not self.accept_plain:
             fmt = f"0x{payload[0]:02x}" if payload else "empty"
             raise WireError(Rejection.UNSEALED, f"format {fmt}: this collector accepts sealed payloads only")
@@ -108,4 +112,5 @@ class Ingest:
                 batch.sent_ns,
             )
         )
-        return Accepted(batch.gateway, batch.seq, len(batch.readings), lines, suspect, skipped, sealed, duplicate)
+        return Accepted(batch.gateway, batch.seq, len(batch.readings), lines, suspect, skipped, sealed, duplicate,
+                        session_id)

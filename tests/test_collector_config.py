@@ -34,6 +34,7 @@ def test_valid_config_is_summarised(tmp_path) -> None:
     result = check(tmp_path, OK)
     assert result.returncode == 0, result.stderr
     assert "receive maximum 500" in result.stdout and "database citynerve" in result.stdout
+    assert "acknowledge stored messages to their gateways every 1s on citynerve/v1/<gateway>/down/ack" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,9 @@ def test_valid_config_is_summarised(tmp_path) -> None:
         (("[mqtt]", '[mqtt]\nshared_group = "a/b"'), "mqtt.shared_group"),
         (("[mqtt]", '[mqtt]\ntopic_prefix = "citynerve/#"'), "mqtt.topic_prefix"),
         (("[influx]", "[influx]\nbatch_sise = 10"), 'influx.batch_sise: unknown key (did you mean "batch_size"?)'),
+        (("[mqtt]", "[acks]\ninterval = 0\n\n[mqtt]"), 'acks.interval: expected a duration > 0 such as "1s"'),
+        (("[mqtt]", '[acks]\ninterval = "soon"\n\n[mqtt]'), 'acks.interval: expected a duration such as "10s"'),
+        (("[mqtt]", '[acks]\nintervall = "1s"\n\n[mqtt]'), 'acks.intervall: unknown key (did you mean "interval"?)'),
     ],
 )
 def test_errors_name_the_key(tmp_path, edit: tuple[str, str], expected: str) -> None:

@@ -18,7 +18,9 @@ def lines_of(batch: Batch, topic: str = "citynerve/v1/gw-1/up") -> list[bytes]:
 
 def test_tags_fields_time_and_ingest_record() -> None:
     reading = Reading("meter 1", "electricity", NOW - 5, {"v": 230.5, "n": 3}, {"model": "SDM630", "device": "forged"})
-    lines = lines_of(Batch("gw-1", 7, NOW - 2, [reading]))
+    accepted = ingest.uplink("citynerve/v1/gw-1/up", seal_plain(Batch("gw-1", 7, NOW - 2, [reading])), NOW)
+    assert (accepted.gateway, accepted.seq, accepted.sealed, accepted.session_id) == ("gw-1", 7, False, None)
+    lines = accepted.lines
     assert lines[0] == b"electricity,device=meter\\ 1,gateway=gw-1,model=SDM630 v=230.5,n=3i " + str(NOW - 5).encode()
     assert lines[1].startswith(b"citynerve_ingest,gateway=gw-1 seq=7i,readings=1i,suspect=0i,")
     assert lines[1].endswith(str(NOW - 2).encode())
@@ -85,8 +87,10 @@ def test_sealed_payloads_are_opened_and_duplicates_flagged() -> None:
     payload = sealer.seal(topic, encode_batch(Batch("gw-1", 5, NOW, [Reading("m", "e", NOW, {"v": 1.5})])))
     first = sealed_ingest.uplink(topic, payload, NOW)
     assert first.sealed and not first.duplicate and first.lines[0].startswith(b"e,device=m,gateway=gw-1 v=1.5 ")
+    assert first.session_id == sealer.session_id  # whose downlink key authenticates the acknowledgement
     again = sealed_ingest.uplink(topic, payload, NOW)
     assert again.duplicate and again.lines == first.lines  # stored again: the same point, idempotent
+    assert again.seq == 5 and again.session_id == sealer.session_id  # and acknowledged again
 
 
 def test_sealed_collector_refuses_plain_and_checks_the_batch_gateway() -> None:
@@ -136,5 +140,83 @@ def test_random_and_mutated_payloads_end_in_a_typed_rejection() -> None:
             assert str(exc.reason) in reasons
         else:
             assert payload == genuine  # only the untouched message (a duplicate by now) is accepted
+
+    check()
+
+
+# -- health heartbeat (collector/health.py) ------------------------------------------------------------------
+
+POLICY = TimePolicy(300 * 10**9, 1_577_836_800 * 10**9)
+
+
+def test_heartbeat_fields_time_and_devices() -> None:
+    from collector.health import health_lines
+
+    doc = {"state": "online", "gateway": "gw-forged", "time_ns": NOW - 10, "version": "0.2.0", "mqtt": "5",
+           "since_ns": NOW - 10**12, "backlog_messages": 3, "backlog_oldest_ns": None, "resent_messages": 2,
+           "outbox_resets": True, "next_seq": 2**63, "dropped_readings": 1.5, "unknown_new_field": 7,
+           "devices": {"meter 1": {"polls": 10, "errors": 2, "last_error": 'bad "crc"\nagain'},
+                       "m2": {"polls": 4, "errors": 0, "last_error": None}}}
+    health = health_lines(doc, "gw-1", NOW, POLICY)
+    assert health.skipped_devices == 0
+    assert health.lines == [
+        # bool, null, an int beyond int64 and fields not in the list are left out; floats stay floats
+        b"citynerve_gateway_health,gateway=gw-1 online=1i,since_ns=%di,backlog_messages=3i,dropped_readings=1.5,"
+        b"resent_messages=2i %d" % (NOW - 10**12, NOW - 10),
+        b'citynerve_device_health,device=meter\\ 1,gateway=gw-1 polls=10i,errors=2i,last_error="bad \\"crc\\" again" '
+        + str(NOW - 10).encode(),
+        b"citynerve_device_health,device=m2,gateway=gw-1 polls=4i,errors=0i " + str(NOW - 10).encode(),
+    ]
+
+
+@pytest.mark.parametrize("time_ns", [None, 12_345, NOW + 301 * 10**9, "1800000000000000000", 1.8e18, True])
+def test_heartbeat_without_a_plausible_time_is_stored_at_its_arrival(time_ns: object) -> None:
+    from collector.health import health_lines
+
+    doc = {"state": "offline", "time_ns": time_ns}
+    assert health_lines(doc, "gw-1", NOW, POLICY).lines == [
+        b"citynerve_gateway_health,gateway=gw-1 online=0i " + str(NOW).encode()]
+
+
+def test_heartbeat_device_entries_are_bounded_and_invalid_ones_skipped() -> None:
+    from collector.health import MAX_DEVICES, health_lines
+
+    bad = {"": {"polls": 1}, "x" * 129: {"polls": 1}, "tab\there": {"polls": 1}, "ends\\": {"polls": 1},
+           "not-a-dict": [1, 2], "no-fields": {"polls": -1, "errors": "3"}, "ok": {"polls": 1}}
+    health = health_lines({"state": "online", "devices": bad}, "gw-1", NOW, POLICY)
+    assert health.skipped_devices == 6
+    assert [line.split(b" ")[0] for line in health.lines[1:]] == [b"citynerve_device_health,device=ok,gateway=gw-1"]
+
+    many = {f"d{i}": {"polls": i} for i in range(MAX_DEVICES + 5)}
+    health = health_lines({"state": "online", "devices": many}, "gw-1", NOW, POLICY)
+    assert len(health.lines) == 1 + MAX_DEVICES and health.skipped_devices == 5
+
+    # an older agent sent a device count: no per-device health, nothing skipped
+    assert health_lines({"state": "online", "devices": 3}, "gw-1", NOW, POLICY) == (
+        [b"citynerve_gateway_health,gateway=gw-1 online=1i " + str(NOW).encode()], 0)
+
+
+def test_any_status_document_gives_lines_never_an_exception() -> None:
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from collector.health import health_lines
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=20,
+    )
+    keys = st.sampled_from(["state", "time_ns", "backlog_messages", "since_ns", "devices", "other"])
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.dictionaries(keys | st.text(max_size=8), json_values, max_size=8),
+           st.dictionaries(st.text(max_size=12), json_values | st.fixed_dictionaries(
+               {"polls": json_values, "errors": json_values, "last_error": json_values}), max_size=5))
+    def check(doc: dict, devices: dict) -> None:
+        lines, skipped = health_lines({**doc, "devices": devices}, "gw-1", NOW, POLICY)
+        assert lines[0].startswith(b"citynerve_gateway_health,gateway=gw-1 online=")
+        assert len(lines) - 1 + skipped == len(devices)  # every entry is stored or counted as skipped
+        assert all(b"\n" not in line for line in lines)
 
     check()
