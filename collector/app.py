@@ -225,6 +225,11 @@ class Collector:
         if self.gateway_state.get(gateway) != state:
             self.gateway_state[gateway] = state
             log.info("gateway %s is %s", gateway, state, extra={"gateway": gateway})
+        if msg.retain and not isinstance(doc.get("time_ns"), int):
+            # A retained last will, replayed at each subscription: it carries no time of its own, and writing it
+            # at every collector start would add an "offline" point each time. Its live delivery was written.
+            self._ack(msg.mid, msg.qos)
+            return
         health = health_lines(doc, gateway, receive_ns, self.ingest.time_policy)
         if health.skipped_devices:
             self._warn.warning(("health", gateway), "status from gateway %s: %d device entries left out (invalid, "
