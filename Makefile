@@ -35,7 +35,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 test: deps venv
-	$(PY) -m pytest -q -m "not fault"
+	$(PY) -m pytest -q
 
 test-fault: deps venv
 	$(PY) -m pytest -q -m fault
