@@ -130,14 +130,14 @@ def _outbox(cfg: AgentConfig) -> int:
     import sqlite3
     import time
 
-    from edge_agent.outbox import inspect
+    from edge_agent.outbox import summary
 
     path = cfg.outbox_path
     if not path.exists():
         print(f"{path}: no outbox yet (the agent has not run with this state directory)")
         return 0
     try:
-        info = inspect(path)
+        info = summary(path)
     except sqlite3.Error as exc:
         return fail(f"{path}: unreadable outbox ({exc}); the agent moves it aside at its next start")
     oldest = info["oldest_ns"]

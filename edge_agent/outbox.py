@@ -281,7 +281,7 @@ class Outbox:
         return out
 
 
-def inspect(path: Path) -> dict[str, int | None]:
+def summary(path: Path) -> dict[str, int | None]:
     """A read-only summary for `edge-agent outbox` (safe while the agent runs: WAL readers never block it)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
     try:

@@ -12,13 +12,13 @@ Run with `make test-fault` (about 2 minutes: InfluxDB alone is down for 60 s).
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from edge_agent.outbox import summary
 from labkit import enrolled, stack
 from labkit.counter_field import PROFILE, CounterField
 from labkit.influxd import InfluxdServer
@@ -57,14 +57,6 @@ def stored_counts(influx: InfluxdServer) -> dict[str, list[tuple[int, int]]]:
     for row in rows:
         out.setdefault(row["device"], []).append((int(row["n"]), int(row["time"])))
     return out
-
-
-def outbox_rows(path: Path) -> int:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute("SELECT count(*) FROM message").fetchone()[0]
-    finally:
-        db.close()
 
 
 def delivered_messages(logs: list[Path]) -> int:
@@ -122,6 +114,13 @@ def test_nothing_lost_through_every_fault(tmp_path: Path, influxd_factory: Calla
         return proc
 
     agent_kills: list[int] = []
+
+    def kill_agent_mid_commit(proc: ServerProcess) -> ServerProcess:
+        sleep_into_commit()
+        proc.kill()
+        agent_kills.append(time.time_ns())
+        return agent()
+
     try:
         collector_a = collector("collector-1", deployment.collector_cert, deployment.collector_key, 1)
         collector_b = collector("collector-2", cert2, key2, 1)
@@ -148,20 +147,14 @@ def test_nothing_lost_through_every_fault(tmp_path: Path, influxd_factory: Calla
         stopped = time.monotonic()
         time.sleep(20)
         clock.say("(d) kill -9 the agent in the middle of a commit (InfluxDB still down), restart it")
-        sleep_into_commit()
-        the_agent.kill()
-        agent_kills.append(time.time_ns())
-        the_agent = agent()
+        the_agent = kill_agent_mid_commit(the_agent)
         time.sleep(max(0.0, 60 - (time.monotonic() - stopped)))
         influx.restart()
         clock.say("(c) InfluxDB is back")
         time.sleep(8)
 
         clock.say("(d) kill -9 the agent in the middle of a commit again, restart it")
-        sleep_into_commit()
-        the_agent.kill()
-        agent_kills.append(time.time_ns())
-        the_agent = agent()
+        the_agent = kill_agent_mid_commit(the_agent)
         time.sleep(4)
 
         clock.say("(e) kill -9 collector-2 for good: collector-1 alone serves the shared subscription")
@@ -172,7 +165,7 @@ def test_nothing_lost_through_every_fault(tmp_path: Path, influxd_factory: Calla
         field.stop()
         produced = {f"counter-{u}": list(field.served[u]) for u in field.units}
         total = sum(len(v) for v in produced.values())
-        wait_until(lambda: outbox.exists() and outbox_rows(outbox) == 0, 90, "the agent's outbox to drain")
+        wait_until(lambda: outbox.exists() and summary(outbox)["messages"] == 0, 90, "the agent's outbox to drain")
 
         def all_stored() -> bool:
             stored = stored_counts(influx)
@@ -184,7 +177,8 @@ def test_nothing_lost_through_every_fault(tmp_path: Path, influxd_factory: Calla
     finally:
         for proc in processes:
             proc.stop()
-        field.stop() if field._server is not None else None
+        if field._server is not None:
+            field.stop()
         broker.close()
 
     # -- accounting -------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.outbox import summary
 from labkit import stack
 from labkit.counter_field import PROFILE, CounterField
 from labkit.influxd import InfluxdServer
@@ -25,11 +26,7 @@ GATEWAY = "gw-outbox"
 
 
 def outbox_rows(path: Path) -> int:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-    try:
-        return db.execute("SELECT count(*) FROM message").fetchone()[0]
-    finally:
-        db.close()
+    return summary(path)["messages"]
 
 
 def stored_ns(influx: InfluxdServer, db: str) -> dict[str, set[int]]:
