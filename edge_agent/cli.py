@@ -241,6 +241,10 @@ def describe(path: str, cfg: AgentConfig) -> str:
     scheme = "mqtts" if m.tls else "mqtt"
     lines.append(f"  uplink {scheme}://{m.host}:{m.port} topic {m.topic_prefix}/{cfg.gateway.id}/up, "
                  f"MQTT {m.protocol}, client cert {'yes' if m.cert_file else 'no'}")
+    u, o = cfg.uplink, cfg.outbox
+    lines.append(f"  outbox {cfg.outbox_path}: at most {int(o.max_size) / 1e6:g} MB or {float(o.max_age) / 86400:g} days; "
+                 f"cycle {float(u.publish_interval):g}s, re-send after {float(u.ack_timeout):g}s "
+                 f"(up to {float(u.ack_timeout_max):g}s), {u.max_unacked_messages} messages in flight")
     for d in cfg.devices:
         kind = type(d).__struct_config__.tag
         if kind == "serial":

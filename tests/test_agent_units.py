@@ -111,6 +111,12 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (("[mqtt]", '[mqtt]\npassword = { env = "CITYNERVE_NO_SUCH_VAR" }'),
          "mqtt.password: environment variable CITYNERVE_NO_SUCH_VAR is not set"),
         (("[gateway]", "[gateway"), "not valid TOML"),
+        (("[mqtt]", '[outbox]\nmax_size = "lots"\n[mqtt]'), 'outbox.max_size: expected a size such as "200MB"'),
+        (("[mqtt]", '[outbox]\nmax_size = "10KB"\n[mqtt]'), "outbox.max_size: expected at least 1MB"),
+        (("[mqtt]", '[outbox]\nmax_age = 0\n[mqtt]'), "outbox.max_age: expected a duration greater than 0"),
+        (("[mqtt]", '[uplink]\nack_timeout = "1m"\nack_timeout_max = "30s"\n[mqtt]'),
+         "uplink.ack_timeout_max: expected at least ack_timeout (60 s)"),
+        (("[mqtt]", '[uplink]\nmax_unacked_messages = 0\n[mqtt]'), "uplink.max_unacked_messages"),
     ],
 )
 def test_agent_config_errors_name_file_and_key(tmp_path, edit: tuple[str, str], expected: str) -> None:
@@ -134,6 +140,7 @@ def test_agent_config_check_ok_and_secret_from_file(tmp_path) -> None:
     result = run_cli("check", str(path))
     assert result.returncode == 0, result.stderr
     assert "device meter-1: modbus-tcp on tcp://127.0.0.1:5020 unit 1" in result.stdout
+    assert f"outbox {tmp_path / 'state' / 'outbox.sqlite3'}: at most 1000 MB or 30 days" in result.stdout
     assert "s3cret" not in result.stdout + result.stderr
 
     from edge_agent import config
