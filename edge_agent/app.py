@@ -239,9 +239,9 @@ class Agent:
             self._wake.clear()
             if self.link.connected.is_set():
                 await self._send_due()
-            else:
+            else:  # offline, live messages are backlog like the others: read back from the outbox when sent
                 self._live_bodies.clear()
-                self.delivery.take_live()
+                self.delivery.unsent(self.delivery.take_live())
             delay = 1.0
             expiry = self.delivery.next_expiry()
             if expiry is not None:
@@ -254,6 +254,7 @@ class Agent:
         d.expire(time.monotonic())
         live = [(seq, self._live_bodies.pop(seq)) for seq in d.take_live() if seq in self._live_bodies]
         if not await self._publish(live):
+            self._live_bodies.clear()
             return
         budget = d.budget
         if not budget:
@@ -272,11 +273,13 @@ class Agent:
             self._wake.set()  # more may be due as soon as acknowledgements free the window
 
     async def _publish(self, messages: list[tuple[int, bytes]]) -> bool:
-        """Hand messages to the broker, at most INFLIGHT_WINDOW awaiting PUBACK; False if the link went down."""
-        for seq, body in messages:
+        """Hand messages to the broker, at most INFLIGHT_WINDOW awaiting PUBACK; False if the link went down
+        (what was not handed over is due again)."""
+        for index, (seq, body) in enumerate(messages):
             while len(self._inflight) >= self.INFLIGHT_WINDOW:
                 if not self.link.connected.is_set():
                     self._inflight.clear()  # no PUBACK will come on a dead connection
+                    self.delivery.unsent(s for s, _ in messages[index:])
                     return False
                 self._inflight_changed.clear()
                 with contextlib.suppress(asyncio.TimeoutError):

@@ -125,6 +125,14 @@ class Delivery:
         self._live_set.clear()
         return seqs
 
+    def unsent(self, seqs: Iterable[int]) -> None:
+        """Taken (live or chosen) but not handed to the broker (the link went down): due again, oldest first."""
+        for seq in seqs:
+            if seq in self._retry_set:
+                heapq.heappush(self._retry, seq)
+            elif seq not in self.outstanding:
+                self.cursor = min(self.cursor, seq - 1)  # the backlog scan finds it again
+
     @property
     def budget(self) -> int:
         """How many backlog or retry messages may be sent now."""

@@ -167,7 +167,8 @@ def test_acks_for_numbers_never_sent_here_are_deleted_too() -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from(["commit", "send", "ack", "tick"]), st.integers(0, 5)), max_size=60))
+@given(st.lists(st.tuples(st.sampled_from(["commit", "send", "send_fails", "ack", "tick"]), st.integers(0, 5)),
+                max_size=60))
 def test_every_committed_message_is_sent_until_acknowledged(events) -> None:
     """Whatever the order of events, a message is never lost by the rules: after the acknowledgements stop
     arriving, repeated rounds send every unacknowledged message again."""
@@ -176,14 +177,14 @@ def test_every_committed_message_is_sent_until_acknowledged(events) -> None:
     next_seq, now = 0, 0.0
     sent_once: set[int] = set()
 
-    def round_() -> None:
+    def round_(link_fails_after: int | None = None) -> None:
         d.expire(now)
-        live = d.take_live()
-        d.sent(live, now)
-        sent_once.update(live)
-        chosen = d.choose([s for s in held if s > d.cursor], d.budget)
-        d.sent(chosen, now)
-        sent_once.update(chosen)
+        taken = d.take_live()
+        taken += d.choose([s for s in held if s > d.cursor], d.budget)
+        cut = len(taken) if link_fails_after is None else min(link_fails_after, len(taken))
+        d.sent(taken[:cut], now)
+        d.unsent(taken[cut:])
+        sent_once.update(taken[:cut])
 
     for kind, n in events:
         now += 0.5
@@ -194,6 +195,8 @@ def test_every_committed_message_is_sent_until_acknowledged(events) -> None:
             d.committed(new)
         elif kind == "send":
             round_()
+        elif kind == "send_fails":
+            round_(link_fails_after=n)
         elif kind == "ack" and d.outstanding:
             seq = list(d.outstanding)[n % len(d.outstanding)]
             d.acked([(seq, seq)], now)
@@ -207,3 +210,17 @@ def test_every_committed_message_is_sent_until_acknowledged(events) -> None:
             d.acked([(seq, seq)], now)
             held.remove(seq)
     assert held == []
+
+
+def test_what_the_link_did_not_take_is_due_again() -> None:
+    d = Delivery(window=10, ack_timeout=10, ack_timeout_max=40)
+    d.sent([1, 2], now=0)
+    d.expire(now=10)
+    d.committed([7])
+    # the scan ran while 7 was live (skipped), then the link went down before 7 and the retries were sent
+    assert d.choose([1, 2, 3, 7], budget=3) == [1, 2, 3]
+    assert d.cursor == 7
+    d.unsent(d.take_live())
+    d.unsent([2, 3])
+    d.sent([1], now=11)
+    assert d.choose([3, 4, 7], budget=5) == [2, 3, 4, 7]
