@@ -354,3 +354,28 @@ def test_pending_acks_go_out_on_shutdown_and_refused_writes_are_not_acked(
         probe.close()
         collector.stop()  # again is harmless
         influxd.drop_database(db)
+
+
+def test_a_retained_last_will_is_written_when_it_happens_not_at_every_start(
+        tmp_path: Path, mosquitto: MosquittoServer, influxd: InfluxdServer, influx_db: str) -> None:
+    prefix, gateway = "willlab/v1", "gw-will"
+    topic = f"{prefix}/{gateway}/status"
+    config = collector_config(tmp_path / "collector.toml", mosquitto, prefix,
+                              {"api": "v1", "url": influxd.url, "database": influx_db})
+    link = publisher(mosquitto, "will-publisher")
+    query = "SELECT online FROM citynerve_gateway_health"
+    try:
+        link.publish(topic, encode_status("offline", gateway=gateway), qos=1, retain=True).wait_for_publish(10)
+        collector = stack.collector_process(config).start()
+        time.sleep(2)  # the retained will is replayed to the new subscription: not news, not written
+        assert influxd.query(query, influx_db) == []
+        link.publish(topic, encode_status("offline", gateway=gateway), qos=1, retain=True).wait_for_publish(10)
+        wait_until(lambda: influxd.query(query, influx_db), 10, "the live will written")
+        collector.stop()
+        collector = stack.collector_process(config).start()
+        time.sleep(2)
+        collector.stop()
+    finally:
+        link.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)  # clear the retained message
+        link.stop()
+    assert [row["online"] for row in influxd.query(query, influx_db)] == [0]
