@@ -224,3 +224,57 @@ def test_what_the_link_did_not_take_is_due_again() -> None:
     d.unsent([2, 3])
     d.sent([1], now=11)
     assert d.choose([3, 4, 7], budget=5) == [2, 3, 4, 7]
+
+
+def test_the_agent_takes_only_authentic_acknowledgements(tmp_path: Path) -> None:
+    """The agent's downlink handler with real keys: a forged, moved or plain acknowledgement deletes nothing; one
+    sealed by a collector for this gateway's session does, whatever its age."""
+    import asyncio
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from edge_agent import config as agent_config
+    from edge_agent.app import Agent
+    from wire import ack
+    from wire.keys import collector_public_to_pem, identity_to_pem
+    from wire.schema import encode_batch
+    from wire.seal import CollectorKey, Opener
+
+    identity, collector = Ed25519PrivateKey.generate(), CollectorKey.generate()
+    (tmp_path / "identity.key").write_bytes(identity_to_pem(identity))
+    (tmp_path / "collector.pub").write_bytes(collector_public_to_pem(collector))
+    (tmp_path / "agent.toml").write_text(textwrap.dedent(f"""
+        [gateway]
+        id = "gw-acks"
+        state_dir = "{tmp_path / 'state'}"
+        [mqtt]
+        host = "127.0.0.1"
+        tls = false
+        [security]
+        identity_key = "{tmp_path / 'identity.key'}"
+        collector_key = "{tmp_path / 'collector.pub'}"
+    """))
+
+    async def scenario() -> None:
+        agent = Agent(agent_config.load(tmp_path / "agent.toml"))
+        agent._loop = asyncio.get_running_loop()
+        from wire.schema import Batch
+
+        sealed = agent.sealer.seal(agent.up_topic, encode_batch(Batch("gw-acks", 5, NOW, [])))
+        opener = Opener([collector], lambda gw: identity.public_key(), clock=lambda: 1.0)  # a collector clock far off
+        opened = opener.open("gw-acks", agent.up_topic, sealed)
+        body = ack.encode_ack([(5, 9)])
+        good = opener.seal_downlink("gw-acks", opened.session_id, agent.ack_topic, body)
+        other_topic = agent.ack_topic.replace("gw-acks", "gw-other")
+        forged = [good[:-1] + bytes([good[-1] ^ 1]),
+                  opener.seal_downlink("gw-acks", opened.session_id, other_topic, body),
+                  bytes([ack.PLAIN_ACK]) + body, b""]
+        for payload in forged:
+            agent._downlink(agent.ack_topic, payload)
+        assert agent.stats.bad_acks == len(forged) and agent.delivery.take_acked() == []
+        agent._downlink(agent.ack_topic, good)
+        assert agent.delivery.take_acked() == [(5, 9)] and agent.stats.last_ack_ns
+        agent._db.shutdown()
+        agent.outbox.close()
+
+    asyncio.run(scenario())
