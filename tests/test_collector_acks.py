@@ -364,9 +364,10 @@ def test_a_retained_last_will_is_written_when_it_happens_not_at_every_start(
                               {"api": "v1", "url": influxd.url, "database": influx_db})
     link = publisher(mosquitto, "will-publisher")
     query = "SELECT online FROM citynerve_gateway_health"
+    collector = stack.collector_process(config)
     try:
         link.publish(topic, encode_status("offline", gateway=gateway), qos=1, retain=True).wait_for_publish(10)
-        collector = stack.collector_process(config).start()
+        collector.start()
         time.sleep(2)  # the retained will is replayed to the new subscription: not news, not written
         assert influxd.query(query, influx_db) == []
         link.publish(topic, encode_status("offline", gateway=gateway), qos=1, retain=True).wait_for_publish(10)
@@ -374,8 +375,8 @@ def test_a_retained_last_will_is_written_when_it_happens_not_at_every_start(
         collector.stop()
         collector = stack.collector_process(config).start()
         time.sleep(2)
-        collector.stop()
     finally:
+        collector.stop()
         link.publish(topic, b"", qos=1, retain=True).wait_for_publish(10)  # clear the retained message
         link.stop()
     assert [row["online"] for row in influxd.query(query, influx_db)] == [0]
