@@ -21,6 +21,7 @@ import pytest
 from edge_agent.outbox import summary
 from labkit import enrolled, stack
 from labkit.counter_field import PROFILE, CounterField
+from labkit.faults import kill_inside_write
 from labkit.influxd import InfluxdServer
 from labkit.pki import LabCA
 from labkit.process import ServerProcess
@@ -42,13 +43,6 @@ class Clock:
 
     def say(self, what: str) -> None:
         print(f"[{time.monotonic() - self.t0:6.1f}s] {what}", flush=True)
-
-
-def sleep_into_commit() -> None:
-    """Sleep until just after the next cycle boundary: the agent is then committing the cycle it closed."""
-    now = time.time()
-    boundary = (int(now / CYCLE) + 1) * CYCLE
-    time.sleep(boundary - now + 0.002)
 
 
 def stored_counts(influx: InfluxdServer) -> dict[str, list[tuple[int, int]]]:
@@ -114,11 +108,16 @@ def test_nothing_lost_through_every_fault(tmp_path: Path, influxd_factory: Calla
         return proc
 
     agent_kills: list[int] = []
+    kills_inside_commit: list[str | None] = []
 
     def kill_agent_mid_commit(proc: ServerProcess) -> ServerProcess:
-        sleep_into_commit()
-        proc.kill()
+        assert proc.proc is not None
+        inside = kill_inside_write(proc.proc.pid, "outbox.sqlite3-wal", timeout=5)
         agent_kills.append(time.time_ns())
+        kills_inside_commit.append(inside)
+        proc.kill()  # reaps it
+        clock.say(f"    killed inside {inside}() of the outbox WAL" if inside else
+                  "    not caught inside a commit within 5 s: killed anyway")
         return agent()
 
     try:
@@ -216,8 +215,10 @@ def test_nothing_lost_through_every_fault(tmp_path: Path, influxd_factory: Calla
     print(f"\nproduced {total} readings ({UNITS} units) in {messages} messages")
     print(f"stored {stored_total}; duplicates collapsed >= {max(0, deliveries - messages)} messages "
           f"(writes {deliveries} >= messages {messages}); duplicates in InfluxDB {duplicates_in_db}")
-    print(f"uncommitted at the agent's {len(agent_kills)} kill -9: {uncommitted} (allowed: the cycle in progress)")
+    print(f"uncommitted at the agent's {len(agent_kills)} kill -9 ({sum(map(bool, kills_inside_commit))} inside a "
+          f"commit): {uncommitted} (allowed: the cycle in progress)")
     print(f"lost {lost}; wrong value or time {wrong}")
     assert not problems, "\n".join(problems[:30])
+    assert any(kills_inside_commit), "no kill -9 landed inside a commit: the scenario did not happen"
     assert uncommitted <= len(agent_kills) * UNITS * 3
     assert stored_total == total - uncommitted
