@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from edge_agent.delivery import Delivery
 from edge_agent.outbox import NewMessage, Outbox
+from labkit.faults import kill_inside_write
 
 NOW = 1_700_000_000_000_000_000
 
@@ -98,16 +99,21 @@ _COMMITTER = textwrap.dedent("""
 
 
 def test_kill_9_in_the_middle_of_commits_keeps_whole_cycles(tmp_path: Path) -> None:
-    """A real process committing 25-message cycles is killed at random moments: every reopened database is
-    intact and holds whole cycles only (the commit is all or nothing), and sequence numbers stay consecutive."""
+    """A real process committing 25-message cycles is killed at random moments and inside its WAL writes and
+    syncs: every reopened database is intact and holds whole cycles only (the commit is all or nothing), and
+    sequence numbers stay consecutive."""
     path = tmp_path / "o.sqlite3"
     rng = __import__("random").Random(5)
-    for _ in range(12):
+    inside: list[str | None] = []
+    for attempt in range(12):
         proc = subprocess.Popen([sys.executable, "-c", _COMMITTER, str(path)], stdout=subprocess.PIPE,
                                 cwd=Path(__file__).parent.parent)
         assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(rng.uniform(0.05, 0.4))
-        proc.kill()
+        if attempt % 2:
+            time.sleep(rng.uniform(0.05, 0.4))
+            proc.kill()
+        else:
+            inside.append(kill_inside_write(proc.pid, "o.sqlite3-wal", timeout=5))
         proc.wait()
         box = Outbox(path, 10**9, 10**9)
         assert box.resets == 0
@@ -116,6 +122,7 @@ def test_kill_9_in_the_middle_of_commits_keeps_whole_cycles(tmp_path: Path) -> N
         assert seqs, "nothing committed"
         assert len(seqs) % 25 == 0 and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
         assert seqs[0] % 25 == 1 and seqs[-1] % 25 == 0  # whole cycles: 1 + 25k .. 25(k + 1)
+    assert all(inside), f"half the kills must land inside a WAL write or sync: {inside}"
 
 
 # -- delivery rules ------------------------------------------------------------------------------------------------
