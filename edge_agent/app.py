@@ -252,7 +252,8 @@ class Agent:
     async def _send_due(self) -> None:
         d = self.delivery
         d.expire(time.monotonic())
-        live = [(seq, self._live_bodies.pop(seq)) for seq in d.take_live() if seq in self._live_bodies]
+        bodies, self._live_bodies = self._live_bodies, {}
+        live = [(seq, bodies[seq]) for seq in d.take_live() if seq in bodies]  # none while probing
         if not await self._publish(live):
             self._live_bodies.clear()
             return

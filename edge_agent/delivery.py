@@ -8,8 +8,11 @@ The rules, in order of priority:
    outstanding (sent, not acknowledged, not timed out). The window bounds what waits in the broker's queues per
    gateway, and a drain proceeds at `window` messages per acknowledgement round trip.
 3. A message not acknowledged within the timeout is due again. While nothing at all is acknowledged (collector
-   or InfluxDB down), the timeout doubles per round up to its maximum, so a long outage costs few re-sends; the
-   first acknowledgement resets it and the drain resumes at full pace.
+   or InfluxDB down), the timeout doubles per round up to its maximum, and the window collapses to one message:
+   each round sends only the oldest unacknowledged message as a probe, and live messages wait in the outbox
+   with the rest. So a long outage neither fills the broker's queues (a window, then one message per round)
+   nor costs many re-sends. Each acknowledgement resets the timeout and doubles the window back to its size
+   (1, 2, 4 ... within seconds); live messages go first again as soon as anything is acknowledged.
 
 Acknowledgements may name numbers this process never sent (sent before a restart, or by the previous process):
 they are remembered as ranges and deleted from the outbox at the next commit.
@@ -28,6 +31,7 @@ class Delivery:
         self.window = window
         self.base_timeout = ack_timeout
         self.timeout = ack_timeout
+        self.cwnd = window  # the window in use: collapses to 1 while nothing is acknowledged, doubles per ack
         self.timeout_max = ack_timeout_max
         self.outstanding: dict[int, float] = {}  # seq -> when sent; insertion order is send order
         self.live: deque[int] = deque()
@@ -69,6 +73,7 @@ class Delivery:
             self._add_acked(first, last)
         self.last_ack = now
         self.timeout = self.base_timeout
+        self.cwnd = min(self.window, self.cwnd * 2)
         return covered
 
     def _add_acked(self, first: int, last: int) -> None:
@@ -109,6 +114,7 @@ class Delivery:
                 nothing_acked_since = sent_at
         if nothing_acked_since is not None:
             self.timeout = min(self.timeout * 2, self.timeout_max)
+            self.cwnd = 1
         return expired
 
     def next_expiry(self) -> float | None:
@@ -120,10 +126,19 @@ class Delivery:
     # -- decisions ------------------------------------------------------------------------------------------------
 
     def take_live(self) -> list[int]:
+        """The live messages to send now, ahead of everything; none while probing (nothing acknowledged):
+        then they are backlog like the rest."""
         seqs = list(self.live)
         self.live.clear()
         self._live_set.clear()
+        if self.probing:
+            self.unsent(seqs)
+            return []
         return seqs
+
+    @property
+    def probing(self) -> bool:
+        return self.cwnd == 1 and self.window > 1
 
     def unsent(self, seqs: Iterable[int]) -> None:
         """Taken (live or chosen) but not handed to the broker (the link went down): due again, oldest first."""
@@ -136,7 +151,7 @@ class Delivery:
     @property
     def budget(self) -> int:
         """How many backlog or retry messages may be sent now."""
-        return max(0, self.window - len(self.outstanding))
+        return max(0, self.cwnd - len(self.outstanding))
 
     @property
     def skippable(self) -> int:

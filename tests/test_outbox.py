@@ -285,3 +285,27 @@ def test_the_agent_takes_only_authentic_acknowledgements(tmp_path: Path) -> None
         agent.outbox.close()
 
     asyncio.run(scenario())
+
+
+def test_while_nothing_is_acknowledged_one_probe_per_round_then_the_window_reopens() -> None:
+    d = Delivery(window=8, ack_timeout=10, ack_timeout_max=40)
+    assert d.choose(list(range(20)), d.budget) == list(range(8))
+    d.sent(range(8), now=0)
+    d.expire(now=10)  # the collector (or InfluxDB) is down: nothing acknowledged
+    assert d.probing and d.budget == 1
+    d.committed([20])
+    assert d.take_live() == []  # live waits in the outbox with the rest
+    assert d.choose(list(range(8, 21)), d.budget) == [0]  # the oldest goes as the probe
+    d.sent([0], now=10)
+    d.expire(now=30)
+    assert d.budget == 1 and d.timeout == 40
+    d.acked([(0, 0)], now=31)
+    assert not d.probing and d.budget == 2
+    d.committed([21])
+    assert d.take_live() == [21]
+    assert d.choose(list(range(8, 22)), d.budget) == [1, 2]
+    d.sent([21, 1, 2], now=31)
+    d.acked([(1, 2), (21, 21)], now=32)
+    assert d.cwnd == 4
+    assert d.choose(list(range(8, 22)), d.budget) == [3, 4, 5, 6]
+    assert 20 in [*d.choose(list(range(8, 22)), 100)]  # the withheld live message is backlog, not forgotten

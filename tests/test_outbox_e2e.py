@@ -75,7 +75,8 @@ def test_backlog_waits_for_a_collector_then_drains_completely(tmp_path, mosquitt
 
         def backlog_reported(msgs) -> bool:
             docs = [json.loads(m.payload) for m in msgs]
-            return any(d.get("backlog_messages", 0) >= 6 and d.get("oldest_unacked_seq") is not None for d in docs)
+            return any(d.get("backlog_messages", 0) >= 6 and d.get("oldest_unacked_seq") is not None
+                       and d.get("resent_messages", 0) >= 1 for d in docs)
 
         seen = status.wait_for(backlog_reported, timeout=10)
         last = json.loads(seen[-1].payload)
