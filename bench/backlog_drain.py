@@ -45,7 +45,7 @@ from labkit.influxd import InfluxdServer
 from labkit.meter_sim import meter_in_thread
 from labkit.mosquitto import MosquittoServer
 from labkit.mqtt_probe import MqttProbe
-from labkit.outbox_lab import ReadingMaker, backlog_messages, cpu_seconds, prefill_outbox
+from labkit.outbox_lab import ReadingMaker, backlog_messages, cpu_seconds, prefill_outbox, proc_status_kb, server_pid
 from labkit.pki import LabCA
 from wire import topics
 from wire.envelope import frame_plain
@@ -57,8 +57,9 @@ BATCH_SIZE = 5000  # the collector's default influx.batch_size
 OUTBOX_MAX = 10**9
 
 
-def direct_write(influx: InfluxdServer, state: Path, last_seq: int) -> tuple[float, int]:
-    """Seconds to write the backlog's points with V1Backend in batches of BATCH_SIZE lines, and the point count."""
+def direct_write(influx: InfluxdServer, state: Path, last_seq: int) -> tuple[float, int, float]:
+    """Seconds to write the backlog's points with V1Backend in batches of BATCH_SIZE lines, the point count, and
+    influxd's CPU seconds meanwhile."""
     ingest = Ingest(DEFAULT_PREFIX, 1 << 30, TimePolicy(300 * 10**9, 0), "suspect")
     topic = topics.up(DEFAULT_PREFIX, GATEWAY)
     now = time.time_ns()
@@ -71,14 +72,16 @@ def direct_write(influx: InfluxdServer, state: Path, last_seq: int) -> tuple[flo
     del lines
     influx.create_database("direct")
     backend = V1Backend(InfluxConfig(url=influx.url, database="direct"))
+    influx_cpu = cpu_seconds(server_pid(influx))
     start = time.perf_counter()
     for body in bodies:
         backend.write(body)
     elapsed = time.perf_counter() - start
+    influx_cpu = cpu_seconds(server_pid(influx)) - influx_cpu
     backend.close()
     stored = count_points(influx, "direct")
     assert stored == count, (stored, count)
-    return elapsed, count
+    return elapsed, count, influx_cpu
 
 
 def count_points(influx: InfluxdServer, db: str, where: str = "") -> int:
@@ -147,8 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{prefilled.file_bytes / 1e6:.0f} MB outbox in {time.perf_counter() - t_gen:.0f} s")
         ca = LabCA(work / "pki")
         with MosquittoServer(work / "mq", ca) as broker, InfluxdServer(work / "influxd", log_level="warn") as influx:
-            direct_s, direct_points = direct_write(influx, state, prefilled.last_seq)
-            print(f"  direct write: {direct_points} points in {direct_s:.2f} s")
+            direct_s, direct_points, direct_influx_cpu = direct_write(influx, state, prefilled.last_seq)
+            print(f"  direct write: {direct_points} points in {direct_s:.2f} s (influxd CPU {direct_influx_cpu:.1f} s)")
             influx.create_database("citynerve")
             ccfg = stack.write_collector_config(
                 work / "collector.toml", stack.mqtt_section(broker, client_id="bench-drain-collector"),
@@ -169,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 assert collector.proc is not None
                 collector_cpu0 = cpu_seconds(collector.proc.pid)
+                influx_cpu0 = cpu_seconds(server_pid(influx))
+                broker_cpu0 = cpu_seconds(server_pid(broker))
                 start_wall = time.time()
                 start = time.monotonic()
                 agent.start()
@@ -193,7 +198,10 @@ def main(argv: list[str] | None = None) -> dict:
                 drain_s = time.monotonic() - start
                 drain_end_wall = time.time()
                 agent_cpu = cpu_seconds(agent.proc.pid)
+                agent_hwm_kb = proc_status_kb(agent.proc.pid)["VmHWM"]
                 collector_cpu = cpu_seconds(collector.proc.pid) - collector_cpu0
+                influx_cpu = cpu_seconds(server_pid(influx)) - influx_cpu0
+                broker_cpu = cpu_seconds(server_pid(broker)) - broker_cpu0
                 outbox.close()
                 while time.monotonic() - start < drain_s + args.after:
                     live.poll()
@@ -224,11 +232,12 @@ def main(argv: list[str] | None = None) -> dict:
         "half_drained_s": round(half[0], 2) if half else None,
         "drain_points_per_s": round(prefilled.readings / drain_s),
         "direct_write_s": round(direct_s, 2), "direct_points_per_s": round(direct_points / direct_s),
-        "drain_over_direct": round(drain_s / direct_s, 2),
+        "drain_over_direct": round(drain_s / direct_s, 2), "direct_influxd_cpu_s": round(direct_influx_cpu, 1),
         "stored_points": stored, "suspect_points": suspect_points,
         "live_latency_during_drain": summary(during), "live_latency_after_drain": summary(after),
-        "resent_messages": last.get("resent_messages"),
-        "agent_cpu_s": round(agent_cpu, 1), "collector_cpu_s_during_drain": round(collector_cpu, 1),
+        "resent_messages": last.get("resent_messages"), "agent_vm_hwm_mib": round(agent_hwm_kb / 1024, 1),
+        "cpu_s_during_drain": {"agent": round(agent_cpu, 1), "collector": round(collector_cpu, 1),
+                               "influxd": round(influx_cpu, 1), "mosquitto": round(broker_cpu, 1)},
         "goal_real_time_factor": 20, "met": outage_s / drain_s >= 20,
     }
     print(f"{'outage':>7} {'points':>8} {'drain s':>8} {'× real time':>11} {'direct s':>8} {'drain÷direct':>12} "

@@ -167,6 +167,14 @@ def proc_status_kb(pid: int) -> dict[str, int]:
     return out
 
 
+def server_pid(server: object) -> int:
+    """The process id of a labkit LabServer (mosquitto, influxd) that is running."""
+    process = getattr(server, "_process", None)
+    if process is None or process.proc is None:
+        raise RuntimeError(f"{server!r} is not running")
+    return process.proc.pid
+
+
 def cpu_seconds(pid: int) -> float:
     import os
 
