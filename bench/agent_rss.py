@@ -10,7 +10,8 @@ local mosquitto and live polling (4 simulated SDM630 on Modbus TCP, every 1 s, p
 
 - empty: no backlog, no collector (the baseline);
 - backlog: the prefilled outbox, no collector: nothing is acknowledged, so the backlog stays; the agent sends
-  the oldest `max_unacked_messages` (200) and, after ack_timeout (30 s), sends them again;
+  the oldest `max_unacked_messages` (200) at once and, when nothing is acknowledged within ack_timeout (30 s),
+  falls back to one probe message per round (edge_agent/delivery.py);
 - backlog+collector: the same outbox while edge-collector writes to influxd and acknowledges, so it drains.
 
 Each run reads the agent's VmHWM (peak resident set) from /proc/<pid>/status at the end, and samples VmRSS
