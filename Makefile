@@ -5,8 +5,8 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PYTHON    ?= python3
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# binary:package pairs; the tests need all three, the demo the first two.
-SYSTEM_PACKAGES := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/bin/victoria-metrics:victoria-metrics
+# binary:package pairs; the tests need the first three, the demo the first two, bench/outbox_fsync.py strace.
+SYSTEM_PACKAGES := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/bin/victoria-metrics:victoria-metrics /usr/bin/strace:strace
 
 .PHONY: all test test-fault demo lint bench deps venv clean
 

@@ -266,10 +266,15 @@ class Agent:
         chosen = d.choose(backlog, budget)
         if not chosen:
             return
-        found = await loop.run_in_executor(self._db, self.outbox.bodies, chosen)
-        if len(found) < len(chosen):
-            d.forget(set(chosen) - {seq for seq, _ in found})
-        await self._publish(found)
+        # Read back a few at a time: the window may be 200 messages of megabytes each, RAM holds a slice.
+        for start in range(0, len(chosen), self.INFLIGHT_WINDOW):
+            some = chosen[start:start + self.INFLIGHT_WINDOW]
+            found = await loop.run_in_executor(self._db, self.outbox.bodies, some)
+            if len(found) < len(some):
+                d.forget(set(some) - {seq for seq, _ in found})
+            if not await self._publish(found):
+                d.unsent(chosen[start + len(some):])
+                return
         if len(chosen) == budget:
             self._wake.set()  # more may be due as soon as acknowledgements free the window
 

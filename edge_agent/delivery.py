@@ -32,6 +32,7 @@ class Delivery:
         self.base_timeout = ack_timeout
         self.timeout = ack_timeout
         self.cwnd = window  # the window in use: collapses to 1 while nothing is acknowledged, doubles per ack
+        self._backed_off_at = float("-inf")
         self.timeout_max = ack_timeout_max
         self.outstanding: dict[int, float] = {}  # seq -> when sent; insertion order is send order
         self.live: deque[int] = deque()
@@ -110,11 +111,12 @@ class Delivery:
                 heapq.heappush(self._retry, seq)
                 self._retry_set.add(seq)
             expired += 1
-            if self.last_ack is None or self.last_ack < sent_at:
+            if (self.last_ack is None or self.last_ack < sent_at) and sent_at >= self._backed_off_at:
                 nothing_acked_since = sent_at
-        if nothing_acked_since is not None:
+        if nothing_acked_since is not None:  # once per round: what was sent before the last back-off does not count
             self.timeout = min(self.timeout * 2, self.timeout_max)
             self.cwnd = 1
+            self._backed_off_at = now
         return expired
 
     def next_expiry(self) -> float | None:

@@ -2,7 +2,7 @@
 
 SQLite in WAL mode with synchronous=FULL, in the agent's state directory. One transaction per cycle inserts the
 cycle's messages, deletes what was acknowledged since the last cycle and enforces the bounds, so a cycle costs
-one WAL fsync (plus, every ~1000 WAL pages, a checkpoint: two more). Counted and explained in
+one WAL fdatasync (plus, every 1000 WAL pages, a checkpoint: three more). Counted and explained in
 docs/operations.md; measured by bench/outbox_fsync.py.
 
 Why these choices:

@@ -309,3 +309,16 @@ def test_while_nothing_is_acknowledged_one_probe_per_round_then_the_window_reope
     assert d.cwnd == 4
     assert d.choose(list(range(8, 22)), d.budget) == [3, 4, 5, 6]
     assert 20 in [*d.choose(list(range(8, 22)), 100)]  # the withheld live message is backlog, not forgotten
+
+
+def test_the_timeout_doubles_once_per_round_not_per_expired_group() -> None:
+    d = Delivery(window=10, ack_timeout=10, ack_timeout_max=80)
+    d.sent([1, 2, 3], now=0)
+    d.sent([4, 5, 6], now=1)  # paced by the broker: the same round, a little later
+    d.expire(now=10)
+    assert d.timeout == 20
+    d.expire(now=21)  # the rest of the round expires: sent before the back-off, no second doubling
+    assert d.timeout == 20 and len(d.choose([], budget=10)) == 6
+    d.sent([1], now=22)
+    d.expire(now=42)  # the next round: doubles again
+    assert d.timeout == 40
