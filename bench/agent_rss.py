@@ -77,10 +77,8 @@ def run_agent(work: Path, name: str, broker: MosquittoServer, ports: list[int], 
     collector = None
     if influx is not None:
         influx.create_database("rss")
-        cfg = stack.write_collector_config(
-            run_dir / "collector.toml", stack.mqtt_section(broker, client_id="bench-rss-collector"),
-            {"api": "v1", "url": influx.url, "database": "rss"}, log={"stats_interval": "0s", "level": "warning"})
-        collector = stack.collector_process(cfg, "--log-level", "info").start()
+        collector = stack.quiet_collector(run_dir / "collector.toml", broker, "bench-rss-collector",
+                                          {"api": "v1", "url": influx.url, "database": "rss"})
     devices = [stack.modbus_tcp_device(f"live-{i}", port, interval="1s") for i, port in enumerate(ports)]
     cfg = stack.write_agent_config(run_dir / "agent.toml", GATEWAY, stack.mqtt_section(broker), devices,
                                    publish_interval="1s", uplink={"heartbeat_interval": "5s"},

@@ -153,11 +153,10 @@ def main(argv: list[str] | None = None) -> dict:
             direct_s, direct_points, direct_influx_cpu = direct_write(influx, state, prefilled.last_seq)
             print(f"  direct write: {direct_points} points in {direct_s:.2f} s (influxd CPU {direct_influx_cpu:.1f} s)")
             influx.create_database("citynerve")
-            ccfg = stack.write_collector_config(
-                work / "collector.toml", stack.mqtt_section(broker, client_id="bench-drain-collector"),
+            collector = stack.quiet_collector(
+                work / "collector.toml", broker, "bench-drain-collector",
                 {"api": "v1", "url": influx.url, "database": "citynerve", "batch_size": BATCH_SIZE},
-                log={"stats_interval": "0s", "level": "warning"}, acks={"interval": args.ack_interval})
-            collector = stack.collector_process(ccfg, "--log-level", "info").start()
+                acks={"interval": args.ack_interval})
             ports = [sims.enter_context(meter_in_thread("127.0.0.1", 0, unit=1, seed=i)).port
                      for i in range(args.live)]
             devices = [stack.modbus_tcp_device(f"live-{i}", port, interval="1s") for i, port in enumerate(ports)]

@@ -143,15 +143,14 @@ def through_collector(work: Path, broker: MosquittoServer, influx: InfluxdServer
                       messages: list[tuple[str, bytes]], expected: int,
                       sealing: Sealing | None = None) -> tuple[float, float]:
     """(seconds until every reading is stored, collector CPU seconds spent on it)."""
-    sections: dict = {"log": {"stats_interval": "0s", "level": "warning"}}
+    sections: dict = {}
     if sealing:
         sections["security"] = {"keys_dir": str(sealing.keys_dir), "registry": str(sealing.registry_path)}
-    config = stack.write_collector_config(
-        work / "collector.toml", stack.mqtt_section(broker, client_id="bench-collector"),
+    collector = stack.quiet_collector(
+        work / "collector.toml", broker, "bench-collector",
         {"api": "v1", "url": influx.url, "database": db, "batch_size": BATCH_SIZE, "flush_interval": "200ms"},
         **sections,
     )
-    collector = stack.collector_process(config, "--log-level", "info").start()
     assert collector.proc is not None
     cpu_before = process_cpu_seconds(collector.proc.pid)
     publisher = MqttLink(MqttSettings(host="127.0.0.1", port=broker.port, ca_file=str(broker.ca.cert_path)),

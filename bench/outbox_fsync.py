@@ -93,10 +93,8 @@ def run_agent(work: Path, broker: MosquittoServer, ports: list[int], interval: f
     collector = None
     if influx is not None:
         influx.create_database("fsync")
-        cfg = stack.write_collector_config(
-            run_dir / "collector.toml", stack.mqtt_section(broker, client_id="bench-fsync-collector"),
-            {"api": "v1", "url": influx.url, "database": "fsync"}, log={"stats_interval": "0s", "level": "warning"})
-        collector = stack.collector_process(cfg, "--log-level", "info").start()
+        collector = stack.quiet_collector(run_dir / "collector.toml", broker, "bench-fsync-collector",
+                                          {"api": "v1", "url": influx.url, "database": "fsync"})
     ms = f"{round(interval * 1000)}ms"
     devices = [stack.modbus_tcp_device(f"meter-{i}", port, interval=ms) for i, port in enumerate(ports)]
     cfg = stack.write_agent_config(run_dir / "agent.toml", GATEWAY, stack.mqtt_section(broker), devices,

@@ -112,3 +112,12 @@ def collector_process(config: Path, *extra_args: str) -> ServerProcess:
 
 def agent_process(config: Path, *extra_args: str, wait_for_broker: bool = True) -> ServerProcess:
     return program("edge-agent", config, "connected to MQTT broker" if wait_for_broker else "starting", *extra_args)
+
+
+def quiet_collector(path: Path, broker: MosquittoServer, client_id: str, influx: dict[str, Any],
+                    **sections: Any) -> ServerProcess:
+    """A started collector for benchmarks: no stats lines, warnings only in the file (info on the command line,
+    which the readiness check needs)."""
+    sections.setdefault("log", {"stats_interval": "0s", "level": "warning"})
+    config = write_collector_config(path, mqtt_section(broker, client_id=client_id), influx, **sections)
+    return collector_process(config, "--log-level", "info").start()
