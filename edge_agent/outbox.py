@@ -47,6 +47,17 @@ CREATE TABLE IF NOT EXISTS counter (
 """
 
 
+# SQLite's primary result codes that mean the file itself is bad. Anything else (SQLITE_FULL, SQLITE_IOERR,
+# SQLITE_READONLY, SQLITE_BUSY ...) is about the disk or the moment, and moving the file aside would throw away a
+# good backlog.
+_DAMAGE_CODES = {11, 26}  # SQLITE_CORRUPT, SQLITE_NOTADB
+
+
+def is_damage(exc: sqlite3.DatabaseError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is None or (code & 0xFF) in _DAMAGE_CODES  # None: our own checks (quick_check, schema version)
+
+
 @dataclass(frozen=True)
 class NewMessage:
     seq: int
@@ -177,8 +188,8 @@ class Outbox:
         try:
             return self._commit(messages, acked)
         except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.IntegrityError):
-                raise
+            if not is_damage(exc):
+                raise  # disk full, I/O error, read-only: the file is fine, the agent retries the cycle later
             self._move_aside(exc)
             self._open()
             return self._commit(messages, [])
@@ -258,8 +269,11 @@ class Outbox:
             return [seq for (seq,) in self._require().execute(
                 "SELECT seq FROM message WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))]
         except sqlite3.DatabaseError as exc:
-            self._move_aside(exc)
-            self._open()
+            if is_damage(exc):
+                self._move_aside(exc)
+                self._open()
+            else:
+                log.warning("outbox read failed (%s); trying again later", exc)
             return []
 
     def bodies(self, seqs: list[int]) -> list[tuple[int, bytes]]:
@@ -274,8 +288,11 @@ class Outbox:
                 out += db.execute(f"SELECT seq, body FROM message WHERE seq IN ({','.join('?' * len(chunk))})",
                                   chunk).fetchall()
         except sqlite3.DatabaseError as exc:
-            self._move_aside(exc)
-            self._open()
+            if is_damage(exc):
+                self._move_aside(exc)
+                self._open()
+            else:
+                log.warning("outbox read failed (%s); trying again later", exc)
             return []
         out.sort()
         return out

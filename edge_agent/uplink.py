@@ -1,7 +1,7 @@
-"""Readings waiting for the uplink. Pure and synchronous; the publisher task drains it.
+"""The readings of the cycle in progress, until the cycle's commit moves them into the durable outbox. Pure.
 
-This is the in-memory stage of the walking skeleton: bounded by a count of readings, dropping the oldest
-(counted) when the broker is unreachable for longer than the bound covers. The durable outbox replaces it.
+Bounded by a count of readings, dropping the oldest (counted) — a bound reached only when commits stall (a
+failing SD card), since every cycle empties it. A commit that fails puts its readings back at the front.
 """
 
 from __future__ import annotations

@@ -322,3 +322,18 @@ def test_the_timeout_doubles_once_per_round_not_per_expired_group() -> None:
     d.sent([1], now=22)
     d.expire(now=42)  # the next round: doubles again
     assert d.timeout == 40
+
+
+def test_a_full_disk_keeps_the_outbox_and_the_cycle_can_be_retried(tmp_path: Path) -> None:
+    """SQLITE_FULL (here: max_page_count, as a full SD card reports it) is not damage: the outbox stays, holding
+    what it held; the failed cycle commits once there is room."""
+    box = Outbox(tmp_path / "o.sqlite3", 10**9, 10**9, clock=lambda: NOW)
+    box.commit([message(s, size=2000) for s in range(5)])
+    pages = box._db.execute("PRAGMA page_count").fetchone()[0]
+    box._db.execute(f"PRAGMA max_page_count={pages + 1}")
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        box.commit([message(s, size=20_000) for s in range(5, 10)])
+    assert box.resets == 0 and box.seqs_after(-1, 100) == [0, 1, 2, 3, 4] and box.backlog.messages == 5
+    box._db.execute("PRAGMA max_page_count=1000000")
+    box.commit([message(s, size=20_000) for s in range(5, 10)])
+    assert box.backlog.messages == 10 and not [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
