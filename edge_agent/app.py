@@ -48,7 +48,6 @@ _POLL_ERRORS = ("no_answer", "rejected", "decode_errors", "open_failures", "lost
 @dataclass
 class AgentStats:
     published_messages: int = 0
-    published_readings: int = 0
     acked_messages: int = 0  # covered by an end-to-end acknowledgement
     bad_acks: int = 0
     commit_failures: int = 0
@@ -172,8 +171,9 @@ class Agent:
             self.link.stop(final_message=(self.status_topic, encode_status(OFFLINE, gateway=self.gateway_id), 1, True))
             b = self.outbox.backlog
             log.info(
-                "agent stopped: %d messages published, %d readings; %d message(s) wait in the outbox",
-                self.stats.published_messages, self.stats.published_readings, b.messages,
+                "agent stopped: %d messages published (%d sent again), %d acknowledged; %d message(s) with %d "
+                "reading(s) wait in the outbox", self.stats.published_messages, self.delivery.resent,
+                self.stats.acked_messages, b.messages, b.readings,
             )
 
     def _enqueue(self, readings: list) -> None:
