@@ -263,17 +263,20 @@ class Outbox:
 
     # -- reads for the sender --------------------------------------------------------------------------------------
 
+    def _read_failed(self, exc: sqlite3.DatabaseError) -> None:
+        if is_damage(exc):
+            self._move_aside(exc)
+            self._open()
+        else:
+            log.warning("outbox read failed (%s); trying again later", exc)
+
     def seqs_after(self, after: int, limit: int) -> list[int]:
         """Up to `limit` sequence numbers greater than `after`, ascending."""
         try:
             return [seq for (seq,) in self._require().execute(
                 "SELECT seq FROM message WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))]
         except sqlite3.DatabaseError as exc:
-            if is_damage(exc):
-                self._move_aside(exc)
-                self._open()
-            else:
-                log.warning("outbox read failed (%s); trying again later", exc)
+            self._read_failed(exc)
             return []
 
     def bodies(self, seqs: list[int]) -> list[tuple[int, bytes]]:
@@ -288,11 +291,7 @@ class Outbox:
                 out += db.execute(f"SELECT seq, body FROM message WHERE seq IN ({','.join('?' * len(chunk))})",
                                   chunk).fetchall()
         except sqlite3.DatabaseError as exc:
-            if is_damage(exc):
-                self._move_aside(exc)
-                self._open()
-            else:
-                log.warning("outbox read failed (%s); trying again later", exc)
+            self._read_failed(exc)
             return []
         out.sort()
         return out
