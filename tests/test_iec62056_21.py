@@ -151,11 +151,11 @@ def test_parse_readout_codes_units_and_values():
     sample = parse_readout(block(lines))
     assert sample.fields == {
         "energy_import_kwh": 1234.567, "energy_export_kwh": 12500.0, "obis_1_8_0_f3": 1000.5, "obis_1_7_0": 0.5,
-        "power_export_kw": 1.5, "obis_1_6_0": 1.234, "obis_1_6_0_2": "2301051015", "meter_serial": "00112233",
-        "obis_0_1_24_2_1": 12.345, "obis_96_90_1": "TEXT VALUE", "obis_1_8_1": "n/a"}
+        "power_export_kw": 1.5, "obis_1_6_0": 1.234, "obis_1_6_0__2": "2301051015", "meter_serial": "00112233",
+        "obis_0_1_24_2_1": 12.345, "obis_96_90_1__text": "TEXT VALUE", "obis_1_8_1__text": "n/a"}
     assert sample.units == {"energy_import_kwh": "kWh", "energy_export_kwh": "kWh", "obis_1_8_0_f3": "kWh",
                             "obis_1_7_0": "kVA", "power_export_kw": "kW", "obis_1_6_0": "kW",
-                            "obis_0_1_24_2_1": "m3", "obis_1_8_1": "kWh"}
+                            "obis_0_1_24_2_1": "m3", "obis_1_8_1__text": "kWh"}
     assert sample.quality == {"obis_99_1_0": "not_available"}
 
 
@@ -177,6 +177,140 @@ def test_parse_readout_rejects_bad_blocks():
         with pytest.raises(ReadoutError) as info:
             parse_readout(bad)
         assert info.value.reason == "malformed"
+
+
+# -- the end character right after the last data set ---------------------------------------------------------------
+
+
+def test_the_end_character_may_follow_the_last_data_set():
+    """§6.3: `STX data block ! CR LF ETX BCC`; some meters put the "!" right after the last data set instead of on
+    a line of its own. Before, that line was rejected as "malformed" and its data sets were lost."""
+    own_line = block(READOUT)  # ...F.F(0000000) CR LF ! CR LF ETX BCC
+    on_data_line = block(READOUT[:-2])  # ...F.F(0000000)! CR LF ETX BCC
+    assert on_data_line.endswith(b"F.F(0000000)!\r\n\x03" + on_data_line[-1:])
+    assert parse_readout(on_data_line).fields == parse_readout(own_line).fields == READOUT_FIELDS
+    decoder = Iec62056ReadoutDecoder()
+    [sample] = decoder.feed(on_data_line) + decoder.flush()
+    assert sample.fields == READOUT_FIELDS
+    # several data sets on that line, and no CR LF between "!" and ETX
+    body = b"1.8.0(1.5*kWh)\r\n2.8.0(2.5*kWh)32.7.0(230.1*V)!" + bytes([ETX])
+    sample = parse_readout(bytes([STX]) + body + bytes([bcc(body)]))
+    assert sample.fields == {"energy_import_kwh": 1.5, "energy_export_kwh": 2.5, "voltage_l1_v": 230.1}
+
+
+@pytest.mark.parametrize(("line", "kept"), [
+    (b"1.8.0(1.5*kWh)!2.8.0(2.5*kWh)", {"energy_import_kwh": 1.5}),  # "!2.8.0" is no address; the set before is
+    (b"1.8.0(1.5*kWh)!!", {}),
+    (b"not data!", {}),
+])
+def test_an_end_character_elsewhere_is_still_malformed(line, kept):
+    events = Iec62056ReadoutDecoder().feed(block(line + b"\r\n"))
+    assert [getattr(e, "reason", "sample") for e in events] == ["malformed", "sample"]
+    assert events[1].fields == kept
+
+
+def sie_2wr5() -> tuple[bytes, bytes]:
+    """(identification line, readout block) of a Siemens 2WR5 heat meter as smartmeter-obis's tests send them
+    (tests/golden/iec62056_21/NOTICE): the last data line ends in "...0.0(00010213)!"."""
+    data = (GOLDEN / "smartmeter_obis_sie_2wr5.bin").read_bytes()
+    end = data.index(b"\n") + 1
+    return data[:end], data[end:]
+
+
+def test_a_real_readout_with_the_end_character_on_its_last_data_line():
+    ident, published = sie_2wr5()
+    assert published[0] == STX and published[-2] == ETX and published[-1:] == b"X"
+    # The BCC over the real frame (every byte after STX through ETX), computed independently of bcc(): the
+    # published "X" is a placeholder that the source's parser never checks, and we do.
+    xor = 0
+    for byte in published[1:-1]:
+        xor ^= byte
+    assert xor == 0x6F == bcc(published[1:-1])
+    with pytest.raises(ReadoutError, match="computed 6F") as info:
+        parse_readout(published)
+    assert info.value.reason == "bcc"
+    readout = published[:-1] + bytes([0x6F])
+
+    decoder = Iec62056ReadoutDecoder()
+    [sample] = decoder.feed(ident + readout) + decoder.flush()
+    assert sample.tags == {"manufacturer": "SIE", "identification": "2WR5"}
+    # the data sets of the line that ends in "!" are all there
+    last_line = {"obis_6_36_1__text": "2013-11-28", "obis_6_36_5__text": "2000-00-00", "obis_6_36_f2": 1.0,
+                 "obis_9_36__text": "2017-01-18&01:36:47", "obis_9_24": 0.6, "obis_9_17": 0.0,
+                 "obis_9_1__text": "0&1&0&-&CV&3&2.14", "obis_9_2__text": "&&", "obis_0_0": 10213.0}
+    assert {k: sample.fields.get(k) for k in last_line} == last_line
+    assert {"obis_9_18", "obis_9_19", "obis_9_25"} <= set(sample.quality)
+    # smartmeter-obis counts 50 OBIS entries in this readout (its test's expectation): one field or one
+    # not-available flag each here
+    assert len(sample.fields) + len(sample.quality) == 50
+    assert sample.fields["obis_6_8"] == 29.055 and sample.units["obis_6_8"] == "MWh"
+    assert sample.fields["obis_9_20"] == 64030874.0
+
+    # and through the dialogue: a mode B meter ('C': it switches to 2400 baud by itself)
+    steps, events = converse(Iec62056Session(), SimMeter(ident=ident, readout=readout))
+    assert steps[-1] == Done() and SetBaud(2400) in steps
+    assert [type(e) for e in events] == [Sample] and events[0].fields == sample.fields
+
+
+# -- field names: one name per value, one type per name -------------------------------------------------------------
+
+
+def test_a_second_value_never_takes_the_name_of_another_code():
+    """Before, the second value of `C.D(a)(b)` was named `<name>_2`, which is also the generic name of the code
+    C.D.2: one value overwrote the other (first wins), and the field was a string in one readout and a float in
+    the next. Now further values are `<generic name>__<n>`, and "__" is in no code's name."""
+    multi = b"96.1(ABC)(2301051015)\r\n1.6.0(1.234*kW)(2301051015)(9)\r\n"
+    codes = b"96.1.2(5)\r\n1.6.0.2(7*kW)\r\n1.6.0.3(8*kW)\r\n"
+    expected = {"obis_96_1__text": "ABC", "obis_96_1__2": "2301051015", "obis_96_1_2": 5.0,
+                "obis_1_6_0": 1.234, "obis_1_6_0__2": "2301051015", "obis_1_6_0__3": "9",
+                "obis_1_6_0_2": 7.0, "obis_1_6_0_3": 8.0}
+    for lines in (multi + codes, codes + multi):  # whichever comes first
+        sample = parse_readout(block(lines))
+        assert sample.fields == expected
+        assert sample.units == {"obis_1_6_0": "kW", "obis_1_6_0_2": "kW", "obis_1_6_0_3": "kW"}
+
+
+def test_a_code_keeps_its_field_type_when_its_value_is_not_a_number():
+    """A code whose value is sometimes a number and sometimes not (a status in hex, a placeholder) gives a float
+    under its generic name and a string under `<generic name>__text`, never both types under one name."""
+    numeric = parse_readout(block(b"C.5.0(0400)\r\n1.7.0(0.5*kVA)\r\n1.8.1(0.5*kWh)\r\n"))
+    text = parse_readout(block(b"C.5.0(04A0)\r\n1.7.0(----*kVA)\r\n1.8.1(n/a*kWh)\r\n"))
+    assert numeric.fields == {"obis_96_5_0": 400.0, "obis_1_7_0": 0.5, "energy_import_t1_kwh": 0.5}
+    assert text.fields == {"obis_96_5_0__text": "04A0", "obis_1_7_0__text": "----", "obis_1_8_1__text": "n/a"}
+    # the well-known text codes stay strings under their name, whatever they hold
+    assert parse_readout(block(b"C.1.0(12345678)\r\n")).fields == {"meter_serial": "12345678"}
+
+
+_CODE = st.tuples(st.integers(100, 199), st.lists(st.integers(0, 255), min_size=1, max_size=3)).map(
+    lambda t: ".".join(map(str, (t[0], *t[1]))))  # C >= 100: no well-known code, so only the generic rule applies
+_NUMBER_VALUE = st.decimals(min_value=-99999, max_value=99999, places=3).map(str)
+_TEXT_VALUE = st.text(st.sampled_from("ABCXYZ-:&/ "), min_size=1, max_size=8).filter(lambda v: v.strip())
+_DATA_SET = st.tuples(_CODE, st.one_of(_NUMBER_VALUE, _TEXT_VALUE),
+                      st.lists(st.one_of(_NUMBER_VALUE, _TEXT_VALUE), max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(sets=st.lists(_DATA_SET, min_size=1, max_size=12, unique_by=lambda s: s[0]), per_line=st.integers(1, 3),
+       bang_on_data_line=st.booleans())
+def test_every_value_of_every_code_gets_a_name_of_its_own_and_of_one_type(sets, per_line, bang_on_data_line):
+    lines = []
+    for i in range(0, len(sets), per_line):
+        lines.append(b"".join(f"{code}({first})".encode() + b"".join(f"({v})".encode() for v in extra)
+                              for code, first, extra in sets[i:i + per_line]))
+    data = b"\r\n".join(lines) + (b"" if bang_on_data_line else b"\r\n")
+    events = Iec62056ReadoutDecoder().feed(block(data))
+    assert [type(e) for e in events] == [Sample]
+    fields = events[0].fields
+    expected: dict[str, object] = {}
+    for code, first, extra in sets:
+        generic = "obis_" + code.replace(".", "_")
+        number = first.strip().lstrip("+-").replace(".", "", 1).isdigit()
+        expected[generic if number else generic + "__text"] = float(first) if number else first.strip()
+        for n, value in enumerate(extra, start=2):
+            expected[f"{generic}__{n}"] = value.strip()
+    assert fields == expected  # nothing lost, nothing overwritten
+    for name, value in fields.items():  # the type follows from the name alone
+        assert type(value) is (str if "__" in name else float), name
 
 
 # -- the capture decoder -----------------------------------------------------------------------------------------
@@ -223,7 +357,7 @@ def test_golden_capture():
     assert got == json.loads(path.read_text())
     assert [e.get("rejected", "sample") for e in got] == ["sample", "garbage", "bcc", "malformed", "sample", "incomplete"]
     assert got[0]["fields"] == READOUT_FIELDS
-    assert got[4]["fields"] == {"energy_import_kwh": 12346.001, "obis_1_6_0": 3.21, "obis_1_6_0_2": "2301041830",
+    assert got[4]["fields"] == {"energy_import_kwh": 12346.001, "obis_1_6_0": 3.21, "obis_1_6_0__2": "2301041830",
                                 "meter_serial": "71234567"}
     assert decoder.stats["requests"] == 4 and decoder.stats["option_selects"] == 4
 

@@ -17,7 +17,9 @@ answers within 20 ms instead of 200 ms; the dialogue keeps the 200 ms timing, wh
 
 Data lines are data sets `address(value*unit)`, several per line possible, a set may carry more values
 (`1.6.0(1.234*kW)(2301051015)`: the maximum and its time). The address is an OBIS code in short form (`1.8.0`,
-`C.1.0`, `F.F`) or long form (`1-0:1.8.0*255`).
+`C.1.0`, `F.F`) or long form (`1-0:1.8.0*255`). The end character `!` closes the data block (§6.3, the data
+message `STX data block ! CR LF ETX BCC`); most meters send it on a line of its own, some right after the last
+data set (`...0.0(00010213)!` CR LF ETX BCC): both are read, the data sets of that last line included.
 
 Driving `Iec62056Session` (the one protocol a driver has to keep; `run_session` below is that driver):
 
@@ -52,9 +54,22 @@ unit (energy_import_kwh, voltage_l1_v, ...; values converted from Wh/MWh, W, kV 
 a unit that does not fit keeps the generic name), every other code becomes `obis_` + its digits
 (`1.8.0*03` -> obis_1_8_0_f3; the letters C F L P of short codes are 96 97 98 99, so `C.1.0` and `0-0:96.1.0`
 name the same field; `1-0:` is the default of an electricity meter's short codes and is dropped). Numbers
-become floats with their unit in `Sample.units`; other values stay strings; an empty value `()` is left out
-with quality "not_available". The meter's own time and date (0.9.1 hhmmss, 0.9.2 YYMMDD) become the string
-fields meter_time and meter_date; the sample's time stays the gateway's.
+become floats with their unit in `Sample.units`; an empty value `()` is left out with quality "not_available".
+The meter's own time and date (0.9.1 hhmmss, 0.9.2 YYMMDD) become the string fields meter_time and meter_date;
+the sample's time stays the gateway's.
+
+Every field has one type, whatever a reading holds (InfluxDB refuses a field that changes type), and no two
+values of one readout can get one name. Suffixes start with "__" (SEPARATOR), which no code's name contains:
+a well-known name is fixed, a generic one is "obis_" and non-empty groups joined by single underscores. So:
+- `<name>`: the first value of a data set; a float, except for the well-known text codes (meter_time,
+  meter_date, device_address, meter_serial, error_register: always strings);
+- `<generic name>__text`: a first value that is not a number where a number would go (`C.90.1(TEXT)`,
+  `1.8.1(n/a*kWh)` -> obis_96_90_1__text, obis_1_8_1__text): a string;
+- `<generic name>__2`, `__3` ...: the further values of a data set, always strings, always after the code's
+  generic name (`1.6.0(1.234*kW)(2301051015)` -> obis_1_6_0 = 1.234, obis_1_6_0__2 = "2301051015").
+Before, the second value was `<name>_2`, which is also the generic name of the code with one more group
+(`96.1(a)(b)` and `96.1.2(5)` both made obis_96_1_2): one value overwrote the other, and the field was a
+string in one readout and a float in the next.
 """
 
 from __future__ import annotations
@@ -83,7 +98,11 @@ BAUD_CHAR_C = {baud: char for char, baud in BAUD_MODE_C.items()}
 MAX_BLOCK = 32 * 1024  # a readout longer than this is not a readout
 MAX_IDENT_LINE = 128
 MAX_VALUE = 128  # the standard allows 32 characters per value, 16 per unit; some meters are generous
-MAX_EXTRA_VALUES = 8
+MAX_EXTRA_VALUES = 8  # values kept per data set, the first included
+# Field name suffixes (module docstring): no code's own name contains SEPARATOR, so a suffixed name is never a
+# code's name, and each suffix has one type (TEXT and the value numbers: strings).
+SEPARATOR = "__"
+TEXT_SUFFIX = SEPARATOR + "text"
 
 REACTION_S = 0.3  # between the meter's message and our answer: the standard's 200 ms <= tr <= 1500 ms
 FIRST_BYTE_S = 1.5  # the standard's longest reaction time
@@ -240,7 +259,9 @@ def _obis(address: str) -> tuple[str, _Known | None] | None:
 
 
 def field_name(address: str, unit: str = "") -> str | None:
-    """The field an OBIS address (with the unit the meter gave) is stored as; None for a non-OBIS address."""
+    """The field a numeric value of an OBIS address (with the unit the meter gave) is stored as; None for a
+    non-OBIS address. A value that is not a number goes to the generic name + TEXT_SUFFIX, except for the
+    well-known text codes, and further values to the generic name + SEPARATOR + their number."""
     target = _obis(address)
     if target is None:
         return None
@@ -278,7 +299,11 @@ def _parse_data(content: bytes, tags: dict[str, str], offset: int) -> tuple[Samp
     rejected: list[Rejected] = []
     for m in re.finditer(rb"[^\r\n]+", content):
         line = m[0].decode("ascii", "replace").strip()
-        if not line or line == "!":
+        if line.endswith("!"):
+            # §6.3: "!" ends the data block, on its own line or right after the last data set; it never occurs
+            # in an address or a value, so it is no part of the data sets before it
+            line = line[:-1].rstrip()
+        if not line:
             continue
         sets = _datasets(line)
         if sets is None:
@@ -293,18 +318,22 @@ def _parse_data(content: bytes, tags: dict[str, str], offset: int) -> tuple[Samp
             generic, known = target
             first = values[0]
             if not first.partition("*")[0].strip():
-                name = known.name if known is not None else generic
-                quality.setdefault(name, "not_available")
+                quality.setdefault(known.name if known is not None else generic, "not_available")
             else:
                 value, unit, use_known = _value(first, known)
-                name = known.name if known is not None and use_known else generic
+                if known is not None and use_known:
+                    name = known.name
+                elif isinstance(value, str):
+                    name = generic + TEXT_SUFFIX  # the generic name holds numbers only: one type per field
+                else:
+                    name = generic
                 if name not in fields:
                     fields[name] = value
                     if unit:
                         units[name] = unit
             for k, extra in enumerate(values[1:MAX_EXTRA_VALUES], start=2):
                 if extra.strip():
-                    fields.setdefault(f"{name}_{k}", extra.strip())
+                    fields.setdefault(f"{generic}{SEPARATOR}{k}", extra.strip())
     for name in fields:
         quality.pop(name, None)
     return Sample(fields, None, None, dict(tags), quality, units), rejected
