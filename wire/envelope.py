@@ -72,3 +72,8 @@ def decode_body(body: bytes | memoryview) -> Batch:
         raise WireError(Rejection.SCHEMA, str(exc)) from None
     except msgspec.DecodeError as exc:
         raise WireError(Rejection.MALFORMED, str(exc)) from None
+    except UnicodeDecodeError as exc:  # msgspec raises it as such for invalid UTF-8 in a msgpack string
+        raise WireError(Rejection.MALFORMED, f"invalid UTF-8 in a string ({exc.reason}, "
+                                             f"{exc.object[exc.start:exc.start + 4]!r})") from None
+    except RecursionError:
+        raise WireError(Rejection.MALFORMED, "nested too deeply") from None
