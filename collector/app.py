@@ -1,51 +1,73 @@
-"""The collector's async shell: MQTT in, the pure ingest pipeline, batched InfluxDB writes, acknowledgements out.
+"""The collector's async shell: MQTT in, admission, the pure ingest pipeline, batched InfluxDB writes,
+acknowledgements out.
 
-An uplink message is acknowledged to the broker (manual PUBACK) only after InfluxDB confirmed the batch that
-holds its lines, or after it was rejected for good (invalid, or refused by InfluxDB with a 4xx). The broker's
-MQTT 5 receive maximum bounds how many unacknowledged messages this process holds, so RAM stays bounded when
-InfluxDB is down: the broker keeps the rest.
+The path of a message, and who owns each step:
 
-Its seq is then acknowledged end to end to the gateway (wire/ack.py), which deletes the message from its outbox
-only then: every `acks.interval`, one message per gateway names the seqs stored since the last one. A status
-heartbeat becomes health points (collector/health.py) written the same way, without an end-to-end ack.
+    paho's network thread   _on_message: counts the message against the hand-over bound (declining it there
+                            when the loop has fallen that far behind) and hands it to the loop. Nothing else.
+    event loop              _admit: collector/admission.py decides, from the topic's gateway alone, whether it
+                            is queued (per gateway, bounded, rate limited) or declined at once.
+    event loop (workers)    round robin over gateways: collector/ingest.py opens, checks (collector/guard.py)
+                            and encodes it in slices, then the writer takes its lines.
+    "influx-write" thread   collector/influx/batcher.py: one HTTP request at a time; a refused batch is split
+                            so that only the puts whose own lines were refused are refused.
+    event loop              _on_written: PUBACK, and the seq acknowledged end to end (wire/ack.py) when stored
+                            or refused for the gateway's own content.
+    "quarantine" thread     rejected payloads, from a bounded queue (collector/quarantine.py QuarantineSink).
+    "registry" thread       the gateway registry re-read once a second.
+
+An uplink message is acknowledged to the broker (manual PUBACK) once its fate is decided: stored, refused for
+its content, or declined (then not end to end, so the gateway sends it again). The bounds in code are the
+hand-over bound, the admission queues, the writer's max_pending_lines and the quarantine queue: memory stays
+bounded whatever the broker sends (mosquitto 2.0.11 was seen to exceed a client's Receive Maximum by
+thousands). A status heartbeat becomes health points (collector/health.py) written the same way, without an
+end-to-end ack.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
 
+from collector.admission import FairQueue, Limits
 from collector.config import CollectorConfig, default_client_id
+from collector.guard import SCHEMA_QUERY, Guard, GuardLimits, learn_from_show_keys
 from collector.health import health_lines
-from collector.influx.backends import make_backend
+from collector.influx.backends import WriteFailure, make_backend
 from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
-from collector.ingest import Ingest, TimePolicy
+from collector.ingest import SLICE, Ingest, TimePolicy
 from collector.pki import load_private_keys
-from collector.quarantine import Quarantine
+from collector.quarantine import QuarantineSink
+from collector.reasons import RETRY_LATER, Reason
 from collector.registry import GatewayRegistry
 from wire import ack, topics
 from wire.cli import run_tasks_until
-from wire.envelope import WireError
+from wire.envelope import Rejection, WireError
 from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink
 from wire.seal import Opener, SealError
-from wire.status import decode_status
+from wire.status import StatusError, decode_status
 
 log = logging.getLogger("citynerve.collector")
 
 # HTTP statuses with which InfluxDB refuses the content itself (a bad line, a field type conflict, a point
-# outside the retention): sending the message again cannot help, so it is acknowledged end to end like a stored
-# one. Other refusals (401/403 credentials, 404 database, 413 size) are this side's configuration: the gateway
+# outside the retention, a body too large for one message): sending the message again cannot help, so it is
+# acknowledged end to end and quarantined. The writer splits a refused batch, so such a refusal is always
+# about this message's own lines. Other refusals (401/403/404) are this side's configuration: the gateway
 # keeps the data and sends it again, so fixing the configuration recovers it.
-_CONTENT_REFUSED = frozenset({400, 422})
+_CONTENT_REFUSED = frozenset({400, 413, 422})
 # On shutdown, how long to wait for the broker's PUBACK of the last acknowledgements before disconnecting.
 _FINAL_ACKS_TIMEOUT = 2.0
+# Gateways idle this long lose their admission state (their token buckets are full again by then anyway).
+_IDLE_GATEWAY = 600.0
 
 
 @dataclass(frozen=True)
@@ -55,8 +77,11 @@ class _Delivery:
     mid: int
     qos: int
     gateway: str
-    seq: int | None  # None: a status message (health points), acknowledged to the broker only
+    seq: int | None  # None: nothing to acknowledge end to end (a status, or readings held back for a budget)
     session_id: bytes | None = None  # the sealed session it came in; None for plain
+    lines: int = 0
+    topic: str = ""
+    payload: bytes = b""  # kept only for a message InfluxDB may refuse: its quarantine entry
 
 
 class Collector:
@@ -64,25 +89,45 @@ class Collector:
         self.cfg = cfg
         self.prefix = cfg.mqtt.topic_prefix
         v = cfg.validation
+        lim = cfg.limits
         self.registry, opener = _security(cfg)
         self.opener = opener
-        self._registry_checked = 0.0
+        self.guard = Guard(GuardLimits(
+            window=float(lim.window), new_series=lim.new_series, new_devices=lim.new_devices,
+            new_fields=lim.new_fields, new_measurements=lim.new_measurements, max_series=lim.max_series,
+            max_devices=lim.max_devices,
+        ))
+        for measurement, fields in cfg.schema.declared().items():
+            for name, kind in fields.items():
+                self.guard.declare(measurement, name, kind)
         self.ingest = Ingest(
             self.prefix,
             v.max_payload_bytes,
-            TimePolicy(int(v.max_future * 1e9), int(v.min_time.timestamp()) * 1_000_000_000),
+            TimePolicy(int(v.max_future * 1e9), int(v.min_time.timestamp()) * 1_000_000_000, int(v.max_past * 1e9)),
             v.suspect_measurement,
             opener,
             accept_plain=cfg.security is None or cfg.security.accept_plain,
+            guard=self.guard,
         )
+        self.admission = FairQueue(Limits(
+            max_messages=lim.max_messages, max_bytes=lim.max_bytes, gateway_messages=lim.gateway_messages,
+            gateway_bytes=lim.gateway_bytes, rate=lim.messages_per_second, burst=lim.messages_burst,
+            byte_rate=lim.bytes_per_second, byte_burst=lim.bytes_burst,
+            gateway_pending_lines=lim.gateway_pending_lines,
+        ))
         q = cfg.quarantine
-        self.quarantine = Quarantine(q.path, q.max_entries, q.max_bytes) if q.max_entries else None
+        self.quarantine = QuarantineSink(q.path, q.max_entries, q.max_bytes) if q.max_entries else None
         self.counters: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self._warn = RateLimitedLog(log, interval=60)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[paho.MQTTMessage | tuple[paho.MQTTMessage, int]] = asyncio.Queue()
-        self._unacked = 0
+        # The hand-over bound (paho's thread -> the loop): guarded by a lock, the only state both threads touch.
+        self._handoff_lock = threading.Lock()
+        self._handoff_messages = 0
+        self._handoff_bytes = 0
+        self._handoff_declined = 0
+        self._work = asyncio.Event()
+        self._files = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry")
         self.gateway_state: dict[str, str] = {}
         self.acks = ack.PendingAcks()
         # per gateway with pending acks: the session of its most recently stored message, whose downlink key
@@ -111,7 +156,7 @@ class Collector:
             on_message=self._on_message,
         )
 
-    # -- paho's thread: hand over, never block --------------------------------------------------------------------
+    # -- paho's thread: count, hand over, never block ---------------------------------------------------------
 
     def _on_connected(self, session_present: bool) -> None:
         subs = [topics.subscription(self.prefix, topics.UP), topics.subscription(self.prefix, topics.STATUS)]
@@ -122,27 +167,93 @@ class Collector:
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         receive_ns = time.time_ns()
+        size = len(msg.payload)
+        lim = self.cfg.limits
+        with self._handoff_lock:
+            full = self._handoff_messages >= lim.max_messages or self._handoff_bytes + size > lim.max_bytes
+            if full:
+                self._handoff_declined += 1
+            else:
+                self._handoff_messages += 1
+                self._handoff_bytes += size
+        if full:
+            # The loop is that far behind the broker: decline the message here, where it already is, rather than
+            # grow the queue this bound exists to stop. Acknowledged to the broker, not end to end: the gateway
+            # sends it again. Counted, and reported by the loop (Reason.OVERLOAD).
+            if msg.qos > 0:
+                self.link.ack(msg.mid, msg.qos)
+            return
         assert self._loop is not None
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, (msg, receive_ns))
+        self._loop.call_soon_threadsafe(self._admit, msg, receive_ns, size)
 
-    # -- event loop ---------------------------------------------------------------------------------------------
+    # -- event loop: admission ------------------------------------------------------------------------------------
+
+    def _admit(self, msg: paho.MQTTMessage, receive_ns: int, size: int) -> None:
+        with self._handoff_lock:
+            self._handoff_messages -= 1
+            self._handoff_bytes -= size
+        parsed = topics.parse(self.prefix, msg.topic)
+        if parsed is None or parsed[1] not in (topics.UP, topics.STATUS):
+            self._reject("?", msg, Rejection.BAD_TOPIC, f"not an uplink or status topic under {self.prefix}/: "
+                         f"{msg.topic!r}", receive_ns)
+            return
+        gateway = parsed[0]
+        reason = self.admission.offer(gateway, (msg, receive_ns), size, time.monotonic())
+        if reason is not None:
+            self._decline(gateway, msg, reason)
+            return
+        self._work.set()
+
+    def _decline(self, gateway: str, msg: paho.MQTTMessage, reason: Reason) -> None:
+        """Not now: acknowledged to the broker (out of everyone's way), not end to end (the gateway keeps it)."""
+        self.rejections[reason] += 1
+        self._warn.warning(
+            ("decline", reason, gateway), "declined messages from gateway %s: %s (%d so far); it sends them again",
+            gateway, reason, self.admission.declined(gateway), gateway=gateway, reason=str(reason),
+        )
+        self._ack(msg.mid, msg.qos)
+
+    def _reject(self, gateway: str, msg: paho.MQTTMessage, reason: object, detail: str, receive_ns: int) -> None:
+        """Not at all: counted, logged once a minute per gateway and reason, quarantined, acknowledged to the
+        broker. Not acknowledged end to end: an undecodable message has no seq to acknowledge."""
+        self.rejections[str(reason)] += 1
+        self._warn.warning(
+            ("reject", gateway, str(reason)), "rejected message from gateway %s on %s: %s: %s",
+            gateway, msg.topic, reason, detail, gateway=gateway, reason=str(reason),
+        )
+        self._quarantine(gateway, msg.topic, str(reason), detail, msg.payload, receive_ns)
+        self._ack(msg.mid, msg.qos)
+
+    def _quarantine(self, gateway: str, topic: str, reason: str, detail: str, payload: bytes,
+                    receive_ns: int) -> None:
+        if self.quarantine is not None and not self.quarantine.add(gateway, topic, reason, detail, payload,
+                                                                   receive_ns):
+            self.counters["quarantine_dropped"] += 1
+
+    # -- event loop: workers ----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         await self.writer.start()
         log.info(
             "collector starting: MQTT %s:%d, InfluxDB %s API at %s", self.cfg.mqtt.host, self.cfg.mqtt.port,
-            self.cfg.influx.api, self.cfg.influx.url,
+            self.cfg.influx.api, self.backend,
         )
+        await self._learn_schema()
         self.link.start()
-        tasks = [asyncio.create_task(self._consume(), name="consume"),
-                 asyncio.create_task(self._send_acks(), name="acks"),
-                 asyncio.create_task(self._report(), name="stats")]
+        tasks = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.cfg.limits.workers)]
+        tasks += [asyncio.create_task(self._send_acks(), name="acks"),
+                  asyncio.create_task(self._housekeeping(), name="housekeeping"),
+                  asyncio.create_task(self._schema_refresh(), name="schema"),
+                  asyncio.create_task(self._report(), name="stats")]
+        if self.quarantine is not None:
+            tasks.append(asyncio.create_task(self.quarantine.run(), name="quarantine"))
         try:
             await run_tasks_until(stop, tasks)
         finally:
-            # Acknowledge only what is stored: drain the writer, then leave. Messages still unacknowledged
-            # stay with the broker's session and come again.
+            # Messages still queued are not acknowledged: they stay with the broker's session and come again.
+            self.admission.drain()
+            # Acknowledge only what is stored: drain the writer, then leave.
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.writer.close(drain=True), timeout=15)
             # What the drain stored is acknowledged now, not left to the agent's re-send timeout.
@@ -150,52 +261,77 @@ class Collector:
                 await self._final_acks()
             self.backend.close()
             if self.quarantine is not None:
-                self.quarantine.close()
+                with contextlib.suppress(Exception):
+                    await self.quarantine.close()
             if self.registry is not None:
-                self.registry.close()
+                await self._loop.run_in_executor(self._files, self.registry.close)
+            self._files.shutdown(wait=False)
             self.link.stop()
             log.info("collector stopped: %s", self._summary())
 
-    async def _consume(self) -> None:
-        while True:
-            msg, receive_ns = await self._queue.get()
-            try:
-                await self._handle(msg, receive_ns)
-            except WriterClosed:
-                return  # shutting down: not acknowledged, so the broker delivers it again
-            except Exception:  # a bug must cost one message, never the collector
-                log.exception("unexpected error handling a message on %s", msg.topic)
-                self._ack(msg.mid, msg.qos)
-
-    def _refresh_registry(self) -> None:
-        """Adding or revoking a gateway takes effect within a second, without a restart."""
-        now = time.monotonic()
-        if self.registry is None or now - self._registry_checked < 1.0:
-            return
-        self._registry_checked = now
-        if self.registry.refresh_if_changed():
-            log.info("gateway registry changed: %d gateway(s) enrolled", len(self.registry.list()))
-
-    async def _handle(self, msg: paho.MQTTMessage, receive_ns: int) -> None:
-        self._refresh_registry()
-        topic = msg.topic
-        parsed = topics.parse(self.prefix, topic)
-        if parsed is not None and parsed[1] == topics.STATUS:
-            await self._status(parsed[0], msg, receive_ns)
+    async def _learn_schema(self, first: bool = True) -> None:
+        """The field types and tag keys the store already holds, so that no gateway can claim another type for
+        them (collector/guard.py): at start-up, then every schema.refresh (what other collectors' gateways
+        wrote). InfluxDB 1.x API only; through the v2 API the guard learns from writes and declarations."""
+        query = getattr(self.backend, "query", None)
+        if query is None:
             return
         try:
-            accepted = self.ingest.uplink(topic, msg.payload, receive_ns)
-        except WireError as exc:
-            gateway = parsed[0] if parsed else "?"
-            self.rejections[exc.reason] += 1
-            self._warn.warning(
-                ("reject", gateway, exc.reason), "rejected message from gateway %s on %s: %s",
-                gateway, topic, exc, gateway=gateway, reason=str(exc.reason),
-            )
-            if self.quarantine is not None:
-                self.quarantine.add(gateway, topic, str(exc.reason), exc.detail, msg.payload, receive_ns)
-            self._ack(msg.mid, msg.qos)
+            doc = await asyncio.get_running_loop().run_in_executor(self._files, query, SCHEMA_QUERY)
+        except WriteFailure as exc:
+            self._warn.warning(("schema",), "could not read the field types InfluxDB holds (%s); they are learnt "
+                               "from writes and refusals meanwhile", exc, reason="schema_unknown")
             return
+        fields, tags = learn_from_show_keys(self.guard, doc)
+        if first or fields:
+            log.info("InfluxDB holds %d field type(s) and %d tag key(s) in %s new to this collector: fixed for "
+                     "every gateway", fields, tags, self.cfg.influx.database)
+
+    async def _schema_refresh(self) -> None:
+        while True:
+            await asyncio.sleep(float(self.cfg.schema.refresh))
+            await self._learn_schema(first=False)
+
+    async def _worker(self) -> None:
+        while True:
+            job = self.admission.take()
+            if job is None:
+                self._work.clear()
+                await self._work.wait()
+                continue
+            gateway, (msg, receive_ns) = job
+            try:
+                await self._process(gateway, msg, receive_ns)
+            except WriterClosed:
+                return  # shutting down: not acknowledged, so the broker delivers it again
+            finally:
+                self.admission.done(gateway)
+                self._work.set()  # its next message, or another worker's wait, may go now
+
+    async def _process(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int) -> None:
+        try:
+            if msg.topic.endswith("/" + topics.STATUS):
+                await self._status(gateway, msg, receive_ns)
+            else:
+                await self._uplink(gateway, msg, receive_ns)
+        except WriterClosed:
+            raise
+        except WireError as exc:
+            self._reject(gateway, msg, exc.reason, exc.detail, receive_ns)
+        except Exception as exc:  # a bug costs one message, one log line a minute: never the collector
+            self.counters["internal_errors"] += 1
+            log.debug("unexpected error handling a message on %s", msg.topic, exc_info=True)
+            self._reject(gateway, msg, Reason.INTERNAL, f"{type(exc).__name__}: {exc}", receive_ns)
+
+    async def _uplink(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int) -> None:
+        opened = self.ingest.open(msg.topic, msg.payload)
+        accepted = self.ingest.start(opened)
+        now = time.monotonic()
+        for start in range(0, len(opened.batch.readings), SLICE):
+            if start:
+                await asyncio.sleep(0)  # a large message does not hold the loop: others' work runs between slices
+            self.ingest.encode(opened, accepted, start, start + SLICE, receive_ns, now)
+        self.ingest.finish(opened, accepted, receive_ns)
         self.counters["messages"] += 1
         self.counters["readings"] += accepted.readings
         if accepted.duplicate:
@@ -203,64 +339,106 @@ class Collector:
         if accepted.suspect:
             self.counters["suspect_time"] += accepted.suspect
             self._warn.warning(
-                ("suspect", accepted.gateway), "gateway %s sent %d reading(s) with an implausible sample time "
-                "(clock not set?); stored aside in %s", accepted.gateway, accepted.suspect,
-                self.cfg.validation.suspect_measurement, gateway=accepted.gateway, reason="suspect_time",
+                ("suspect", gateway), "gateway %s sent %d reading(s) with an implausible sample time "
+                "(clock not set?); stored aside in %s", gateway, accepted.suspect,
+                self.cfg.validation.suspect_measurement, gateway=gateway, reason="suspect_time",
             )
         if accepted.skipped:
             self.counters["skipped_readings"] += accepted.skipped
-        self._unacked += 1
-        token = _Delivery(msg.mid, msg.qos, accepted.gateway, accepted.seq, accepted.session_id)
-        await self.writer.put(accepted.lines, token=token)
+        if accepted.declined:
+            for reason, count in accepted.declined.items():
+                self.counters[f"declined.{reason}"] += count
+            summary = "; ".join(f"{reason} x{accepted.declined[reason]}: {detail}"
+                                for reason, detail in accepted.details.items())
+            held = accepted.held
+            self._warn.warning(
+                ("declined", gateway), "gateway %s seq %d: %s%s", gateway, accepted.seq, summary,
+                " (held back: not acknowledged, the gateway sends it again)" if held else "",
+                gateway=gateway, reason=next(iter(accepted.details)),
+            )
+            content = [r for r in accepted.details if r not in RETRY_LATER]
+            if content:
+                self._quarantine(gateway, msg.topic, content[0], summary, msg.payload, receive_ns)
+        token = _Delivery(msg.mid, msg.qos, gateway, None if accepted.held else accepted.seq, accepted.session_id,
+                          len(accepted.lines), msg.topic, msg.payload)
+        await self._put(gateway, accepted.lines, token)
+
+    async def _put(self, gateway: str, lines: list[bytes], token: _Delivery) -> None:
+        self.admission.lines_pending(gateway, len(lines))
+        try:
+            await self.writer.put(lines, token=token, group=gateway)
+        except BaseException:
+            self.admission.lines_pending(gateway, -len(lines))
+            raise
 
     async def _status(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int) -> None:
         try:
             doc = decode_status(msg.payload)
-        except ValueError as exc:
-            self._warn.warning(("status", gateway), "unreadable status from gateway %s: %s", gateway, exc,
-                               gateway=gateway, reason="bad_status")
-            self._ack(msg.mid, msg.qos)
-            return
-        state = doc["state"]
-        if self.gateway_state.get(gateway) != state:
-            self.gateway_state[gateway] = state
-            log.info("gateway %s is %s", gateway, state, extra={"gateway": gateway})
-        if msg.retain and not isinstance(doc.get("time_ns"), int):
+        except StatusError as exc:
+            raise WireError(Reason.BAD_STATUS, str(exc)) from None
+        if doc.gateway is not None and doc.gateway != gateway:
+            raise WireError(Reason.STATUS_MISMATCH,
+                            f"status says gateway {doc.gateway!r} but arrived on the topic of {gateway!r}")
+        if self.gateway_state.get(gateway) != doc.state:
+            self.gateway_state[gateway] = doc.state
+            log.info("gateway %s is %s", gateway, doc.state, extra={"gateway": gateway})
+        if msg.retain and doc.time_ns is None:
             # A retained last will, replayed at each subscription: it carries no time of its own, and writing it
             # at every collector start would add an "offline" point each time. Its live delivery was written.
             self._ack(msg.mid, msg.qos)
             return
-        health = health_lines(doc, gateway, receive_ns, self.ingest.time_policy)
-        if health.skipped_devices:
-            self._warn.warning(("health", gateway), "status from gateway %s: %d device entries left out (invalid, "
-                               "or more than the limit)", gateway, health.skipped_devices, gateway=gateway,
-                               reason="bad_device_health")
+        allowed, over = self.guard.check_devices(gateway, doc.devices or {}, time.monotonic())
+        health = health_lines(doc, gateway, receive_ns, self.ingest.time_policy, allowed)
+        if health.skipped_devices or over:
+            self._warn.warning(("health", gateway), "status from gateway %s: %d device entries left out (a name "
+                               "line protocol cannot carry, or over the gateway's device budget)", gateway,
+                               health.skipped_devices, gateway=gateway, reason="bad_device_health")
         self.counters["status_messages"] += 1
-        self._unacked += 1
         # Through the writer like readings: the PUBACK comes after the write, so a heartbeat is not lost when
         # InfluxDB is down.
-        await self.writer.put(health.lines, token=_Delivery(msg.mid, msg.qos, gateway, None))
+        await self._put(gateway, health.lines, _Delivery(msg.mid, msg.qos, gateway, None, None, len(health.lines)))
 
     def _on_written(self, result: BatchResult) -> None:
-        final = result.ok or result.status in _CONTENT_REFUSED  # acknowledged end to end
-        if result.ok:
-            self.counters["lines_written"] += result.lines
-        else:
-            self.counters["lines_rejected_by_influx"] += result.lines
-            gateways = sorted({t.gateway for t in result.tokens if isinstance(t, _Delivery)})
-            log.error(
-                "InfluxDB refused a batch of %d lines from gateway(s) %s (HTTP %s): %s; not retried%s",
-                result.lines, ", ".join(gateways), result.status, result.reason,
-                "" if final else ", the gateways send it again until the configuration is fixed",
-                extra={"reason": "influx_rejected"},
+        for token in result.stored:
+            if not isinstance(token, _Delivery):
+                continue
+            self.counters["lines_written"] += token.lines
+            self._settle(token, ack_end_to_end=True)
+        for refused in result.refused:
+            token = refused.token
+            if not isinstance(token, _Delivery):
+                continue
+            content = refused.status in _CONTENT_REFUSED
+            self.counters["lines_rejected_by_influx"] += token.lines
+            self.rejections[Reason.INFLUX_REFUSED] += 1
+            # A type conflict the guard did not foresee (it believed another type): the store holds a type some
+            # other writer set first (another collector's gateway, in a new shard). The message followed what
+            # was known, so it is not its fault: not acknowledged; sent again, the guard now leaves out the
+            # conflicting field and the rest is stored.
+            foreign = content and self.guard.learn_from_refusal(refused.reason) > 0
+            if foreign:
+                self.counters["types_learnt_from_refusals"] += 1
+                outcome = "learnt the store's type; the gateway sends it again"
+            elif content:
+                self._quarantine(token.gateway, token.topic, Reason.INFLUX_REFUSED,
+                                 f"HTTP {refused.status}: {refused.reason}", token.payload, time.time_ns())
+                outcome = "quarantined, not retried"
+            else:
+                outcome = "the gateway sends it again until the configuration is fixed"
+            self._warn.error(
+                ("influx_refused", token.gateway, content), "InfluxDB refused the %d lines of a message from gateway "
+                "%s (HTTP %s): %s; %s", token.lines, token.gateway, refused.status, refused.reason, outcome,
+                gateway=token.gateway, reason=str(Reason.INFLUX_REFUSED),
             )
-        for token in result.tokens:
-            if isinstance(token, _Delivery):
-                self._ack(token.mid, token.qos)
-                self._unacked -= 1
-                if final and token.seq is not None:
-                    self.acks.add(token.gateway, token.seq)
-                    self._ack_session[token.gateway] = token.session_id
+            self._settle(token, ack_end_to_end=content and not foreign)
+        self._work.set()  # gateways waiting for their lines to be written may go on
+
+    def _settle(self, token: _Delivery, *, ack_end_to_end: bool) -> None:
+        self._ack(token.mid, token.qos)
+        self.admission.lines_pending(token.gateway, -token.lines)
+        if ack_end_to_end and token.seq is not None:
+            self.acks.add(token.gateway, token.seq)
+            self._ack_session[token.gateway] = token.session_id
 
     def _ack(self, mid: int, qos: int) -> None:
         if qos > 0:
@@ -309,12 +487,38 @@ class Collector:
         sent = self._publish_acks()
         if sent and self.link.connected.is_set():
             # MqttLink.stop() disconnects at once: wait (briefly) until the broker has them.
-            await asyncio.to_thread(_wait_published, sent, _FINAL_ACKS_TIMEOUT)
+            await asyncio.get_running_loop().run_in_executor(self._files, _wait_published, sent, _FINAL_ACKS_TIMEOUT)
+
+    # -- housekeeping and reports -------------------------------------------------------------------------------
+
+    async def _housekeeping(self) -> None:
+        """Once a second: the registry re-read off the loop (adding or revoking a gateway takes effect within a
+        second, without a restart), hand-over declines reported, idle gateways' admission state dropped."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            if self.registry is not None:
+                try:
+                    changed = await loop.run_in_executor(self._files, self.registry.refresh_if_changed)
+                except Exception as exc:  # a locked or vanished file: keep the registry we have, say so
+                    self._warn.error(("registry",), "cannot re-read the gateway registry %s: %s", self.registry.path,
+                                     exc, reason="registry_unreadable")
+                else:
+                    if changed:
+                        log.info("gateway registry changed: %d gateway(s) enrolled", len(self.registry.list()))
+            with self._handoff_lock:
+                declined, self._handoff_declined = self._handoff_declined, 0
+            if declined:
+                self.rejections[Reason.OVERLOAD] += declined
+                self._warn.warning(("overload",), "the collector fell behind the broker: declined %d message(s) at "
+                                   "the hand-over bound (the gateways send them again)", declined,
+                                   reason=str(Reason.OVERLOAD))
+            self.admission.forget_idle(time.monotonic(), _IDLE_GATEWAY)
 
     async def _report(self) -> None:
         interval = float(self.cfg.log.stats_interval)
         if interval <= 0:
-            return
+            await asyncio.Event().wait()  # nothing to report: idle, as a supervised task must not end
         while True:
             await asyncio.sleep(interval)
             log.info("stats: %s", self._summary())
@@ -322,6 +526,8 @@ class Collector:
     def _summary(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.counters.items())]
         parts += [f"rejected.{k}={v}" for k, v in sorted(self.rejections.items())]
+        if self.quarantine is not None and self.quarantine.dropped:
+            parts.append(f"quarantine_dropped={self.quarantine.dropped}")
         return " ".join(parts) or "no messages"
 
 

@@ -34,6 +34,9 @@ class ValidationSection(msgspec.Struct, forbid_unknown_fields=True):
     max_future: Duration = Duration(300)
     # A sample time before this is suspect: a gateway without a real-time clock before NTP sync starts in 1970.
     min_time: dt.datetime = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
+    # A sample time older than this (before the receive time) is suspect too: no reading is written into an
+    # InfluxDB shard far in the past. Keep it above the agents' outbox.max_age (default 30 days).
+    max_past: Duration = Duration(45 * 86400)
     suspect_measurement: str = "citynerve_suspect_time"
 
     def __post_init__(self) -> None:
@@ -80,6 +83,75 @@ class AcksSection(msgspec.Struct, forbid_unknown_fields=True):
             raise invalid("interval", f'expected a duration > 0 such as "1s" or "500ms", got {float(self.interval):g}')
 
 
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class LimitsSection(msgspec.Struct, forbid_unknown_fields=True):
+    """What one gateway may take of the collector and of the store (docs/operations.md#limits).
+
+    A message over a rate or queue limit is acknowledged to the broker and not end to end: the gateway keeps it
+    and sends it again. A reading over a cardinality budget likewise. The defaults let a gateway with 200
+    devices drain a day of backlog at full speed; the store's own limits (max-values-per-tag,
+    max-series-per-database) must exceed gateways x max_devices and gateways x max_series."""
+
+    # the collector as a whole: messages and bytes received and not yet processed
+    max_messages: Positive = 4096
+    max_bytes: Positive = 64 * 1024 * 1024
+    # per gateway: what may wait, and how fast it may come (token buckets)
+    gateway_messages: Positive = 256
+    gateway_bytes: Positive = 16 * 1024 * 1024
+    messages_per_second: Annotated[float, msgspec.Meta(gt=0)] = 200.0
+    messages_burst: Annotated[float, msgspec.Meta(ge=1)] = 2000.0
+    bytes_per_second: Annotated[float, msgspec.Meta(gt=0)] = 4 * 1024 * 1024
+    bytes_burst: Annotated[float, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
+    # per gateway: lines waiting for the InfluxDB writer before its next message is taken up
+    gateway_pending_lines: Positive = 5000
+    # per gateway and window: new series, devices, field names and measurements; and in all
+    window: Duration = Duration(3600)
+    new_series: Positive = 2000
+    new_devices: Positive = 200
+    new_fields: Positive = 500
+    new_measurements: Positive = 50
+    max_series: Positive = 10_000
+    max_devices: Positive = 1000
+    # messages processed at once (each by a different gateway)
+    workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+
+    def __post_init__(self) -> None:
+        if not self.window > 0:
+            raise invalid("window", f'expected a duration > 0 such as "1h", got {float(self.window):g}')
+        if self.gateway_messages > self.max_messages:
+            raise invalid("gateway_messages", f"expected at most max_messages ({self.max_messages})")
+
+
+FieldType = Literal["float", "integer", "boolean", "string"]
+FieldTypes = dict[str, dict[str, FieldType]]
+
+
+class SchemaSection(msgspec.Struct, forbid_unknown_fields=True):
+    """Field types declared by the operator (docs/operations.md#field-types). InfluxDB fixes a field's type per
+    shard by its first write; a declared type is fixed before any gateway writes, so no gateway can claim
+    another one, even in an empty store or a new shard. Undeclared fields take the store's type, or the first
+    one a gateway writes."""
+
+    # a TOML file of tables per measurement: [electricity] power = "float"
+    field_types: str | None = None
+    # how often the types and tag keys the store holds are read again (several collectors learn each other's)
+    refresh: Duration = Duration(60)
+
+    def __post_init__(self) -> None:
+        if self.field_types is not None and not os.path.isfile(self.field_types):
+            raise invalid("field_types", f"{self.field_types} does not exist")
+        if not self.refresh > 0:
+            raise invalid("refresh", f'expected a duration > 0 such as "60s", got {float(self.refresh):g}')
+
+    def declared(self) -> FieldTypes:
+        """The declared types; ConfigError naming the file and key for a mistake in it."""
+        if self.field_types is None:
+            return {}
+        return wconfig.load(self.field_types, FieldTypes)
+
+
 class LogSection(msgspec.Struct, forbid_unknown_fields=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -93,6 +165,8 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     quarantine: QuarantineSection = msgspec.field(default_factory=QuarantineSection)
     security: SecuritySection | None = None
     acks: AcksSection = msgspec.field(default_factory=AcksSection)
+    limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
+    schema: SchemaSection = msgspec.field(default_factory=SchemaSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
 
 

@@ -116,26 +116,41 @@ class Guard:
     def __init__(self, limits: GuardLimits = GuardLimits()) -> None:
         self.limits = limits
         self._types: dict[str, dict[str, str]] = {}  # measurement -> field -> type
+        self._declared: set[tuple[str, str]] = set()  # declared by the operator: nothing overrides them
         self._tag_keys: dict[str, set[str]] = {}  # measurement -> tag keys seen
         self._gateways: dict[str, _GatewayState] = {}
 
     # -- what the store already holds ---------------------------------------------------------------------------
 
-    def learn_field(self, measurement: str, name: str, kind: str) -> None:
-        """A type the store holds (SHOW FIELD KEYS, a conflict InfluxDB reported): it wins over our guess."""
-        if kind in (FLOAT, INTEGER, BOOLEAN, STRING):
-            self._types.setdefault(measurement, {})[name] = kind
+    def declare(self, measurement: str, name: str, kind: str) -> None:
+        """A type the operator declared ([schema] field_types): fixed before any gateway writes, so no gateway can
+        claim another type for the field even in a new, empty store or shard."""
+        if kind not in (FLOAT, INTEGER, BOOLEAN, STRING):
+            raise ValueError(f'{measurement}.{name}: unknown type "{kind}" (float, integer, boolean or string)')
+        self._types.setdefault(measurement, {})[name] = kind
+        self._declared.add((measurement, name))
+
+    def learn_field(self, measurement: str, name: str, kind: str) -> bool:
+        """A type the store holds (SHOW FIELD KEYS, a conflict InfluxDB reported): it wins over our guess, not
+        over a declaration. True when this changed what the guard believed."""
+        if kind not in (FLOAT, INTEGER, BOOLEAN, STRING) or (measurement, name) in self._declared:
+            return False
+        types = self._types.setdefault(measurement, {})
+        changed = types.get(name) != kind
+        types[name] = kind
+        return changed
 
     def learn_tag_key(self, measurement: str, key: str) -> None:
         self._tag_keys.setdefault(measurement, set()).add(key)
 
     def learn_from_refusal(self, reason: str) -> int:
-        """Types named in an InfluxDB field-type-conflict message; returns how many were learnt."""
-        found = 0
+        """Types named in an InfluxDB field-type-conflict message; returns how many the guard believed otherwise
+        (then the line passed the guard in good faith: the conflict came from another writer, e.g. another
+        collector's gateway that claimed the field first in a new shard)."""
+        changed = 0
         for name, measurement, kind in _CONFLICT.findall(reason):
-            self.learn_field(measurement.replace('\\"', '"'), name.replace('\\"', '"'), kind)
-            found += 1
-        return found
+            changed += self.learn_field(measurement.replace('\\"', '"'), name.replace('\\"', '"'), kind)
+        return changed
 
     def field_type(self, measurement: str, name: str) -> str | None:
         return self._types.get(measurement, {}).get(name)

@@ -7,10 +7,15 @@ processes on one host may share the file and the CLI can read while the collecto
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import sqlite3
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
+
+from wire.files import private_sqlite
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS quarantine (
@@ -45,7 +50,7 @@ class Quarantine:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.max_payload = max_payload  # a huge payload is kept truncated: the start is what tells
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_sqlite(self.path)  # rejected payloads are meter data too: 0600, and so its -wal and -shm
         self._db = sqlite3.connect(self.path, timeout=5, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -60,6 +65,18 @@ class Quarantine:
                 "INSERT INTO quarantine (received_ns, gateway, topic, reason, detail, size, payload) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (received_ns or time.time_ns(), gateway, topic, reason, detail[:1000], len(payload), kept),
+            )
+            self._trim()
+
+    def add_many(self, entries: list[tuple[str, str, str, str, bytes, int]]) -> None:
+        """(gateway, topic, reason, detail, payload, received_ns) rows in one transaction."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany(
+                "INSERT INTO quarantine (received_ns, gateway, topic, reason, detail, size, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(received_ns, gateway, topic, reason, detail[:1000], len(payload), bytes(payload[: self.max_payload]))
+                 for gateway, topic, reason, detail, payload, received_ns in entries],
             )
             self._trim()
 
@@ -95,6 +112,91 @@ class Quarantine:
 
     def close(self) -> None:
         self._db.close()
+
+
+class QuarantineSink:
+    """Quarantine writes off the event loop, bounded: the ingest path only appends to a queue.
+
+    A flood of bad messages must not slow the ingest of good ones, nor grow memory: entries wait in a queue of
+    at most `max_rows` rows and `max_bytes` bytes (payloads truncated to the quarantine's own `max_payload`),
+    and are written in batches (one transaction each) by one named worker thread, which alone opens and uses
+    the SQLite connection. When the queue is full, new entries are dropped and counted (`dropped`): the reason
+    counter and the log line still tell of them; only the payload copy is lost.
+    """
+
+    def __init__(self, path: Path | str, max_entries: int, max_db_bytes: int, *, max_rows: int = 1000,
+                 max_bytes: int = 4 * 1024 * 1024, max_payload: int = 64 * 1024) -> None:
+        self._args = (path, max_entries, max_db_bytes, max_payload)
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.max_payload = max_payload
+        self._queue: deque[tuple[str, str, str, str, bytes, int]] = deque()
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="quarantine")
+        self._db: Quarantine | None = None
+        self.dropped = 0
+        self.written = 0
+        self.failures = 0
+        self.last_error = ""
+
+    def add(self, gateway: str, topic: str, reason: str, detail: str, payload: bytes, received_ns: int) -> bool:
+        """Queue one entry (never blocks); False when the queue is full and it was dropped."""
+        kept = bytes(payload[: self.max_payload])
+        size = len(kept) + len(detail) + len(topic) + 64
+        if len(self._queue) >= self.max_rows or self._queued_bytes + size > self.max_bytes:
+            self.dropped += 1
+            return False
+        self._queue.append((gateway, topic, reason, detail[:1000], kept, received_ns))
+        self._queued_bytes += size
+        self._wake.set()
+        return True
+
+    def _open(self) -> None:
+        path, max_entries, max_db_bytes, max_payload = self._args
+        self._db = Quarantine(path, max_entries, max_db_bytes, max_payload)
+
+    def _write(self, rows: list[tuple[str, str, str, str, bytes, int]]) -> None:
+        if self._db is None:
+            self._open()
+        assert self._db is not None
+        self._db.add_many(rows)
+
+    async def run(self) -> None:
+        """The drain task: runs until cancelled; a write error costs that batch, counted, never the task."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._open)
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                rows = list(self._queue)
+                self._queue.clear()
+                self._queued_bytes = 0
+                try:
+                    await loop.run_in_executor(self._executor, self._write, rows)
+                    self.written += len(rows)
+                except Exception as exc:  # disk full, locked file: the entries are lost, the ingest is not
+                    self.failures += 1
+                    self.dropped += len(rows)
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    async def close(self) -> None:
+        """Write what is queued, then close the database on its own thread."""
+        loop = asyncio.get_running_loop()
+        rows = list(self._queue)
+        self._queue.clear()
+        try:
+            if rows:
+                await loop.run_in_executor(self._executor, self._write, rows)
+            if self._db is not None:
+                await loop.run_in_executor(self._executor, self._db.close)
+        finally:
+            self._executor.shutdown(wait=False)
 
 
 def hexdump(data: bytes, width: int = 16) -> str:

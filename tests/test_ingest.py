@@ -149,19 +149,27 @@ def test_random_and_mutated_payloads_end_in_a_typed_rejection() -> None:
 POLICY = TimePolicy(300 * 10**9, 1_577_836_800 * 10**9)
 
 
+def _status(doc: dict) -> object:
+    import json
+
+    from wire.status import decode_status
+
+    return decode_status(json.dumps(doc).encode())
+
+
 def test_heartbeat_fields_time_and_devices() -> None:
     from collector.health import health_lines
 
-    doc = {"state": "online", "gateway": "gw-forged", "time_ns": NOW - 10, "version": "0.2.0", "mqtt": "5",
+    doc = {"state": "online", "gateway": "gw-1", "time_ns": NOW - 10, "version": "0.2.0", "mqtt": "5",
            "since_ns": NOW - 10**12, "backlog_messages": 3, "backlog_oldest_ns": None, "resent_messages": 2,
-           "outbox_resets": True, "next_seq": 2**63, "dropped_readings": 1.5, "unknown_new_field": 7,
+           "unknown_new_field": {"a newer agent": [1, 2]},
            "devices": {"meter 1": {"polls": 10, "errors": 2, "last_error": 'bad "crc"\nagain'},
                        "m2": {"polls": 4, "errors": 0, "last_error": None}}}
-    health = health_lines(doc, "gw-1", NOW, POLICY)
+    health = health_lines(_status(doc), "gw-1", NOW, POLICY)
     assert health.skipped_devices == 0
     assert health.lines == [
-        # bool, null, an int beyond int64 and fields not in the list are left out; floats stay floats
-        b"citynerve_gateway_health,gateway=gw-1 online=1i,since_ns=%di,backlog_messages=3i,dropped_readings=1.5,"
+        # null and fields not in the schema are left out
+        b"citynerve_gateway_health,gateway=gw-1 online=1i,since_ns=%di,backlog_messages=3i,"
         b"resent_messages=2i %d" % (NOW - 10**12, NOW - 10),
         b'citynerve_device_health,device=meter\\ 1,gateway=gw-1 polls=10i,errors=2i,last_error="bad \\"crc\\" again" '
         + str(NOW - 10).encode(),
@@ -169,52 +177,98 @@ def test_heartbeat_fields_time_and_devices() -> None:
     ]
 
 
-@pytest.mark.parametrize("time_ns", [None, 12_345, NOW + 301 * 10**9, "1800000000000000000", 1.8e18, True])
+@pytest.mark.parametrize("time_ns", [None, 12_345, NOW + 301 * 10**9, NOW - 46 * 86400 * 10**9])
 def test_heartbeat_without_a_plausible_time_is_stored_at_its_arrival(time_ns: object) -> None:
     from collector.health import health_lines
 
+    policy = TimePolicy(300 * 10**9, 1_577_836_800 * 10**9, 45 * 86400 * 10**9)
     doc = {"state": "offline", "time_ns": time_ns}
-    assert health_lines(doc, "gw-1", NOW, POLICY).lines == [
+    assert health_lines(_status(doc), "gw-1", NOW, policy).lines == [
         b"citynerve_gateway_health,gateway=gw-1 online=0i " + str(NOW).encode()]
 
 
-def test_heartbeat_device_entries_are_bounded_and_invalid_ones_skipped() -> None:
-    from collector.health import MAX_DEVICES, health_lines
+@pytest.mark.parametrize("doc, what", [
+    ({"state": "online", "time_ns": "1800000000000000000"}, "time_ns"),
+    ({"state": "online", "time_ns": 1.8e18}, "time_ns"),
+    ({"state": "online", "time_ns": True}, "time_ns"),
+    ({"state": "online", "backlog_messages": -1}, "backlog_messages"),
+    ({"state": "online", "next_seq": 2**63}, "next_seq"),
+    ({"state": "online", "outbox_resets": True}, "outbox_resets"),
+    ({"state": "sleeping"}, "state"),
+    ({"state": "online", "gateway": "gw/1"}, "gateway"),
+    ({"state": "online", "devices": 3}, "devices"),
+    ({"state": "online", "devices": {"m": [1, 2]}}, "devices"),
+    ({"state": "online", "devices": {"": {"polls": 1}}}, "devices"),
+    ({"state": "online", "devices": {"x" * 129: {"polls": 1}}}, "devices"),
+    ({"state": "online", "devices": {f"d{i}": {} for i in range(1001)}}, "devices"),
+    ({"state": "online", "devices": {"m": {"last_error": "x" * 1025}}}, "last_error"),
+])
+def test_a_status_outside_the_schema_is_refused_naming_the_key(doc: dict, what: str) -> None:
+    from wire.status import StatusError
 
-    bad = {"": {"polls": 1}, "x" * 129: {"polls": 1}, "tab\there": {"polls": 1}, "ends\\": {"polls": 1},
-           "not-a-dict": [1, 2], "no-fields": {"polls": -1, "errors": "3"}, "ok": {"polls": 1}}
-    health = health_lines({"state": "online", "devices": bad}, "gw-1", NOW, POLICY)
-    assert health.skipped_devices == 6
+    with pytest.raises(StatusError, match=what):
+        _status(doc)
+
+
+@pytest.mark.parametrize("payload, what", [
+    (b"[" * 200_000 + b"]" * 200_000, "bytes > limit"),
+    (b'{"state":"online","x":' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply|bytes > limit"),
+    (b'{"state":"online","x":' + b"[" * 20_000 + b"]" * 20_000 + b"}", "nested too deeply"),
+    (b'{"state":"online","version":"\xff"}', "invalid|malformed|utf-8|UTF-8"),
+    (rb'{"state":"online","version":"\udc80","devices":{"\udc80":{"polls":1}}}', ""),
+    (b"\xff\xfe", "malformed|invalid"),
+    (b"", "truncated|malformed|Input data"),
+])
+def test_huge_deep_or_broken_status_documents_are_a_status_error_never_an_exception(payload: bytes, what: str) -> None:
+    from wire.status import StatusError, decode_status
+
+    try:
+        decode_status(payload)
+    except StatusError as exc:
+        assert not what or __import__("re").search(what, str(exc)), str(exc)
+
+
+def test_heartbeat_device_entries_are_bounded_and_unstorable_ones_skipped() -> None:
+    from collector.health import health_lines
+
+    health = health_lines(_status({"state": "online", "devices": {"ends\\": {"polls": 1}, "no-fields": {},
+                                                                 "ok": {"polls": 1}}}), "gw-1", NOW, POLICY)
+    assert health.skipped_devices == 2
     assert [line.split(b" ")[0] for line in health.lines[1:]] == [b"citynerve_device_health,device=ok,gateway=gw-1"]
-
-    many = {f"d{i}": {"polls": i} for i in range(MAX_DEVICES + 5)}
-    health = health_lines({"state": "online", "devices": many}, "gw-1", NOW, POLICY)
-    assert len(health.lines) == 1 + MAX_DEVICES and health.skipped_devices == 5
-
-    # an older agent sent a device count: no per-device health, nothing skipped
-    assert health_lines({"state": "online", "devices": 3}, "gw-1", NOW, POLICY) == (
-        [b"citynerve_gateway_health,gateway=gw-1 online=1i " + str(NOW).encode()], 0)
+    # devices over the gateway's budget (collector/guard.py) are left out and counted
+    doc = _status({"state": "online", "devices": {f"d{i}": {"polls": i} for i in range(5)}})
+    health = health_lines(doc, "gw-1", NOW, POLICY, devices_allowed=["d0", "d3"])
+    assert len(health.lines) == 3 and health.skipped_devices == 3
 
 
-def test_any_status_document_gives_lines_never_an_exception() -> None:
+def test_any_status_document_gives_lines_or_a_status_error_never_an_exception() -> None:
+    import json
+
     from hypothesis import given, settings
     from hypothesis import strategies as st
 
     from collector.health import health_lines
+    from wire.status import StatusError, decode_status
 
     json_values = st.recursive(
         st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
         max_leaves=20,
     )
-    keys = st.sampled_from(["state", "time_ns", "backlog_messages", "since_ns", "devices", "other"])
+    keys = st.sampled_from(["state", "time_ns", "backlog_messages", "since_ns", "devices", "gateway", "other"])
 
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=200, deadline=None)
     @given(st.dictionaries(keys | st.text(max_size=8), json_values, max_size=8),
            st.dictionaries(st.text(max_size=12), json_values | st.fixed_dictionaries(
-               {"polls": json_values, "errors": json_values, "last_error": json_values}), max_size=5))
-    def check(doc: dict, devices: dict) -> None:
-        lines, skipped = health_lines({**doc, "devices": devices}, "gw-1", NOW, POLICY)
+               {"polls": json_values, "errors": json_values, "last_error": json_values}), max_size=5),
+           st.sampled_from(["online", "offline"]))
+    def check(doc: dict, devices: dict, state: str) -> None:
+        payload = json.dumps({**doc, "devices": devices, "state": state}).encode()
+        try:
+            status = decode_status(payload)
+        except StatusError:
+            return
+        lines, skipped = health_lines(status, "gw-1", NOW, POLICY)
         assert lines[0].startswith(b"citynerve_gateway_health,gateway=gw-1 online=")
         assert len(lines) - 1 + skipped == len(devices)  # every entry is stored or counted as skipped
         assert all(b"\n" not in line for line in lines)

@@ -30,6 +30,7 @@ from urllib3.exceptions import InsecureRequestWarning, NewConnectionError
 from urllib3.exceptions import TimeoutError as Urllib3Timeout
 
 from collector.influx.config import InfluxConfig, base_url
+from wire.config import redact, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +92,23 @@ def _retry_after(headers: Any) -> float | None:
     return seconds if seconds >= 0 else None
 
 
-def _connection_failure(exc: BaseException) -> WriteFailure:
+def _basic_auth(cfg: InfluxConfig) -> str | None:
+    if cfg.username is None or cfg.password is None:
+        return None
+    return base64.b64encode(f"{cfg.username.value}:{cfg.password.value}".encode()).decode("ascii")
+
+
+def _scrubbed(cfg: InfluxConfig, text: str) -> str:
+    # Every reason ends up in a log line: a library's or a server's text quoting a URL or echoing a credential
+    # (also as the Basic header's base64) must not carry it there.
+    return redact(text, _basic_auth(cfg), cfg.password, cfg.token)  # a user name is no secret: kept
+
+
+def _connection_failure(cfg: InfluxConfig, exc: BaseException) -> WriteFailure:
     # NewConnectionError subclasses ConnectTimeoutError in urllib3 2.x: a refused connection is no timeout.
     if isinstance(exc, Urllib3Timeout) and not isinstance(exc, NewConnectionError):
-        return WriteFailure(None, f"timed out: {_describe(exc)}", retryable=True)
-    return WriteFailure(None, f"connection failed: {_describe(exc)}", retryable=True)
+        return WriteFailure(None, _scrubbed(cfg, f"timed out: {_describe(exc)}"), retryable=True)
+    return WriteFailure(None, _scrubbed(cfg, f"connection failed: {_describe(exc)}"), retryable=True)
 
 
 def _describe(exc: BaseException) -> str:
@@ -118,7 +131,7 @@ def _describe(exc: BaseException) -> str:
 
 def _warn_insecure(cfg: InfluxConfig) -> None:
     if cfg.url.startswith("https") and not cfg.tls_verify:
-        log.warning("TLS certificate verification is off for %s (tls_verify = false)", cfg.url)
+        log.warning("TLS certificate verification is off for %s (tls_verify = false)", redact_url(cfg.url))
 
 
 class V1Backend:
@@ -158,13 +171,13 @@ class V1Backend:
             else:
                 response = self._request(body)
         except Urllib3Error as exc:
-            raise _connection_failure(exc) from exc
+            raise _connection_failure(self.cfg, exc) from exc
         status = response.status
         if 200 <= status < 300:
             return
         raise WriteFailure(
             status,
-            server_reason(status, response.data, response.headers, response.reason),
+            _scrubbed(self.cfg, server_reason(status, response.data, response.headers, response.reason)),
             retryable=is_retryable_status(status),
             retry_after=_retry_after(response.headers),
         )
@@ -175,11 +188,34 @@ class V1Backend:
             retries=False, redirect=False,
         )
 
+    def query(self, q: str) -> dict[str, Any]:
+        """GET {url}/query (InfluxQL, read-only statements): the parsed JSON answer, or WriteFailure."""
+        params = {"db": self.cfg.database, "q": q}
+        if self.cfg.retention_policy:
+            params["rp"] = self.cfg.retention_policy
+        headers = {k: v for k, v in self._headers.items() if k == "Authorization"}
+        url = f"{base_url(self.cfg.url)}/query?{urlencode(params)}"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", InsecureRequestWarning)
+                response = self._pool.request("GET", url, headers=headers, timeout=self._timeout,
+                                              retries=False, redirect=False)
+        except Urllib3Error as exc:
+            raise _connection_failure(self.cfg, exc) from exc
+        if not 200 <= response.status < 300:
+            raise WriteFailure(response.status, _scrubbed(self.cfg, server_reason(
+                response.status, response.data, response.headers, response.reason)), retryable=True)
+        try:
+            doc = json.loads(response.data)
+        except ValueError as exc:
+            raise WriteFailure(response.status, f"not JSON: {exc}", retryable=True) from None
+        return doc if isinstance(doc, dict) else {}
+
     def close(self) -> None:
         self._pool.clear()
 
     def __repr__(self) -> str:
-        return f"V1Backend({self.cfg.url}, db={self.cfg.database!r})"
+        return f"V1Backend({redact_url(self.cfg.url)}, db={self.cfg.database!r})"
 
 
 class V2Backend:
@@ -220,24 +256,25 @@ class V2Backend:
         except ApiException as exc:
             status = int(exc.status) if exc.status else None
             if status is None:
-                raise WriteFailure(None, str(exc.reason or exc), retryable=True) from exc
+                raise WriteFailure(None, _scrubbed(self.cfg, str(exc.reason or exc)), retryable=True) from exc
             raise WriteFailure(
                 status,
-                server_reason(status, exc.body or b"", exc.headers, exc.reason),
+                _scrubbed(self.cfg, server_reason(status, exc.body or b"", exc.headers, exc.reason)),
                 retryable=is_retryable_status(status),
                 retry_after=_retry_after(exc.headers),
             ) from exc
         except Urllib3Error as exc:
-            raise _connection_failure(exc) from exc
+            raise _connection_failure(self.cfg, exc) from exc
         except OSError as exc:
-            raise WriteFailure(None, f"connection failed: {_describe(exc)}", retryable=True) from exc
+            raise WriteFailure(None, _scrubbed(self.cfg, f"connection failed: {_describe(exc)}"),
+                               retryable=True) from exc
 
     def close(self) -> None:
         self._write_api.close()
         self._client.close()
 
     def __repr__(self) -> str:
-        return f"V2Backend({self.cfg.url}, bucket={self.cfg.bucket!r})"
+        return f"V2Backend({redact_url(self.cfg.url)}, bucket={self.cfg.bucket!r})"
 
 
 def make_backend(cfg: InfluxConfig) -> V1Backend | V2Backend:
