@@ -1,7 +1,7 @@
 """The central side of enrollment: the device CA and the collector's own X25519 key pair.
 
-    edge-collector ca init   --dir DIR                       device CA: ca.key (0600), ca.crt, ca.crl
-    edge-collector ca sign   CSR --dir DIR [--days N] [--out FILE] [--collector]
+    edge-collector ca init   --dir DIR                       device CA: ca.key, ca.crt, ca.crl, index.json
+    edge-collector ca sign   CSR --dir DIR [--days N] [--out FILE] [--collector] [--replace] [--registry FILE]
     edge-collector ca revoke ID --dir DIR                    adds ID's certificates to ca.crl
     edge-collector ca crl    --dir DIR                       re-signs ca.crl (it must not expire)
     edge-collector keys init --dir DIR [--next]              collector.key (0600) + collector.pub (SPKI PEM)
@@ -12,26 +12,35 @@
 The device CA signs only client certificates whose CN is a gateway id (wire.schema.GATEWAY_ID_PATTERN: no
 '+', '#', '/', NUL or control characters - the CN becomes the MQTT username and, through the broker's ACL
 patterns, a topic level), or, with --collector, a collector instance's name collector-<name>.
-docs/enrollment.md has the procedures.
+One valid (unexpired, unrevoked) certificate per CN: a second one needs --replace, which revokes the first.
+A gateway's CSR must carry its identity proof (wire/keys.py), and the certificate records the identity key's
+fingerprint, so a certificate belongs to one identity key. Every file written here is 0600 in a 0700
+directory (wire/files.py). docs/enrollment.md has the procedures.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
+import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from edge_agent.enroll import EnrollError, write_private
+from wire.files import DIR_MODE, FILE_MODE, private_dir, private_file, tighten, write_private
+from wire.keys import IDENTITY_PROOF_OID, IDENTITY_URN_PREFIX, identity_fingerprint, verify_identity_proof
 from wire.schema import GATEWAY_ID_PATTERN
 
 # Collector instances have certificate CNs collector-<name> (collector-1, collector-2, ...): the broker makes
@@ -43,6 +52,8 @@ _COLLECTOR_CN = re.compile(r"collector-[A-Za-z0-9][A-Za-z0-9._-]{0,53}")
 CA_KEY = "ca.key"
 CA_CERT = "ca.crt"
 CA_CRL = "ca.crl"
+CA_INDEX = "index.json"
+CA_LOCK = ".lock"
 ISSUED = "issued"
 
 DEFAULT_CA_DAYS = 20 * 365
@@ -87,25 +98,154 @@ def _pem_private(key: object) -> bytes:
     )
 
 
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-
-
-def _private(path: Path, data: bytes) -> None:
+def _write(path: Path, data: bytes, *, overwrite: bool = True) -> None:
+    # Every file the CA and key commands write is 0600, public halves too: they live in 0700 directories and
+    # are copied out on purpose (install -m 0644 ...), so there is one rule to check, not a list of exceptions.
     try:
-        write_private(path, data, overwrite=False)
-    except EnrollError as exc:
-        raise PkiError(str(exc)) from None
+        write_private(path, data, overwrite=overwrite)
+    except FileExistsError:
+        raise PkiError(f"{path} already exists") from None
+
+
+def _read_private(path: Path) -> bytes:
+    tighten(path, FILE_MODE)  # a key file made looser by hand (or an older version) is private again
+    return path.read_bytes()
+
+
+# --- the index of issued certificates ---------------------------------------------------------------------------
+
+
+@dataclass
+class IssuedCert:
+    """One line of the CA's index: what `ca sign` issued, to whom, bound to which identity key."""
+
+    serial: int
+    cn: str
+    not_after: dt.datetime
+    identity: str | None  # SHA-256 hex of the identity key; None for collectors and pre-index certificates
+    revoked_at: dt.datetime | None = None
+
+    def valid(self, now: dt.datetime) -> bool:
+        return self.revoked_at is None and self.not_after > now
+
+    def to_json(self) -> dict[str, object]:
+        return {"serial": f"{self.serial:x}", "cn": self.cn, "not_after": _iso(self.not_after),
+                "identity": self.identity, "revoked_at": _iso(self.revoked_at) if self.revoked_at else None}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, object]) -> IssuedCert:
+        revoked = doc.get("revoked_at")
+        return cls(int(str(doc["serial"]), 16), str(doc["cn"]), _parse_iso(str(doc["not_after"])),
+                   None if doc.get("identity") is None else str(doc["identity"]),
+                   _parse_iso(str(revoked)) if revoked else None)
+
+    @classmethod
+    def from_cert(cls, cert: x509.Certificate) -> IssuedCert:
+        cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = cns[0].value if cns else ""
+        return cls(cert.serial_number, cn if isinstance(cn, str) else cn.decode("utf-8", "replace"),
+                   cert.not_valid_after_utc, certificate_identity(cert))
+
+
+def certificate_identity(cert: x509.Certificate) -> str | None:
+    """The identity-key fingerprint a certificate is bound to (its urn:citynerve:identity: SAN URI), or None."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        if uri.startswith(IDENTITY_URN_PREFIX):
+            return uri[len(IDENTITY_URN_PREFIX):]
+    return None
+
+
+def _iso(when: dt.datetime) -> str:
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_iso(text: str) -> dt.datetime:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC)
+
+
+class CertIndex:
+    """index.json in a CA directory: every certificate issued (serial, CN, not-after, identity fingerprint,
+    revoked). Readable without the CA key, so `gateways add --ca DIR` can check against it.
+
+    The index is derived data kept for quick answers: on every load, certificates in issued/ missing from it
+    (a CA made before the index, or a crash between writing the certificate and the index) are added from the
+    certificates themselves, and every serial in ca.crl counts as revoked. Deleting index.json rebuilds it.
+    """
+
+    def __init__(self, directory: Path | str) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / CA_INDEX
+        self.entries: dict[int, IssuedCert] = {}
+        if not (self.directory / CA_CERT).is_file():
+            raise PkiError(f"{self.directory} is not a device CA (no {CA_CERT}; run: edge-collector ca init --dir DIR)")
+        try:
+            doc = json.loads(self.path.read_text(encoding="utf-8"))
+            self.entries = {e.serial: e for e in map(IssuedCert.from_json, doc["certificates"])}
+        except FileNotFoundError:
+            pass
+        except PermissionError:
+            raise PkiError(f"{self.path}: permission denied") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PkiError(f"{self.path}: not a certificate index ({exc}); delete it to rebuild it from "
+                           f"{ISSUED}/ and {CA_CRL}") from None
+        self._reconcile()
+
+    def _reconcile(self) -> None:
+        issued = self.directory / ISSUED
+        known = {f"{s:x}" for s in self.entries}
+        if issued.is_dir():
+            for path in sorted(issued.glob("*.crt")):
+                if path.stem not in known:
+                    try:
+                        entry = IssuedCert.from_cert(x509.load_pem_x509_certificate(path.read_bytes()))
+                    except ValueError as exc:
+                        raise PkiError(f"{path}: not a PEM certificate ({exc})") from None
+                    self.entries[entry.serial] = entry
+        try:
+            crl = x509.load_pem_x509_crl((self.directory / CA_CRL).read_bytes())
+        except FileNotFoundError:
+            return
+        except ValueError as exc:
+            raise PkiError(f"{self.directory / CA_CRL}: not a PEM CRL ({exc})") from None
+        for revoked in crl:
+            entry = self.entries.get(revoked.serial_number)
+            if entry is not None and entry.revoked_at is None:
+                entry.revoked_at = revoked.revocation_date_utc
+
+    def of(self, cn: str) -> list[IssuedCert]:
+        return [e for e in self.entries.values() if e.cn == cn]
+
+    def valid(self, cn: str, now: dt.datetime | None = None) -> list[IssuedCert]:
+        """The certificates of `cn` that are neither expired nor revoked (normally none or one)."""
+        now = now or _now()
+        return sorted((e for e in self.of(cn) if e.valid(now)), key=lambda e: e.not_after)
+
+    def revoked(self) -> dict[int, dt.datetime]:
+        return {e.serial: e.revoked_at for e in self.entries.values() if e.revoked_at is not None}
+
+    def save(self) -> None:
+        entries = sorted(self.entries.values(), key=lambda e: (e.cn, e.not_after, e.serial))
+        lines = ",\n".join("  " + json.dumps(e.to_json(), sort_keys=True) for e in entries)
+        text = '{"version": 1, "certificates": [\n' + lines + ("\n" if lines else "") + "]}\n"
+        _write(self.path, text.encode("utf-8"))
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert: x509.Certificate
+    replaced: list[int]  # serials revoked because this certificate replaces them (sign --replace)
+    identity: str | None  # the identity-key fingerprint written into the certificate
 
 
 # --- the device CA ----------------------------------------------------------------------------------------------
 
 
 class DeviceCA:
-    """A CA directory: ca.key, ca.crt, ca.crl and issued/<serial>.crt (every certificate it signed)."""
+    """A CA directory: ca.key, ca.crt, ca.crl, issued/<serial>.crt (every certificate it signed) and index.json."""
 
     def __init__(self, directory: Path | str) -> None:
         self.directory = Path(directory)
@@ -113,9 +253,11 @@ class DeviceCA:
         self.cert_path = self.directory / CA_CERT
         self.crl_path = self.directory / CA_CRL
         self.issued_dir = self.directory / ISSUED
+        self.index_path = self.directory / CA_INDEX
+        tighten(self.directory, DIR_MODE)
         try:
             self.cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
-            key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+            key = serialization.load_pem_private_key(_read_private(self.key_path), password=None)
         except FileNotFoundError as exc:
             raise PkiError(f"{self.directory} is not a device CA ({Path(exc.filename).name} missing; "
                            "run: edge-collector ca init --dir DIR)") from None
@@ -137,7 +279,7 @@ class DeviceCA:
             if (directory / existing).exists():
                 raise PkiError(f"{directory / existing} already exists; refusing to overwrite a CA "
                                "(every certificate it signed would stop working)")
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(directory)
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         now = _now()
@@ -159,17 +301,34 @@ class DeviceCA:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .sign(key, hashes.SHA256())
         )
-        _private(directory / CA_KEY, _pem_private(key))
-        _write_public(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
-        (directory / ISSUED).mkdir(mode=0o700, exist_ok=True)
+        _write(directory / CA_KEY, _pem_private(key), overwrite=False)
+        _write(directory / CA_CERT, cert.public_bytes(serialization.Encoding.PEM))
+        private_dir(directory / ISSUED)
         ca = cls(directory)
-        ca.write_crl()
+        with ca._locked():
+            index = ca.index()
+            index.save()
+            ca._write_crl(index.revoked(), DEFAULT_CRL_DAYS)
         return ca
 
     # -- signing ---------------------------------------------------------------------------------------------
 
-    def sign(self, csr_pem: bytes, *, days: int = DEFAULT_CERT_DAYS, collector: bool = False) -> x509.Certificate:
-        """Verify a CSR and issue a TLS client certificate (EKU clientAuth, CN = the CSR's CN)."""
+    def sign(self, csr_pem: bytes, *, days: int = DEFAULT_CERT_DAYS, collector: bool = False,
+             replace: bool = False, registry: Path | str | None = None) -> x509.Certificate:
+        """Verify a CSR and issue a TLS client certificate (EKU clientAuth, CN = the CSR's CN). See issue()."""
+        return self.issue(csr_pem, days=days, collector=collector, replace=replace, registry=registry).cert
+
+    def issue(self, csr_pem: bytes, *, days: int = DEFAULT_CERT_DAYS, collector: bool = False,
+              replace: bool = False, registry: Path | str | None = None,
+              crl_days: int = DEFAULT_CRL_DAYS) -> Issued:
+        """Verify a CSR and issue a TLS client certificate (EKU clientAuth, CN = the CSR's CN).
+
+        A gateway's CSR must carry a valid identity proof (wire/keys.py); the certificate then carries the
+        identity key's fingerprint (SAN URI urn:citynerve:identity:<sha256 hex>). With `registry`, the identity
+        key must be the one the registry holds, active, for that gateway id. A CN that already has a valid
+        certificate is refused unless `replace`: the old certificates are then revoked (and ca.crl re-signed)
+        in the same operation, under the CA directory's lock.
+        """
         if days < 1:
             raise PkiError(f"--days must be at least 1, got {days}")
         try:
@@ -185,11 +344,20 @@ class DeviceCA:
         check_common_name(cn, collector=collector)
         public_key = csr.public_key()
         _check_key(public_key)
+        identity: str | None = None
+        if collector:
+            if registry is not None:
+                raise PkiError("--registry checks gateways' identity keys; a --collector certificate has none")
+        else:
+            identity_key = _identity_from_csr(csr, cn)
+            identity = identity_fingerprint(identity_key)
+            if registry is not None:
+                _check_registry(Path(registry), cn, identity_key)
         now = _now()
         if now + dt.timedelta(days=days) > self.cert.not_valid_after_utc:
             raise PkiError(f"--days {days} reaches beyond the CA's own expiry ({self.cert.not_valid_after_utc:%Y-%m-%d})")
         ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-        cert = (
+        builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
             .issuer_name(self.cert.subject)
@@ -207,11 +375,33 @@ class DeviceCA:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-            .sign(self.key, hashes.SHA256())
         )
-        self.issued_dir.mkdir(mode=0o700, exist_ok=True)
-        _write_public(self.issued_dir / f"{cert.serial_number:x}.crt", cert.public_bytes(serialization.Encoding.PEM))
-        return cert
+        if identity is not None:
+            # A SAN URI rather than a private extension: openssl x509 -text and every TLS library show it.
+            # mosquitto ignores it (the CN is the username), so it changes nothing on the broker.
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(IDENTITY_URN_PREFIX + identity)]), critical=False)
+        with self._locked():
+            # Checked under the lock: two `ca sign` runs for one gateway cannot both see "no valid certificate".
+            index = self.index()
+            current = index.valid(cn, now)
+            if current and not replace:
+                old = current[-1]
+                raise PkiError(f"{cn} already has a valid certificate (serial {old.serial:x}, valid until "
+                               f"{old.not_after:%Y-%m-%d}); --replace revokes it and issues the new one")
+            cert = builder.sign(self.key, hashes.SHA256())
+            # Order: the certificate, then the CRL, then the index. A crash in between leaves nothing the next
+            # load does not repair (the index is rebuilt from issued/ and ca.crl), and a replaced certificate
+            # is never left valid while the new one exists without being recorded.
+            private_dir(self.issued_dir)
+            _write(self.issued_dir / f"{cert.serial_number:x}.crt", cert.public_bytes(serialization.Encoding.PEM))
+            for old in current:
+                old.revoked_at = now
+            if current:
+                self._write_crl(index.revoked() | self.revoked_serials(), crl_days)
+            index.entries[cert.serial_number] = IssuedCert.from_cert(cert)
+            index.save()
+        return Issued(cert, [old.serial for old in current], identity)
 
     @staticmethod
     def _single_cn(subject: x509.Name) -> str:
@@ -221,6 +411,20 @@ class DeviceCA:
             raise PkiError(f"the CSR's subject must be exactly one CN (the gateway id), got {subject.rfc4514_string()!r}")
         value = cns[0].value
         return value if isinstance(value, str) else value.decode("utf-8", "replace")
+
+    def index(self) -> CertIndex:
+        return CertIndex(self.directory)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The CA directory's lock (an flock on .lock): one signing or revoking at a time, across processes."""
+        lock = private_file(self.directory / CA_LOCK)
+        fd = os.open(lock, os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
 
     # -- revocation ------------------------------------------------------------------------------------------
 
@@ -241,23 +445,26 @@ class DeviceCA:
 
     def revoke(self, common_name: str, *, crl_days: int = DEFAULT_CRL_DAYS) -> list[int]:
         """Add every unexpired certificate issued to `common_name` to the CRL; the serials newly revoked."""
-        revoked = self.revoked_serials()
-        now = _now()
-        matching = [c for c in self.issued()
-                    if [a.value for a in c.subject.get_attributes_for_oid(NameOID.COMMON_NAME)] == [common_name]]
-        if not matching:
-            raise PkiError(f"this CA has issued no certificate to {common_name!r}")
-        new = [c.serial_number for c in matching
-               if c.serial_number not in revoked and c.not_valid_after_utc > now]
-        for serial in new:
-            revoked[serial] = now
-        self.write_crl(revoked, days=crl_days)
-        return new
+        with self._locked():
+            index = self.index()
+            if not index.of(common_name):
+                raise PkiError(f"this CA has issued no certificate to {common_name!r}")
+            now = _now()
+            new = [e for e in index.of(common_name) if e.valid(now)]
+            for entry in new:
+                entry.revoked_at = now
+            self._write_crl(index.revoked() | self.revoked_serials(), crl_days)
+            index.save()
+        return sorted(e.serial for e in new)
 
     def write_crl(self, revoked: dict[int, dt.datetime] | None = None, *, days: int = DEFAULT_CRL_DAYS) -> Path:
         """(Re-)sign the CRL. mosquitto refuses every client once the CRL's next update has passed."""
-        if revoked is None:
-            revoked = self.revoked_serials()
+        with self._locked():
+            if revoked is None:
+                revoked = self.index().revoked() | self.revoked_serials()
+            return self._write_crl(revoked, days)
+
+    def _write_crl(self, revoked: dict[int, dt.datetime], days: int) -> Path:
         now = _now()
         builder = (
             x509.CertificateRevocationListBuilder()
@@ -270,8 +477,45 @@ class DeviceCA:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(when).build()
             )
         crl = builder.sign(self.key, hashes.SHA256())
-        _write_public(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
+        _write(self.crl_path, crl.public_bytes(serialization.Encoding.PEM))
         return self.crl_path
+
+
+def _identity_from_csr(csr: x509.CertificateSigningRequest, cn: str) -> Ed25519PublicKey:
+    """The identity key whose proof the CSR carries, verified against the CSR's own CN and TLS key."""
+    try:
+        ext = csr.extensions.get_extension_for_oid(x509.ObjectIdentifier(IDENTITY_PROOF_OID))
+    except x509.ExtensionNotFound:
+        raise PkiError(f"the CSR for {cn} carries no identity proof (it was not made by edge-agent enroll, or by "
+                       "an older one: on the gateway, edge-agent enroll --new-csr makes one from its keys)") from None
+    except ValueError as exc:
+        raise PkiError(f"the CSR for {cn} has unreadable extensions ({exc})") from None
+    value = ext.value.value if isinstance(ext.value, x509.UnrecognizedExtension) else b""
+    try:
+        return verify_identity_proof(value, cn, csr.public_key())
+    except ValueError as exc:
+        raise PkiError(f"the CSR's identity proof for {cn} {exc} (altered or assembled from another "
+                       "gateway's files)") from None
+
+
+def _check_registry(path: Path, gateway_id: str, identity_key: Ed25519PublicKey) -> None:
+    """With --registry: the CSR's identity key must be the one registered, active, for this gateway id."""
+    from collector.registry import GatewayRegistry, RegistryError, format_identity_key
+
+    try:
+        with GatewayRegistry(path) as reg:
+            status, registered = reg.status(gateway_id), reg.lookup(gateway_id)
+    except RegistryError as exc:
+        raise PkiError(str(exc)) from None
+    if status == "unknown":
+        raise PkiError(f"{gateway_id} is not in the registry {path}: register its identity key first "
+                       f"(edge-collector gateways add {gateway_id} ...)")
+    if status == "revoked" or registered is None:
+        raise PkiError(f"{gateway_id} is revoked in the registry {path}: a re-enrolment registers the new key "
+                       "first (gateways add ID KEY --replace)")
+    if registered.public_bytes_raw() != identity_key.public_bytes_raw():
+        raise PkiError(f"the CSR's identity key {format_identity_key(identity_key)} is not the one the registry "
+                       f"{path} holds for {gateway_id} ({format_identity_key(registered)}): refusing to certify it")
 
 
 def _check_key(public_key: object) -> None:
@@ -340,19 +584,19 @@ def init_collector_key(directory: Path | str, *, next_key: bool = False) -> Coll
         hint = ("a rotation is already under way (keys promote finishes it)" if next_key
                 else "keys init --next makes the rotation key")
         raise PkiError(f"{directory / key_name} already exists; refusing to overwrite ({hint})")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_dir(directory)
     key = x25519.X25519PrivateKey.generate()
-    _private(directory / key_name, _pem_private(key))
+    _write(directory / key_name, _pem_private(key), overwrite=False)
     # SubjectPublicKeyInfo PEM: what wire.keys.collector_key_from_pem reads on the agent side.
     pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    _write_public(directory / pub_name, pem)
+    _write(directory / pub_name, pem)
     public = format_x25519(key.public_key())
     return CollectorKey(key_id(key.public_key()), public, "next" if next_key else "current", directory / key_name)
 
 
 def _load_x25519(path: Path) -> x25519.X25519PrivateKey:
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(_read_private(path), password=None)
     except PermissionError:
         raise PkiError(f"{path}: permission denied") from None
     except ValueError as exc:
@@ -390,8 +634,7 @@ def promote_next(directory: Path | str) -> tuple[CollectorKey, CollectorKey]:
     if "next" not in keys or "current" not in keys:
         raise PkiError(f"no rotation under way in {directory} (keys init --next starts one)")
     old, new = keys["current"], keys["next"]
-    retired = directory / RETIRED
-    retired.mkdir(mode=0o700, exist_ok=True)
+    retired = private_dir(directory / RETIRED)
     os.replace(directory / COLLECTOR_KEY, retired / f"{old.kid}.key")
     os.replace(directory / COLLECTOR_PUB, retired / f"{old.kid}.pub")
     os.replace(directory / NEXT_KEY, directory / COLLECTOR_KEY)
@@ -418,6 +661,12 @@ def register_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--days", type=int, default=DEFAULT_CERT_DAYS, help="validity (default %(default)s)")
     p.add_argument("--out", metavar="FILE", help="where the certificate goes (default: CSR with .crt)")
     p.add_argument("--collector", action="store_true", help="sign a collector instance's CSR (CN collector-<name>)")
+    p.add_argument("--replace", action="store_true",
+                   help="the CN already has a valid certificate: revoke it (ca.crl re-signed) and issue this one")
+    p.add_argument("--registry", metavar="FILE",
+                   help="the gateway registry: refuse a CSR whose identity key is not the one registered for the id")
+    p.add_argument("--crl-days", type=int, default=DEFAULT_CRL_DAYS,
+                   help="validity of the CRL re-signed by --replace (default %(default)s)")
     p = ca_sub.add_parser("revoke", help="revoke every certificate issued to a gateway (updates ca.crl)")
     p.add_argument("gateway_id", metavar="ID")
     p.add_argument("--dir", required=True, metavar="DIR")
@@ -470,12 +719,25 @@ def _ca(args: argparse.Namespace) -> int:
     ca = DeviceCA(args.dir)
     if args.ca_command == "sign":
         csr_path = Path(args.csr)
-        cert = ca.sign(csr_path.read_bytes(), days=args.days, collector=args.collector)
         out = Path(args.out) if args.out else csr_path.with_suffix(".crt")
-        _write_public(out, cert.public_bytes(serialization.Encoding.PEM))
+        if not out.parent.is_dir():  # before issuing: an issued certificate nobody received still counts
+            raise PkiError(f"{out.parent}: no such directory (for --out {out})")
+        issued = ca.issue(csr_path.read_bytes(), days=args.days, collector=args.collector, replace=args.replace,
+                          registry=args.registry, crl_days=args.crl_days)
+        cert = issued.cert
+        try:
+            _write(out, cert.public_bytes(serialization.Encoding.PEM))
+        except OSError as exc:
+            copy = ca.issued_dir / f"{cert.serial_number:x}.crt"
+            raise PkiError(f"{out}: {exc.strerror or exc}; the certificate was issued (serial "
+                           f"{cert.serial_number:x}): a copy is in {copy}") from None
         cn = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+        bound = f"; identity key sha256 {issued.identity}" if issued.identity else ""
         print(f"certificate for {cn} written to {out} (serial {cert.serial_number:x}, valid until "
-              f"{cert.not_valid_after_utc:%Y-%m-%d})")
+              f"{cert.not_valid_after_utc:%Y-%m-%d}{bound})")
+        if issued.replaced:
+            print(f"revoked the certificate(s) it replaces: {', '.join(f'{s:x}' for s in issued.replaced)}")
+            print(f"CRL written to {ca.crl_path}: install it as the broker's crlfile and reload mosquitto")
         return 0
     if args.ca_command == "revoke":
         serials = ca.revoke(args.gateway_id, crl_days=args.crl_days)

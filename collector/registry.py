@@ -2,7 +2,7 @@
 
 One SQLite file in WAL mode (a reader never blocks the CLI's writes and vice versa), written by
 
-    edge-collector gateways add ID ed25519:<base64url> --registry FILE [--replace]
+    edge-collector gateways add ID ed25519:<base64url> --registry FILE [--replace] [--ca DIR]
     edge-collector gateways list   --registry FILE
     edge-collector gateways revoke ID --registry FILE
 
@@ -13,7 +13,12 @@ and read by the collector, which keeps the whole table in memory and re-reads it
     reg.lookup("gw-0001")         # Ed25519PublicKey, or None for an unknown or revoked gateway
 
 A revoke made by any process is seen by every reader at its next refresh_if_changed(): no restart.
-The directory holding the file must be writable by every user of it (SQLite's -wal and -shm files).
+The directory holding the file must be writable by every user of it (SQLite's -wal and -shm files); the file
+and its -wal and -shm are 0600 (wire/files.py).
+
+`gateways add --ca DIR` also checks the key against the device CA's index: a key that differs from the one a
+valid certificate of that gateway is bound to is refused. Without --ca (the CA usually lives on another host)
+that check is not made; `ca sign --registry FILE` makes the same check from the CA's side.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from wire.files import private_sqlite
 from wire.schema import GATEWAY_ID_PATTERN
 
 IDENTITY_KEY_PREFIX = "ed25519:"  # as edge_agent.enroll writes it
@@ -196,8 +202,8 @@ class GatewayRegistry:
             raise RegistryError(f"{self.path}: no gateway registry here (gateways add creates it)")
         if self.path.exists() and not self.path.is_file():
             raise RegistryError(f"{self.path} is not a file")
-        if create:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Who may send as which gateway: 0600 (SQLite gives -wal and -shm the same), whatever the umask.
+        private_sqlite(self.path, create=create)
         try:
             conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -286,6 +292,9 @@ def register_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="ed25519:<base64url> as edge-agent enroll printed it, or a file holding it (identity.pub)")
     p.add_argument("--registry", required=True, metavar="FILE")
     p.add_argument("--replace", action="store_true", help="re-enrolment: new key, active again")
+    p.add_argument("--ca", metavar="DIR",
+                   help="the device CA directory: refuse a key other than the one the gateway's valid certificate "
+                        "is bound to")
     p = gw_sub.add_parser("list", help="list registered gateways")
     p.add_argument("--registry", required=True, metavar="FILE")
     p = gw_sub.add_parser("revoke", help="refuse a gateway's messages from now on")
@@ -293,11 +302,34 @@ def register_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--registry", required=True, metavar="FILE")
 
 
+def check_certificates(ca_dir: Path | str, gateway_id: str, key: ed25519.Ed25519PublicKey) -> None:
+    """Refuse `key` for `gateway_id` if a valid certificate of that gateway (in the CA's index) is bound to
+    another identity key: the registry and the broker would then trust two different devices as one gateway."""
+    from collector.pki import CertIndex
+    from wire.keys import identity_fingerprint
+
+    fingerprint = identity_fingerprint(key)
+    for cert in CertIndex(ca_dir).valid(gateway_id):
+        if cert.identity is not None and cert.identity != fingerprint:
+            raise RegistryError(
+                f"gateway {gateway_id} has a valid certificate (serial {cert.serial:x}) bound to another identity "
+                f"key (sha256 {cert.identity}); register the key it was issued for, or revoke it first: "
+                f"edge-collector ca revoke {gateway_id} --dir {ca_dir}")
+
+
 def dispatch(args: argparse.Namespace) -> int:
     action = args.gateways_command
+    key = None
+    if action == "add":
+        # Everything checked before the registry is opened: `add` creates the file, and a refused key
+        # should leave no trace.
+        check_gateway_id(args.gateway_id)
+        key = read_identity_key(args.public_key)
+        if args.ca:
+            check_certificates(args.ca, args.gateway_id, key)
     with GatewayRegistry(args.registry, create=(action == "add")) as reg:
-        if action == "add":
-            reg.add(args.gateway_id, read_identity_key(args.public_key), replace=args.replace)
+        if key is not None:
+            reg.add(args.gateway_id, key, replace=args.replace)
             print(f"gateway {args.gateway_id} registered (active) in {reg.path}")
             return 0
         if action == "list":

@@ -30,6 +30,7 @@ from edge_agent.uplink import UplinkBuffer
 from wire import ack, topics
 from wire.cli import iso_ns, run_tasks_until
 from wire.envelope import frame_plain
+from wire.files import private_dir
 from wire.keys import collector_key_from_pem, identity_from_pem
 from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink, Will
@@ -65,7 +66,7 @@ class Agent:
         up = cfg.uplink
         self.buffer = UplinkBuffer(up.max_buffered_readings, up.max_message_readings)
         state_dir = Path(cfg.gateway.state_dir)
-        state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(state_dir)  # 0700 whatever the umask or the service manager's StateDirectoryMode
         self.outbox = Outbox(cfg.outbox_path, int(cfg.outbox.max_size), float(cfg.outbox.max_age))
         self.sequence = PersistentSequence(state_dir / "sequence")
         if self.outbox.backlog.newest_seq is not None:  # a sequence file lost or restored from an old image

@@ -30,6 +30,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from wire.files import private_sqlite
+
 log = logging.getLogger("citynerve.agent.outbox")
 
 SCHEMA_VERSION = 1
@@ -115,7 +117,8 @@ class Outbox:
             self._load()
 
     def _connect(self) -> sqlite3.Connection:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The backlog is the site's meter data: 0600 (and so its -wal and -shm), whatever the umask.
+        private_sqlite(self.path)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
             db.execute("PRAGMA journal_mode=WAL").fetchone()

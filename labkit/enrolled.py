@@ -2,9 +2,11 @@
 
     edge-collector ca init            the device CA (broker trusts it for client certificates)
     edge-collector keys init          the collector's X25519 sealing key
-    edge-agent enroll                 per gateway: identity key, TLS key, CSR - made "on the gateway"
-    edge-collector ca sign            per gateway: its client certificate (CN = gateway id)
-    edge-collector gateways add       per gateway: its identity key in the registry
+    edge-agent enroll                 per gateway: identity key, TLS key, CSR (with the identity proof) - made
+                                      "on the gateway"
+    edge-collector gateways add --ca  per gateway: its identity key in the registry (checked against the CA)
+    edge-collector ca sign --registry per gateway: its client certificate (CN = gateway id), bound to the
+                                      identity key the registry holds
     edge-collector ca sign --collector  the collector instance's certificate (CN collector-1)
 
 Used by the security tests and the demo, so both run what docs/enrollment.md tells a technician to run.
@@ -21,6 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from wire.files import write_private
 
 
 def _run(module: str, *args: str) -> str:
@@ -65,11 +69,13 @@ class Deployment:
     def enroll(self, gateway_id: str, register: bool = True) -> GatewayFiles:
         gw = GatewayFiles(gateway_id, self.root / "gateways" / gateway_id)
         _run("edge_agent.cli", "enroll", "--gateway-id", gateway_id, "--dir", str(gw.dir))
-        _run("collector.cli", "ca", "sign", str(gw.dir / "tls.csr"), "--dir", str(self.ca_dir),
-             "--out", str(gw.tls_cert))
+        # The order of docs/enrollment.md: register the identity key, then sign against the registry.
+        sign = ["ca", "sign", str(gw.dir / "tls.csr"), "--dir", str(self.ca_dir), "--out", str(gw.tls_cert)]
         if register:
             _run("collector.cli", "gateways", "add", gateway_id, str(gw.dir / "identity.pub"),
-                 "--registry", str(self.registry))
+                 "--registry", str(self.registry), "--ca", str(self.ca_dir))
+            sign += ["--registry", str(self.registry)]
+        _run("collector.cli", *sign)
         self.gateways[gateway_id] = gw
         return gw
 
@@ -85,9 +91,8 @@ def collector_certificate(root: Path, ca_dir: Path, name: str) -> tuple[Path, Pa
            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, collector_name)]))
            .sign(key, hashes.SHA256()))
     collector_key = root / f"{collector_name}.key"
-    collector_key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                serialization.NoEncryption()))
-    collector_key.chmod(0o600)
+    write_private(collector_key, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
     csr_path = root / f"{collector_name}.csr"
     csr_path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
     collector_cert = root / f"{collector_name}.crt"

@@ -60,3 +60,145 @@ def test_errors_name_the_key(tmp_path, edit: tuple[str, str], expected: str) -> 
     assert result.stderr.startswith(f"error: {tmp_path / 'collector.toml'}: ")
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# --- no secret in a message ----------------------------------------------------------------------------------
+
+SECRET = "hunter2-Secret"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"http://admin:{SECRET}@127.0.0.1:8086",
+        f"https://admin:{SECRET}@influx.example:8443/",
+        f"http://{SECRET}@127.0.0.1:8086",  # a token as the user part
+        f"http://admin:{SECRET[:4]}#{SECRET[4:]}@127.0.0.1:8086",  # unescaped '#': urlsplit would cut it in two
+        f"http://admin:{SECRET[:4]}/{SECRET[4:]}@127.0.0.1:8086",
+        f"http://127.0.0.1:8086/write?u=admin&p={SECRET}",  # InfluxDB 1.x query credentials
+        f"http://127.0.0.1:8086?token={SECRET}",
+    ],
+)
+def test_a_url_holding_credentials_is_refused_without_showing_them(tmp_path, url: str) -> None:
+    result = check(tmp_path, OK.replace('url = "http://127.0.0.1:8086"', f'url = "{url}"'))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: {tmp_path / 'collector.toml'}: influx.url: ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    for part in (SECRET, SECRET[:4], SECRET[4:]):
+        assert part not in result.stderr, result.stderr
+    assert "***" in result.stderr  # the technician still sees where the secret was
+
+
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (("[mqtt]", "[mqtt]\npassword = 73195246"), "mqtt.password"),
+        (('database = "citynerve"', 'username = "admin"\npassword = 73195246'), "influx.password"),
+        (('database = "citynerve"', 'username = "admin"\npassword = 7319.5246'), "influx.password"),
+        (('api = "v1"', 'api = "v2"\ntoken = 73195246\norg = "o"\nbucket = "b"'), "influx.token"),
+    ],
+)
+def test_a_secret_of_the_wrong_type_is_not_quoted(tmp_path, edit: tuple[str, str], key: str) -> None:
+    result = check(tmp_path, OK.replace(*edit))
+    assert result.returncode == 2
+    assert f"{key}: expected a string, " in result.stderr, result.stderr
+    assert "73195246" not in result.stderr and "7319.5246" not in result.stderr
+
+
+def test_check_summary_shows_no_secret(tmp_path) -> None:
+    text = OK.replace("[mqtt]", f'[mqtt]\nusername = "collector-1"\npassword = "{SECRET}-mqtt"').replace(
+        'database = "citynerve"', f'database = "citynerve"\nusername = "admin"\npassword = "{SECRET}"')
+    result = check(tmp_path, text)
+    assert result.returncode == 0, result.stderr
+    assert SECRET not in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("http://user:pass@host:8086", "http://user:***@host:8086"),
+        ("http://token@host", "http://***@host"),
+        ("http://host:8086/x?u=a&p=b#frag", "http://host:8086/x?u=***&p=***#***"),
+        ("http://host?bare-token", "http://host?***"),
+        ("http://host:8086", "http://host:8086"),
+        ("https://[::1]:8086/", "https://[::1]:8086/"),
+        ("not a url", "not a url"),
+    ],
+)
+def test_redact_url(url: str, shown: str) -> None:
+    from wire.config import redact_url
+
+    assert redact_url(url) == shown
+
+
+def test_redact_finds_urls_and_given_secrets_in_any_text() -> None:
+    from wire.config import Secret, redact
+
+    text = f"POST http://admin:{SECRET}@h:8086/write failed; server said: bad token tok-{SECRET}"
+    assert redact(text, Secret(f"tok-{SECRET}"), None, "") == (
+        "POST http://admin:***@h:8086/write failed; server said: bad token ***")
+
+
+def _influx(**kwargs: object):
+    from collector.influx.config import InfluxConfig
+    from wire.config import convert
+
+    return convert({"url": "http://127.0.0.1:1", **kwargs}, InfluxConfig, "collector.toml")
+
+
+def test_a_down_influxdb_fails_without_showing_credentials() -> None:
+    import socket
+
+    from collector.influx.backends import V1Backend, WriteFailure
+
+    with socket.socket() as s:  # a port nobody listens on: InfluxDB is down
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = V1Backend(_influx(url=f"http://127.0.0.1:{port}", username="admin", password=SECRET, timeout="2s"))
+    with pytest.raises(WriteFailure) as info:
+        backend.write(b"m v=1 1")
+    assert info.value.retryable and "connection failed" in str(info.value)
+    assert SECRET not in str(info.value) and SECRET not in repr(backend)
+
+
+def test_a_server_echoing_credentials_has_them_removed_from_the_failure() -> None:
+    """A misconfigured proxy in front of InfluxDB that quotes the request's credentials back in its error."""
+    import base64
+    import http.server
+    import threading
+
+    from collector.influx.backends import V1Backend, WriteFailure
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            auth = self.headers.get("Authorization", "")
+            user_pass = base64.b64decode(auth.split()[1]).decode() if auth.startswith("Basic ") else auth
+            body = (f'{{"error": "upstream http://{user_pass}@10.0.0.9:8086/write refused {auth} '
+                    f'for {user_pass}"}}').encode()
+            self.send_response(502)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        backend = V1Backend(_influx(url=url, username="admin", password=SECRET, gzip=False))
+        with pytest.raises(WriteFailure) as info:
+            backend.write(b"m v=1 1")
+        assert info.value.status == 502 and "refused" in info.value.reason
+        basic = base64.b64encode(f"admin:{SECRET}".encode()).decode()
+        assert SECRET not in str(info.value) and basic not in str(info.value), info.value
+        token_backend = V1Backend(_influx(url=url, token=f"tok-{SECRET}", gzip=False))
+        with pytest.raises(WriteFailure) as info:
+            token_backend.write(b"m v=1 1")
+        assert SECRET not in str(info.value), info.value
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,6 +1,7 @@
 """Enrollment end to end: edge-agent enroll -> CSR -> edge-collector ca sign -> the certificate works on the
-shipped broker; the device CA's checks; the collector's keys; the gateway registry and its reload on change;
-every user mistake is one line on stderr, never a traceback."""
+shipped broker; the device CA's checks; one certificate per gateway id, bound to its identity key; the
+collector's keys; the gateway registry and its reload on change; every user mistake is one line on stderr,
+never a traceback."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from collector import cli as collector_cli
 from collector.pki import DeviceCA, PkiError, check_common_name, key_id, load_private_keys
 from collector.registry import GatewayRegistry, RegistryError, parse_identity_key
 from edge_agent import cli as agent_cli
-from edge_agent.enroll import format_identity_key
+from edge_agent.enroll import format_identity_key, make_csr
+from wire.keys import IDENTITY_PROOF_OID, IDENTITY_URN_PREFIX, identity_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,6 +46,12 @@ def csr_with_cn(cn: str, *, extra: list[x509.NameAttribute] | None = None) -> by
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn, _validate=False), *(extra or [])])
     return x509.CertificateSigningRequestBuilder().subject_name(name).sign(key, hashes.SHA256()).public_bytes(
         serialization.Encoding.PEM)
+
+
+def gateway_csr(cn: str, identity: ed25519.Ed25519PrivateKey | None = None) -> bytes:
+    """A CSR as edge-agent enroll makes it: CN, TLS key, identity proof."""
+    identity = identity or ed25519.Ed25519PrivateKey.generate()
+    return make_csr(cn, identity, ec.generate_private_key(ec.SECP256R1())).public_bytes(serialization.Encoding.PEM)
 
 
 @pytest.fixture
@@ -142,8 +150,9 @@ def test_ca_sign_issues_a_client_certificate_for_the_csr(tmp_path: Path, ca: Dev
     assert 29 <= (cert.not_valid_after_utc - cert.not_valid_before_utc).days <= 30
     csr = x509.load_pem_x509_csr((tmp_path / "gw" / "tls.csr").read_bytes())
     assert cert.public_key().public_numbers() == csr.public_key().public_numbers()
-    # Default output: next to the CSR.
-    assert collector_cli.main(["ca", "sign", str(tmp_path / "gw" / "tls.csr"), "--dir", str(ca.directory)]) == 0
+    # Default output: next to the CSR (a second certificate for gw-7: --replace).
+    assert collector_cli.main(["ca", "sign", str(tmp_path / "gw" / "tls.csr"), "--dir", str(ca.directory),
+                               "--replace"]) == 0
     assert (tmp_path / "gw" / "tls.crt").exists()
 
 
@@ -159,7 +168,7 @@ def test_ca_sign_rejects_common_names_that_are_not_gateway_ids(ca: DeviceCA, bad
 
 
 def test_ca_sign_checks_the_csr_itself(ca: DeviceCA) -> None:
-    good = csr_with_cn("gw-1")
+    good = gateway_csr("gw-1")
     tampered = x509.load_pem_x509_csr(good).public_bytes(serialization.Encoding.DER)
     i = tampered.index(b"gw-1")
     tampered = tampered[:i] + b"gw-2" + tampered[i + 4:]  # same length: a valid structure, a wrong signature
@@ -177,7 +186,9 @@ def test_ca_sign_checks_the_csr_itself(ca: DeviceCA) -> None:
 
 
 def test_ca_revoke_lists_the_gateways_certificates_in_the_crl(ca: DeviceCA, capsys) -> None:
-    first, second, other = ca.sign(csr_with_cn("gw-1")), ca.sign(csr_with_cn("gw-1")), ca.sign(csr_with_cn("gw-2"))
+    first = ca.sign(gateway_csr("gw-1"))
+    second = ca.sign(gateway_csr("gw-1"), replace=True)  # revokes the first
+    other = ca.sign(gateway_csr("gw-2"))
     assert collector_cli.main(["ca", "revoke", "gw-1", "--dir", str(ca.directory)]) == 0
     crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
     assert crl.is_signature_valid(ca.cert.public_key())
@@ -191,6 +202,231 @@ def test_ca_revoke_lists_the_gateways_certificates_in_the_crl(ca: DeviceCA, caps
     crl2 = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
     assert {r.serial_number for r in crl2} == {first.serial_number, second.serial_number}
     assert crl2.next_update_utc > crl.next_update_utc
+
+
+# --- one certificate per gateway id, bound to its identity key -------------------------------------------------
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """The real command line, as a technician runs it."""
+    module = "edge_agent.cli" if argv[0] == "enroll" else "collector.cli"
+    return subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, cwd=REPO, timeout=60)
+
+
+def one_line_failure(proc: subprocess.CompletedProcess[str]) -> str:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return proc.stderr
+
+
+def enrolled_gateway(tmp_path: Path, gateway_id: str) -> Path:
+    d = tmp_path / gateway_id
+    assert cli("enroll", "--gateway-id", gateway_id, "--dir", str(d)).returncode == 0
+    return d
+
+
+def identity_of(gw_dir: Path) -> ed25519.Ed25519PublicKey:
+    return serialization.load_pem_private_key((gw_dir / "identity.key").read_bytes(), None).public_key()
+
+
+def serial_in(stdout: str) -> int:
+    return int(stdout.split("(serial ")[1].split(",")[0], 16)
+
+
+def test_second_certificate_for_a_gateway_is_refused_and_replace_revokes_the_first(tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    assert cli("ca", "init", "--dir", str(ca_dir)).returncode == 0
+    gw = enrolled_gateway(tmp_path, "gw-0001")
+    first = cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca_dir), "--out", str(tmp_path / "1.crt"))
+    assert first.returncode == 0, first.stderr
+    first_serial = serial_in(first.stdout)
+
+    # The same CSR again (or any other CSR for gw-0001): refused, naming the gateway and the valid serial.
+    err = one_line_failure(cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca_dir), "--out", str(tmp_path / "2.crt")))
+    assert f"gw-0001 already has a valid certificate (serial {first_serial:x}," in err and "--replace" in err
+    assert not (tmp_path / "2.crt").exists()
+    assert len(DeviceCA(ca_dir).issued()) == 1
+
+    # --replace: the new certificate, the old one revoked and in the re-signed CRL, in one command.
+    second = cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca_dir), "--out", str(tmp_path / "2.crt"), "--replace")
+    assert second.returncode == 0, second.stderr
+    second_serial = serial_in(second.stdout)
+    assert f"revoked the certificate(s) it replaces: {first_serial:x}" in second.stdout
+    ca = DeviceCA(ca_dir)
+    crl = x509.load_pem_x509_crl(ca.crl_path.read_bytes())
+    assert crl.is_signature_valid(ca.cert.public_key())
+    assert {r.serial_number for r in crl} == {first_serial}
+    index = ca.index()
+    assert index.entries[first_serial].revoked_at is not None
+    assert [e.serial for e in index.valid("gw-0001")] == [second_serial]
+
+    # The index is derived data: deleted, it is rebuilt from issued/ and ca.crl, and the rule still holds.
+    (ca_dir / "index.json").unlink()
+    err = one_line_failure(cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca_dir)))
+    assert f"(serial {second_serial:x}," in err
+
+    # Once the gateway's certificates are revoked (ca revoke), a new one needs no --replace.
+    assert cli("ca", "revoke", "gw-0001", "--dir", str(ca_dir)).returncode == 0
+    third = cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca_dir), "--out", str(tmp_path / "3.crt"))
+    assert third.returncode == 0, third.stderr
+    assert "revoked the certificate" not in third.stdout
+
+
+def test_certificate_carries_the_identity_key_fingerprint(tmp_path: Path) -> None:
+    ca_dir = tmp_path / "ca"
+    DeviceCA.init(ca_dir)
+    gw = enrolled_gateway(tmp_path, "gw-fp")
+    proc = cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca_dir), "--out", str(tmp_path / "gw.crt"))
+    assert proc.returncode == 0, proc.stderr
+    fingerprint = hashlib.sha256(identity_of(gw).public_bytes_raw()).hexdigest()
+    assert f"identity key sha256 {fingerprint}" in proc.stdout
+    cert = x509.load_pem_x509_certificate((tmp_path / "gw.crt").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    assert not san.critical
+    assert san.value.get_values_for_type(x509.UniformResourceIdentifier) == [IDENTITY_URN_PREFIX + fingerprint]
+    # openssl shows it to anyone looking at the certificate.
+    text = subprocess.run(["openssl", "x509", "-in", str(tmp_path / "gw.crt"), "-noout", "-text"],
+                          capture_output=True, text=True, check=True).stdout
+    assert f"URI:urn:citynerve:identity:{fingerprint}" in text
+    # The CSR carries the proof as a non-critical extension under the project's OID.
+    csr = x509.load_pem_x509_csr((gw / "tls.csr").read_bytes())
+    ext = csr.extensions.get_extension_for_oid(x509.ObjectIdentifier(IDENTITY_PROOF_OID))
+    assert not ext.critical and ext.value.value[4:36] == identity_of(gw).public_bytes_raw()
+    assert DeviceCA(ca_dir).index().valid("gw-fp")[0].identity == fingerprint
+    # A collector certificate has no identity key, and no SAN.
+    collector = DeviceCA(ca_dir).sign(csr_with_cn("collector-1"), collector=True)
+    with pytest.raises(x509.ExtensionNotFound):
+        collector.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+
+
+def csr_with_proof_from(proof_csr: bytes, cn: str) -> bytes:
+    """A CSR for a new TLS key, carrying the identity proof copied out of another CSR."""
+    ext = x509.load_pem_x509_csr(proof_csr).extensions.get_extension_for_oid(x509.ObjectIdentifier(IDENTITY_PROOF_OID))
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .add_extension(ext.value, critical=False)
+            .sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+
+
+def test_csr_without_or_with_a_wrong_identity_proof_is_refused(tmp_path: Path, ca: DeviceCA) -> None:
+    gw = enrolled_gateway(tmp_path, "gw-1")
+    # Made by hand with openssl from the gateway's own TLS key: no proof.
+    subprocess.run(["openssl", "req", "-new", "-key", str(gw / "tls.key"), "-subj", "/CN=gw-1",
+                    "-out", str(tmp_path / "openssl.csr")], check=True, capture_output=True)
+    err = one_line_failure(cli("ca", "sign", str(tmp_path / "openssl.csr"), "--dir", str(ca.directory)))
+    assert "carries no identity proof" in err and "edge-agent enroll --new-csr" in err
+
+    # The proof of gw-1's CSR copied into a CSR for another TLS key: the identity key never signed that key.
+    (tmp_path / "stolen.csr").write_bytes(csr_with_proof_from((gw / "tls.csr").read_bytes(), "gw-1"))
+    err = one_line_failure(cli("ca", "sign", str(tmp_path / "stolen.csr"), "--dir", str(ca.directory)))
+    assert "identity proof for gw-1 does not verify" in err
+
+    # A proof made for gw-a, in a CSR for gw-b with the same TLS key: the proof names the gateway id too.
+    identity, tls_key = ed25519.Ed25519PrivateKey.generate(), ec.generate_private_key(ec.SECP256R1())
+    proof = make_csr("gw-a", identity, tls_key).extensions.get_extension_for_oid(
+        x509.ObjectIdentifier(IDENTITY_PROOF_OID)).value
+    moved = (x509.CertificateSigningRequestBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-b")]))
+             .add_extension(proof, critical=False).sign(tls_key, hashes.SHA256()))
+    with pytest.raises(PkiError, match="does not verify"):
+        ca.sign(moved.public_bytes(serialization.Encoding.PEM))
+
+    # Malformed: the right OID, the wrong shape.
+    junk = (x509.CertificateSigningRequestBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gw-c")]))
+            .add_extension(x509.UnrecognizedExtension(x509.ObjectIdentifier(IDENTITY_PROOF_OID), b"\x30\x00"),
+                           critical=False)
+            .sign(tls_key, hashes.SHA256()))
+    with pytest.raises(PkiError, match="malformed"):
+        ca.sign(junk.public_bytes(serialization.Encoding.PEM))
+    assert ca.issued() == []
+
+
+def test_enroll_new_csr_gives_an_older_gateway_a_csr_with_its_proof(tmp_path: Path, ca: DeviceCA) -> None:
+    gw = enrolled_gateway(tmp_path, "gw-old")
+    keys = {n: (gw / n).read_bytes() for n in ("identity.key", "tls.key")}
+    # What an enrollment before identity proofs left behind: a CSR without one.
+    subprocess.run(["openssl", "req", "-new", "-key", str(gw / "tls.key"), "-subj", "/CN=gw-old",
+                    "-out", str(gw / "tls.csr")], check=True, capture_output=True)
+    one_line_failure(cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca.directory)))
+    proc = cli("enroll", "--gateway-id", "gw-old", "--dir", str(gw), "--new-csr")
+    assert proc.returncode == 0, proc.stderr
+    assert "--replace" in proc.stdout and "PRIVATE" not in proc.stdout
+    assert {n: (gw / n).read_bytes() for n in keys} == keys  # the keys are the gateway's, unchanged
+    assert mode(gw / "tls.csr") == 0o600
+    assert cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca.directory)).returncode == 0
+    cert = x509.load_pem_x509_certificate((gw / "tls.crt").read_bytes())
+    assert cert.public_key().public_numbers() == serialization.load_pem_private_key(
+        keys["tls.key"], None).public_key().public_numbers()
+    assert DeviceCA(ca.directory).index().valid("gw-old")[0].identity == identity_fingerprint(identity_of(gw))
+    # Without keys there is nothing to make a CSR from.
+    err = one_line_failure(cli("enroll", "--gateway-id", "gw-new", "--dir", str(tmp_path / "empty"), "--new-csr"))
+    assert "identity.key does not exist" in err
+
+
+def test_ca_sign_with_registry_refuses_an_identity_key_the_registry_does_not_hold(tmp_path: Path, ca: DeviceCA) -> None:
+    reg = str(tmp_path / "gateways.db")
+    gw = enrolled_gateway(tmp_path, "gw-r")
+    sign = ("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca.directory), "--registry", reg)
+    GatewayRegistry(reg, create=True).close()
+    err = one_line_failure(cli(*sign))
+    assert "gw-r is not in the registry" in err and "gateways add" in err
+
+    # Registered with another key (someone else's, or the gateway's before a --force re-enrolment).
+    _, other = identity_text()
+    assert cli("gateways", "add", "gw-r", other, "--registry", reg).returncode == 0
+    err = one_line_failure(cli(*sign))
+    mine = (gw / "identity.pub").read_text().strip()
+    assert f"the CSR's identity key {mine} is not the one the registry" in err and other in err
+
+    assert cli("gateways", "add", "gw-r", str(gw / "identity.pub"), "--registry", reg, "--replace").returncode == 0
+    assert cli("gateways", "revoke", "gw-r", "--registry", reg).returncode == 0
+    assert "revoked in the registry" in one_line_failure(cli(*sign))
+
+    assert cli("gateways", "add", "gw-r", str(gw / "identity.pub"), "--registry", reg, "--replace").returncode == 0
+    proc = cli(*sign)
+    assert proc.returncode == 0, proc.stderr
+    assert ca.index().valid("gw-r")[0].identity == identity_fingerprint(identity_of(gw))
+    # --registry is about gateways' identity keys; a collector certificate has none.
+    (tmp_path / "c.csr").write_bytes(csr_with_cn("collector-9"))
+    assert "--collector" in one_line_failure(cli("ca", "sign", str(tmp_path / "c.csr"), "--dir", str(ca.directory),
+                                                 "--collector", "--registry", reg))
+
+
+def test_gateways_add_with_ca_refuses_a_key_other_than_the_certified_one(tmp_path: Path, ca: DeviceCA) -> None:
+    reg = str(tmp_path / "gateways.db")
+    gw = enrolled_gateway(tmp_path, "gw-c")
+    assert cli("ca", "sign", str(gw / "tls.csr"), "--dir", str(ca.directory)).returncode == 0
+    serial = ca.index().valid("gw-c")[0].serial
+    _, other = identity_text()
+    err = one_line_failure(cli("gateways", "add", "gw-c", other, "--registry", reg, "--ca", str(ca.directory)))
+    assert f"gateway gw-c has a valid certificate (serial {serial:x}) bound to another identity key" in err
+    assert f"edge-collector ca revoke gw-c --dir {ca.directory}" in err
+    assert not Path(reg).exists()  # a refused add leaves no registry behind
+    # The certified key is accepted; so is another one once the certificate is revoked (re-enrolment).
+    assert cli("gateways", "add", "gw-c", str(gw / "identity.pub"), "--registry", reg,
+               "--ca", str(ca.directory)).returncode == 0
+    assert cli("ca", "revoke", "gw-c", "--dir", str(ca.directory)).returncode == 0
+    proc = cli("gateways", "add", "gw-c", other, "--registry", reg, "--ca", str(ca.directory), "--replace")
+    assert proc.returncode == 0, proc.stderr
+    # --ca must be a device CA.
+    assert "is not a device CA" in one_line_failure(
+        cli("gateways", "add", "gw-d", other, "--registry", reg, "--ca", str(tmp_path)))
+
+
+def test_labkit_deployment_still_enrolls_with_the_real_commands(tmp_path: Path) -> None:
+    from labkit import enrolled
+
+    dep = enrolled.create(tmp_path / "dep", ["gw-lab-1", "gw-lab-2"])
+    index = DeviceCA(dep.ca_dir).index()
+    for gw in dep.gateways.values():
+        cert = x509.load_pem_x509_certificate(gw.tls_cert.read_bytes())
+        fingerprint = identity_fingerprint(identity_of(gw.dir))
+        assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+            x509.UniformResourceIdentifier) == [IDENTITY_URN_PREFIX + fingerprint]
+        assert index.valid(gw.id)[0].identity == fingerprint
 
 
 # --- the collector's keys --------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ Conventions for config Structs:
 - declare `forbid_unknown_fields=True` so a typo is an error, not a silently ignored key;
 - durations are `Duration` (accepts 10, 2.5, "10s", "500ms", "5m", "1h");
 - sizes are `Size` (accepts 1000000, "200MB", "64KiB");
-- secrets are `Secret` (accepts "inline", {env = "NAME"} or {file = "/path"}), masked in repr;
+- secrets are `Secret` (accepts "inline", {env = "NAME"} or {file = "/path"}), masked in repr and never quoted
+  in an error; a URL or a text from elsewhere goes into a message through `redact_url` / `redact`;
 - cross-field checks go in `__post_init__` and raise `invalid("key", "message")` so the path is exact.
 """
 
@@ -22,6 +23,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
@@ -110,13 +112,65 @@ class Secret:
                     raise ValueError(f"cannot read secret file {ref}: {exc.strerror or exc}") from None
                 lines = text.splitlines()
                 return cls(lines[0].strip() if lines else "", f"file:{ref}")
-        raise ValueError('expected a string, {env = "NAME"} or {file = "/path"}, got ' + _show(raw))
+        # The kind of value only, never the value: a password written as a bare number is still a password.
+        raise ValueError('expected a string, {env = "NAME"} or {file = "/path"}, got ' + _kind(raw))
 
     def __repr__(self) -> str:
         return f"Secret(<{self.origin}>)"
 
     def __bool__(self) -> bool:
         return bool(self.value)
+
+
+REDACTED = "***"
+
+# A URL anywhere in a text: scheme://, then up to whitespace or a quote.
+_URL_IN_TEXT = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s\"'<>]+")
+
+
+def redact_url(url: str) -> str:
+    """`url` fit for a message or a log line: credentials and query values replaced by ***.
+
+    http://user:pass@host:8086/x?u=a&p=b#frag -> http://user:***@host:8086/x?u=***&p=***#***
+    A user name alone (http://TOKEN@host) may be a token: the whole user part goes. Query values all go,
+    since InfluxDB (u=, p=, token=) and other servers take credentials there.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    userinfo = None
+    if "@" in rest:
+        # Up to the last "@", not what urlsplit calls the user part: a password with an unescaped "/", "?" or
+        # "#" would otherwise be cut in two and half of it printed as the path or the fragment.
+        userinfo, rest = rest.rsplit("@", 1)
+    try:
+        parts = urlsplit(f"{scheme}://{rest}")
+    except ValueError:  # e.g. a broken IPv6 literal: keep only what cannot hold a secret
+        parts = urlsplit(f"{scheme}://{re.split(r'[/?#]', rest, maxsplit=1)[0].replace('[', '').replace(']', '')}")
+    netloc = parts.netloc
+    if userinfo is not None:
+        user, colon, _ = userinfo.partition(":")
+        keep_user = colon and re.fullmatch(r"[^/?#]+", user)
+        netloc = f"{user}:{REDACTED}@{netloc}" if keep_user else f"{REDACTED}@{netloc}"
+    query = "&".join(
+        f"{name}={REDACTED}" if has_value else REDACTED
+        for pair in parts.query.split("&") if pair
+        for name, has_value, _ in [pair.partition("=")]
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, REDACTED if parts.fragment else ""))
+
+
+def redact(text: str, *secrets: Secret | str | None) -> str:
+    """`text` with every URL in it passed through redact_url and every given secret value replaced by ***.
+
+    For messages that quote something we did not write (a server's reply, a library's exception).
+    """
+    text = _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    for secret in secrets:
+        value = secret.value if isinstance(secret, Secret) else secret
+        if value:
+            text = text.replace(value, REDACTED)
+    return text
 
 
 def invalid(key: str, message: str) -> ValueError:
@@ -309,6 +363,23 @@ def _value_at(raw: Any, parts: list[str | int]) -> tuple[bool, Any]:
         except (KeyError, IndexError, TypeError):
             return False, None
     return True, raw
+
+
+def _kind(value: Any) -> str:
+    """What a value is, without the value: for secrets."""
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "a list"
+    return "a date or time" if hasattr(value, "isoformat") else "another kind of value"
 
 
 def _show(value: Any) -> str:

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from wire.config import Duration, Secret, invalid
+from wire.config import Duration, Secret, invalid, redact_url
 
 
 class InfluxConfig(msgspec.Struct, forbid_unknown_fields=True):
@@ -84,7 +84,8 @@ def _check_url(url: str) -> None:
             problem = "port must be 1..65535"
     if problem:
         example = "http://127.0.0.1:8086"
-        raise invalid("url", f'expected http(s)://host[:port] such as "{example}": {problem}, got "{url}"')
+        # redact_url: the url this message quotes may be the one holding the credentials it complains about.
+        raise invalid("url", f'expected http(s)://host[:port] such as "{example}": {problem}, got "{redact_url(url)}"')
 
 
 def base_url(url: str) -> str:
