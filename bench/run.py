@@ -10,6 +10,7 @@ from bench import (
     modbus_wire,
     outbox_fsync,
     plan_efficiency,
+    refused_batch,
     seal_cost,
 )
 
@@ -33,6 +34,8 @@ def main() -> None:
     agent_rss.main([])
     print("== backlog drain after a 1-hour outage at 100 points/s vs a direct write of the same points ==")
     backlog_drain.main([])
+    print("== refused batches: one gateway's message refused in each batch vs nothing refused, same run ==")
+    refused_batch.main([])
 
 
 if __name__ == "__main__":

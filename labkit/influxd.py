@@ -11,6 +11,11 @@ fault test needs; kill() is SIGKILL (the WAL is fsynced on every write, so ackno
 auth=True turns on HTTP authentication. influxd 1.x lets anyone run CREATE USER ... WITH ALL PRIVILEGES while
 no admin user exists ("create admin user first or disable authentication"); start() does exactly that once,
 then every request needs credentials: the helpers here send the admin's.
+
+settings adds or overrides keys of the config file's sections, e.g. limits a test wants to reach quickly:
+
+    InfluxdServer(settings={"data": {"max-values-per-tag": 3, "max-series-per-database": 10},
+                            "http": {"max-body-size": 1000}})
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +55,10 @@ class InfluxdServer(LabServer):
         admin_password: str = "lab-admin-password",
         log_level: str = "info",
         start_timeout: float = 10.0,
+        settings: Mapping[str, Mapping[str, bool | int | str]] | None = None,
     ) -> None:
         super().__init__(directory, start_timeout)
+        self.settings = {section: dict(keys) for section, keys in (settings or {}).items()}
         self.auth = auth
         self.admin_user = admin_user
         self.admin_password = admin_password
@@ -90,7 +98,7 @@ class InfluxdServer(LabServer):
 
     def _write_config(self) -> None:
         d = self.directory
-        self.config_path.write_text(
+        text = (
             f"""\
 reporting-disabled = true
 bind-address = "127.0.0.1:{self.rpc_port}"
@@ -133,6 +141,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
   suppress-logo = true
 """
         )
+        self.config_path.write_text(_with_settings(text, self.settings))
 
     # -- HTTP helpers (stdlib only) -------------------------------------------------------------------------
 
@@ -210,6 +219,31 @@ bind-address = "127.0.0.1:{self.rpc_port}"
             if isinstance(doc, dict) and doc.get("error"):
                 raise InfluxError(200, doc["error"])
         return data
+
+
+def _with_settings(text: str, settings: Mapping[str, Mapping[str, bool | int | str]]) -> str:
+    """The config text with each section's keys replaced or added (a section it lacks is appended)."""
+    lines = text.splitlines()
+    for section, keys in settings.items():
+        header = f"[{section}]"
+        if header not in lines:
+            lines += ["", header]
+        start = lines.index(header) + 1
+        end = start
+        while end < len(lines) and lines[end].strip() and not lines[end].startswith("["):
+            end += 1
+        body = [ln for ln in lines[start:end] if ln.split("=")[0].strip() not in keys]
+        body += [f"  {key} = {_toml_value(value)}" for key, value in keys.items()]
+        lines[start:end] = body
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: bool | int | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    return json.dumps(value)
 
 
 def quote_ident(name: str) -> str:

@@ -184,6 +184,138 @@ def test_v1_unparsable_line_is_not_retryable(influxd: InfluxdServer, influx_db: 
     assert failure.reason == "unable to parse 'm v=1 notatime': bad timestamp"
 
 
+# -- what influxd 1.6.7 refuses, and what it stores of the rest of the request --------------------------------
+# The table in collector/influx/batcher.py, replayed. One server with low limits for all of them.
+
+
+@pytest.fixture(scope="module")
+def limited_influxd() -> Iterator[InfluxdServer]:
+    limits = {"data": {"max-values-per-tag": 3, "max-series-per-database": 5}, "http": {"max-body-size": 2000}}
+    with InfluxdServer(settings=limits) as server:
+        yield server
+
+
+_db_counter = iter(range(1, 1_000_000))
+
+
+def refused(server: InfluxdServer, setup: str | None, body: str, *,
+            gzip: bool = False) -> tuple[str, WriteFailure | None, set[tuple[str, str, int, object]]]:
+    """A fresh database on `server`, `setup` written, then `body` through V1Backend: the refusal and what is
+    stored afterwards, as (measurement, tags, time - T, v)."""
+    db = f"refusal_{next(_db_counter)}"
+    server.create_database(db)
+    if setup:
+        server.write(setup, db)
+    try:
+        V1Backend(v1(server.url, database=db, gzip=gzip)).write(body.encode())
+        failure = None
+    except WriteFailure as exc:
+        failure = exc
+    return db, failure, stored_points(server, db)
+
+
+def stored_points(server: InfluxdServer, db: str) -> set[tuple[str, str, int, object]]:
+    points = set()
+    for series in server.query_series("SELECT * FROM /.*/ GROUP BY *", db):
+        tags = ",".join(f"{k}={v}" for k, v in sorted((series.get("tags") or {}).items()) if v)
+        for row in series["values"]:
+            values = [v for v in row[1:] if v is not None]
+            points.add((series["name"], tags, row[0] - T, values[0] if len(values) == 1 else tuple(values)))
+    return points
+
+
+@pytest.mark.integration
+def test_influxd_type_conflict_inside_one_request(limited_influxd: InfluxdServer) -> None:
+    # The measurement is already in the shard: a partial write, the first line's type wins.
+    _, failure, points = refused(limited_influxd, f"m w=1 {T}", f"m v=1i {T + 1}\nm v=2.5 {T + 2}\nm v=3i {T + 3}")
+    assert failure is not None and (failure.status, failure.retryable) == (400, False)
+    assert failure.reason == ('partial write: field type conflict: input field "v" on measurement "m" is type '
+                              "float, already exists as type integer dropped=1")
+    assert points == {("m", "", 0, 1.0), ("m", "", 1, 1), ("m", "", 3, 3)}
+
+    # The measurement is new to the shard (new database; or the first write after a shard rollover): the whole
+    # request is refused and nothing is stored, but the field types are recorded, so the same request again is
+    # a partial write.
+    body = f"a v=1 {T}\nm v=1i {T + 1}\nm v=2.5 {T + 2}\nb v=1 {T + 3}"
+    db, failure, points = refused(limited_influxd, None, body)
+    assert failure is not None and (failure.status, failure.reason) == (400, "field type conflict")
+    assert points == set()
+    again = failure_of(V1Backend(v1(limited_influxd.url, database=db, gzip=False)), body.encode())
+    assert again.reason.startswith('partial write: field type conflict: input field "v" on measurement "m"')
+    assert stored_points(limited_influxd, db) == {("a", "", 0, 1.0), ("m", "", 1, 1), ("b", "", 3, 1.0)}
+
+
+@pytest.mark.integration
+def test_influxd_max_values_per_tag_loses_good_lines_too(limited_influxd: InfluxdServer) -> None:
+    existing = "\n".join(f"m,t=v{i} v={i} {T + i}" for i in range(3))
+    # The limit is checked against what was stored before the request: one request may pass it.
+    _, failure, points = refused(limited_influxd, None, "\n".join(f"m,t=v{i} v={i} {T + i}" for i in range(5)))
+    assert failure is None and len(points) == 5
+    # Over the limit: the new value's line is dropped, and influxd 1.6.7 loses the good line of an existing
+    # series before it as well (its index compacts the shard's list of series keys in place). "dropped=1".
+    body = f"m,t=v0 v=10 {T + 10}\nm,t=v1 v=11 {T + 11}\nm,t=v3 v=13 {T + 13}"
+    _, failure, points = refused(limited_influxd, existing, body)
+    assert failure is not None and failure.status == 400
+    assert failure.reason == ('partial write: max-values-per-tag limit exceeded (3/3): measurement="m" tag="t" '
+                              'value="v3" dropped=1')
+    assert points == {("m", "t=v0", 0, 0.0), ("m", "t=v1", 1, 1.0), ("m", "t=v2", 2, 2.0),
+                      ("m", "t=v1", 11, 11.0)}  # v0 at +10 is lost, though not counted as dropped
+
+
+@pytest.mark.integration
+def test_influxd_max_series_per_database_counts_lines(limited_influxd: InfluxdServer) -> None:
+    # 6 lines of ONE new series against a limit of 5 series: every line of it dropped; 5 lines pass.
+    _, failure, points = refused(limited_influxd, None, "\n".join(f"m v={i} {T + i}" for i in range(6)))
+    assert failure is not None and failure.status == 400
+    assert failure.reason == "partial write: max-series-per-database limit exceeded: (5) dropped=6"
+    assert points == set()
+    _, failure, points = refused(limited_influxd, None, "\n".join(f"m v={i} {T + i}" for i in range(5)))
+    assert failure is None and len(points) == 5
+    # 4 series exist, 2 new ones in the request: both dropped, and the good line of an existing series too.
+    existing = "\n".join(f"{m},s={s} v=1 {T}" for m in "mn" for s in "ab")
+    _, failure, points = refused(limited_influxd, existing, f"m,s=a v=2 {T + 10}\no v=1 {T + 11}\np v=1 {T + 12}")
+    assert failure is not None and failure.reason.startswith("partial write: max-series-per-database limit")
+    assert ("m", "s=a", 10, 2.0) not in points and len(points) == 4
+
+
+@pytest.mark.integration
+def test_influxd_retention_parse_and_time_field(limited_influxd: InfluxdServer) -> None:
+    now = time.time_ns()
+    db = f"refusal_{next(_db_counter)}"
+    limited_influxd.create_database(db)
+    limited_influxd.query_series(f'CREATE RETENTION POLICY "short" ON "{db}" DURATION 1h REPLICATION 1 DEFAULT')
+    backend = V1Backend(v1(limited_influxd.url, database=db, gzip=False))
+    failure = failure_of(backend, b"r v=1 %d\nr v=2 %d\nr v=3 %d" % (now, now - 3 * 3600 * 10**9, now + 5))
+    assert (failure.status, failure.reason) == (400, "partial write: points beyond retention policy dropped=1")
+    assert [row["v"] for row in limited_influxd.query("SELECT v FROM r", db)] == [1, 3]
+
+    _, failure, points = refused(limited_influxd, None, f"m v=1 {T + 1}\nm v= {T + 2}\nm v=3 {T + 3}\ngarbage")
+    assert failure is not None and failure.status == 400
+    assert failure.reason == (f"partial write: unable to parse 'm v= {T + 2}': missing field value\n"
+                              "unable to parse 'garbage': missing fields dropped=0")
+    assert points == {("m", "", 1, 1.0), ("m", "", 3, 3.0)}
+
+    _, failure, points = refused(limited_influxd, None, f"m time=1 {T}\nm v=1 {T + 1}")
+    assert failure is not None and failure.reason == (
+        'partial write: invalid field name: input field "time" on measurement "m" is invalid dropped=1')
+    assert points == {("m", "", 1, 1.0)}
+
+
+@pytest.mark.integration
+def test_influxd_body_too_large(limited_influxd: InfluxdServer) -> None:
+    body = "\n".join(f"m v={i} {T + i}" for i in range(80))
+    assert len(body) > 2000
+    _, failure, points = refused(limited_influxd, None, body)
+    assert failure is not None and (failure.status, failure.retryable) == (413, False)
+    assert failure.reason == "Request Entity Too Large"
+    assert points == set()
+    # With gzip, max-body-size applies to the compressed body: 13 KB of lines in 1.1 KB pass. (The series
+    # exists first: 500 lines of a new one would pass max-series-per-database = 5, see above.)
+    body = "\n".join(f"m v=1 {T + i}" for i in range(500))
+    _, failure, points = refused(limited_influxd, f"m v=1 {T}", body, gzip=True)
+    assert failure is None and len(points) == 500
+
+
 def test_v1_connection_refused_is_retryable() -> None:
     failure = failure_of(V1Backend(v1(f"http://127.0.0.1:{free_port()}")), b"m v=1 1")
     assert (failure.status, failure.retryable) == (None, True)
@@ -236,6 +368,21 @@ def test_v2_write_to_victoria_metrics_and_read_back(victoria: VictoriaMetricsSer
     assert [s.timestamp_ms for s in w] == [now // 10**6 + i for i in range(10)]
     assert [s.labels for s in w[:2]] == [{"device": "meter-0"}, {"device": "meter-1"}]
     assert sorted(s.value for s in by_name[f"{measurement}_ok"]) == [0.0] * 5 + [1.0] * 5
+
+
+@pytest.mark.integration
+def test_v2_bad_lines_in_a_batch_are_skipped_by_victoria_metrics(victoria: VictoriaMetricsServer) -> None:
+    """VictoriaMetrics never refuses a batch for its content: what it cannot parse it skips (and logs), and
+    it answers 204 all the same. Every value becomes a float, so there are no type conflicts; a string
+    becomes 0."""
+    now = time.time_ns() // 10**6 * 10**6
+    backend = V2Backend(v2(victoria.url))
+    backend.write(b"vmbad_a v=1 %d\nvmbad_b v= %d\ngarbage\nvmbad_c v=\"text\" %d\nvmbad_d v=2i %d\nvmbad_a v=true %d"
+                  % (now, now, now, now, now + 10**6))
+    backend.close()
+    samples = victoria.export_samples('{__name__=~"vmbad_.*"}', expect=4)
+    assert [(s.name, s.value, s.timestamp_ms - now // 10**6) for s in samples] == [
+        ("vmbad_a_v", 1.0, 0), ("vmbad_a_v", 1.0, 1), ("vmbad_c_v", 0.0, 0), ("vmbad_d_v", 2.0, 0)]
 
 
 def test_v2_connection_refused_is_retryable() -> None:
