@@ -64,6 +64,8 @@ log = logging.getLogger("citynerve.collector")
 # about this message's own lines. Other refusals (401/403/404) are this side's configuration: the gateway
 # keeps the data and sends it again, so fixing the configuration recovers it.
 _CONTENT_REFUSED = frozenset({400, 413, 422})
+# InfluxDB 1.x's words for a refusal by a limit of the whole database (tsdb/index): not any one message's fault.
+_STORE_LIMITS = ("max-values-per-tag limit exceeded", "max-series-per-database limit exceeded")
 # On shutdown, how long to wait for the broker's PUBACK of the last acknowledgements before disconnecting.
 _FINAL_ACKS_TIMEOUT = 2.0
 # Gateways idle this long lose their admission state (their token buckets are full again by then anyway).
@@ -416,7 +418,15 @@ class Collector:
             # was known, so it is not its fault: not acknowledged; sent again, the guard now leaves out the
             # conflicting field and the rest is stored.
             foreign = content and self.guard.learn_from_refusal(refused.reason) > 0
-            if foreign:
+            # A store-wide limit (max-values-per-tag, max-series-per-database) is everyone's, not this message's
+            # fault: nothing the gateway sent is wrong. Not acknowledged; it comes again until the limit is raised.
+            store_limit = content and any(text in refused.reason for text in _STORE_LIMITS)
+            if store_limit:
+                self.counters["store_limit_refusals"] += 1
+                outcome = ("a limit of the whole store: raise it in influxdb.conf or lower the collectors' [limits] "
+                           "budgets (docs/operations.md#limits); the gateway sends it again")
+                foreign = True
+            elif foreign:
                 self.counters["types_learnt_from_refusals"] += 1
                 outcome = "learnt the store's type; the gateway sends it again"
             elif content:
