@@ -114,7 +114,16 @@ def describe(path: str, cfg: object) -> str:
         f"{float(i.flush_interval):g}s, gzip {'on' if i.gzip else 'off'}",
         f"  acknowledge stored messages to their gateways every {float(cfg.acks.interval):g}s on "  # type: ignore[attr-defined]
         f"{m.topic_prefix}/<gateway>/down/ack",
+        _limits_line(cfg),
     ])
+
+
+def _limits_line(cfg: object) -> str:
+    lim, schema = cfg.limits, cfg.schema  # type: ignore[attr-defined]
+    declared = sum(len(fields) for fields in schema.declared().values())
+    return (f"  per gateway: {lim.messages_per_second:g} msg/s (burst {lim.messages_burst:g}), "
+            f"{lim.gateway_messages} waiting; per {float(lim.window):g}s at most {lim.new_series} new series, "
+            f"{lim.new_devices} new devices, {lim.new_fields} new fields; {declared} field type(s) declared")
 
 
 if __name__ == "__main__":

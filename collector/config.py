@@ -14,6 +14,7 @@ from collector.influx.config import InfluxConfig
 from wire import config as wconfig
 from wire.config import Duration, invalid
 from wire.mqttlink import MqttSettings
+from wire.topics import is_valid_mount
 
 _SHARE_GROUP = r"^[A-Za-z0-9._-]{1,64}$"
 
@@ -26,6 +27,16 @@ class CollectorMqtt(MqttSettings, forbid_unknown_fields=True):
     receive_maximum: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
     # Several collector instances share the load through $share/<group>/...; empty: a plain subscription.
     shared_group: Annotated[str, msgspec.Meta(pattern=r"^$|" + _SHARE_GROUP)] = ""
+    # The mount point of the broker's gateways' listener (deploy/mosquitto/citynerve.conf mount_point): the
+    # collector subscribes to <gateway_mount><topic_prefix>/+/up and hands on the gateways' own topics. Empty: the
+    # gateways' topics are not mounted (a plain broker).
+    gateway_mount: str = ""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not is_valid_mount(self.gateway_mount):
+            raise invalid("gateway_mount", 'expected "" or topic levels ending in "/" (no + #, empty level or leading $), '
+                          f'e.g. "gw/", got "{self.gateway_mount}"')
 
 
 class ValidationSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -149,7 +160,17 @@ class SchemaSection(msgspec.Struct, forbid_unknown_fields=True):
         """The declared types; ConfigError naming the file and key for a mistake in it."""
         if self.field_types is None:
             return {}
-        return wconfig.load(self.field_types, FieldTypes)
+        raw = wconfig.read_toml(self.field_types)
+        kinds = ("float", "integer", "boolean", "string")
+        for measurement, fields in raw.items():
+            if not isinstance(fields, dict):
+                raise wconfig.ConfigError(self.field_types, measurement,
+                                          'expected a table of field = "type", e.g. [electricity] power = "float"')
+            for name, kind in fields.items():
+                if kind not in kinds:
+                    raise wconfig.ConfigError(self.field_types, f"{measurement}.{name}",
+                                              f"expected one of {', '.join(kinds)}, got {kind!r}")
+        return raw
 
 
 class LogSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -171,7 +192,9 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def load(path: str | Path) -> CollectorConfig:
-    return wconfig.load(path, CollectorConfig)
+    cfg = wconfig.load(path, CollectorConfig)
+    cfg.schema.declared()  # a mistake in the field-types file is a configuration error too, naming that file
+    return cfg
 
 
 def default_client_id() -> str:

@@ -202,3 +202,28 @@ def test_a_server_echoing_credentials_has_them_removed_from_the_failure() -> Non
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize("types, expected", [
+    ('[electricity]\npower = "double"\n', "electricity.power: expected one of float, integer, boolean, string, got 'double'"),
+    ('[electricity]\npower = 3\n', "electricity.power: expected one of float, integer, boolean, string, got 3"),
+    ('power = "float"\n', 'power: expected a table of field = "type"'),
+    ("[electricity\n", "not valid TOML"),
+])
+def test_declared_field_types_are_checked_with_file_and_key(tmp_path, types: str, expected: str) -> None:
+    (tmp_path / "types.toml").write_text(types)
+    result = check(tmp_path, f'[schema]\nfield_types = "{tmp_path / "types.toml"}"\n')
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'types.toml'}: {expected}" or (
+        expected in result.stderr and str(tmp_path / "types.toml") in result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("edit, expected", [
+    ("[limits]\ngateway_messages = 99999\n", "limits.gateway_messages: expected at most max_messages (4096)"),
+    ("[limits]\nwindow = \"0s\"\n", "limits.window: expected a duration > 0"),
+    ("[limits]\nworkers = 0\n", "limits.workers"),
+    ("[validation]\nmax_past = \"x\"\n", "validation.max_past"),
+])
+def test_limits_errors_name_the_key(tmp_path, edit: str, expected: str) -> None:
+    result = check(tmp_path, edit)
+    assert result.returncode == 2 and expected in result.stderr, result.stderr
