@@ -6,12 +6,15 @@ import math
 import sys
 from enum import IntEnum
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from collector.influx.lineproto import TIME_MAX, TIME_MIN, LineProtocolError, encode_line
 from labkit.influxd import InfluxdServer, quote_ident
+from wire.names import bad_character
+from wire.schema import Batch, ConfigName, Reading, decode_batch, encode_batch
 
 T = 1_700_000_000_123_456_789
 
@@ -177,6 +180,80 @@ def test_encoding_is_fast_enough() -> None:
         encode_line("power", tags, fields, T + i)
     per_line = (time.perf_counter() - start) / n
     assert per_line < 20e-6, f"{per_line * 1e6:.1f} µs per line"
+
+
+# -- property: the wire schema and the encoder agree on what a name may hold ------------------------------------
+
+# Every character class the rules care about, plus any other character a msgpack string can carry.
+_EDGE_CHARACTERS = st.sampled_from(
+    ["\x00", "\t", "\n", "\r", "\x1b", "\x1f", "\x7f", "\x80", "\x85", "\x9b", "\x9f", "\xa0", "\u2028", "\ufeff",
+     "\\", ",", "=", " ", '"', "#", "é", "😀"]
+)
+_SOME_NAME = st.one_of(
+    st.sampled_from(["time", "#m", "m\\", "a\\,b", "a\\ b", "ok"]),
+    st.text(st.one_of(_EDGE_CHARACTERS, st.characters(codec="utf-8")), min_size=1, max_size=12),
+)
+_ROLES = ("measurement", "tag key", "tag value", "field key")
+
+
+def _line_only_rule(name: str, role: str) -> bool:
+    """The rules encode_line adds for line protocol alone (its module docstring), not about characters."""
+    backslash = name.endswith("\\") or any(name[i] == "\\" and name[i + 1] in ',= "' for i in range(len(name) - 1))
+    return backslash or (role == "measurement" and name.startswith("#")) or (role.endswith("key") and name == "time")
+
+
+def _schema_accepts(name: str, role: str) -> bool:
+    reading = {
+        "measurement": Reading("dev", name, 1, {"v": 1.0}),
+        "tag key": Reading("dev", "m", 1, {"v": 1.0}, {name: "x"}),
+        "tag value": Reading(name, "m", 1, {"v": 1.0}),  # the device id: the collector's "device" tag value
+        "field key": Reading("dev", "m", 1, {name: 1.0}),
+    }[role]
+    try:
+        decode_batch(encode_batch(Batch("gw-1", 1, 1, [reading])))
+    except msgspec.ValidationError:
+        return False
+    return True
+
+
+def _encoder_accepts(name: str, role: str) -> bool:
+    point = {
+        "measurement": (name, {}, {"v": 1.0}),
+        "tag key": ("m", {name: "x"}, {"v": 1.0}),
+        "tag value": ("m", {"device": name}, {"v": 1.0}),
+        "field key": ("m", {}, {name: 1.0}),
+    }[role]
+    try:
+        encode_line(*point, 1)
+    except LineProtocolError:
+        return False
+    return True
+
+
+@settings(max_examples=500)
+@given(name=_SOME_NAME)
+def test_the_schema_and_the_encoder_apply_one_character_rule(name: str) -> None:
+    """Whatever name the wire schema accepts, encode_line accepts in every role, except for the documented
+    line-protocol rules; whatever name encode_line refuses for a character, the schema refuses too. Before, the
+    schema let the C1 controls (U+0080-U+009F) through and the encoder did not: acknowledged, never stored."""
+    clean = bad_character(name) is None
+    for role in _ROLES:
+        schema, encoder = _schema_accepts(name, role), _encoder_accepts(name, role)
+        assert schema == clean, (role, name)
+        assert encoder == (clean and not _line_only_rule(name, role)), (role, name)
+
+
+@pytest.mark.parametrize("name", ["a\ud800", "\udfff", "x\udc80y"])
+def test_lone_surrogates_are_refused_by_the_config_schema_and_the_encoder_alike(name: str) -> None:
+    # A msgpack string cannot carry one (it is UTF-8), but a name made in Python can (e.g. bytes decoded with
+    # errors="surrogateescape"): the one rule refuses it, with the same words in both places.
+    assert bad_character(name) is not None
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(name, ConfigName)
+    for role in _ROLES:
+        with pytest.raises(LineProtocolError, match=r"lone surrogate U\+D[89A-F][0-9A-F]{2} \(not encodable as UTF-8\)"):
+            encode_line(*{"measurement": (name, {}, {"v": 1.0}), "tag key": ("m", {name: "x"}, {"v": 1.0}),
+                          "tag value": ("m", {"t": name}, {"v": 1.0}), "field key": ("m", {}, {name: 1.0})}[role], 1)
 
 
 # -- property: whatever encode_line accepts, a real influxd stores exactly ----------------------------------

@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wire import topics
+from wire.config import ConfigError, convert
 from wire.envelope import Format, Rejection, WireError, open_plain, seal_plain
-from wire.schema import Batch, Reading, encode_batch
+from wire.names import bad_character
+from wire.schema import Batch, ConfigName, ConfigTagValue, Reading, decode_batch, encode_batch
 
 names = st.text(
     alphabet=st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=20
@@ -95,6 +97,8 @@ def test_format_byte_dispatch() -> None:
         (["gw-1", 1, 2, [["dev", "m", 5, {"v\x00": 1.0}]]], "NUL in a field name"),
         (["gw-1", 1, 2, [["dev", "m", 5, {"v": 1.0}, {"site": "a\x1b[31m"}]]], "escape sequence in a tag value"),
         (["gw-1", 1, 2, [["dev", "m\r", 5, {"v": 1.0}]]], "carriage return in a measurement"),
+        (["gw-1", 1, 2, [["dev\x85", "m", 5, {"v": 1.0}]]], "C1 control (NEL) in a device id"),
+        (["gw-1", 1, 2, [["dev", "m", 5, {"v": 1.0}, {}, {"v": "not_available\x9b"}]]], "CSI in a quality flag"),
         (["gw-1", 1, 2, [["dev", "m", 5, {"v": [1, 2]}]]], "field value that is a list"),
         (["gw-1", 1, 2, [["dev", "m", 5, {"v": None}]]], "field value that is null"),
         (["gw-1", "1", 2, []], "sequence as a string"),
@@ -105,6 +109,59 @@ def test_schema_is_strict(doc: list, why: str) -> None:
     with pytest.raises(WireError) as exc:
         open_plain(payload)
     assert exc.value.reason == Rejection.SCHEMA, why
+
+
+@pytest.mark.parametrize(
+    "reading, path",
+    [
+        (["dev\x85", "m", 5, {"v": 1.0}], "$.readings[1].device"),
+        (["dev", "m\x85", 5, {"v": 1.0}], "$.readings[1].measurement"),
+        (["dev", "m", 5, {"v\x85": 1.0}], "$.readings[1].fields"),
+        (["dev", "m", 5, {"v": 1.0}, {"site\x85": "a"}], "$.readings[1].tags"),
+        (["dev", "m", 5, {"v": 1.0}, {"site": "a\x85"}], "$.readings[1].tags.site"),
+        (["dev", "m", 5, {"v": 1.0}, {}, {"w\x85": "error"}], "$.readings[1].quality"),
+    ],
+)
+def test_a_c1_control_in_a_name_is_refused_naming_the_character_and_the_path(reading: list, path: str) -> None:
+    """U+0085 (NEL) passed the schema before while the line-protocol encoder refused it: the reading was
+    acknowledged and never stored. One rule now (wire/names.py), and the message says what and where."""
+    doc = ["gw-1", 1, 2, [["ok", "m", 5, {"v": 1.0}], reading]]
+    with pytest.raises(WireError) as exc:
+        open_plain(bytes([Format.PLAIN_V1]) + msgspec.msgpack.encode(doc))
+    assert exc.value.reason == Rejection.SCHEMA
+    assert "control character U+0085" in exc.value.detail and f"`{path}`" in exc.value.detail
+    with pytest.raises(msgspec.ValidationError, match="U\\+0085"):
+        decode_batch(msgspec.msgpack.encode(doc))
+
+
+@pytest.mark.parametrize("char", ["\x00", "\n", "\x1f", "\x7f", "\x80", "\x85", "\x9b", "\x9f", "\ud800", "\udfff"])
+def test_config_names_and_tag_values_follow_the_same_rule(char: str) -> None:
+    assert bad_character(f"a{char}b") == char
+    for kind in (ConfigName, ConfigTagValue):
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.convert(f"a{char}b", kind)
+
+
+@pytest.mark.parametrize("text", ["a", "température", "Zürich", "a b", "日本", "😀", "x" * 128,
+                                  "\xa0nbsp", "line\u2028separator", "\ufeffbom", "soft\xadhyphen"])
+def test_config_names_allow_any_other_character(text: str) -> None:
+    # the last four are not str.isprintable() (bad_character's fast path) but are no controls: allowed
+    assert bad_character(text) is None
+    assert msgspec.convert(text, ConfigName) == text == msgspec.convert(text, ConfigTagValue)
+
+
+def test_a_config_name_with_a_trailing_newline_is_refused_with_its_key_path() -> None:
+    """The old pattern ended in "$", which also matches before a final newline: "meter\\n" passed."""
+
+    class Device(msgspec.Struct):
+        id: ConfigName
+        site: ConfigTagValue = ""
+
+    for raw, key in (({"id": "meter\n"}, "id"), ({"id": "m", "site": "north\x85"}, "site")):
+        with pytest.raises(ConfigError) as exc:
+            convert(raw, Device, "agent.toml")
+        assert f"agent.toml: {key}: expected" in str(exc.value) and "U+007F-U+009F" in str(exc.value)
+    assert convert({"id": "m", "site": ""}, Device, "agent.toml").site == ""  # an empty tag value is left out
 
 
 def test_optional_tags_default_keeps_old_payloads_decodable() -> None:

@@ -14,9 +14,10 @@ the scanners for measurement and tags take a character as escaped when the byte 
 while the line and field scanners take a backslash as escaping whatever byte follows, and field keys are
 unescaped for '\\"' as well. All readings agree unless a backslash stands right before ",", "=", space or
 '"', or at the end of a name (where a separator follows), so such a name is refused: no escaping can express
-it. Also refused: control characters (a newline would split the line), a measurement starting with "#"
-(InfluxDB skips the line as a comment), the key "time" (InfluxDB drops such a field or tag and answers 400)
-and a newline in a string value (InfluxDB would take it inside the quotes, but VictoriaMetrics and other
+it. Also refused: characters no name may hold (wire/names.py, the rule the wire schema applies too: C0 and C1
+controls, DEL, lone surrogates; a newline would split the line), a measurement starting with "#" (InfluxDB
+skips the line as a comment), the key "time" (InfluxDB drops such a field or tag and answers 400) and a
+newline in a string value (InfluxDB would take it inside the quotes, but VictoriaMetrics and other
 line-protocol readers split lines on every newline, so one reading could become two, one of them forged).
 
 Fields keep the mapping's order; tags are sorted by key, as InfluxDB prefers. Tags with an empty value are
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+
+from wire.names import bad_character, describe
 
 __all__ = ["LineProtocolError", "encode_line"]
 
@@ -47,7 +50,6 @@ class LineProtocolError(ValueError):
 
 _MEASUREMENT_ESCAPES = str.maketrans({",": "\\,", " ": "\\ "})
 _KEY_ESCAPES = str.maketrans({",": "\\,", "=": "\\=", " ": "\\ "})
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _BAD_BACKSLASH = re.compile(r"\\(?:[,= \"]|\Z)")
 
 # Names repeat endlessly (a few measurements, field keys, device tags), so their checked and escaped forms are
@@ -63,9 +65,9 @@ def _checked(name: str, what: str) -> None:
         raise LineProtocolError(f"{what} must be a string, got {type(name).__name__}: {name!r}")
     if not name:
         raise LineProtocolError(f"{what} is empty")
-    bad = _CONTROL.search(name)
-    if bad:
-        raise LineProtocolError(f"{what} {name!r} contains the control character {bad.group()!r}")
+    bad = bad_character(name)  # the names rule, shared with the wire schema
+    if bad is not None:
+        raise LineProtocolError(f"{what} {name!r} contains the {describe(bad)}")
     if "\\" in name and _BAD_BACKSLASH.search(name):
         raise LineProtocolError(
             f"{what} {name!r} has a backslash before a comma, equals sign, space, quote or at its end, "
