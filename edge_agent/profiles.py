@@ -22,6 +22,7 @@ from typing import Annotated, Literal
 import msgspec
 
 from edge_agent.modbus.decode import (
+    BYTE_TYPES,
     FLOAT_TYPES,
     INTEGER_TYPES,
     MAX_STRING_REGISTERS,
@@ -34,10 +35,12 @@ from edge_agent.modbus.decode import (
     make_decoder,
     normalize_sentinels,
     orders_for,
+    value_bits,
     width_of,
 )
 from edge_agent.modbus.plan import MODBUS_MAX_REGISTERS, PointSpec
 from wire.config import ConfigError, convert, invalid, read_toml
+from wire.names import NAME_PATTERN
 from wire.schema import ConfigName as Name
 
 PROFILE_PACKAGE = "firmware_profiles"
@@ -47,7 +50,9 @@ _PROFILE_NAME = re.compile(r"^[a-z0-9][a-z0-9_]*$")
 Table = Literal["input", "holding", "coil", "discrete"]
 BIT_TABLES = frozenset({"coil", "discrete"})
 Address = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+# vendor, model (the `model` tag of every reading) and enum labels (string field values): the names rule
+Text = Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NAME_PATTERN, extra={
+    "expect": "1..256 characters, no control characters (U+0000-U+001F, U+007F-U+009F)"})]
 
 #: Device quirks a profile can name; docs/profiles.md says which vendor behaviour each one addresses.
 WORKAROUNDS: dict[str, str] = {
@@ -174,7 +179,7 @@ class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             raise invalid("bits", f"a bitfield needs an integer type, not {self.type}")
         if not self.bits:
             raise invalid("bits", "expected at least one bit")
-        count = 16 * self.width
+        count = value_bits(self.type)
         seen: dict[str, str] = {}
         for key, name in self.bits.items():
             number = _int_key(key)
@@ -212,7 +217,7 @@ def _int_key(key: str) -> int | None:
 def _int_range(type_: str) -> tuple[int, int]:
     if type_ == "bool":
         return 0, 1
-    bits = 16 * width_of(type_)
+    bits = value_bits(type_)
     if type_ in SIGNED_TYPES:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
@@ -305,10 +310,14 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             for before, after in itertools.pairwise(indexes):
                 a, b = self.points[before], self.points[after]
                 if b.address < a.address + a.width:
+                    # The planner gives every point registers of its own, so the high and the low byte of one
+                    # register cannot be two points (yet): say so rather than leave the reader puzzled.
+                    halves = ("; the two bytes of one register cannot be two points yet (the read planner gives "
+                              "every point registers of its own)") if a.type in BYTE_TYPES and b.type in BYTE_TYPES else ""
                     raise invalid(
                         f"points[{after}].address",
                         f'"{b.name}" ({_span(b)}) overlaps "{a.name}" ({_span(a)}, points[{before}]) '
-                        f"in the {_table_words(table)}",
+                        f"in the {_table_words(table)}{halves}",
                     )
 
     def _check_unreadable(self) -> None:

@@ -137,6 +137,84 @@ def test_eight_letter_orders_are_only_for_64_bit_types() -> None:
         make_decoder("int16", "HGFEDCBA")
 
 
+# --- 8-bit integers: one byte of one register --------------------------------------------------------------
+
+BYTE_TYPES = ("int8h", "int8l", "uint8h", "uint8l")
+
+
+def byte_of(register: int, type_: str, order: str) -> int:
+    """Written out independently: the register's two bytes as they came on the wire, the byte order undone
+    ("AB": as sent, "BA": swapped; the four-letter orders mean their in-word byte order), then the high byte
+    (h) or the low byte (l), signed for int8."""
+    sent = register.to_bytes(2, "big")
+    value = sent if AS_SENT[1][order] == "AB" else sent[::-1]
+    byte = value[0] if type_.endswith("h") else value[1]
+    return byte - 256 if type_.startswith("int") and byte >= 128 else byte
+
+
+@pytest.mark.parametrize("type_", BYTE_TYPES)
+@given(register=st.integers(0, 0xFFFF))
+def test_8_bit_types_read_their_byte_of_the_register_in_every_order(type_: str, register: int) -> None:
+    assert width_of(type_) == WIDTHS[type_] == 1
+    assert orders_for(type_) == orders_for("int16")
+    for order in orders_for(type_):
+        decoded = make_decoder(type_, order)([register])
+        assert decoded == byte_of(register, type_, order) and type(decoded) is int
+
+
+@pytest.mark.parametrize(
+    ("type_", "order", "value"),
+    [
+        # wire bytes 0x12 0xF0: as Telegraf's modbus input reads them (INT8H/INT8L/UINT8H/UINT8L with byte
+        # order ABCD = the high byte first on the wire, DCBA = the low byte first)
+        ("int8h", "ABCD", 0x12), ("int8l", "ABCD", -16), ("uint8h", "ABCD", 0x12), ("uint8l", "ABCD", 0xF0),
+        ("int8h", "DCBA", -16), ("int8l", "DCBA", 0x12), ("uint8h", "DCBA", 0xF0), ("uint8l", "DCBA", 0x12),
+        ("int8h", "AB", 0x12), ("uint8l", "BA", 0x12), ("uint8h", "BA", 0xF0),
+    ],
+)
+def test_8_bit_types_as_telegraf_reads_them(type_: str, order: str, value: int) -> None:
+    assert make_decoder(type_, order)([0x12F0]) == value
+
+
+@pytest.mark.parametrize("type_", BYTE_TYPES)
+@given(data=st.data())
+def test_8_bit_encode_round_trips_and_the_other_byte_is_ignored(type_: str, data: st.DataObject) -> None:
+    value = data.draw(st.integers(-128, 127) if type_.startswith("int") else st.integers(0, 255))
+    other = data.draw(st.integers(0, 255))
+    for order in orders_for(type_):
+        [register] = encode(type_, order, value)
+        assert make_decoder(type_, order)([register]) == value
+        # the byte the point does not name is 0 in what encode sends, and anything at all on a device
+        mine = (0 if type_.endswith("h") else 1) ^ (0 if AS_SENT[1][order] == "AB" else 1)  # its place on the wire
+        assert register >> (8 if mine else 0) & 0xFF == 0
+        noisy = register | other << (0 if mine == 0 else 8)
+        assert make_decoder(type_, order)([noisy]) == value
+
+
+def test_8_bit_scale_offset_sentinels_enums_and_bits() -> None:
+    assert make_decoder("uint8l", "AB", 10, 5)([0xFF02]) == 25  # integer scale: still an integer
+    assert type(make_decoder("uint8l", "AB", 10, 5)([0xFF02])) is int
+    assert make_decoder("int8h", "AB", 0.5)([0xFE00]) == -1.0  # a fractional scale makes it a float
+    assert type(make_decoder("int8h", "AB", 0.5)([0xFE00])) is float
+    assert make_decoder("int8h", sentinel="auto")([0x80FF]) is NOT_AVAILABLE
+    assert make_decoder("uint8l", sentinel="auto")([0x00FF]) is NOT_AVAILABLE
+    assert make_decoder("uint8h", sentinel="auto")([0x00FF]) == 0  # the sentinel is in the other byte
+    assert make_decoder("int8l", sentinel=[-1])([0x12FF]) is NOT_AVAILABLE  # -1 is the pattern 0xFF
+    assert make_decoder("uint8h", enum={1: "on", 2: "off"})([0x0299]) == "off"
+    assert make_decoder("int8l", enum={-1: "fault"})([0x00FF]) == "fault"
+    assert make_decoder("uint8l", bits={0: "a", 7: "b"})([0xFF80]) == {"a": False, "b": True}
+    with pytest.raises(ValueError, match="bit 8 does not exist in a 8-bit value"):
+        make_decoder("uint8h", bits={8: "x"})
+    with pytest.raises(ValueError, match=r"sentinel 256 does not fit a uint8l \(8 bits\)"):
+        make_decoder("uint8l", sentinel=[256])
+    with pytest.raises(ValueError, match="sentinel -129 does not fit a int8h"):
+        make_decoder("int8h", sentinel=[-129])
+    with pytest.raises(ValueError, match="does not fit int8h"):
+        make_decoder("int8h", "ABCDEFGH")
+    with pytest.raises(struct.error):
+        encode("uint8h", "AB", 256)
+
+
 # --- bits ------------------------------------------------------------------------------------------------
 
 

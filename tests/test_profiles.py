@@ -198,6 +198,79 @@ table = "coil"
     }
 
 
+def test_8_bit_points(tmp_path: Path) -> None:
+    """int8h/int8l/uint8h/uint8l: one byte of one register (Telegraf's INT8H ... UINT8L), with the profile's
+    byte order, scale and offset, sentinels, enumerations and bitfields like every integer type."""
+    body = """
+order = "CDAB"                       # a 16-bit point takes its in-word byte order: AB
+
+[[points]]
+name = "temperature"
+address = 0
+type = "int8h"
+scale = 0.5
+offset = -10
+sentinel = "auto"
+unit = "°C"
+
+[[points]]
+name = "mode"
+address = 1
+type = "uint8l"
+enum = { 0 = "off", 1 = "heat", 2 = "cool" }
+
+[[points]]
+name = "flags"
+address = 2
+type = "uint8h"
+order = "BA"                         # bytes swapped: the high byte is the second on the wire
+bits = { 0 = "pump", 7 = "alarm" }
+
+[[points]]
+name = "count"
+address = 3
+type = "int8l"
+scale = 10
+"""
+    profile = load_profile(write_profile(tmp_path, body))
+    assert [p.width for p in profile.points] == [1, 1, 1, 1]
+    assert profile.fields() == {"meter": ["temperature", "mode", "pump", "alarm", "count"]}
+    plan = plan_for(profile)
+    assert [(r.table, r.address, r.count) for r in plan] == [("input", 0, 4)]
+    # temperature: high byte 0x2A = 42 -> 42 * 0.5 - 10; flags: BA, so the high byte is 0x01 (0x81 with AB)
+    poll = decode_poll(plan, [[0x2AFF, 0x7702, 0x8101, 0x00FE]])
+    assert poll.fields == {"meter": {"temperature": 11.0, "mode": "cool", "pump": True, "alarm": False, "count": -20}}
+    assert type(poll.fields["meter"]["count"]) is int  # integer scale: an integer field, as for int16
+    poll = decode_poll(plan, [[0x8000, 0x0003, 0x0000, 0x007F]])
+    assert poll.fields == {"meter": {"mode": "3", "pump": False, "alarm": False, "count": 1270}}
+    assert poll.quality == {"meter": {"temperature": "not_available"}}
+
+
+@pytest.mark.parametrize(("point", "key", "message"), [
+    ('type = "int8"', "points[0].type", '"int64", "int8h", "int8l", "string", "uint16", "uint32", "uint64", "uint8h", "uint8l", got "int8"'),
+    ('type = "INT8H"', "points[0].type", 'got "INT8H"'),
+    ('type = "uint8l"\nenum = { 256 = "x" }', "points[0].enum", "256 is not a possible uint8l value (0..255)"),
+    ('type = "int8h"\nenum = { 128 = "x" }', "points[0].enum", "128 is not a possible int8h value (-128..127)"),
+    ('type = "uint8h"\nbits = { 8 = "x" }', "points[0].bits", 'bit "8" does not exist in a 8-bit uint8h (0..7)'),
+    ('type = "uint8h"\nsentinel = [256]', "points[0].sentinel", "does not fit a uint8h (8 bits)"),
+    ('type = "int8l"\norder = "ABCDEFGH"', "points[0].order", "ABCDEFGH does not fit int8l"),
+])
+def test_8_bit_point_errors_name_the_file_and_key(tmp_path: Path, point: str, key: str, message: str) -> None:
+    path = write_profile(tmp_path, '[[points]]\nname = "v"\naddress = 0\n' + point + "\n")
+    err = error_of(path)
+    assert (err.source, err.path) == (str(path), key)
+    assert message in err.message, err.message
+
+
+def test_the_two_bytes_of_one_register_are_not_two_points_yet(tmp_path: Path) -> None:
+    body = '[[points]]\nname = "hi"\naddress = 7\ntype = "uint8h"\n\n[[points]]\nname = "lo"\naddress = 7\ntype = "uint8l"\n'
+    err = error_of(write_profile(tmp_path, body))
+    assert err.path == "points[1].address"
+    assert err.message == ('"lo" (0x0007..0x0007) overlaps "hi" (0x0007..0x0007, points[0]) in the input registers; '
+                           "the two bytes of one register cannot be two points yet (the read planner gives every "
+                           "point registers of its own)")
+
+
 def test_defaults_and_measurement_overrides(tmp_path: Path) -> None:
     body = """
 order = "CDAB"
@@ -356,7 +429,8 @@ POINT_ERRORS = [
     ("scale = 0", "points[0].scale", "must not be 0"),
     ("scale = nan", "points[0].scale", "finite"),
     ("offset = inf", "points[0].offset", "finite"),
-    ('name = ""', "points[0].name", "expected a string matching"),
+    ('name = ""', "points[0].name", "expected a name: 1..128 characters, no control characters"),
+    ('name = "v\\u0085"', "points[0].name", "no control characters (U+0000-U+001F, U+007F-U+009F)"),
     ('type = "string"', "points[0].length", "a string needs its length"),
     ('type = "string"\nlength = 124', "points[0].length", "expected an integer 1..123"),
     ("length = 2", "points[0].length", "only string points take a length"),

@@ -13,7 +13,12 @@ What a decoder returns (`Decoded`):
 - for a bitfield point, a `dict[str, bool]`: each named bit as its own field.
 
 Types and widths: bool (1 bit), int16/uint16/float16 (1 register), int32/uint32/float32 (2), int64/uint64/
-float64 (4), string (`length` registers).
+float64 (4), string (`length` registers), and the 8-bit integers int8h/uint8h (the high byte of one register)
+and int8l/uint8l (its low byte): Telegraf's INT8H, UINT8H, INT8L, UINT8L. "High" and "low" are the most and
+least significant byte of the register's value after its byte order is applied: with "AB" the high byte is
+the first on the wire, with "BA" the second (as Telegraf reads them with ABCD and DCBA). The other byte is not
+looked at. They are integers like the others: sentinels, scale and offset, enumerations and bitfields (bits
+0..7) work the same way.
 
 Byte orders are written with letters for the bytes of the big-endian value, most significant first:
 
@@ -45,6 +50,10 @@ from typing import Literal
 
 PointType = Literal[
     "bool",
+    "int8h",
+    "int8l",
+    "uint8h",
+    "uint8l",
     "int16",
     "uint16",
     "int32",
@@ -83,6 +92,10 @@ Decoder = Callable[[Sequence[int]], Decoded]
 #: Registers (16-bit words) each fixed-width type occupies; bool occupies one bit of a bit table.
 WIDTHS: dict[str, int] = {
     "bool": 1,
+    "int8h": 1,
+    "int8l": 1,
+    "uint8h": 1,
+    "uint8l": 1,
     "int16": 1,
     "uint16": 1,
     "float16": 1,
@@ -93,8 +106,11 @@ WIDTHS: dict[str, int] = {
     "uint64": 4,
     "float64": 4,
 }
-INTEGER_TYPES = frozenset({"int16", "uint16", "int32", "uint32", "int64", "uint64"})
-SIGNED_TYPES = frozenset({"int16", "int32", "int64"})
+#: The 8-bit types -> which byte of the register's value they are, after the byte order: 0 high, 1 low.
+BYTE_TYPES: dict[str, int] = {"int8h": 0, "int8l": 1, "uint8h": 0, "uint8l": 1}
+_BYTE_PICK = (">Bx", ">xB")  # struct formats reading that byte (unsigned) and skipping the other
+INTEGER_TYPES = frozenset({*BYTE_TYPES, "int16", "uint16", "int32", "uint32", "int64", "uint64"})
+SIGNED_TYPES = frozenset({"int8h", "int8l", "int16", "int32", "int64"})
 FLOAT_TYPES = frozenset({"float16", "float32", "float64"})
 NUMERIC_TYPES = INTEGER_TYPES | FLOAT_TYPES
 MAX_STRING_REGISTERS = 123  # the most one FC3/FC4 request can carry within the 125 limit, with room to spare
@@ -121,6 +137,11 @@ ORDERS_ANY = tuple(_ORDER_FLAGS)
 
 #: SunSpec-style "not implemented" patterns, chosen by `sentinel = "auto"`. Floats always treat NaN as missing.
 AUTO_SENTINELS: dict[str, tuple[int, ...]] = {
+    # SunSpec has no 8-bit types; its rule (the most negative signed value, all ones unsigned) carried over
+    "int8h": (0x80,),
+    "int8l": (0x80,),
+    "uint8h": (0xFF,),
+    "uint8l": (0xFF,),
     "int16": (0x8000,),
     "uint16": (0xFFFF,),
     "int32": (0x8000_0000,),
@@ -144,6 +165,11 @@ def width_of(type_: str, length: int | None = None) -> int:
     return WIDTHS[type_]
 
 
+def value_bits(type_: str) -> int:
+    """Bits of a numeric type's value: 8 for the 8-bit types, else 16 per register."""
+    return 8 if type_ in BYTE_TYPES else 16 * width_of(type_)
+
+
 def orders_for(type_: str) -> tuple[str, ...]:
     """The byte orders a point of this type may declare."""
     if type_ == "bool":
@@ -163,7 +189,7 @@ def normalize_sentinels(type_: str, sentinel: str | Iterable[int | float] | None
         if sentinel != "auto":
             raise ValueError(f'sentinel must be "auto" or a list of values, got {sentinel!r}')
         return frozenset(AUTO_SENTINELS[type_]), frozenset()
-    bits = 16 * WIDTHS[type_]
+    bits = value_bits(type_)
     patterns: set[int] = set()
     floats: set[float] = set()
     for item in sentinel:
@@ -246,11 +272,12 @@ def make_decoder(
         return _string_decoder(width, order, encoding)
 
     to_bytes = _words(width, order)
-    unsigned = struct.Struct(">" + _CODES[width]).unpack
+    # the raw bit pattern; for an 8-bit type, its byte of the register (read unsigned: the sign comes below)
+    unsigned = struct.Struct(_BYTE_PICK[BYTE_TYPES[type_]] if type_ in BYTE_TYPES else ">" + _CODES[width]).unpack
     if type_ in FLOAT_TYPES:
         return _float_decoder(to_bytes, unsigned, struct.Struct(">" + _FLOAT_CODES[type_]).unpack,
                               patterns, float_sentinels, scale, offset, scaled)
-    bit_count = 16 * width
+    bit_count = value_bits(type_)
     signed = type_ in SIGNED_TYPES
     if bits is not None:
         table = _checked_bits(bits, bit_count)
@@ -377,8 +404,12 @@ def encode(type_: str, order: str, value: Value, length: int | None = None, enco
             raise ValueError(f"{value!r} needs more than {width} registers")
         data = data.ljust(2 * width, b"\x00")
         return list(struct.unpack(("<" if bytes_swapped else ">") + "H" * width, data))
-    code = _FLOAT_CODES.get(type_) or {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I",
-                                       "int64": "q", "uint64": "Q"}[type_]
-    data = struct.pack(">" + code, value)
+    if type_ in BYTE_TYPES:
+        byte = struct.pack(">b" if type_ in SIGNED_TYPES else ">B", value)
+        data = byte + b"\x00" if BYTE_TYPES[type_] == 0 else b"\x00" + byte  # the other byte is 0
+    else:
+        code = _FLOAT_CODES.get(type_) or {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I",
+                                           "int64": "q", "uint64": "Q"}[type_]
+        data = struct.pack(">" + code, value)
     words = list(struct.unpack(("<" if bytes_swapped else ">") + "H" * width, data))
     return words[::-1] if words_reversed and width > 1 else words
