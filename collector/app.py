@@ -161,7 +161,9 @@ class Collector:
     # -- paho's thread: count, hand over, never block ---------------------------------------------------------
 
     def _on_connected(self, session_present: bool) -> None:
-        subs = [topics.subscription(self.prefix, topics.UP), topics.subscription(self.prefix, topics.STATUS)]
+        # The gateways' topics as the broker's gateways' listener mounts them (gw/citynerve/v1/+/up).
+        subs = [topics.mount(self.cfg.mqtt.gateway_mount, topics.subscription(self.prefix, leaf))
+                for leaf in (topics.UP, topics.STATUS)]
         if self.cfg.mqtt.shared_group:
             subs = [f"$share/{self.cfg.mqtt.shared_group}/{t}" for t in subs]
         self.link.subscribe(subs, qos=1)
@@ -185,6 +187,12 @@ class Collector:
             if msg.qos > 0:
                 self.link.ack(msg.mid, msg.qos)
             return
+        # From here on the topic is the gateway's own (citynerve/v1/<id>/up), the one its sealed payload is bound
+        # to. (A topic outside the mount point stays as it is: the shipped ACL lets no one write one nor a collector
+        # read one.)
+        own = topics.unmount(self.cfg.mqtt.gateway_mount, msg.topic)
+        if own is not None:
+            msg.topic = own.encode()
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._admit, msg, receive_ns, size)
 
@@ -488,7 +496,9 @@ class Collector:
                             "again", gateway, exc, gateway=gateway, reason=str(exc.reason),
                         )
                         continue
-                sent.append(self.link.publish(topic, payload, qos=1, retain=False))
+                # Sealed for the gateway's own topic; published where the broker mounts it (gw/citynerve/v1/...).
+                sent.append(self.link.publish(topics.mount(self.cfg.mqtt.gateway_mount, topic), payload, qos=1,
+                                              retain=False))
                 self.counters["acks_sent"] += 1
                 self.counters["acked_seqs"] += sum(last - first + 1 for first, last in ranges)
         return sent

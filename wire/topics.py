@@ -49,3 +49,30 @@ def parse(prefix: str, topic: str) -> tuple[str, str] | None:
 def is_valid_prefix(prefix: str) -> bool:
     """A prefix is literal topic levels: no wildcards, no empty level, no NUL, no leading/trailing '/'."""
     return bool(prefix) and not any(c in prefix for c in "+#\x00") and "" not in prefix.split("/")
+
+
+# --- the mount point of the gateways' listener -------------------------------------------------------------------
+# mosquitto's `mount_point` (deploy/mosquitto/citynerve.conf) puts a prefix such as "gw/" in front of every topic
+# a client of that listener publishes, subscribes to or leaves as its will. Gateways keep naming their own topics
+# (citynerve/v1/<id>/up); a collector on a listener without a mount point sees and names them mounted
+# (gw/citynerve/v1/<id>/up). These translate between the two; "" is no mount point (a plain broker).
+
+
+def is_valid_mount(mount_point: str) -> bool:
+    """Empty, or literal topic levels ending in '/' (no wildcards, no empty level, no NUL), not starting with '$'."""
+    if not mount_point:
+        return True
+    return mount_point.endswith("/") and not mount_point.startswith("$") and is_valid_prefix(mount_point[:-1])
+
+
+def mount(mount_point: str, topic: str) -> str:
+    """A gateway's own topic or filter as a client outside its listener names it: gw/ + citynerve/v1/+/up."""
+    return mount_point + topic
+
+
+def unmount(mount_point: str, topic: str) -> str | None:
+    """The gateway's own topic for a topic seen outside its listener (citynerve/v1/<id>/up for
+    gw/citynerve/v1/<id>/up); None for a topic outside the mount point, which no gateway can have published."""
+    if not topic.startswith(mount_point) or len(topic) == len(mount_point):
+        return None
+    return topic[len(mount_point):]
