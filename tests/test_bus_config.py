@@ -82,3 +82,17 @@ def test_bus_errors(tmp_path, edit: tuple[str, ...], expected: str) -> None:
     with pytest.raises(ConfigError) as exc:
         load(tmp_path, text)
     assert expected in str(exc.value)
+
+
+def test_a_device_id_follows_the_one_name_rule(tmp_path) -> None:
+    """U+0085 passed the agent's config while the schema refuses it: every batch holding the device was then
+    refused whole at the collector and sent again forever. The agent now refuses it in `check`."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[gateway]\nid = "gw-1"\n[mqtt]\ntls = false\n[[devices]]\nkind = "modbus-tcp"\n'
+                   'id = "meter\u0085"\nhost = "127.0.0.1"\nport = 502\nprofile = "eastron_sdm630"\n')
+    result = subprocess.run([sys.executable, "-m", "edge_agent.cli", "check", str(cfg)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 2 and "devices[0].id" in result.stderr, result.stderr

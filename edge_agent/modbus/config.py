@@ -8,24 +8,25 @@ from typing import Annotated, Literal
 import msgspec
 
 from wire.config import Duration, invalid
+from wire.names import NAME_PATTERN
 from wire.schema import ConfigName as Name
 from wire.schema import ConfigTagValue as TagValue
 
 Port = Annotated[int, msgspec.Meta(ge=1, le=65535)]
 Unit = Annotated[int, msgspec.Meta(ge=0, le=255)]
-Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[^\s\x00-\x1f\x7f]+$")]
+Host = Annotated[str, msgspec.Meta(min_length=1, max_length=253, pattern=r"^[^\s\x00-\x1f\x7f-\x9f]+\Z")]
 DeviceId = Annotated[
     str,
     msgspec.Meta(
         min_length=1,
         max_length=128,
-        pattern=r"^[^\x00-\x1f\x7f]+$",
+        pattern=NAME_PATTERN,  # the one name rule (wire/names.py): the id becomes the device tag
         extra={"expect": "a device id: 1..128 characters, no control characters"},
     ),
 ]
 WORKAROUNDS = ("one_request_per_point", "no_gap_reads")
 Workaround = Literal["one_request_per_point", "no_gap_reads"]
-ProfileRef = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ProfileRef = Annotated[str, msgspec.Meta(min_length=1, max_length=4096, pattern=NAME_PATTERN)]
 
 
 class ModbusTcpDevice(

@@ -24,7 +24,6 @@ The walker stops
 
 from __future__ import annotations
 
-import re
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ from edge_agent.sunspec.models import (
     shipped_models,
     unresolved_sf,
 )
+from wire.names import BAD_CHARACTER
 
 SUNS = (0x5375, 0x6E53)  # "SunS"
 END_ID = 0xFFFF
@@ -300,7 +300,7 @@ class SunSpecWalker:
 
 
 def _printable(text: str) -> str:
-    return re.sub(r"[\x00-\x1f\x7f]", "", text).strip()
+    return BAD_CHARACTER.sub("", text).strip()  # the one name rule (wire/names.py): it may become a tag
 
 
 # -- drivers -----------------------------------------------------------------------------------------------------
