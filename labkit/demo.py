@@ -35,17 +35,13 @@ def write_configs(work: Path, dep: enrolled.Deployment, broker: SecureBroker, in
                   meter_port: int) -> tuple[Path, Path]:
     gw = dep.gateways[GATEWAY]
 
-    def mqtt(cert: Path, key: Path) -> dict:
-        return {"host": "127.0.0.1", "port": broker.port, "ca_file": broker.ca_file, "cert_file": str(cert),
-                "key_file": str(key), "reconnect_max": "5s"}
-
     agent = stack.write_agent_config(
-        work / "agent.toml", GATEWAY, mqtt(gw.tls_cert, gw.tls_key),
+        work / "agent.toml", GATEWAY, broker.gateway_mqtt(gw.tls_cert, gw.tls_key, reconnect_max="5s"),
         [stack.modbus_tcp_device(DEVICE, meter_port, interval="2s", tags={"site": "demo-substation"})],
         security={"identity_key": str(gw.identity_key), "collector_key": str(dep.collector_pub)},
     )
     collector = stack.write_collector_config(
-        work / "collector.toml", mqtt(dep.collector_cert, dep.collector_key),
+        work / "collector.toml", broker.collector_mqtt(dep.collector_cert, dep.collector_key, reconnect_max="5s"),
         {"api": "v1", "url": influx_url, "database": DATABASE, "flush_interval": "500ms"},
         security={"keys_dir": str(dep.keys_dir), "registry": str(dep.registry)},
         log={"stats_interval": "10s"},
@@ -111,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     code = 0
     try:
         print(f"citynerve demo in {work} (loopback only)", flush=True)
-        print("  enrolling      device CA, collector key, gateway gw-demo-01 (edge-agent enroll, "
+        print("  enrolling      device CA, collector CA, collector key, gateway gw-demo-01 (edge-agent enroll, "
               "edge-collector ca/keys/gateways)", flush=True)
         dep = enrolled.create(work / "deployment", [GATEWAY])
-        broker = SecureBroker(work / "mosquitto", device_ca_dir=dep.ca_dir, server_ca=LabCA(work / "server-ca")).start()
+        broker = SecureBroker(work / "mosquitto", device_ca_dir=dep.ca_dir, collector_ca_dir=dep.collector_ca_dir,
+                              server_ca=LabCA(work / "server-ca")).start()
         started.append(broker)
-        print(f"  mosquitto      mqtts://127.0.0.1:{broker.port}  (deploy/mosquitto: mutual TLS, per-gateway ACL)",
-              flush=True)
+        print(f"  mosquitto      mqtts://127.0.0.1:{broker.port} gateways, :{broker.collector_port} collectors  "
+              "(deploy/mosquitto: mutual TLS, per-gateway ACL)", flush=True)
         influx = InfluxdServer(work / "influxd").start()
         started.append(influx)
         influx.create_database(DATABASE)

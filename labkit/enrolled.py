@@ -1,13 +1,14 @@
 """An enrolled deployment in a directory, made with the real command-line tools as a technician would:
 
-    edge-collector ca init            the device CA (broker trusts it for client certificates)
+    edge-collector ca init            the device CA (the broker's gateways' listener trusts it)
+    edge-collector ca init            the collector CA (the broker's collectors' listener trusts it)
     edge-collector keys init          the collector's X25519 sealing key
     edge-agent enroll                 per gateway: identity key, TLS key, CSR (with the identity proof) - made
                                       "on the gateway"
     edge-collector gateways add --ca  per gateway: its identity key in the registry (checked against the CA)
     edge-collector ca sign --registry per gateway: its client certificate (CN = gateway id), bound to the
                                       identity key the registry holds
-    edge-collector ca sign --collector  the collector instance's certificate (CN collector-1)
+    edge-collector ca sign --collector  the collector instance's certificate (CN collector-1), by the collector CA
 
 Used by the security tests and the demo, so both run what docs/enrollment.md tells a technician to run.
 """
@@ -60,6 +61,7 @@ class Deployment:
     registry: Path
     collector_cert: Path
     collector_key: Path
+    collector_ca_dir: Path  # signs the collectors' certificates only (ca sign --collector)
     gateways: dict[str, GatewayFiles] = field(default_factory=dict)
 
     @property
@@ -84,7 +86,9 @@ class Deployment:
 
 
 def collector_certificate(root: Path, ca_dir: Path, name: str) -> tuple[Path, Path]:
-    """A collector instance's TLS key and certificate (CN `name`); production makes the CSR with openssl."""
+    """A collector instance's TLS key and certificate (CN `name`) signed by the CA in `ca_dir` - the collector
+    CA (`Deployment.collector_ca_dir`) for the broker's collectors' listener; production makes the CSR with
+    openssl."""
     key = ec.generate_private_key(ec.SECP256R1())
     collector_name = name
     csr = (x509.CertificateSigningRequestBuilder()
@@ -102,11 +106,13 @@ def collector_certificate(root: Path, ca_dir: Path, name: str) -> tuple[Path, Pa
 
 def create(root: Path, gateways: list[str], collector_name: str = "collector-1") -> Deployment:
     root.mkdir(parents=True, exist_ok=True)
-    ca_dir, keys_dir = root / "device-ca", root / "collector-keys"
+    ca_dir, keys_dir, collector_ca_dir = root / "device-ca", root / "collector-keys", root / "collector-ca"
     _run("collector.cli", "ca", "init", "--dir", str(ca_dir))
+    _run("collector.cli", "ca", "init", "--dir", str(collector_ca_dir))
     _run("collector.cli", "keys", "init", "--dir", str(keys_dir))
-    collector_cert, collector_key = collector_certificate(root, ca_dir, collector_name)
-    deployment = Deployment(root, ca_dir, keys_dir, root / "gateways.db", collector_cert, collector_key)
+    collector_cert, collector_key = collector_certificate(root, collector_ca_dir, collector_name)
+    deployment = Deployment(root, ca_dir, keys_dir, root / "gateways.db", collector_cert, collector_key,
+                            collector_ca_dir)
     for gateway_id in gateways:
         deployment.enroll(gateway_id)
     return deployment

@@ -1,23 +1,27 @@
 """mosquitto started from the SHIPPED deploy/mosquitto/citynerve.conf and deploy/mosquitto/acl.
 
-`render()` rewrites only what must differ in the lab - the production paths, the listener port and the log
-destination - and refuses a configuration holding a production path it does not know, so the tests always
+`render()` rewrites only what must differ in the lab - the production paths, the two listeners' ports and the
+log destination - and refuses a configuration holding a production path it does not know, so the tests always
 run the shipped ACL and settings, never a copy that could drift. The ACL file is used in place.
 
-    device CA (edge-collector ca init in a temp dir)   -> cafile, crlfile
-    LabCA (labkit/pki.py)                              -> the broker's server certificate
+    device CA (edge-collector ca init in a temp dir)     -> the gateways' listener (port):  cafile, crlfile
+    collector CA (a second ca init)                      -> the collectors' listener (collector_port)
+    LabCA (labkit/pki.py)                                -> the broker's server certificate
 """
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import signal
+import socket
 import ssl
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -25,11 +29,13 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from labkit.mosquitto import MOSQUITTO
 from labkit.pki import LabCA
-from labkit.process import LabServer, ServerProcess, port_is_open
+from labkit.process import LabServer, ServerProcess, free_port, port_is_open
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_CONFIG = REPO / "deploy" / "mosquitto" / "citynerve.conf"
 SHIPPED_ACL = REPO / "deploy" / "mosquitto" / "acl"
+GATEWAYS_LISTENER = "8883"
+COLLECTORS_LISTENER = "8884"
 
 # Production path -> the lab's file, by name in `LabPaths`.
 _PATH_KEYS = {
@@ -39,6 +45,8 @@ _PATH_KEYS = {
     "/etc/mosquitto/citynerve/server.crt": "certfile",
     "/etc/mosquitto/citynerve/server.key": "keyfile",
     "/var/lib/mosquitto/": "persistence_location",
+    "/etc/mosquitto/citynerve/collector-ca.crt": "collector_cafile",
+    "/etc/mosquitto/citynerve/collector-ca.crl": "collector_crlfile",
 }
 _PRODUCTION_ROOTS = ("/etc/", "/var/", "/run/")
 
@@ -51,13 +59,32 @@ class LabPaths:
     certfile: Path
     keyfile: Path
     persistence_location: Path
+    collector_cafile: Path
+    collector_crlfile: Path
 
 
-def render(config: str, paths: LabPaths, port: int, *, log_file: Path, user: str | None = None,
-           debug: bool = True) -> str:
-    """The shipped configuration with lab paths, a loopback port and its log in `log_file`."""
+def listener_settings(config: str, listener: str) -> dict[str, str]:
+    """The settings of one listener (`listener 8883` up to the next listener) of a mosquitto configuration."""
+    settings: dict[str, str] = {}
+    inside = False
+    for line in config.splitlines():
+        words = line.split(maxsplit=1)
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "listener":
+            inside = len(words) > 1 and words[1].split()[0] == listener  # listener PORT [ADDRESS]
+        elif inside:
+            settings[words[0]] = words[1] if len(words) > 1 else ""
+    return settings
+
+
+def render(config: str, paths: LabPaths, port: int, *, collector_port: int, log_file: Path,
+           user: str | None = None, debug: bool = True) -> str:
+    """The shipped configuration with lab paths, the gateways' listener on `port` and the collectors' on
+    `collector_port` (loopback), its log in `log_file`."""
+    ports = {GATEWAYS_LISTENER: port, COLLECTORS_LISTENER: collector_port}
     out: list[str] = []
-    listeners = 0
+    listeners: list[str] = []
     for number, line in enumerate(config.splitlines(), 1):
         words = line.split()
         if not words or words[0].startswith("#"):
@@ -71,18 +98,19 @@ def render(config: str, paths: LabPaths, port: int, *, log_file: Path, user: str
         elif key == "log_dest":
             line = f"log_dest file {log_file}"  # flushed per line, unlike stdout into a file
         elif key == "listener":
-            if words[1:] != ["8883"]:
-                raise ValueError(f"line {number}: expected 'listener 8883', got {line!r}")
-            listeners += 1
-            line = f"listener {port} 127.0.0.1"
+            if len(words) != 2 or words[1] not in ports or words[1] in listeners:
+                raise ValueError(f"line {number}: expected 'listener 8883' or 'listener 8884' once each, got {line!r}")
+            listeners.append(words[1])
+            line = f"listener {ports[words[1]]} 127.0.0.1"
         elif len(words) == 2 and words[1] in _PATH_KEYS:
             target = getattr(paths, _PATH_KEYS[words[1]])
             line = f"{key} {target}/" if words[1].endswith("/") else f"{key} {target}"
         if not line.startswith("#") and any(root in w for w in line.split()[1:] for root in _PRODUCTION_ROOTS):
             raise ValueError(f"line {number}: production path the lab cannot map: {line!r}")
         out.append(line)
-    if listeners != 1:
-        raise ValueError(f"expected exactly one listener in the shipped configuration, found {listeners}")
+    if sorted(listeners) != sorted(ports):
+        raise ValueError(f"expected the listeners 8883 (gateways) and 8884 (collectors) in the shipped "
+                         f"configuration, found {listeners}")
     if debug:
         out.append("# (lab) Denied PUBLISH lines and subscription details are logged at debug level")
         out.append("log_type debug")
@@ -90,38 +118,72 @@ def render(config: str, paths: LabPaths, port: int, *, log_file: Path, user: str
 
 
 class SecureBroker(LabServer):
-    """The shipped broker configuration on a free loopback port.
+    """The shipped broker configuration on free loopback ports: `port` for the gateways, `collector_port` for
+    the collectors.
 
-    `device_ca_dir` holds ca.crt and ca.crl (collector.pki.DeviceCA); `server_ca` issues the broker's server
-    certificate (clients trust `server_ca.cert_path`).
+    `device_ca_dir` holds ca.crt and ca.crl (collector.pki.DeviceCA) for the gateways' certificates,
+    `collector_ca_dir` the same for the collectors' (a CA made in the broker's directory if not given: then no
+    collector can connect); `server_ca` issues the broker's server certificate (clients trust
+    `server_ca.cert_path`).
     """
 
     name = "mosquitto"
 
     def __init__(self, directory: Path | None, *, device_ca_dir: Path, server_ca: LabCA,
-                 config: Path = SHIPPED_CONFIG, acl: Path = SHIPPED_ACL) -> None:
+                 collector_ca_dir: Path | None = None, config: Path = SHIPPED_CONFIG,
+                 acl: Path = SHIPPED_ACL) -> None:
         super().__init__(directory)
         self.server_ca = server_ca
         server = server_ca.issue("localhost", server=True, file_stem=f"secure-broker-{id(self)}")
         data = self.directory / "data"
         data.mkdir(exist_ok=True)
-        self.paths = LabPaths(acl_file=acl, cafile=Path(device_ca_dir) / "ca.crt", crlfile=Path(device_ca_dir) / "ca.crl",
-                              certfile=server.cert, keyfile=server.key, persistence_location=data)
+        if collector_ca_dir is None:
+            from collector.pki import DeviceCA
+
+            collector_ca_dir = self.directory / "collector-ca"
+            if not (collector_ca_dir / "ca.crt").exists():
+                DeviceCA.init(collector_ca_dir, name="citynerve collector CA (lab, unused)")
+        self.paths = LabPaths(
+            acl_file=acl, cafile=Path(device_ca_dir) / "ca.crt", crlfile=Path(device_ca_dir) / "ca.crl",
+            certfile=server.cert, keyfile=server.key, persistence_location=data,
+            collector_cafile=Path(collector_ca_dir) / "ca.crt", collector_crlfile=Path(collector_ca_dir) / "ca.crl")
         self.shipped_config = config
         self.config_path = self.directory / "mosquitto.conf"
         self.broker_log = self.directory / "broker.log"  # mosquitto's own log; log_path gets its stdout/stderr
+        self.collector_port = 0
 
     @property
     def ca_file(self) -> str:
         """What a client trusts to verify the broker."""
         return str(self.server_ca.cert_path)
 
+    @property
+    def gateway_mount(self) -> str:
+        """The gateways' listener's mount point in the shipped configuration ("" for none): the collectors see
+        the gateways' topics under it (collector.toml mqtt.gateway_mount)."""
+        return listener_settings(self.shipped_config.read_text(), GATEWAYS_LISTENER).get("mount_point", "")
+
+    def gateway_mqtt(self, cert: Path | str, key: Path | str, **extra: Any) -> dict[str, Any]:
+        """agent.toml [mqtt] for a gateway certificate: the gateways' listener."""
+        return {"host": "127.0.0.1", "port": self.port, "ca_file": self.ca_file, "cert_file": str(cert),
+                "key_file": str(key), **extra}
+
+    def collector_mqtt(self, cert: Path | str, key: Path | str, **extra: Any) -> dict[str, Any]:
+        """collector.toml [mqtt] for a collector certificate: the collectors' listener and the gateways' mount."""
+        return {"host": "127.0.0.1", "port": self.collector_port, "ca_file": self.ca_file, "cert_file": str(cert),
+                "key_file": str(key), "gateway_mount": self.gateway_mount, **extra}
+
+    def _choose_ports(self) -> None:
+        self.port = free_port()
+        self.collector_port = free_port()
+
     def _new_process(self) -> ServerProcess:
-        self.config_path.write_text(
-            render(self.shipped_config.read_text(), self.paths, self.port, log_file=self.broker_log))
+        self.config_path.write_text(render(self.shipped_config.read_text(), self.paths, self.port,
+                                           collector_port=self.collector_port, log_file=self.broker_log))
         return ServerProcess(
             "mosquitto", [MOSQUITTO, "-c", str(self.config_path)], self.log_path,
-            ready=lambda: port_is_open(self.port), start_timeout=self.start_timeout,
+            ready=lambda: port_is_open(self.port) and port_is_open(self.collector_port),
+            start_timeout=self.start_timeout,
         )
 
     def reload(self) -> None:
@@ -237,6 +299,15 @@ class TestClient:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+    def vanish(self) -> None:
+        """Drop the connection without a DISCONNECT, as a power cut would: the broker publishes the will."""
+        sock = self.client.socket()
+        self.client.loop_stop()
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
     # paho callbacks (network thread)
 

@@ -80,6 +80,9 @@ def write_agent_config(path: Path, gateway: str, mqtt: dict[str, Any], devices: 
 
 def write_collector_config(path: Path, mqtt: dict[str, Any], influx: dict[str, Any], **sections: dict[str, Any]) -> Path:
     sections.setdefault("quarantine", {"path": str(path.with_suffix(".quarantine.db"))})
+    # The lab's plain mosquitto (labkit/mosquitto.py) mounts no topics; SecureBroker.collector_mqtt() gives the
+    # shipped configuration's gateway_mount.
+    mqtt = {"gateway_mount": "", **mqtt}
     doc = {"mqtt": mqtt, "influx": {"flush_interval": "200ms", **influx}, **sections}
     path.write_text(to_toml(doc))
     return path

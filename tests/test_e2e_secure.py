@@ -31,29 +31,26 @@ def deployment(tmp_path: Path) -> enrolled.Deployment:
 
 @pytest.fixture
 def broker(tmp_path: Path, deployment: enrolled.Deployment):
-    with SecureBroker(tmp_path / "broker", device_ca_dir=deployment.ca_dir, server_ca=LabCA(tmp_path / "server-ca")) as b:
+    with SecureBroker(tmp_path / "broker", device_ca_dir=deployment.ca_dir, collector_ca_dir=deployment.collector_ca_dir,
+                      server_ca=LabCA(tmp_path / "server-ca")) as b:
         yield b
-
-
-def mqtt(broker: SecureBroker, cert: Path, key: Path, **extra: object) -> dict:
-    return {"host": "127.0.0.1", "port": broker.port, "ca_file": broker.ca_file, "cert_file": str(cert),
-            "key_file": str(key), "reconnect_max": "2s", **extra}
 
 
 def test_sealed_readings_through_the_shipped_broker_config(tmp_path: Path, deployment, broker, influxd: InfluxdServer,
                                                            influx_db: str, meter_sim: MeterSimulator) -> None:
     gw = deployment.gateways["gw-sec-1"]
-    spy_cert, spy_key = enrolled.collector_certificate(deployment.root, deployment.ca_dir, "collector-2")
-    spy = MqttProbe(broker.port, broker.ca_file, ["citynerve/v1/+/up"], client=CertFiles(spy_cert, spy_key),
-                    client_id="collector-2")
+    spy_cert, spy_key = enrolled.collector_certificate(deployment.root, deployment.collector_ca_dir, "collector-2")
+    spy = MqttProbe(broker.collector_port, broker.ca_file, [broker.gateway_mount + "citynerve/v1/+/up"],
+                    client=CertFiles(spy_cert, spy_key), client_id="collector-2")
     collector = stack.collector_process(stack.write_collector_config(
-        tmp_path / "collector.toml", mqtt(broker, deployment.collector_cert, deployment.collector_key),
+        tmp_path / "collector.toml",
+        broker.collector_mqtt(deployment.collector_cert, deployment.collector_key, reconnect_max="2s"),
         {"api": "v1", "url": influxd.url, "database": influx_db},
         security={"keys_dir": str(deployment.keys_dir), "registry": str(deployment.registry)},
         log={"stats_interval": "1s"},
     )).start()
     agent = stack.agent_process(stack.write_agent_config(
-        tmp_path / "agent.toml", gw.id, mqtt(broker, gw.tls_cert, gw.tls_key),
+        tmp_path / "agent.toml", gw.id, broker.gateway_mqtt(gw.tls_cert, gw.tls_key, reconnect_max="2s"),
         [stack.modbus_tcp_device("meter-sec", meter_sim.port, interval="1s")],
         security={"identity_key": str(gw.identity_key), "collector_key": str(deployment.collector_pub)},
     )).start()

@@ -69,20 +69,18 @@ def test_nothing_lost_through_every_fault(tmp_path: Path, influxd_factory: Calla
     influx.create_database(DB)
     deployment = enrolled.create(tmp_path / "deployment", [GATEWAY])
     gw = deployment.gateways[GATEWAY]
-    cert2, key2 = enrolled.collector_certificate(deployment.root, deployment.ca_dir, "collector-2")
+    cert2, key2 = enrolled.collector_certificate(deployment.root, deployment.collector_ca_dir, "collector-2")
     broker = SecureBroker(tmp_path / "broker", device_ca_dir=deployment.ca_dir,
-                          server_ca=LabCA(tmp_path / "server-ca")).start()
+                          collector_ca_dir=deployment.collector_ca_dir, server_ca=LabCA(tmp_path / "server-ca")).start()
     field = CounterField(UNITS).start()
     processes: list[ServerProcess] = []
     collector_logs: list[Path] = []
 
-    def mqtt(cert: Path, key: Path, **extra: object) -> dict:
-        return {"host": "127.0.0.1", "port": broker.port, "ca_file": broker.ca_file, "cert_file": str(cert),
-                "key_file": str(key), "reconnect_min": "1s", "reconnect_max": "2s", **extra}
-
     def collector(name: str, cert: Path, key: Path, run: int) -> ServerProcess:
         config = stack.write_collector_config(
-            tmp_path / f"{name}-run{run}.toml", mqtt(cert, key, shared_group="citynerve", client_id=name),
+            tmp_path / f"{name}-run{run}.toml",
+            broker.collector_mqtt(cert, key, shared_group="citynerve", client_id=name, reconnect_min="1s",
+                                  reconnect_max="2s"),
             {"api": "v1", "url": influx.url, "database": DB, "retry_max": "2s"},
             security={"keys_dir": str(deployment.keys_dir), "registry": str(deployment.registry)},
             log={"stats_interval": "1s"},
@@ -93,7 +91,8 @@ def test_nothing_lost_through_every_fault(tmp_path: Path, influxd_factory: Calla
         return proc
 
     agent_config = stack.write_agent_config(
-        tmp_path / "agent.toml", GATEWAY, mqtt(gw.tls_cert, gw.tls_key),
+        tmp_path / "agent.toml", GATEWAY,
+        broker.gateway_mqtt(gw.tls_cert, gw.tls_key, reconnect_min="1s", reconnect_max="2s"),
         [stack.modbus_tcp_device(f"counter-{u}", field.port, unit=u, interval=f"{POLL}s", profile=str(PROFILE))
          for u in field.units],
         publish_interval=f"{CYCLE}s",

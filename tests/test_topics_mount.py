@@ -58,3 +58,12 @@ def test_collector_gateway_mount_setting(tmp_path: Path) -> None:
     for bad in ("gw", "$share/g/", "+/"):
         with pytest.raises(ConfigError, match=r"mqtt\.gateway_mount"):
             cconfig.load(_collector_toml(tmp_path, f'gateway_mount = "{bad}"'))
+
+
+def test_is_own_topic_accepts_the_topic_with_or_without_a_mount_point_in_front() -> None:
+    own = "citynerve/v1/gw-1/down/ack"
+    for received in (own, "gw/" + own, "a/b/" + own):
+        assert topics.is_own_topic(own, received), received
+    for received in ("citynerve/v1/gw-2/down/ack", "citynerve/v1/gw-1/down/cmd", "xcitynerve/v1/gw-1/down/ack",
+                     "/" + own, "gw//" + own, "+/" + own, "$share/g/" + own, own + "/x", "gw/" + own + "/x", ""):
+        assert not topics.is_own_topic(own, received), received

@@ -76,3 +76,13 @@ def unmount(mount_point: str, topic: str) -> str | None:
     if not topic.startswith(mount_point) or len(topic) == len(mount_point):
         return None
     return topic[len(mount_point):]
+
+
+def is_own_topic(own_topic: str, received: str) -> bool:
+    """Whether a topic a client received is `own_topic`, which it subscribed to by name. mosquitto 2.0.11 does not
+    take a listener's mount point off the topics it delivers (eclipse/mosquitto#2244, fixed in 2.0.12): a gateway
+    on the mounted listener receives gw/citynerve/v1/<id>/down/ack for citynerve/v1/<id>/down/ack."""
+    if received == own_topic:
+        return True
+    mount_point = received[: len(received) - len(own_topic)]
+    return received.endswith(own_topic) and mount_point != "" and is_valid_mount(mount_point)
