@@ -1,29 +1,41 @@
 """The agent's async shell: poll devices on their aligned schedules, commit each cycle to the durable outbox, send,
 and delete what a collector acknowledged as stored. No protocol logic here: the outbox (edge_agent/outbox.py),
-the delivery rules (edge_agent/delivery.py) and the wire formats (wire/) are pure or thin.
+the send loop's state machine (edge_agent/delivery.py `Sender`) and the wire formats (wire/) are pure or thin.
+
+One concurrency boundary (docs/architecture.md "Threads and loops"): everything here runs on the one event loop,
+except
+- paho's network thread: the MQTT callbacks below only hand the event to the loop (`_hand_over`);
+- the "outbox" thread (a single-thread executor): every SQLite call, the encoding of a cycle's messages and the
+  assignment of their sequence numbers, the one-time migration of the old sequence file; the loop keeps a copy
+  of what it needs to know (`OutboxView`), taken on that thread after each call;
+- the "mqtt-stop" thread, for the blocking disconnect at the end.
+The tasks run under wire/supervise.py: one that dies ends the process (after the clean-shutdown commit).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import sqlite3
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
 
 from edge_agent.config import AgentConfig
-from edge_agent.delivery import Delivery
+from edge_agent.delivery import Publish, ReadBodies, ScanBacklog, Sender
 from edge_agent.modbus.bus import BusEngine, PolledDevice, PollOutcome
 from edge_agent.modbus.devices import bus_engines
-from edge_agent.outbox import NewMessage, Outbox
+from edge_agent.outbox import Backlog, Dropped, NewMessage, Outbox
 from edge_agent.schedule import next_aligned
-from edge_agent.sequence import PersistentSequence
+from edge_agent.sequence import migrate_legacy
 from edge_agent.serial.port import PortError
 from edge_agent.serial.source import SerialSource
 from edge_agent.uplink import UplinkBuffer
@@ -34,7 +46,7 @@ from wire.files import private_dir
 from wire.keys import collector_key_from_pem, identity_from_pem
 from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink, Will
-from wire.schema import Batch, encode_batch
+from wire.schema import Batch, Reading, encode_batch
 from wire.seal import GatewaySealer, SealError
 from wire.status import OFFLINE, ONLINE, encode_status
 
@@ -56,9 +68,21 @@ class AgentStats:
     last_ack_ns: int | None = None
 
 
-class Agent:
-    INFLIGHT_WINDOW = 20  # messages handed to paho and not yet PUBACKed: keeps paho's RAM queue short
+@dataclass(frozen=True)
+class OutboxView:
+    """What the event loop knows of the outbox: a copy taken on the outbox's thread after each call."""
 
+    backlog: Backlog = field(default_factory=Backlog)
+    dropped_readings_total: int = 0
+    resets: int = 0
+    next_seq: int = 0
+
+    @classmethod
+    def of(cls, outbox: Outbox) -> OutboxView:
+        return cls(replace(outbox.backlog), outbox.dropped_readings_total, outbox.resets, outbox.next_seq)
+
+
+class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.gateway_id = cfg.gateway.id
@@ -67,11 +91,10 @@ class Agent:
         self.buffer = UplinkBuffer(up.max_buffered_readings, up.max_message_readings)
         state_dir = Path(cfg.gateway.state_dir)
         private_dir(state_dir)  # 0700 whatever the umask or the service manager's StateDirectoryMode
-        self.outbox = Outbox(cfg.outbox_path, int(cfg.outbox.max_size), float(cfg.outbox.max_age))
-        self.sequence = PersistentSequence(state_dir / "sequence")
-        if self.outbox.backlog.newest_seq is not None:  # a sequence file lost or restored from an old image
-            self.sequence.at_least(self.outbox.backlog.newest_seq + 1)
-        self.delivery = Delivery(up.max_unacked_messages, float(up.ack_timeout), float(up.ack_timeout_max))
+        self.state_dir = state_dir
+        self.outbox: Outbox | None = None  # opened by run() on the outbox thread (its quick_check reads every page)
+        self.box = OutboxView()  # the loop's copy of what the outbox holds
+        self.sender = Sender(up.max_unacked_messages, float(up.ack_timeout), float(up.ack_timeout_max))
         self.buses = bus_engines(cfg)
         self.serial_sources = [SerialSource(d) for d in cfg.serial_devices]
         self.sealer = make_sealer(cfg)
@@ -81,10 +104,7 @@ class Agent:
         self.ack_topic = topics.down(prefix, self.gateway_id, ack.KIND)
         self._errors = RateLimitedLog(log, interval=300)
         self._db = ThreadPoolExecutor(1, thread_name_prefix="outbox")
-        self._live_bodies: dict[int, bytes] = {}
-        self._inflight: set[int] = set()
-        self._inflight_changed = asyncio.Event()
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # set by every event the sender must see
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started_ns = time.time_ns()
         self.link = MqttLink(
@@ -93,33 +113,48 @@ class Agent:
             will=Will(self.status_topic, encode_status(OFFLINE, gateway=self.gateway_id)),
             clean_start=True,
             on_connected=self._on_connected,
+            on_disconnected=self._on_disconnected,
             on_published=self._on_published,
             on_message=self._on_message,
-            max_inflight=self.INFLIGHT_WINDOW,
+            max_inflight=0,  # no limit in paho: the sender paces the hand-over (edge_agent/delivery.py)
         )
 
-    # -- MQTT callbacks (paho's thread) -------------------------------------------------------------------------
+    # -- MQTT callbacks (paho's thread): hand the event to the loop, nothing else ---------------------------------
+
+    def _hand_over(self, handler: Callable[..., None], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return  # not running yet (or any more)
+        with contextlib.suppress(RuntimeError):  # the loop closed under a late callback: nothing left to tell
+            loop.call_soon_threadsafe(handler, *args)
 
     def _on_connected(self, _session_present: bool) -> None:
-        self.link.subscribe([self.ack_topic], qos=1)
-        self.link.publish(self.status_topic, self.status(), qos=1, retain=True)
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._wake.set)
+        self._hand_over(self._link_up, self.link.broker_receive_maximum)
+
+    def _on_disconnected(self, _reason: str) -> None:
+        self._hand_over(self._link_down)
 
     def _on_published(self, mid: int) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._pubacked, mid)
+        self._hand_over(self._pubacked, mid)
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._downlink, msg.topic, bytes(msg.payload))
+        self._hand_over(self._downlink, msg.topic, bytes(msg.payload))
 
-    # -- event loop: acknowledgements -----------------------------------------------------------------------------
+    # -- event loop: the link and acknowledgements ----------------------------------------------------------------
+
+    def _link_up(self, receive_maximum: int | None) -> None:
+        self.link.subscribe([self.ack_topic], qos=1)
+        self.sender.link_changed(True, receive_maximum)
+        self._publish_status()
+        self._wake.set()
+
+    def _link_down(self) -> None:
+        self.sender.link_changed(False)
+        self._wake.set()
 
     def _pubacked(self, mid: int) -> None:
-        if mid in self._inflight:
-            self._inflight.discard(mid)
-            self._inflight_changed.set()
+        self.sender.pubacked(mid)
+        self._wake.set()
 
     def _downlink(self, topic: str, payload: bytes) -> None:
         if topic != self.ack_topic:
@@ -140,7 +175,7 @@ class Agent:
             self._errors.warning("bad_ack", "ignored an acknowledgement on %s: %s (%d so far)", topic, exc,
                                  self.stats.bad_acks, reason="bad_ack")
             return
-        self.stats.acked_messages += self.delivery.acked(ranges, time.monotonic())
+        self.stats.acked_messages += self.sender.acked(ranges, time.monotonic())
         self.stats.last_ack_ns = time.time_ns()
         self._wake.set()
 
@@ -148,11 +183,12 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
-        b = self.outbox.backlog
+        await self._open_outbox()
+        b = self.box.backlog
         log.info(
             "agent %s starting: %d device(s) on %d bus(es), uplink %s:%d; outbox %s holds %d message(s), "
             "%d reading(s)%s", self.gateway_id, len(self.cfg.devices), len(self.buses), self.cfg.mqtt.host,
-            self.cfg.mqtt.port, self.outbox.path, b.messages, b.readings,
+            self.cfg.mqtt.port, self.cfg.outbox_path, b.messages, b.readings,
             f" since {iso_ns(b.oldest_ns)}" if b.oldest_ns else "",
         )
         self.link.start()
@@ -165,17 +201,68 @@ class Agent:
         try:
             await run_tasks_until(stop, tasks)
         finally:
-            with contextlib.suppress(Exception):
-                await self._commit_cycle()  # a clean stop loses nothing
-            await asyncio.get_running_loop().run_in_executor(self._db, self.outbox.close)
-            self._db.shutdown(wait=True)
-            self.link.stop(final_message=(self.status_topic, encode_status(OFFLINE, gateway=self.gateway_id), 1, True))
-            b = self.outbox.backlog
+            await self._shut_down()
+
+    async def _open_outbox(self) -> None:
+        def open_outbox() -> Outbox:  # the outbox thread
+            outbox = Outbox(self.cfg.outbox_path, int(self.cfg.outbox.max_size), float(self.cfg.outbox.max_age))
+            try:
+                before = outbox.next_seq
+                migrated = migrate_legacy(self.state_dir, outbox)
+            except BaseException:
+                outbox.close()
+                raise
+            if migrated is not None:
+                log.info("sequence file of an older agent folded into the outbox: the next message gets %d (the "
+                         "file said %d, the outbox %d); the file is gone", outbox.next_seq, migrated, before)
+            self.outbox = outbox  # before _db_call takes the loop's first view of it, on this thread
+            return outbox
+
+        self.outbox = await self._db_call(open_outbox)
+
+    async def _shut_down(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if self.outbox is not None:
+                with contextlib.suppress(Exception):
+                    await self._commit_cycle()  # a clean stop loses nothing
+                await loop.run_in_executor(self._db, self.outbox.close)
+        finally:
+            self._db.shutdown(wait=False)  # idle by now: its thread ends by itself
+            stopper = ThreadPoolExecutor(1, thread_name_prefix="mqtt-stop")
+            final = (self.status_topic, encode_status(OFFLINE, gateway=self.gateway_id), 1, True)
+            try:
+                await loop.run_in_executor(stopper, functools.partial(self.link.stop, final_message=final))
+            finally:
+                stopper.shutdown(wait=False)
+            self._loop = None
+            b = self.box.backlog
             log.info(
                 "agent stopped: %d messages published (%d sent again), %d acknowledged; %d message(s) with %d "
-                "reading(s) wait in the outbox", self.stats.published_messages, self.delivery.resent,
+                "reading(s) wait in the outbox", self.stats.published_messages, self.sender.resent,
                 self.stats.acked_messages, b.messages, b.readings,
             )
+
+    async def _db_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on the outbox thread; the loop's OutboxView is refreshed there, after the call, whatever
+        its outcome (a failed commit is rolled back, a damaged file moved aside)."""
+
+        def call() -> tuple[Any, BaseException | None, OutboxView | None]:
+            try:
+                result = fn(*args)
+            except Exception as exc:
+                return None, exc, self._view()
+            return result, None, self._view()
+
+        result, exc, view = await asyncio.get_running_loop().run_in_executor(self._db, call)
+        if view is not None:
+            self.box = view
+        if exc is not None:
+            raise exc
+        return result
+
+    def _view(self) -> OutboxView | None:  # the outbox thread
+        return OutboxView.of(self.outbox) if self.outbox is not None else None
 
     def _enqueue(self, readings: list) -> None:
         dropped = self.buffer.add(readings)
@@ -194,131 +281,98 @@ class Agent:
 
     async def _commit_cycle(self) -> None:
         """The cycle's readings become messages, committed with the deletions acknowledged since the last cycle in
-        one transaction; then they are live and sent at once."""
-        created_ns = time.time_ns()
-        messages: list[NewMessage] = []
-        taken = []
+        one transaction; then they are live and sent at once. Their sequence numbers are given on the outbox
+        thread from the outbox's own counter, in the job that commits them (edge_agent/outbox.py)."""
+        assert self.outbox is not None
+        batches: list[list[Reading]] = []
         while len(self.buffer):
-            readings = self.buffer.take()
-            taken.append(readings)
-            seq = self.sequence.next()
-            # One nanosecond apart: the collector's per-message record is stamped with this time, so the
-            # messages of one cycle must not share it (they would overwrite each other's record).
-            made_ns = created_ns + len(messages)
-            body = encode_batch(Batch(gateway=self.gateway_id, seq=seq, sent_ns=made_ns, readings=readings))
-            messages.append(NewMessage(seq, made_ns, len(readings), body))
-        acked = self.delivery.take_acked()
-        if not messages and not acked:
+            batches.append(self.buffer.take())
+        acked = self.sender.take_acked()
+        if not batches and not acked:
             return
-        loop = asyncio.get_running_loop()
         try:
-            dropped = await loop.run_in_executor(self._db, self.outbox.commit, messages, acked)
-        except Exception as exc:  # disk full, read-only file system: keep the readings for the next cycle
-            for readings in reversed(taken):
+            messages, dropped = await self._db_call(
+                _commit_job, self.outbox, self.gateway_id, batches, time.time_ns(), acked)
+        except (sqlite3.DatabaseError, OSError) as exc:  # disk full, I/O error, read-only: retried next cycle
+            for readings in reversed(batches):
                 self.buffer.put_back(readings)
             self.stats.commit_failures += 1
             self._errors.error("commit", "outbox commit failed (%s); %d reading(s) kept in RAM for the next cycle",
                                exc, len(self.buffer), reason="commit_failed")
             return
-        self.delivery.acked_deleted(acked)
+        except Exception:  # anything else is a bug: the task dies (wire/supervise.py), the readings stay for the
+            for readings in reversed(batches):  # clean-shutdown commit
+                self.buffer.put_back(readings)
+            raise
+        self.sender.deleted(acked, dropped.seqs)
         if dropped.messages:
-            self.delivery.forget_ranges(dropped.seqs)
             self._errors.warning(
                 "outbox_full", "outbox bound reached: dropped the %d oldest message(s) (%d readings; %d by age, "
                 "%d by size), %d readings dropped since the outbox was created", dropped.messages, dropped.readings,
-                dropped.by_age, dropped.by_size, self.outbox.dropped_readings_total, reason="outbox_dropped",
+                dropped.by_age, dropped.by_size, self.box.dropped_readings_total, reason="outbox_dropped",
             )
-        if messages and self.link.connected.is_set():
-            # Offline, they are simply backlog: not kept in RAM, read back from the outbox when the link is up.
-            for m in messages:
-                self._live_bodies[m.seq] = m.body
-            self.delivery.committed(m.seq for m in messages)
+        self.sender.committed([(m.seq, m.body) for m in messages])
         self._wake.set()
 
     async def _send_loop(self) -> None:
+        """The shell of edge_agent/delivery.py `Sender`: perform the action it names, report the result."""
+        sender = self.sender
         while True:
-            self._wake.clear()
-            if self.link.connected.is_set():
-                await self._send_due()
-            else:  # offline, live messages are backlog like the others: read back from the outbox when sent
-                self._live_bodies.clear()
-                self.delivery.unsent(self.delivery.take_live())
-            delay = 1.0
-            expiry = self.delivery.next_expiry()
-            if expiry is not None:
-                delay = min(delay, max(0.01, expiry - time.monotonic()))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()  # before asking: an event from now on wakes the Wait below
+            action = sender.next_action(time.monotonic())
+            if isinstance(action, Publish):
+                self._publish(action.seq, action.body)
+                await asyncio.sleep(0)  # one message at a time: the loop serves the others in between
+            elif isinstance(action, ScanBacklog):
+                seqs = await self._db_call(self._outbox().seqs_after, action.after, action.limit)
+                sender.scanned(seqs, action.limit)
+            elif isinstance(action, ReadBodies):
+                examined, found = await self._db_call(_read_bodies, self._outbox(), action.seqs, action.max_bytes)
+                sender.bodies_read(examined, found)
+            else:
+                timeout = None if action.deadline is None else max(0.0, action.deadline - time.monotonic())
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
 
-    async def _send_due(self) -> None:
-        d = self.delivery
-        d.expire(time.monotonic())
-        bodies, self._live_bodies = self._live_bodies, {}
-        live = [(seq, bodies[seq]) for seq in d.take_live() if seq in bodies]  # none while probing
-        if not await self._publish(live):
-            self._live_bodies.clear()
-            return
-        budget = d.budget
-        if not budget:
-            return
-        loop = asyncio.get_running_loop()
-        scan = budget + min(d.skippable, 50_000) + 16  # the seqs the scan passes over must not use it up
-        backlog = await loop.run_in_executor(self._db, self.outbox.seqs_after, d.cursor, scan)
-        chosen = d.choose(backlog, budget)
-        if not chosen:
-            return
-        # Read back a few at a time: the window may be 200 messages of megabytes each, RAM holds a slice.
-        for start in range(0, len(chosen), self.INFLIGHT_WINDOW):
-            some = chosen[start:start + self.INFLIGHT_WINDOW]
-            found = await loop.run_in_executor(self._db, self.outbox.bodies, some)
-            if len(found) < len(some):
-                d.forget(set(some) - {seq for seq, _ in found})
-            if not await self._publish(found):
-                d.unsent(chosen[start + len(some):])
-                return
-        if len(chosen) == budget:
-            self._wake.set()  # more may be due as soon as acknowledgements free the window
+    def _outbox(self) -> Outbox:
+        assert self.outbox is not None
+        return self.outbox
 
-    async def _publish(self, messages: list[tuple[int, bytes]]) -> bool:
-        """Hand messages to the broker, at most INFLIGHT_WINDOW awaiting PUBACK; False if the link went down
-        (what was not handed over is due again)."""
-        for index, (seq, body) in enumerate(messages):
-            while len(self._inflight) >= self.INFLIGHT_WINDOW:
-                if not self.link.connected.is_set():
-                    self._inflight.clear()  # no PUBACK will come on a dead connection
-                    self.delivery.unsent(s for s, _ in messages[index:])
-                    return False
-                self._inflight_changed.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._inflight_changed.wait(), 1.0)
-            payload = self.sealer.seal(self.up_topic, body) if self.sealer else frame_plain(body)
-            info = self.link.publish(self.up_topic, payload, qos=1)
-            self._inflight.add(info.mid)
-            self.delivery.sent((seq,), time.monotonic())
-            self.stats.published_messages += 1
-            self.stats.last_publish_ns = time.time_ns()
-        return True
+    def _publish(self, seq: int, body: bytes) -> None:
+        payload = self.sealer.seal(self.up_topic, body) if self.sealer else frame_plain(body)
+        info = self.link.publish(self.up_topic, payload, qos=1)
+        # Not handed over on this connection (it just went down): paho sends it at the next one.
+        mid = info.mid if info.rc == paho.MQTT_ERR_SUCCESS else None
+        self.sender.published(seq, mid, len(payload), time.monotonic())
+        self.stats.published_messages += 1
+        self.stats.last_publish_ns = time.time_ns()
+
+    def _publish_status(self) -> None:
+        payload = self.status()
+        info = self.link.publish(self.status_topic, payload, qos=1, retain=True)
+        mid = info.mid if info.rc == paho.MQTT_ERR_SUCCESS else None
+        self.sender.published(None, mid, len(payload), time.monotonic())
 
     async def _heartbeat_loop(self) -> None:
         interval = float(self.cfg.uplink.heartbeat_interval)
         while True:
             await asyncio.sleep(max(0.0, next_aligned(time.time(), interval) - time.time()))
-            if self.link.connected.is_set():
-                self.link.publish(self.status_topic, self.status(), qos=1, retain=True)
+            if self.sender.link_up:
+                self._publish_status()
 
     # -- health -------------------------------------------------------------------------------------------------
 
     def status(self) -> bytes:
-        """The retained status with the health fields of wire/status.py."""
-        b = self.outbox.backlog
+        """The retained status with the health fields of wire/status.py (event loop: from the loop's own state)."""
+        b = self.box.backlog
         return encode_status(
             ONLINE, gateway=self.gateway_id, version=AGENT_VERSION, since_ns=self.started_ns, time_ns=time.time_ns(),
             mqtt=self.link.protocol_name, backlog_messages=b.messages, backlog_readings=b.readings,
             backlog_bytes=b.bytes, backlog_oldest_ns=b.oldest_ns, oldest_unacked_seq=b.oldest_seq,
-            next_seq=self.sequence.peek, last_publish_ns=self.stats.last_publish_ns,
+            next_seq=self.box.next_seq, last_publish_ns=self.stats.last_publish_ns,
             last_ack_ns=self.stats.last_ack_ns,
-            dropped_readings=self.outbox.dropped_readings_total + self.buffer.dropped_total,
-            resent_messages=self.delivery.resent, outbox_resets=self.outbox.resets, devices=self.device_health(),
+            dropped_readings=self.box.dropped_readings_total + self.buffer.dropped_total,
+            resent_messages=self.sender.resent, outbox_resets=self.box.resets, devices=self.device_health(),
         )
 
     def device_health(self) -> dict[str, dict[str, Any]]:
@@ -329,6 +383,38 @@ class Agent:
         for source in self.serial_sources:
             health[source.device.id] = _health(source.stats, source.stats["samples"], source.last_error)
         return health
+
+
+def _commit_job(outbox: Outbox, gateway: str, batches: list[list[Reading]], created_ns: int,
+                acked: list[tuple[int, int]]) -> tuple[list[NewMessage], Dropped]:
+    """(the outbox thread) Number the cycle's messages from the outbox's counter and commit them with the
+    acknowledged deletions, in one transaction. A failed commit advances nothing: the next cycle uses the same
+    numbers (never published, since a cycle is sent only once committed)."""
+    messages: list[NewMessage] = []
+    for i, readings in enumerate(batches):
+        seq = outbox.next_seq + i
+        # One nanosecond apart: the collector's per-message record is stamped with this time, so the
+        # messages of one cycle must not share it (they would overwrite each other's record).
+        made_ns = created_ns + i
+        body = encode_batch(Batch(gateway=gateway, seq=seq, sent_ns=made_ns, readings=readings))
+        messages.append(NewMessage(seq, made_ns, len(readings), body))
+    return messages, outbox.commit(messages, acked)
+
+
+def _read_bodies(outbox: Outbox, seqs: tuple[int, ...], max_bytes: int) -> tuple[list[int], list[tuple[int, bytes]]]:
+    """(the outbox thread) Bodies of `seqs` in order until `max_bytes` are read: (seqs examined, (seq, body) of
+    those still held). One message at a time, so RAM holds at most max_bytes plus one message."""
+    examined: list[int] = []
+    found: list[tuple[int, bytes]] = []
+    size = 0
+    for seq in seqs:
+        if examined and size >= max_bytes:
+            break
+        examined.append(seq)
+        for got in outbox.bodies([seq]):
+            found.append(got)
+            size += len(got[1])
+    return examined, found
 
 
 def _health(stats: Any, polls: int, last_error: str) -> dict[str, Any]:

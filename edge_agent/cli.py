@@ -146,6 +146,7 @@ def _outbox(cfg: AgentConfig) -> int:
           f"{info['bytes']} bytes{age}")
     if info["messages"]:
         print(f"  sequence numbers {info['oldest_seq']} .. {info['newest_seq']}")
+    print(f"  the next message gets sequence number {info['next_seq']}")
     print(f"  dropped by the outbox bounds since it was created: {info['dropped_messages']} message(s), "
           f"{info['dropped_readings']} reading(s)")
     return 0

@@ -14,6 +14,14 @@ Why these choices:
   cycle, not per send); after a restart every row is simply unsent.
 - A database that SQLite cannot read is moved aside (with its -wal and -shm) and a new one is started, so a
   damaged SD card sector costs the backlog it held, never the gateway's polling.
+- The outbox is the one source of truth for the gateway's sequence numbers: the `counter` row `next_seq` is
+  written in the same transaction that inserts a cycle's messages, so it is as durable as they are (kill -9,
+  power cut) and costs no fsync of its own. Messages must come with seq >= `next_seq` (ValueError otherwise):
+  numbers are strictly increasing across restarts, even after every message was acknowledged and deleted.
+  A cycle whose commit fails is rolled back whole, `next_seq` with it, and its numbers are used again by the
+  next cycle: they were never published (a cycle is sent only once committed), so nothing can confuse them.
+  A damaged database moved aside passes its `next_seq` on to the new one (what this process knew, and what
+  can still be read from the damaged file).
 
 Not thread-safe: the agent runs every call on one worker thread, off the event loop (an fsync on an SD card
 can take 10-100 ms).
@@ -102,6 +110,7 @@ class Outbox:
         self.dropped_messages_total = 0
         self.resets = 0  # damaged databases moved aside by this process
         self.commits = 0
+        self.next_seq = 0  # the sequence number the next message gets: the counter row, committed with the messages
         self._db: sqlite3.Connection | None = None
         self._open()
 
@@ -152,12 +161,16 @@ class Outbox:
         counters = dict(db.execute("SELECT name, value FROM counter").fetchall())
         self.dropped_readings_total = counters.get("dropped_readings", 0)
         self.dropped_messages_total = counters.get("dropped_messages", 0)
+        # max(): an outbox written before the counter existed has only its messages; a fresh one after a damaged
+        # one was moved aside starts from what this object carried over.
+        self.next_seq = max(self.next_seq, counters.get("next_seq", 0), newest + 1 if newest is not None else 0)
 
     def _move_aside(self, exc: BaseException) -> None:
         if self._db is not None:
             with contextlib.suppress(sqlite3.Error):
                 self._db.close()
             self._db = None
+        self.next_seq = max(self.next_seq, _salvage_next_seq(self.path))
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
         for suffix in ("", "-wal", "-shm"):
@@ -184,10 +197,14 @@ class Outbox:
     # -- the one write path ---------------------------------------------------------------------------------------
 
     def commit(self, messages: list[NewMessage], acked: Iterable[tuple[int, int]] = ()) -> Dropped:
-        """One transaction: insert this cycle's messages, delete acknowledged ranges, apply the bounds.
+        """One transaction: insert this cycle's messages, advance `next_seq` past them, delete acknowledged
+        ranges, apply the bounds.
 
         A damaged database is moved aside and the cycle is committed to a fresh one."""
         acked = list(acked)
+        if messages and min(m.seq for m in messages) < self.next_seq:
+            raise ValueError(f"sequence number {min(m.seq for m in messages)} is below the outbox's next_seq "
+                             f"{self.next_seq}: numbers are never used twice")
         try:
             return self._commit(messages, acked)
         except sqlite3.DatabaseError as exc:
@@ -216,6 +233,9 @@ class Outbox:
                 b.messages += 1
                 b.readings += m.readings
                 b.bytes += len(m.body)
+            next_seq = max([self.next_seq, *(m.seq + 1 for m in messages)])
+            if next_seq != self.next_seq:
+                db.execute("INSERT OR REPLACE INTO counter (name, value) VALUES ('next_seq', ?)", (next_seq,))
             self._apply_bounds(db, dropped)
             if dropped.messages:
                 self.dropped_messages_total += dropped.messages
@@ -230,8 +250,25 @@ class Outbox:
                 db.execute("ROLLBACK")
             self._load()  # the RAM summary follows the database, not the half-applied changes
             raise
+        self.next_seq = next_seq
         self.commits += 1
         return dropped
+
+    def raise_next_seq(self, value: int) -> None:
+        """Never give out a number below `value` from now on (committed at once): for the one-time migration of
+        the sequence file older agents kept (edge_agent/sequence.py)."""
+        if value <= self.next_seq:
+            return
+        db = self._require()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("INSERT OR REPLACE INTO counter (name, value) VALUES ('next_seq', ?)", (value,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        self.next_seq = value
 
     def _apply_bounds(self, db: sqlite3.Connection, dropped: Dropped) -> None:
         b = self.backlog
@@ -300,6 +337,25 @@ class Outbox:
         return out
 
 
+def _salvage_next_seq(path: Path) -> int:
+    """What a damaged database still tells of its sequence numbers (its counter row, its highest message), so
+    that the outbox started in its place does not give them out again; 0 if nothing can be read."""
+    found = 0
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1)
+    except sqlite3.Error:
+        return 0
+    try:
+        for query in ("SELECT value FROM counter WHERE name = 'next_seq'", "SELECT max(seq) + 1 FROM message"):
+            with contextlib.suppress(sqlite3.Error, TypeError, ValueError):
+                row = db.execute(query).fetchone()
+                if row and row[0] is not None:
+                    found = max(found, int(row[0]))
+    finally:
+        db.close()
+    return found
+
+
 def summary(path: Path) -> dict[str, int | None]:
     """A read-only summary for `edge-agent outbox` (safe while the agent runs: WAL readers never block it)."""
     db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
@@ -312,4 +368,5 @@ def summary(path: Path) -> dict[str, int | None]:
         db.close()
     return {"messages": count, "readings": readings, "bytes": size, "oldest_seq": oldest, "newest_seq": newest,
             "oldest_ns": oldest_ns, "dropped_messages": counters.get("dropped_messages", 0),
-            "dropped_readings": counters.get("dropped_readings", 0)}
+            "dropped_readings": counters.get("dropped_readings", 0),
+            "next_seq": max(counters.get("next_seq", 0), newest + 1 if newest is not None else 0)}

@@ -1,8 +1,8 @@
-"""Pure parts of the agent shell: aligned schedule, persistent sequence, uplink buffer."""
+"""Small parts of the agent: aligned schedule, the outbox's sequence counter and the old sequence file's
+migration, uplink buffer, config errors."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.outbox import NewMessage, Outbox
 from edge_agent.schedule import next_aligned, skipped_deadlines
-from edge_agent.sequence import PersistentSequence, SequenceCorrupt
+from edge_agent.sequence import SequenceCorrupt, migrate_legacy, read_legacy
 from edge_agent.uplink import UplinkBuffer
 from wire.schema import Reading
 
@@ -30,31 +31,39 @@ def test_skipped_deadlines() -> None:
     assert skipped_deadlines(100.0, 103.2, 1.0) == 3
 
 
-def test_sequence_is_monotonic_across_restarts(tmp_path) -> None:
-    path = tmp_path / "sequence"
-    first = PersistentSequence(path, block=10)
-    issued = [first.next() for _ in range(25)]
-    assert issued == list(range(25))
-    # A crash here: the next run starts after everything that could have been issued.
-    second = PersistentSequence(path, block=10)
-    assert second.next() > issued[-1]
+def test_sequence_numbers_come_from_the_outbox_and_survive_an_empty_outbox(tmp_path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    box = Outbox(path, 10**9, 10**9)
+    assert box.next_seq == 0
+    box.commit([NewMessage(s, 1, 1, b"x") for s in range(25)])
+    box.commit([], acked=[(0, 24)])  # everything acknowledged and deleted: only the counter remembers
+    box.close()
+    box = Outbox(path, 10**9, 10**9)
+    assert box.backlog.messages == 0 and box.next_seq == 25
+    with pytest.raises(ValueError, match="never used twice"):
+        box.commit([NewMessage(3, 1, 1, b"x")])
+    box.close()
 
 
-def test_sequence_fsyncs_once_per_block(tmp_path, monkeypatch) -> None:
-    calls = []
-    real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(fd), real(fd)))
-    seq = PersistentSequence(tmp_path / "sequence", block=100)
-    for _ in range(250):
-        seq.next()
-    assert len(calls) == 3 * 2  # three reservations, each: the file and its directory
+def test_the_old_sequence_file_is_folded_into_the_outbox_once(tmp_path) -> None:
+    box = Outbox(tmp_path / "outbox.sqlite3", 10**9, 10**9)
+    box.commit([NewMessage(s, 1, 1, b"x") for s in range(11)])
+    (tmp_path / "sequence").write_text("500\n")  # an older agent's reservation, ahead of the outbox
+    assert migrate_legacy(tmp_path, box) == 500
+    assert box.next_seq == 500 and not (tmp_path / "sequence").exists()
+    box.close()
+    box = Outbox(tmp_path / "outbox.sqlite3", 10**9, 10**9)
+    assert box.next_seq == 500 and migrate_legacy(tmp_path, box) is None  # committed, and the file is gone
+    (tmp_path / "sequence").write_text("7\n")  # a file behind the outbox (restored from an old image)
+    assert migrate_legacy(tmp_path, box) == 7 and box.next_seq == 500
+    box.close()
 
 
 def test_corrupt_sequence_file_is_reported(tmp_path) -> None:
     path = tmp_path / "sequence"
     path.write_text("garbage")
     with pytest.raises(SequenceCorrupt, match="expected a non-negative integer"):
-        PersistentSequence(path)
+        read_legacy(path)
 
 
 def _reading(i: int) -> Reading:

@@ -152,3 +152,44 @@ def test_falls_back_to_mqtt_311_when_v5_is_refused(tmp_path, lab_ca: LabCA) -> N
             link.stop()
             probe.close()
             old.close()
+
+
+def test_an_exception_in_a_callback_is_logged_once_and_the_network_thread_goes_on(mosquitto: MosquittoServer,
+                                                                                   caplog) -> None:
+    """paho-mqtt 2.x re-raises a callback's exception in its network thread, which ends it: the link would look
+    alive and never receive again. MqttLink's guard logs it (once, rate-limited, naming the callback) and paho's
+    thread goes on: the messages after the one whose handler raised still arrive."""
+    topic = "t/raises/x"
+    got: list[bytes] = []
+    first, third = threading.Event(), threading.Event()
+
+    def on_connected(_session_present: bool) -> None:
+        link.subscribe([topic], qos=1)
+        raise RuntimeError("a bug in on_connected")
+
+    def on_message(msg) -> None:
+        got.append(bytes(msg.payload))
+        (first if len(got) == 1 else third if len(got) == 3 else threading.Event()).set()
+        raise ValueError(f"a bug in the handler of {bytes(msg.payload)!r}")
+
+    publisher = MqttLink(mqtt_settings(mosquitto), "link-raises-pub")
+    link = MqttLink(mqtt_settings(mosquitto), "link-raises", on_connected=on_connected, on_message=on_message)
+    publisher.start()
+    try:
+        assert publisher.connected.wait(10)
+        publisher.publish(topic, b"m1", qos=1, retain=True).wait_for_publish(5)  # arrives whenever subscribed
+        link.start()
+        assert first.wait(10), "the subscription (made in a raising on_connected) did not happen"
+        publisher.publish(topic, b"m2", qos=1).wait_for_publish(5)
+        publisher.publish(topic, b"m3", qos=1).wait_for_publish(5)
+        assert third.wait(10), f"paho's network thread stopped after the first exception: got {got}"
+        assert got == [b"m1", b"m2", b"m3"] and link.client._thread.is_alive() and link.connected.is_set()
+        assert link.callback_errors == {"on_connect": 1, "on_message": 3}
+        lines = [r.getMessage() for r in caplog.records if "exception in MQTT callback" in r.getMessage()]
+        assert len(lines) == 2, lines  # one per callback: the repeats are rate-limited
+        assert "on_message" in lines[1] and "ValueError: a bug in the handler of b'm1'" in lines[1]
+        assert "on_connect" in lines[0] and "test_mqttlink.py:" in lines[0]
+    finally:
+        publisher.publish(topic, b"", qos=1, retain=True).wait_for_publish(5)
+        link.stop()
+        publisher.stop()

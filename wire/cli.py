@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from wire.config import ConfigError
+from wire.supervise import EXIT_FATAL, TaskDied, run_tasks_until
+
+__all__ = ["EXIT_FATAL", "EXIT_USAGE", "add_log_options", "fail", "iso_ns", "run_tasks_until", "run_until_signal"]
 
 EXIT_USAGE = 2
+log = logging.getLogger("citynerve")
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> int:
@@ -24,19 +29,12 @@ def add_log_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
 
 
-async def run_tasks_until(stop: asyncio.Event, tasks: Iterable[asyncio.Task[Any]]) -> None:
-    """Wait for `stop`, then cancel `tasks` and wait until they have all ended."""
-    tasks = list(tasks)
-    try:
-        await stop.wait()
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
-    """Run `main(stop)` until SIGINT/SIGTERM sets `stop`; a second signal ends at once."""
+    """Run `main(stop)` until SIGINT/SIGTERM sets `stop`; a second signal ends at once.
+
+    A task that died (wire/supervise.py TaskDied, raised by run_tasks_until after `main`'s own clean-up ran)
+    is logged as one line, `fatal: task <name> died: <exception>`, and ends the process with EXIT_FATAL.
+    """
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -55,6 +53,11 @@ def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]])
         asyncio.run(runner())
     except ConfigError as exc:
         return fail(str(exc))
+    except TaskDied as exc:
+        log.critical("fatal: %s", exc)
+        if exc.cause is not None:
+            log.debug("the traceback of task %s", exc.name, exc_info=exc.cause)
+        return EXIT_FATAL
     except KeyboardInterrupt:
         return 130
     return 0

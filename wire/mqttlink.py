@@ -2,17 +2,25 @@
 to 3.1.1, reconnect with exponential backoff. The agent and the collector each hold one `MqttLink`.
 
 paho runs its network loop in its own thread (loop_start); callbacks given to MqttLink run in that thread and
-must only hand work over (e.g. loop.call_soon_threadsafe), never block.
+must only hand work over (e.g. loop.call_soon_threadsafe), never block, and read no state the event loop owns.
+
+paho-mqtt 2.x re-raises an exception from a callback in its network thread, which ends that thread silently:
+no more keepalives, reconnects or messages, while the process looks alive. So every callback MqttLink gives
+paho (the user's and its own) runs inside a guard: an exception is logged (rate-limited per callback, with the
+callback's name and where it was raised) and counted in `callback_errors`, and the network thread goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import socket
 import ssl
 import threading
+import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -123,7 +131,10 @@ class MqttLink:
         self._stopping = False
         self._fallback_pending = False
         self.last_error: str = ""
+        self.broker_receive_maximum: int | None = None  # from the last CONNACK (MQTT 5); None: no limit given
+        self.callback_errors: Counter[str] = Counter()  # exceptions caught in callbacks, per callback name
         self._failures = RateLimitedLog(log, interval=300)
+        self._callback_log = RateLimitedLog(log, interval=300)
         self.client = self._new_client()
 
     @property
@@ -197,21 +208,45 @@ class MqttLink:
             client.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
         client.reconnect_delay_set(int(max(1, s.reconnect_min)), int(max(1, s.reconnect_max)))
         client.connect_timeout = float(s.connect_timeout)
-        client.max_inflight_messages_set(self.max_inflight)
-        client.on_socket_open = lambda _c, _u, sock: set_tcp_nodelay(sock)
-        client.on_connect = self._handle_connect
-        client.on_connect_fail = self._handle_connect_fail
-        client.on_disconnect = self._handle_disconnect
+        client.max_inflight_messages_set(self.max_inflight)  # 0: no limit (the caller paces what it hands over)
+        # A second net under the guards below: paho logs and swallows what escapes a callback.
+        client.suppress_exceptions = True
+        client.on_socket_open = self._guard("on_socket_open", lambda _c, _u, sock: set_tcp_nodelay(sock))
+        client.on_connect = self._guard("on_connect", self._handle_connect)
+        client.on_connect_fail = self._guard("on_connect_fail", self._handle_connect_fail)
+        client.on_disconnect = self._guard("on_disconnect", self._handle_disconnect)
         if self._on_message:
-            client.on_message = lambda _c, _u, msg: self._on_message(msg)  # type: ignore[misc]
+            on_message = self._on_message
+            client.on_message = self._guard("on_message", lambda _c, _u, msg: on_message(msg))
         if self._on_published:
-            client.on_publish = lambda _c, _u, mid, _rc, _p: self._on_published(mid)  # type: ignore[misc]
+            on_published = self._on_published
+            client.on_publish = self._guard("on_publish", lambda _c, _u, mid, _rc, _p: on_published(mid))
         return client
+
+    def _guard(self, name: str, callback: Callable[..., None]) -> Callable[..., None]:
+        """`callback` as paho may call it: an exception is logged and counted, never raised into paho's thread."""
+
+        @functools.wraps(callback)
+        def guarded(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception as exc:
+                self.callback_errors[name] += 1
+                frame = traceback.extract_tb(exc.__traceback__)[-1:]
+                where = f" at {frame[0].filename}:{frame[0].lineno}" if frame else ""
+                self._callback_log.error(
+                    ("callback", name), "exception in MQTT callback %s (client %s): %s: %s%s; the MQTT network "
+                    "thread goes on (%d in this callback so far)", name, self.client_id, type(exc).__name__, exc,
+                    where, self.callback_errors[name], reason="callback_error",
+                )
+
+        return guarded
 
     def _handle_connect(self, client: paho.Client, _u: Any, flags: Any, reason: Any, _props: Any) -> None:
         code = reason.value if hasattr(reason, "value") else int(reason)
         if code == 0:
             self.last_error = ""
+            self.broker_receive_maximum = getattr(_props, "ReceiveMaximum", None) if _props is not None else None
             self.connected.set()
             log.info(
                 "connected to MQTT broker %s:%d (MQTT %s)", self.settings.host, self.settings.port,

@@ -17,9 +17,17 @@ raises:
 Serial lines (`SerialTransport`): a request is sent only after the line has been silent for t3.5
 (3.5 characters; 1.75 ms above 19200 baud) since the last byte sent or received, so a response to an earlier
 request that arrives late, or the tail of a rejected frame, is discarded (and counted as "rejected.garbage")
-instead of being taken for the next answer. The last part of that wait runs in a small writer thread that
-sleeps precisely, so the event loop is not blocked and the gap is not stretched by the loop's 1 ms timer
-granularity. Bytes that follow a complete frame are counted as garbage too.
+instead of being taken for the next answer. The last part of that wait, and every write, run in the port's
+writer thread (a single-thread executor, "modbus-tx <port>") that sleeps precisely, so the event loop is never
+blocked (not by a write that waits for the port either) and the gap is not stretched by the loop's 1 ms timer
+granularity. That thread reads no state of the loop's: it gets the time of the last byte on the line from a
+small lock-protected clock (`_LineClock`) the loop keeps, and hands its failures back as exceptions. Closing
+the port also happens on that thread, after a write in flight. Bytes that follow a complete frame are counted
+as garbage too.
+
+Bytes that arrive outside a transaction wait in the transport's inbox until the next one discards them; the
+inbox holds at most MAX_INBOX bytes (the oldest beyond that are dropped and counted as garbage), so a babbling
+device between two slow polls cannot grow the agent's memory.
 The timeout of a serial transaction counts from the end of the request on the wire and is extended by the
 expected response's own time on the wire.
 
@@ -35,8 +43,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import fcntl
 import os
 import socket
+import struct
+import termios
+import threading
 import time
 from collections import Counter
 from typing import Literal
@@ -81,18 +93,27 @@ class NoAnswer(Exception):
     """No complete answer within the timeout."""
 
 
+MAX_INBOX = 64 * 1024  # bytes received and not yet consumed
+
+
 class _Inbox:
-    """Bytes received and not yet consumed, the time of the last byte, and whether the link is gone."""
+    """Bytes received and not yet consumed (at most MAX_INBOX), the time of the last byte, and whether the link is
+    gone. Event loop only."""
 
     def __init__(self) -> None:
         self.data = bytearray()
         self.last_rx = 0.0  # time.monotonic() of the last received byte
         self.lost: str | None = None  # why the link is gone, once it is
+        self.overflow = 0  # bytes dropped because nobody consumed them, not yet counted by the transport
         self._event = asyncio.Event()
 
     def put(self, data: bytes) -> None:
         self.data += data
         self.last_rx = time.monotonic()
+        excess = len(self.data) - MAX_INBOX
+        if excess > 0:
+            del self.data[:excess]
+            self.overflow += excess
         self._event.set()
 
     def unread(self, data: bytes) -> None:
@@ -176,9 +197,10 @@ class Transport:
     def _discard_input(self, inbox: _Inbox) -> None:
         """Throw away bytes that arrived outside a transaction, counting them as garbage."""
         stale = inbox.take()
-        if stale:
-            self.stats["bytes_in"] += len(stale)
+        if stale or inbox.overflow:
+            self.stats["bytes_in"] += len(stale) + inbox.overflow
             self.stats["rejected.garbage"] += 1
+            inbox.overflow = 0
 
     async def _receive(self, inbox: _Inbox, decoder, deadline: float, unit: int, timeout: float) -> bytes:
         """Feed arriving bytes to `decoder` until it returns the PDU; NoAnswer at `deadline`."""
@@ -225,6 +247,29 @@ class Transport:
 _COARSE_MARGIN = 0.0015  # the event loop's timers wake up to ~1 ms late: the last stretch is slept in a thread
 
 
+class _LineClock:
+    """What the writer thread needs to know of the line, kept by the event loop: when the last byte arrived and
+    how many have arrived in all. Shared under a lock, so the thread reads no state the loop owns."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_rx = 0.0
+        self._received = 0
+
+    def received(self, count: int, at: float) -> None:
+        with self._lock:
+            self._last_rx = at
+            self._received += count
+
+    def read(self) -> tuple[float, int]:
+        with self._lock:
+            return self._last_rx, self._received
+
+
+class _LineLost(TransportError):
+    """(writer thread) The port failed under a write: the loop marks the inbox lost."""
+
+
 class SerialTransport(Transport):
     """A serial port (RS-485 adapter) with RTU or ASCII framing. Opened with exclusive access."""
 
@@ -256,6 +301,7 @@ class SerialTransport(Transport):
         self._fd = -1
         self._tx_end = 0.0  # when the last request has left the wire (estimated from the baud rate)
         self._writer: concurrent.futures.ThreadPoolExecutor | None = None
+        self._line = _LineClock()
 
     @property
     def is_open(self) -> bool:
@@ -290,6 +336,7 @@ class SerialTransport(Transport):
         self._fd = ser.fileno()
         os.set_blocking(self._fd, False)
         self._inbox = _Inbox()
+        self._line = _LineClock()
         self._tx_end = time.monotonic()
         self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"modbus-tx {self.port}")
         asyncio.get_running_loop().add_reader(self._fd, self._readable)
@@ -302,17 +349,26 @@ class SerialTransport(Transport):
         if self._fd >= 0:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._fd)
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)  # a write in flight finishes before its descriptor is closed
-            self._writer = None
-        if self._serial is not None:
-            with contextlib.suppress(Exception):
-                self._serial.close()
-            self._serial = None
+        writer, self._writer = self._writer, None
+        ser, self._serial = self._serial, None
         self._fd = -1
         if self._inbox is not None:
             self._inbox.lose(f"serial port {self.port} was closed")
             self._inbox = None
+        if ser is None:
+            return
+
+        def close_port() -> None:
+            with contextlib.suppress(Exception):
+                ser.close()
+
+        if writer is None:
+            close_port()
+            return
+        try:  # on the writer thread: a write in flight finishes before its descriptor goes; the loop never waits
+            await asyncio.shield(asyncio.get_running_loop().run_in_executor(writer, close_port))
+        finally:
+            writer.shutdown(wait=False)  # the thread ends by itself once that is done
 
     def _readable(self) -> None:
         inbox = self._inbox
@@ -329,6 +385,7 @@ class SerialTransport(Transport):
             self._vanished("end of file")
             return
         inbox.put(data)
+        self._line.received(len(data), inbox.last_rx)
 
     def _vanished(self, detail: str) -> None:
         with contextlib.suppress(Exception):
@@ -385,59 +442,68 @@ class SerialTransport(Transport):
                     f"the line on {self.port} never goes quiet for {self.silence * 1000:.2f} ms "
                     "(another master on the bus, a wrong baud rate, or a babbling device?)"
                 )
-        if wait > 0:
-            assert self._writer is not None
-            loop = asyncio.get_running_loop()
-            sent_at, stale = await loop.run_in_executor(self._writer, self._write_when_quiet, frame)
-            if stale:  # arrived while the writer thread waited, before the request went out
-                del inbox.data[:stale]
-                self.stats["bytes_in"] += stale
-                self.stats["rejected.garbage"] += 1
-        else:
-            sent_at = self._write(frame)
+        assert self._writer is not None and self._fd >= 0
+        received_before = self._line.read()[1] - len(inbox.data)  # what arrived up to inbox.data[0]
+        loop = asyncio.get_running_loop()
+        try:
+            sent_at, received_at_write = await loop.run_in_executor(
+                self._writer, self._write_when_quiet, self._fd, frame, self._tx_end)
+        except _LineLost as exc:
+            inbox.lose(str(exc))
+            raise TransportError(str(exc)) from None
+        stale = min(len(inbox.data), max(0, received_at_write - received_before))
+        if stale:  # arrived while the writer thread waited, before the request went out
+            del inbox.data[:stale]
+            self.stats["bytes_in"] += stale
+            self.stats["rejected.garbage"] += 1
         self._tx_end = sent_at + len(frame) * self.char_time
         self.stats["bytes_out"] += len(frame)
 
-    def _write_when_quiet(self, frame: bytes) -> tuple[float, int]:
+    def _write_when_quiet(self, fd: int, frame: bytes, tx_end: float) -> tuple[float, int]:
         """(writer thread) Sleep until t3.5 after the last byte on the line, precisely, then write.
 
-        Returns when the write started and how many received bytes predate it.
-        """
-        inbox = self._inbox
-        if inbox is None:
-            raise TransportError(f"serial port {self.port} is not open")
+        Returns when the write started and how many bytes had been received in all just before it (the loop
+        works out which of the bytes it holds predate the request)."""
         give_up = time.monotonic() + self.quiet_limit
         while True:
-            remaining = self._quiet_at(inbox) - time.monotonic()
+            last_rx, received = self._line.read()
+            remaining = max(last_rx, tx_end) + self.silence - time.monotonic()
+            if remaining <= 0 and _input_waiting(fd):
+                remaining = self.char_time  # bytes the loop has not read yet: the line was not quiet
             if remaining <= 0:
                 break
             if time.monotonic() > give_up:
                 raise TransportError(f"the line on {self.port} never goes quiet (a babbling device?)")
             if remaining > 0.0002:
                 time.sleep(remaining - 0.0001)
-        stale = len(inbox.data)
-        return self._write(frame), stale
+        return self._write(fd, frame), received
 
-    def _write(self, frame: bytes) -> float:
-        """Write the whole frame now; returns when the write started. Lost port: TransportError."""
+    def _write(self, fd: int, frame: bytes) -> float:
+        """(writer thread) Write the whole frame now; returns when the write started. Lost port: _LineLost."""
         started = time.monotonic()
         view = memoryview(frame)
         deadline = started + 1.0
         while view:
             try:
-                written = os.write(self._fd, view)
+                written = os.write(fd, view)
             except (BlockingIOError, InterruptedError):
                 if time.monotonic() > deadline:
                     raise TransportError(f"serial port {self.port} does not accept output") from None
                 time.sleep(self.char_time)
                 continue
             except OSError as exc:
-                why = f"serial port {self.port} disappeared (USB adapter unplugged?): write error: {exc.strerror}"
-                if self._inbox is not None:
-                    self._inbox.lose(why)
-                raise TransportError(why) from None
+                raise _LineLost(f"serial port {self.port} disappeared (USB adapter unplugged?): write error: "
+                                f"{exc.strerror}") from None
             view = view[written:]
         return started
+
+
+def _input_waiting(fd: int) -> bool:
+    """Received bytes in the kernel that nobody has read yet (FIONREAD); False if the port cannot tell."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0] > 0
+    except OSError:
+        return False
 
 
 # --- TCP ------------------------------------------------------------------------------------------------------------

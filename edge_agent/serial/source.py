@@ -31,12 +31,20 @@ class SerialSource:
         self.device = device
         self.info: ProtocolInfo = protocol_info(device.protocol)
         settings = self.info.line_settings(device)
-        self.stream = SerialStream(device.port, *settings)
+        self.stream = SerialStream(device.port, *settings, on_overrun=self._overrun)
         self.measurement = device.measurement or self.info.measurement
         self.stats: Counter[str] = Counter()
         self.last_error = ""
         self._warn = RateLimitedLog(log, interval=300)
         self._stream_offset = 0
+
+    def _overrun(self, dropped: int) -> None:
+        """The port's receive buffer was full (nobody read it for a long while): the oldest bytes were dropped."""
+        self.stats["rejected.overrun"] += 1
+        self.stats["overrun_bytes"] += dropped
+        self._warn.warning(("overrun", self.device.id), "device %s: %d received byte(s) dropped on %s: the receive "
+                           "buffer (%d bytes) was full", self.device.id, dropped, self.device.port,
+                           self.stream.max_buffered, device=self.device.id, reason="overrun")
 
     # -- turning decoder events into readings ------------------------------------------------------------------
 
@@ -66,7 +74,7 @@ class SerialSource:
         backoff = 1.0
         while True:
             try:
-                self.stream.open()
+                await self.stream.open()
             except PortError as exc:
                 self.last_error = str(exc)
                 self.stats["open_failures"] += 1
@@ -132,7 +140,7 @@ class SerialSource:
     async def once(self, timeout: float) -> list[Reading]:
         """Open, take the first complete sample(s) (asking first for query protocols), close: `poll-once`."""
         got: list[Reading] = []
-        self.stream.open()
+        await self.stream.open()
         try:
             decoder = self.info.make_decoder(self.device)
             task = asyncio.ensure_future(self._serve(decoder, got.extend))
@@ -143,5 +151,5 @@ class SerialSource:
             with contextlib.suppress(asyncio.CancelledError, PortLost):
                 await task
         finally:
-            self.stream.close()
+            await self.stream.aclose()
         return got
