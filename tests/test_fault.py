@@ -28,7 +28,8 @@ from labkit.process import ServerProcess
 from labkit.secure_broker import SecureBroker
 from tests.test_e2e import wait_until
 
-pytestmark = [pytest.mark.fault, pytest.mark.integration]
+# Its own waits add up to ~100 s, plus start-up and the final drain: more than the suite's default 120 s.
+pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(300)]
 
 GATEWAY = "gw-fault-1"
 UNITS = 6
