@@ -598,8 +598,9 @@ def test_enrolled_gateway_certificate_works_on_the_secure_broker(tmp_path: Path,
     from labkit.pki import LabCA
     from labkit.secure_broker import SecureBroker, TestClient
 
-    ca_dir, gw = tmp_path / "device-ca", tmp_path / "gw"
+    ca_dir, collector_ca_dir, gw = tmp_path / "device-ca", tmp_path / "collector-ca", tmp_path / "gw"
     assert collector_cli.main(["ca", "init", "--dir", str(ca_dir)]) == 0
+    assert collector_cli.main(["ca", "init", "--dir", str(collector_ca_dir)]) == 0
     assert agent_cli.main(["enroll", "--gateway-id", "gw-e2e", "--dir", str(gw)]) == 0
     assert collector_cli.main(["ca", "sign", str(gw / "tls.csr"), "--dir", str(ca_dir)]) == 0
     collector_key = ec.generate_private_key(ec.SECP256R1())
@@ -609,16 +610,20 @@ def test_enrolled_gateway_certificate_works_on_the_secure_broker(tmp_path: Path,
         .sign(collector_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     (tmp_path / "collector.key").write_bytes(collector_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    assert collector_cli.main(["ca", "sign", str(tmp_path / "collector.csr"), "--dir", str(ca_dir), "--collector"]) == 0
+    assert collector_cli.main(["ca", "sign", str(tmp_path / "collector.csr"), "--dir", str(collector_ca_dir),
+                               "--collector"]) == 0
 
-    with SecureBroker(tmp_path / "broker", device_ca_dir=ca_dir, server_ca=LabCA(tmp_path / "lab")) as broker:
-        collector = TestClient(broker.port, broker.ca_file, tmp_path / "collector.crt", tmp_path / "collector.key")
+    with SecureBroker(tmp_path / "broker", device_ca_dir=ca_dir, collector_ca_dir=collector_ca_dir,
+                      server_ca=LabCA(tmp_path / "lab")) as broker:
+        collector = TestClient(broker.collector_port, broker.ca_file, tmp_path / "collector.crt",
+                               tmp_path / "collector.key")
         assert collector.connect() == "connected"
-        collector.subscribe("citynerve/v1/+/up")
+        collector.subscribe(broker.gateway_mount + "citynerve/v1/+/up")
         gateway = TestClient(broker.port, broker.ca_file, gw / "tls.crt", gw / "tls.key", client_id="agent")
         assert gateway.connect() == "connected", broker.tail_log()
         assert gateway.publish("citynerve/v1/gw-e2e/up", b"hello") in (0, 0x10)
-        collector.wait_for(lambda msgs: [(m.topic, m.payload) for m in msgs] == [("citynerve/v1/gw-e2e/up", b"hello")])
+        collector.wait_for(lambda msgs: [(m.topic, m.payload) for m in msgs]
+                           == [(broker.gateway_mount + "citynerve/v1/gw-e2e/up", b"hello")])
         assert "u'gw-e2e'" in broker.log_text()  # the CN became the username
         gateway.close()
         collector.close()
