@@ -46,7 +46,8 @@ class ValidationSection(msgspec.Struct, forbid_unknown_fields=True):
     # A sample time before this is suspect: a gateway without a real-time clock before NTP sync starts in 1970.
     min_time: dt.datetime = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
     # A sample time older than this (before the receive time) is suspect too: no reading is written into an
-    # InfluxDB shard far in the past. Keep it above the agents' outbox.max_age (default 30 days).
+    # InfluxDB shard far in the past. Keep it above the agents' outbox.max_age (default 30 days); 0: no bound
+    # (replaying old captures).
     max_past: Duration = Duration(45 * 86400)
     suspect_measurement: str = "citynerve_suspect_time"
 

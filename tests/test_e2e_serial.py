@@ -28,7 +28,7 @@ def collector_for(tmp_path: Path, mosquitto, influxd: InfluxdServer, db: str):
     return stack.collector_process(stack.write_collector_config(
         tmp_path / "collector.toml", stack.mqtt_section(mosquitto, client_id="collector-serial"),
         {"api": "v1", "url": influxd.url, "database": db},
-        validation={"min_time": "1990-01-01T00:00:00Z", "max_future": "3650d"},
+        validation={"min_time": "1990-01-01T00:00:00Z", "max_future": "3650d", "max_past": "0s"},
     )).start()
 
 
