@@ -15,9 +15,10 @@ A declined message is acknowledged to the broker at once (it leaves the broker's
 anyone's messages behind it) and not end to end: the gateway keeps it in its outbox and sends it again.
 
 Taking work (`take`) is round robin over gateways with something waiting, skipping gateways that are busy (a
-message of theirs is being processed, or they already have `gateway_pending_lines` lines waiting for the
-InfluxDB writer). So n active gateways each get 1/n of the collector and of the store, however much one of
-them sends, and a gateway's message waits behind at most one message of each other gateway.
+message of theirs is being processed, or they already have `gateway_pending_lines` lines or
+`gateway_pending_bytes` bytes waiting for the InfluxDB writer), and taking nothing while all gateways together
+have `max_pending_bytes` waiting there. So n active gateways each get 1/n of the collector and of the store,
+however much one of them sends, and a gateway's message waits behind at most one message of each other gateway.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Limits:
     byte_rate: float = 4 * 1024 * 1024  # bytes per second per gateway, sustained
     byte_burst: float = 64 * 1024 * 1024
     gateway_pending_lines: int = 5000  # lines of one gateway waiting for (or in) the InfluxDB writer
+    gateway_pending_bytes: int = 8 * 1024 * 1024  # and their bytes (lines and kept payload)
+    max_pending_bytes: int = 32 * 1024 * 1024  # all gateways' bytes waiting for the writer
 
 
 class _Bucket:
@@ -67,6 +70,7 @@ class _Gateway:
     queued_bytes: int = 0
     working: bool = False  # one of its messages is being processed
     pending_lines: int = 0  # its lines in the InfluxDB writer, not yet written or refused
+    pending_bytes: int = 0
     declined: int = 0
 
 
@@ -78,6 +82,7 @@ class FairQueue:
         self._in_ready: set[str] = set()
         self.messages = 0
         self.bytes = 0
+        self.pending_bytes = 0  # every gateway's bytes waiting for the writer
 
     # -- the door ---------------------------------------------------------------------------------------------
 
@@ -123,10 +128,14 @@ class FairQueue:
         """The next (gateway, item) to work on, round robin over gateways that are not busy; None if none.
 
         The gateway is then working until `done(gateway)`."""
+        lim = self.limits
+        if self.pending_bytes >= lim.max_pending_bytes:
+            return None  # the writer holds all it may: everyone waits for it, nobody's queue grows past its bound
         for _ in range(len(self._ready)):
             gateway = self._ready.popleft()
             g = self._gateways[gateway]
-            if g.working or g.pending_lines >= self.limits.gateway_pending_lines:
+            if (g.working or g.pending_lines >= lim.gateway_pending_lines
+                    or g.pending_bytes >= lim.gateway_pending_bytes):
                 self._ready.append(gateway)  # keeps its turn for later
                 continue
             item, size = g.queue.popleft()
@@ -146,11 +155,13 @@ class FairQueue:
         if g is not None:
             g.working = False
 
-    def lines_pending(self, gateway: str, delta: int) -> None:
-        """The writer took (+) or finished (-) lines of this gateway."""
+    def lines_pending(self, gateway: str, lines: int, size: int = 0) -> None:
+        """The writer took (+) or finished (-) lines of this gateway, of `size` bytes."""
+        self.pending_bytes = max(0, self.pending_bytes + size)
         g = self._gateways.get(gateway)
         if g is not None:
-            g.pending_lines = max(0, g.pending_lines + delta)
+            g.pending_lines = max(0, g.pending_lines + lines)
+            g.pending_bytes = max(0, g.pending_bytes + size)
 
     def drain(self) -> list[tuple[str, Any]]:
         """Everything still queued (at shutdown: those messages are not acknowledged and come again)."""
@@ -168,7 +179,7 @@ class FairQueue:
         """Drop the state of gateways with nothing queued or pending whose buckets have been full for `idle`
         seconds: the map of gateways stays as large as the set of active ones. Returns how many were dropped."""
         gone = [gw for gw, g in self._gateways.items()
-                if not g.queue and not g.working and not g.pending_lines and now - g.messages.stamp >= idle]
+                if not (g.queue or g.working or g.pending_lines or g.pending_bytes) and now - g.messages.stamp >= idle]
         for gw in gone:
             del self._gateways[gw]
         return len(gone)

@@ -84,6 +84,7 @@ class _Delivery:
     lines: int = 0
     topic: str = ""
     payload: bytes = b""  # kept only for a message InfluxDB may refuse: its quarantine entry
+    size: int = 0  # bytes held until the write: its lines and the payload (admission bounds them)
 
 
 class Collector:
@@ -115,7 +116,8 @@ class Collector:
             max_messages=lim.max_messages, max_bytes=lim.max_bytes, gateway_messages=lim.gateway_messages,
             gateway_bytes=lim.gateway_bytes, rate=lim.messages_per_second, burst=lim.messages_burst,
             byte_rate=lim.bytes_per_second, byte_burst=lim.bytes_burst,
-            gateway_pending_lines=lim.gateway_pending_lines,
+            gateway_pending_lines=lim.gateway_pending_lines, gateway_pending_bytes=lim.gateway_pending_bytes,
+            max_pending_bytes=lim.max_pending_bytes,
         ))
         q = cfg.quarantine
         self.quarantine = QuarantineSink(q.path, q.max_entries, q.max_bytes) if q.max_entries else None
@@ -369,16 +371,17 @@ class Collector:
             content = [r for r in accepted.details if r not in RETRY_LATER]
             if content:
                 self._quarantine(gateway, msg.topic, content[0], summary, msg.payload, receive_ns)
+        size = sum(map(len, accepted.lines)) + len(msg.payload)
         token = _Delivery(msg.mid, msg.qos, gateway, None if accepted.held else accepted.seq, accepted.session_id,
-                          len(accepted.lines), msg.topic, msg.payload)
+                          len(accepted.lines), msg.topic, msg.payload, size)
         await self._put(gateway, accepted.lines, token)
 
     async def _put(self, gateway: str, lines: list[bytes], token: _Delivery) -> None:
-        self.admission.lines_pending(gateway, len(lines))
+        self.admission.lines_pending(gateway, token.lines, token.size)
         try:
             await self.writer.put(lines, token=token, group=gateway)
         except BaseException:
-            self.admission.lines_pending(gateway, -len(lines))
+            self.admission.lines_pending(gateway, -token.lines, -token.size)
             raise
 
     async def _status(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int) -> None:
@@ -406,7 +409,8 @@ class Collector:
         self.counters["status_messages"] += 1
         # Through the writer like readings: the PUBACK comes after the write, so a heartbeat is not lost when
         # InfluxDB is down.
-        await self._put(gateway, health.lines, _Delivery(msg.mid, msg.qos, gateway, None, None, len(health.lines)))
+        await self._put(gateway, health.lines, _Delivery(msg.mid, msg.qos, gateway, None, None, len(health.lines),
+                                                         size=sum(map(len, health.lines))))
 
     def _on_written(self, result: BatchResult) -> None:
         for token in result.stored:
@@ -453,7 +457,7 @@ class Collector:
 
     def _settle(self, token: _Delivery, *, ack_end_to_end: bool) -> None:
         self._ack(token.mid, token.qos)
-        self.admission.lines_pending(token.gateway, -token.lines)
+        self.admission.lines_pending(token.gateway, -token.lines, -token.size)
         if ack_end_to_end and token.seq is not None:
             self.acks.add(token.gateway, token.seq)
             self._ack_session[token.gateway] = token.session_id

@@ -118,6 +118,9 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True):
     bytes_burst: Annotated[float, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
     # per gateway: lines waiting for the InfluxDB writer before its next message is taken up
     gateway_pending_lines: Positive = 5000
+    gateway_pending_bytes: Positive = 8 * 1024 * 1024
+    # all gateways' lines and payloads waiting for the writer (with max_bytes: what the collector holds)
+    max_pending_bytes: Positive = 32 * 1024 * 1024
     # per gateway and window: new series, devices, field names and measurements; and in all
     window: Duration = Duration(3600)
     new_series: Positive = 2000

@@ -222,3 +222,21 @@ def test_times_that_would_open_far_shards_never_become_point_times() -> None:
     assert accepted.suspect == 1
     assert accepted.lines[0].endswith(b" " + str(NOW).encode())
     assert accepted.lines[1].startswith(b"citynerve_ingest,") and accepted.lines[1].endswith(b" " + str(NOW).encode())
+
+
+def test_bytes_waiting_for_the_writer_are_bounded_per_gateway_and_in_all() -> None:
+    q = FairQueue(Limits(gateway_pending_bytes=1000, max_pending_bytes=1500))
+    for gw in "abc":
+        q.offer(gw, gw + "0", 1, 0.0)
+        q.offer(gw, gw + "1", 1, 0.0)
+    assert q.take() == ("a", "a0")
+    q.done("a")
+    q.lines_pending("a", 1, 1000)  # a's first message: 1000 bytes of lines wait for the writer
+    assert q.take() == ("b", "b0")
+    q.done("b")
+    assert q.take() == ("c", "c0")  # a is passed over
+    q.done("c")
+    q.lines_pending("b", 1, 600)  # 1600 bytes wait in all: nobody's next message now
+    assert q.take() is None
+    q.lines_pending("a", -1, -1000)
+    assert q.take() == ("a", "a1")
