@@ -30,7 +30,7 @@ class CollectorMqtt(MqttSettings, forbid_unknown_fields=True):
     # The mount point of the broker's gateways' listener (deploy/mosquitto/citynerve.conf mount_point): the
     # collector subscribes to <gateway_mount><topic_prefix>/+/up and hands on the gateways' own topics. Empty: the
     # gateways' topics are not mounted (a plain broker).
-    gateway_mount: str = ""
+    gateway_mount: str = "gw/"
 
     def __post_init__(self) -> None:
         super().__post_init__()

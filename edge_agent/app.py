@@ -157,8 +157,9 @@ class Agent:
         self._wake.set()
 
     def _downlink(self, topic: str, payload: bytes) -> None:
-        if topic != self.ack_topic:
+        if not topics.is_own_topic(self.ack_topic, topic):
             return
+        topic = self.ack_topic  # sealed for this one; mosquitto 2.0.11 leaves the listener's mount point in front
         try:
             if self.sealer is not None:
                 # Age is not checked: replaying an acknowledgement deletes nothing that is not already deleted,

@@ -259,8 +259,6 @@ def test_collector_writes_downlinks_but_cannot_forge_uplinks_or_read_downlinks(c
     assert collector.messages == []  # downlinks are write-only for the collector
 
 
-@pytest.mark.xfail(not G, strict=True, reason="issue 10: without a mount point on the gateways' listener a gateway "
-                   "joins the collectors' shared group and messages picked for it vanish")
 def test_a_gateway_cannot_join_the_collectors_shared_group(clients: Lab) -> None:
     """Issue 10: mosquitto 2.0.11 grants every SUBSCRIBE and checks the ACL only at delivery. A gateway in the
     collectors' shared group would be picked for its share of the messages, denied them at delivery, and they
@@ -302,8 +300,6 @@ def test_a_gateway_cannot_join_the_collectors_shared_group(clients: Lab) -> None
     assert thief.messages == []
 
 
-@pytest.mark.xfail(not G, strict=True, reason="without a mount point on the gateways' listener a collector "
-                   "certificate of the device CA joins the collectors' shared group there")
 def test_a_collector_name_signed_by_the_device_ca_cannot_join_either(clients: Lab) -> None:
     """collector-1's CN in a certificate of the device CA (as issued before the collector CA existed) connects
     only on the gateways' listener, where its filters are mounted too: it cannot join collector-2's group. (It
