@@ -364,7 +364,8 @@ class Collector:
                                 for reason, detail in accepted.details.items())
             held = accepted.held
             self._warn.warning(
-                ("declined", gateway), "gateway %s seq %d: %s%s", gateway, accepted.seq, summary,
+                ("declined", gateway, *sorted(accepted.details)), "gateway %s seq %d: %s%s", gateway, accepted.seq,
+                summary,
                 " (held back: not acknowledged, the gateway sends it again)" if held else "",
                 gateway=gateway, reason=next(iter(accepted.details)),
             )

@@ -133,13 +133,13 @@ def test_a_stolen_gateway_cannot_touch_another_gateways_readings(tmp_path: Path)
                    Reading("x", "counter", now - 3 * 365 * 86400 * 10**9, {"old": 1.0}),
                    Reading("x", "counter", now + 100 * 365 * 86400 * 10**9, {"future": 1.0})],
                   sent_ns=now + 50 * 365 * 86400 * 10**9, wait=True)
-        # 3. Exhaust the device tag's values (influxd refuses new ones past max-values-per-tag for everyone).
+        # 3. Fields named like the tags, which would hide real series from WHERE gateway = '...'.
+        evil.send([Reading("counter-1", "counter", now, {"gateway": "gw-good", "device": "counter-1", "n": 1})],
+                  wait=True)
+        # 4. Exhaust the device tag's values (influxd refuses new ones past max-values-per-tag for everyone).
         for chunk in range(0, 1000, 100):
             evil.send([Reading(f"fake-{i}", "counter", now, {"junk": 1.0}) for i in range(chunk, chunk + 100)],
                       wait=True)
-        # 4. Fields named like the tags, which would hide real series from WHERE gateway = '...'.
-        evil.send([Reading("counter-1", "counter", now, {"gateway": "gw-good", "device": "counter-1", "n": 1})],
-                  wait=True)
         # 5. Speak for another gateway in its own status (its ACL allows only its own topic).
         evil.client.publish("citynerve/v1/gw-evil/status", encode_status(
             "online", gateway="gw-good", time_ns=now, backlog_messages=10**9), qos=1, retain=True).wait_for_publish(10)
