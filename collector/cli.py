@@ -108,12 +108,12 @@ def describe(path: str, cfg: object) -> str:
     target = f"database {i.database}" if i.api == "v1" else f"org {i.org} bucket {i.bucket}"
     return "\n".join([
         f"{path}: OK",
-        f"  subscribe {scheme}://{m.host}:{m.port} {m.topic_prefix}/+/up{share}, session expiry "
+        f"  subscribe {scheme}://{m.host}:{m.port} {m.gateway_mount}{m.topic_prefix}/+/up{share}, session expiry "
         f"{float(m.session_expiry):g}s, receive maximum {m.receive_maximum}",
         f"  write InfluxDB {i.api} API {i.url} {target}, batches of {i.batch_size} or every "
         f"{float(i.flush_interval):g}s, gzip {'on' if i.gzip else 'off'}",
         f"  acknowledge stored messages to their gateways every {float(cfg.acks.interval):g}s on "  # type: ignore[attr-defined]
-        f"{m.topic_prefix}/<gateway>/down/ack",
+        f"{m.gateway_mount}{m.topic_prefix}/<gateway>/down/ack",
         _limits_line(cfg),
     ])
 

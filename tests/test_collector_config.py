@@ -34,7 +34,8 @@ def test_valid_config_is_summarised(tmp_path) -> None:
     result = check(tmp_path, OK)
     assert result.returncode == 0, result.stderr
     assert "receive maximum 500" in result.stdout and "database citynerve" in result.stdout
-    assert "acknowledge stored messages to their gateways every 1s on citynerve/v1/<gateway>/down/ack" in result.stdout
+    assert "acknowledge stored messages to their gateways every 1s on gw/citynerve/v1/<gateway>/down/ack" in result.stdout
+    assert "subscribe mqtts://127.0.0.1:8883 gw/citynerve/v1/+/up" in result.stdout
 
 
 @pytest.mark.parametrize(
