@@ -6,6 +6,7 @@ from bench import (
     agent_rss,
     backlog_drain,
     collector_ingest,
+    flood,
     modbus_engine,
     modbus_wire,
     outbox_fsync,
@@ -34,6 +35,8 @@ def main() -> None:
     agent_rss.main([])
     print("== backlog drain after a 1-hour outage at 100 points/s vs a direct write of the same points ==")
     backlog_drain.main([])
+    print("== flood: gateway B's sample-to-store latency while gateway A floods (valid, garbage, forged) vs B alone ==")
+    flood.main([])
     print("== refused batches: one gateway's message refused in each batch vs nothing refused, same run ==")
     refused_batch.main([])
 
