@@ -238,9 +238,8 @@ class Collector:
 
     def _quarantine(self, gateway: str, topic: str, reason: str, detail: str, payload: bytes,
                     receive_ns: int) -> None:
-        if self.quarantine is not None and not self.quarantine.add(gateway, topic, reason, detail, payload,
-                                                                   receive_ns):
-            self.counters["quarantine_dropped"] += 1
+        if self.quarantine is not None:
+            self.quarantine.add(gateway, topic, reason, detail, payload, receive_ns)
 
     # -- event loop: workers ----------------------------------------------------------------------------------
 
@@ -551,8 +550,11 @@ class Collector:
     def _summary(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.counters.items())]
         parts += [f"rejected.{k}={v}" for k, v in sorted(self.rejections.items())]
-        if self.quarantine is not None and self.quarantine.dropped:
-            parts.append(f"quarantine_dropped={self.quarantine.dropped}")
+        if self.quarantine is not None:
+            if self.quarantine.dropped:
+                parts.append(f"quarantine_dropped={self.quarantine.dropped}")
+            if self.quarantine.sampled_out:
+                parts.append(f"quarantine_sampled_out={self.quarantine.sampled_out}")
         return " ".join(parts) or "no messages"
 
 

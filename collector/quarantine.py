@@ -81,13 +81,28 @@ class Quarantine:
             self._trim()
 
     def _trim(self) -> None:
+        """Oldest first, in as few statements as it takes (one per bound): several collectors may share the
+        file, so the counts are read, not remembered; length() reads a row's header, not its payload."""
         count, total = self._db.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM quarantine").fetchone()
-        while count > self.max_entries or total > self.max_bytes:
-            oldest = self._db.execute("SELECT id, length(payload) FROM quarantine ORDER BY id LIMIT 1").fetchone()
-            if oldest is None:
+        if count > self.max_entries:
+            over = count - self.max_entries
+            gone = self._db.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0) FROM "
+                "(SELECT payload FROM quarantine ORDER BY id LIMIT ?)", (over,)).fetchone()
+            self._db.execute("DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id LIMIT ?)",
+                             (over,))
+            total -= gone[1]
+        while total > self.max_bytes:
+            rows = self._db.execute("SELECT id, length(payload) FROM quarantine ORDER BY id LIMIT 64").fetchall()
+            if not rows:
                 return
-            self._db.execute("DELETE FROM quarantine WHERE id = ?", (oldest[0],))
-            count, total = count - 1, total - oldest[1]
+            last = rows[-1][0]
+            for row_id, size in rows:
+                total -= size
+                if total <= self.max_bytes:
+                    last = row_id
+                    break
+            self._db.execute("DELETE FROM quarantine WHERE id <= ?", (last,))
 
     def list(self, limit: int = 50, gateway: str | None = None, reason: str | None = None) -> list[Entry]:
         query = "SELECT id, received_ns, gateway, topic, reason, detail, size FROM quarantine"
@@ -136,12 +151,30 @@ class QuarantineSink:
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="quarantine")
         self._db: Quarantine | None = None
         self.dropped = 0
+        self.sampled_out = 0  # counted, not kept: over the per-gateway-and-reason sample
+        self._samples: dict[tuple[str, str], list[float]] = {}  # (gateway, reason) -> [window start, kept]
         self.written = 0
         self.failures = 0
         self.last_error = ""
 
+    # A flood of one kind from one gateway needs a few examples, not every copy: per gateway and reason at most
+    # SAMPLE entries per SAMPLE_WINDOW seconds are kept (the counters and log lines still count every one).
+    SAMPLE = 20
+    SAMPLE_WINDOW = 60.0
+
     def add(self, gateway: str, topic: str, reason: str, detail: str, payload: bytes, received_ns: int) -> bool:
-        """Queue one entry (never blocks); False when the queue is full and it was dropped."""
+        """Queue one entry (never blocks); False when it was not kept (sampled out, or the queue is full)."""
+        now = received_ns / 1e9
+        key = (gateway, reason)
+        sample = self._samples.get(key)
+        if sample is None or now - sample[0] >= self.SAMPLE_WINDOW:
+            if len(self._samples) >= 10_000:
+                self._samples.clear()
+            sample = self._samples[key] = [now, 0]
+        if sample[1] >= self.SAMPLE:
+            self.sampled_out += 1
+            return False
+        sample[1] += 1
         kept = bytes(payload[: self.max_payload])
         size = len(kept) + len(detail) + len(topic) + 64
         if len(self._queue) >= self.max_rows or self._queued_bytes + size > self.max_bytes:

@@ -21,3 +21,42 @@ def test_bounded_by_entries_and_bytes(tmp_path) -> None:
 
 def test_hexdump() -> None:
     assert hexdump(b"\x01\x94AB") == "00000000  01 94 41 42" + " " * 36 + "  ..AB"
+
+
+def test_trim_keeps_the_newest_within_both_bounds(tmp_path) -> None:
+    from collector.quarantine import Quarantine
+
+    q = Quarantine(tmp_path / "q.db", max_entries=50, max_bytes=10_000)
+    q.add_many([("gw", "t", "r", "d", bytes(100), i) for i in range(80)])
+    entries = q.list(limit=1000)
+    assert len(entries) == 50 and entries[-1].received_ns == 30  # the 30 oldest went
+    q.add_many([("gw", "t", "r", "d", bytes(3000), 100 + i) for i in range(3)])
+    entries = q.list(limit=1000)
+    assert sum(e.size for e in entries) <= 10_000 and entries[0].received_ns == 102
+    q.close()
+
+
+def test_the_sink_keeps_a_sample_per_gateway_and_reason_and_never_blocks(tmp_path) -> None:
+    import asyncio
+
+    from collector.quarantine import Quarantine, QuarantineSink
+
+    async def main() -> QuarantineSink:
+        sink = QuarantineSink(tmp_path / "q.db", 1000, 1 << 24, max_rows=100)
+        task = asyncio.create_task(sink.run())
+        now = 1_800_000_000 * 10**9
+        kept = [sink.add("flood", "t", "bad_tag", "x", b"p", now + i) for i in range(500)]
+        kept += [sink.add("other", "t", "bad_tag", "x", b"p", now)]
+        assert kept.count(True) == QuarantineSink.SAMPLE + 1 and sink.sampled_out == 500 - QuarantineSink.SAMPLE
+        # a minute later the flood gets a new sample
+        assert sink.add("flood", "t", "bad_tag", "x", b"p", now + 61 * 10**9)
+        while sink.pending:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await sink.close()
+        return sink
+
+    asyncio.run(main())
+    q = Quarantine(tmp_path / "q.db")
+    assert len(q.list(limit=1000, gateway="flood")) == QuarantineSink.SAMPLE + 1
+    assert len(q.list(limit=1000, gateway="other")) == 1
