@@ -5,8 +5,12 @@ VENV      ?= .venv
 PY        := $(VENV)/bin/python
 PYTHON    ?= python3
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-# binary:package pairs; the tests need the first three, the demo the first two, bench/outbox_fsync.py strace.
-SYSTEM_PACKAGES := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/bin/victoria-metrics:victoria-metrics /usr/bin/strace:strace
+# file:package pairs; the tests need the first three, the demo the first two, bench/outbox_fsync.py strace; the
+# broker's rate-limit plugin (deploy/mosquitto/ratelimit, built by labkit when a test starts the shipped broker)
+# gcc, the C library's and mosquitto's headers.
+SYSTEM_PACKAGES := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/bin/victoria-metrics:victoria-metrics \
+	/usr/bin/strace:strace /usr/bin/gcc:gcc /usr/include/stdio.h:libc6-dev /usr/include/mosquitto.h:libmosquitto-dev \
+	/usr/include/mosquitto_broker.h:mosquitto-dev
 
 .PHONY: all test test-fault demo lint bench deps venv clean
 
@@ -15,7 +19,7 @@ all: test
 deps:
 	@missing=""; \
 	for pair in $(SYSTEM_PACKAGES); do \
-	  bin=$${pair%%:*}; pkg=$${pair##*:}; [ -x "$$bin" ] || missing="$$missing $$pkg"; \
+	  bin=$${pair%%:*}; pkg=$${pair##*:}; [ -e "$$bin" ] || missing="$$missing $$pkg"; \
 	done; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \

@@ -47,8 +47,25 @@ _PATH_KEYS = {
     "/var/lib/mosquitto/": "persistence_location",
     "/etc/mosquitto/citynerve/collector-ca.crt": "collector_cafile",
     "/etc/mosquitto/citynerve/collector-ca.crl": "collector_crlfile",
+    "/usr/lib/mosquitto/citynerve_ratelimit.so": "plugin",
 }
-_PRODUCTION_ROOTS = ("/etc/", "/var/", "/run/")
+_PRODUCTION_ROOTS = ("/etc/", "/var/", "/run/", "/usr/")
+RATELIMIT_DIR = REPO / "deploy" / "mosquitto" / "ratelimit"
+
+
+def ratelimit_plugin() -> Path:
+    """The per-client rate-limit plugin (deploy/mosquitto/ratelimit), built with its Makefile when missing or
+    older than its source: the lab runs the same C file production installs."""
+    built = RATELIMIT_DIR / "citynerve_ratelimit.so"
+    source = RATELIMIT_DIR / "citynerve_ratelimit.c"
+    if not built.exists() or built.stat().st_mtime < source.stat().st_mtime:
+        import subprocess
+
+        result = subprocess.run(["make", "-s", "-C", str(RATELIMIT_DIR)], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"cannot build {built.name} (needs gcc, libmosquitto-dev and mosquitto-dev: "
+                               f"make deps installs them): {result.stderr.strip()[-500:]}")
+    return built
 
 
 @dataclass(frozen=True)
@@ -61,6 +78,7 @@ class LabPaths:
     persistence_location: Path
     collector_cafile: Path
     collector_crlfile: Path
+    plugin: Path
 
 
 def listener_settings(config: str, listener: str) -> dict[str, str]:
@@ -146,7 +164,8 @@ class SecureBroker(LabServer):
         self.paths = LabPaths(
             acl_file=acl, cafile=Path(device_ca_dir) / "ca.crt", crlfile=Path(device_ca_dir) / "ca.crl",
             certfile=server.cert, keyfile=server.key, persistence_location=data,
-            collector_cafile=Path(collector_ca_dir) / "ca.crt", collector_crlfile=Path(collector_ca_dir) / "ca.crl")
+            collector_cafile=Path(collector_ca_dir) / "ca.crt", collector_crlfile=Path(collector_ca_dir) / "ca.crl",
+            plugin=ratelimit_plugin())
         self.shipped_config = config
         self.config_path = self.directory / "mosquitto.conf"
         self.broker_log = self.directory / "broker.log"  # mosquitto's own log; log_path gets its stdout/stderr

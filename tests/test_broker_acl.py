@@ -148,7 +148,8 @@ def test_the_lab_runs_the_shipped_configuration(lab: Lab) -> None:
     running = [line for line in lab.broker.config_path.read_text().splitlines() if line and not line.startswith("#")]
     changed = {line.split()[0] for line in shipped if line not in running}
     assert changed == {"user", "pid_file", "log_dest", "acl_file", "persistence_location", "listener",
-                       "cafile", "crlfile", "certfile", "keyfile"}
+                       "cafile", "crlfile", "certfile", "keyfile", "plugin"}
+    assert "plugin_opt_messages_per_second 200" in running  # the shipped limits, built from the shipped source
     assert f"acl_file {SHIPPED_ACL}" in running  # the shipped ACL itself, not a copy
     for must in ("allow_anonymous false", "require_certificate true", "use_identity_as_username true",
                  "use_username_as_clientid true", "persistence true"):
@@ -165,7 +166,7 @@ def test_the_lab_runs_the_shipped_configuration(lab: Lab) -> None:
 
 
 def test_render_refuses_a_production_path_it_does_not_know(tmp_path: Path) -> None:
-    paths = LabPaths(*(tmp_path / n for n in ("acl", "ca", "crl", "crt", "key", "data", "cca", "ccrl")))
+    paths = LabPaths(*(tmp_path / n for n in ("acl", "ca", "crl", "crt", "key", "data", "cca", "ccrl", "so")))
     with pytest.raises(ValueError, match="production path"):
         render(SHIPPED_CONFIG.read_text() + "password_file /etc/mosquitto/passwd\n", paths, 1883,
                collector_port=1884, log_file=tmp_path / "log")
@@ -423,3 +424,39 @@ def test_revoked_certificate_is_refused_after_reload_and_its_session_ends_on_res
         other = client(kept)
         assert other.connect() == "connected"
         other.close()
+
+
+def test_a_gateway_over_its_publish_rate_is_refused_at_the_door_and_nobody_else_is(clients: Lab) -> None:
+    """citynerve_ratelimit (deploy/mosquitto/ratelimit): the shipped 200 msg/s with a burst of 2000 per client.
+    Beyond it a gateway's PUBLISH is answered 0x87 and never queued for the collectors, so its flood cannot
+    stand in front of other gateways' messages in the collectors' queue; the ACL still decides the rest, and
+    collectors (which publish every gateway's acknowledgements) are not limited."""
+    collector = clients.connected("collector-1")
+    assert collector.subscribe(f"{G}{P}/+/up") == [GRANTED_QOS1]
+    flooder = clients.client("gw-a")
+    flooder.client.max_inflight_messages_set(1000)
+    assert flooder.connect() == "connected"
+    other = clients.connected("gw-b")
+    started = time.monotonic()
+    infos = [flooder.client.publish(f"{P}/gw-a/up", b"flood", qos=1) for _ in range(3000)]
+    for info in infos:
+        info.wait_for_publish(30)
+    elapsed = time.monotonic() - started
+    codes = [flooder.pubacks[info.mid] for info in infos]
+    accepted = sum(code in ACCEPTED for code in codes)
+    refused = codes.count(NOT_AUTHORIZED)
+    assert accepted + refused == 3000
+    assert 2000 <= accepted <= 2000 + 200 * (elapsed + 1), (accepted, elapsed)
+    assert refused >= 3000 - 2000 - 200 * (elapsed + 1)
+    # the other gateway is not touched by the flooder's budget, and its messages reach the collector
+    assert all(other.publish(f"{P}/gw-b/up", f"b-{i}".encode()) in ACCEPTED for i in range(5))
+    collector.wait_for(lambda m: sum(x.topic == f"{G}{P}/gw-b/up" for x in m) >= 5, timeout=10)
+    assert sum(t == f"{G}{P}/gw-a/up" for t in collector.topics()) == accepted  # refused ones were never queued
+    # the ACL still applies within the rate: gw-b cannot write gw-a's topic
+    assert other.publish(f"{P}/gw-a/up", b"forged") == NOT_AUTHORIZED
+    # collectors are exempt: 2500 acknowledgements in a row all go out
+    acks = [collector.client.publish(f"{G}{P}/gw-b/down/ack", b"ack", qos=1) for _ in range(2500)]
+    for info in acks:
+        info.wait_for_publish(30)
+    assert all(collector.pubacks[info.mid] in ACCEPTED for info in acks)
+    assert "citynerve_ratelimit: refused PUBLISH from gw-a" in clients.broker.log_text()
