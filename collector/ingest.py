@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from collector.guard import Guard
+from collector.guard import Guard, Verdict
 from collector.influx.lineproto import LineProtocolError, encode_line
 from collector.reasons import RETRY_LATER
 from wire import topics
@@ -64,6 +64,13 @@ class Accepted:
     # Readings (or fields of readings) the guard declined, by reason, with the first detail of each reason.
     declined: Counter[str] = field(default_factory=Counter)
     details: dict[str, str] = field(default_factory=dict)
+
+    def verdict(self, verdict: Verdict) -> dict | None:
+        """Count what the guard declined; the fields to write, or None."""
+        for reason, detail in verdict.declined:
+            self.declined[reason] += 1
+            self.details.setdefault(reason, detail)
+        return verdict.fields
 
     @property
     def held(self) -> bool:
@@ -136,13 +143,10 @@ class Ingest:
             reading = batch.readings[index]
             tags = {**reading.tags, "gateway": batch.gateway, "device": reading.device}
             if guard is not None:
-                verdict = guard.check(batch.gateway, reading.measurement, tags, reading.fields, reading.quality, now)
-                for reason, detail in verdict.declined:
-                    acc.declined[reason] += 1
-                    acc.details.setdefault(reason, detail)
-                if verdict.fields is None:
+                fields = acc.verdict(guard.check(batch.gateway, reading.measurement, tags, reading.fields,
+                                                 reading.quality, now))
+                if fields is None:
                     continue
-                fields = verdict.fields
             else:
                 fields = reading.fields
                 if reading.quality:  # the reason a value is missing, stored next to where the value would be
@@ -158,13 +162,10 @@ class Ingest:
                 tags["measurement"] = reading.measurement
                 fields = {**fields, "sample_time_ns": reading.time_ns}
                 if guard is not None:  # one measurement for every gateway's set-aside readings: same rules
-                    verdict = guard.check(batch.gateway, self.suspect_measurement, tags, fields, {}, now, owned=True)
-                    for reason, detail in verdict.declined:
-                        acc.declined[reason] += 1
-                        acc.details.setdefault(reason, detail)
-                    if verdict.fields is None:
+                    fields = acc.verdict(guard.check(batch.gateway, self.suspect_measurement, tags, fields, {}, now,
+                                                     owned=True))
+                    if fields is None:
                         continue
-                    fields = verdict.fields
                 lines.append(encode_line(self.suspect_measurement, tags, fields, receive_ns + index))
             except LineProtocolError:
                 acc.skipped += 1
