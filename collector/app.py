@@ -37,9 +37,9 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as paho
 
-from collector.admission import FairQueue, Limits
+from collector.admission import FairQueue
 from collector.config import CollectorConfig, default_client_id
-from collector.guard import SCHEMA_QUERY, Guard, GuardLimits, learn_from_show_keys
+from collector.guard import SCHEMA_QUERY, Guard, learn_from_show_keys
 from collector.health import health_lines
 from collector.influx.backends import WriteFailure, make_backend
 from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
@@ -95,11 +95,7 @@ class Collector:
         lim = cfg.limits
         self.registry, opener = _security(cfg)
         self.opener = opener
-        self.guard = Guard(GuardLimits(
-            window=float(lim.window), new_series=lim.new_series, new_devices=lim.new_devices,
-            new_fields=lim.new_fields, new_measurements=lim.new_measurements, max_series=lim.max_series,
-            max_devices=lim.max_devices,
-        ))
+        self.guard = Guard(lim.guard())
         for measurement, fields in cfg.schema.declared().items():
             for name, kind in fields.items():
                 self.guard.declare(measurement, name, kind)
@@ -112,13 +108,7 @@ class Collector:
             accept_plain=cfg.security is None or cfg.security.accept_plain,
             guard=self.guard,
         )
-        self.admission = FairQueue(Limits(
-            max_messages=lim.max_messages, max_bytes=lim.max_bytes, gateway_messages=lim.gateway_messages,
-            gateway_bytes=lim.gateway_bytes, rate=lim.messages_per_second, burst=lim.messages_burst,
-            byte_rate=lim.bytes_per_second, byte_burst=lim.bytes_burst,
-            gateway_pending_lines=lim.gateway_pending_lines, gateway_pending_bytes=lim.gateway_pending_bytes,
-            max_pending_bytes=lim.max_pending_bytes,
-        ))
+        self.admission = FairQueue(lim.admission())
         q = cfg.quarantine
         self.quarantine = QuarantineSink(q.path, q.max_entries, q.max_bytes) if q.max_entries else None
         self.counters: Counter[str] = Counter()
@@ -209,8 +199,8 @@ class Collector:
             self._reject("?", msg, Rejection.BAD_TOPIC, f"not an uplink or status topic under {self.prefix}/: "
                          f"{msg.topic!r}", receive_ns)
             return
-        gateway = parsed[0]
-        reason = self.admission.offer(gateway, (msg, receive_ns), size, time.monotonic())
+        gateway, kind = parsed
+        reason = self.admission.offer(gateway, (msg, receive_ns, kind), size, time.monotonic())
         if reason is not None:
             self._decline(gateway, msg, reason)
             return
@@ -255,8 +245,9 @@ class Collector:
         tasks = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.cfg.limits.workers)]
         tasks += [asyncio.create_task(self._send_acks(), name="acks"),
                   asyncio.create_task(self._housekeeping(), name="housekeeping"),
-                  asyncio.create_task(self._schema_refresh(), name="schema"),
-                  asyncio.create_task(self._report(), name="stats")]
+                  asyncio.create_task(self._schema_refresh(), name="schema")]
+        if float(self.cfg.log.stats_interval) > 0:
+            tasks.append(asyncio.create_task(self._report(), name="stats"))
         if self.quarantine is not None:
             tasks.append(asyncio.create_task(self.quarantine.run(), name="quarantine"))
         try:
@@ -310,18 +301,19 @@ class Collector:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            gateway, (msg, receive_ns) = job
+            gateway, (msg, receive_ns, kind) = job
             try:
-                await self._process(gateway, msg, receive_ns)
+                await self._process(gateway, msg, receive_ns, kind)
             except WriterClosed:
                 return  # shutting down: not acknowledged, so the broker delivers it again
             finally:
                 self.admission.done(gateway)
                 self._work.set()  # its next message, or another worker's wait, may go now
 
-    async def _process(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int) -> None:
+    async def _process(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int, kind: str) -> None:
+        """One admitted message; `kind` is its topic's (topics.UP or topics.STATUS), parsed once at admission."""
         try:
-            if msg.topic.endswith("/" + topics.STATUS):
+            if kind == topics.STATUS:
                 await self._status(gateway, msg, receive_ns)
             else:
                 await self._uplink(gateway, msg, receive_ns)
@@ -425,26 +417,23 @@ class Collector:
             content = refused.status in _CONTENT_REFUSED
             self.counters["lines_rejected_by_influx"] += token.lines
             self.rejections[Reason.INFLUX_REFUSED] += 1
-            # A type conflict the guard did not foresee (it believed another type): the store holds a type some
-            # other writer set first (another collector's gateway, in a new shard). The message followed what
-            # was known, so it is not its fault: not acknowledged; sent again, the guard now leaves out the
-            # conflicting field and the rest is stored.
-            foreign = content and self.guard.learn_from_refusal(refused.reason) > 0
-            # A store-wide limit (max-values-per-tag, max-series-per-database) is everyone's, not this message's
-            # fault: nothing the gateway sent is wrong. Not acknowledged; it comes again until the limit is raised.
-            store_limit = content and any(text in refused.reason for text in _STORE_LIMITS)
-            if store_limit:
+            acked = False  # sent again by the gateway, unless the refusal is this message's own fault
+            if content and any(text in refused.reason for text in _STORE_LIMITS):
+                # A store-wide limit (max-values-per-tag, max-series-per-database) is everyone's, not this
+                # message's fault: nothing the gateway sent is wrong. It comes again until the limit is raised.
                 self.counters["store_limit_refusals"] += 1
                 outcome = ("a limit of the whole store: raise it in influxdb.conf or lower the collectors' [limits] "
                            "budgets (docs/operations.md#limits); the gateway sends it again")
-                foreign = True
-            elif foreign:
+            elif content and self.guard.learn_from_refusal(refused.reason):
+                # A type conflict the guard did not foresee: the store holds a type some other writer set first
+                # (another collector's gateway, in a new shard). The message followed what was known, so it is
+                # not its fault; sent again, the guard leaves out the conflicting field and the rest is stored.
                 self.counters["types_learnt_from_refusals"] += 1
                 outcome = "learnt the store's type; the gateway sends it again"
             elif content:
                 self._quarantine(token.gateway, token.topic, Reason.INFLUX_REFUSED,
                                  f"HTTP {refused.status}: {refused.reason}", token.payload, time.time_ns())
-                outcome = "quarantined, not retried"
+                outcome, acked = "quarantined, not retried", True
             else:
                 outcome = "the gateway sends it again until the configuration is fixed"
             self._warn.error(
@@ -452,7 +441,7 @@ class Collector:
                 "%s (HTTP %s): %s; %s", token.lines, token.gateway, refused.status, refused.reason, outcome,
                 gateway=token.gateway, reason=str(Reason.INFLUX_REFUSED),
             )
-            self._settle(token, ack_end_to_end=content and not foreign)
+            self._settle(token, ack_end_to_end=acked)
         self._work.set()  # gateways waiting for their lines to be written may go on
 
     def _settle(self, token: _Delivery, *, ack_end_to_end: bool) -> None:
@@ -541,8 +530,6 @@ class Collector:
 
     async def _report(self) -> None:
         interval = float(self.cfg.log.stats_interval)
-        if interval <= 0:
-            await asyncio.Event().wait()  # nothing to report: idle, as a supervised task must not end
         while True:
             await asyncio.sleep(interval)
             log.info("stats: %s", self._summary())

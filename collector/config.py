@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from collector.admission import Limits as AdmissionLimits
+from collector.guard import GuardLimits
 from collector.influx.config import InfluxConfig
 from wire import config as wconfig
 from wire.config import Duration, invalid
@@ -96,6 +98,7 @@ class AcksSection(msgspec.Struct, forbid_unknown_fields=True):
 
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+_ADMISSION, _GUARD = AdmissionLimits(), GuardLimits()
 
 
 class LimitsSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -106,29 +109,30 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True):
     devices drain a day of backlog at full speed; the store's own limits (max-values-per-tag,
     max-series-per-database) must exceed gateways x max_devices and gateways x max_series."""
 
+    # The defaults are the pure cores' (collector/admission.py Limits, collector/guard.py GuardLimits): one place.
     # the collector as a whole: messages and bytes received and not yet processed
-    max_messages: Positive = 4096
-    max_bytes: Positive = 64 * 1024 * 1024
+    max_messages: Positive = _ADMISSION.max_messages
+    max_bytes: Positive = _ADMISSION.max_bytes
     # per gateway: what may wait, and how fast it may come (token buckets)
-    gateway_messages: Positive = 256
-    gateway_bytes: Positive = 16 * 1024 * 1024
-    messages_per_second: Annotated[float, msgspec.Meta(gt=0)] = 200.0
-    messages_burst: Annotated[float, msgspec.Meta(ge=1)] = 2000.0
-    bytes_per_second: Annotated[float, msgspec.Meta(gt=0)] = 4 * 1024 * 1024
-    bytes_burst: Annotated[float, msgspec.Meta(ge=1)] = 64 * 1024 * 1024
+    gateway_messages: Positive = _ADMISSION.gateway_messages
+    gateway_bytes: Positive = _ADMISSION.gateway_bytes
+    messages_per_second: Annotated[float, msgspec.Meta(gt=0)] = _ADMISSION.rate
+    messages_burst: Annotated[float, msgspec.Meta(ge=1)] = _ADMISSION.burst
+    bytes_per_second: Annotated[float, msgspec.Meta(gt=0)] = _ADMISSION.byte_rate
+    bytes_burst: Annotated[float, msgspec.Meta(ge=1)] = _ADMISSION.byte_burst
     # per gateway: lines waiting for the InfluxDB writer before its next message is taken up
-    gateway_pending_lines: Positive = 5000
-    gateway_pending_bytes: Positive = 8 * 1024 * 1024
+    gateway_pending_lines: Positive = _ADMISSION.gateway_pending_lines
+    gateway_pending_bytes: Positive = _ADMISSION.gateway_pending_bytes
     # all gateways' lines and payloads waiting for the writer (with max_bytes: what the collector holds)
-    max_pending_bytes: Positive = 32 * 1024 * 1024
+    max_pending_bytes: Positive = _ADMISSION.max_pending_bytes
     # per gateway and window: new series, devices, field names and measurements; and in all
-    window: Duration = Duration(3600)
-    new_series: Positive = 2000
-    new_devices: Positive = 200
-    new_fields: Positive = 500
-    new_measurements: Positive = 50
-    max_series: Positive = 10_000
-    max_devices: Positive = 1000
+    window: Duration = Duration(_GUARD.window)
+    new_series: Positive = _GUARD.new_series
+    new_devices: Positive = _GUARD.new_devices
+    new_fields: Positive = _GUARD.new_fields
+    new_measurements: Positive = _GUARD.new_measurements
+    max_series: Positive = _GUARD.max_series
+    max_devices: Positive = _GUARD.max_devices
     # messages processed at once (each by a different gateway)
     workers: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
 
@@ -137,6 +141,22 @@ class LimitsSection(msgspec.Struct, forbid_unknown_fields=True):
             raise invalid("window", f'expected a duration > 0 such as "1h", got {float(self.window):g}')
         if self.gateway_messages > self.max_messages:
             raise invalid("gateway_messages", f"expected at most max_messages ({self.max_messages})")
+
+    def admission(self) -> AdmissionLimits:
+        return AdmissionLimits(
+            max_messages=self.max_messages, max_bytes=self.max_bytes, gateway_messages=self.gateway_messages,
+            gateway_bytes=self.gateway_bytes, rate=self.messages_per_second, burst=self.messages_burst,
+            byte_rate=self.bytes_per_second, byte_burst=self.bytes_burst,
+            gateway_pending_lines=self.gateway_pending_lines, gateway_pending_bytes=self.gateway_pending_bytes,
+            max_pending_bytes=self.max_pending_bytes,
+        )
+
+    def guard(self) -> GuardLimits:
+        return GuardLimits(
+            window=float(self.window), new_series=self.new_series, new_devices=self.new_devices,
+            new_fields=self.new_fields, new_measurements=self.new_measurements, max_series=self.max_series,
+            max_devices=self.max_devices,
+        )
 
 
 FieldType = Literal["float", "integer", "boolean", "string"]

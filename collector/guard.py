@@ -32,7 +32,7 @@ number of new names each gateway may introduce.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,12 +184,10 @@ class Guard:
             types = self._types[measurement] = {}
         known_tags = self._tag_keys.get(measurement, ())
         device = tags.get("device", "")
-        if device not in gw.devices and (len(gw.devices) >= lim.max_devices
-                                         or not gw.new_devices.take(now, lim.window, lim.new_devices)):
+        if not self._device_fits(gw, device, now):
             return Verdict(None, [(Reason.DEVICE_LIMIT,
                                    f"device {device!r}: over this gateway's budget of {lim.new_devices} new "
                                    f"devices per {lim.window:g} s ({lim.max_devices} in all)")])
-        gw.devices.add(device)
         key = hash((measurement, *sorted(tags.items())))
         if key not in gw.series:
             if len(gw.series) >= lim.max_series or not gw.new_series.take(now, lim.window, lim.new_series):
@@ -235,20 +233,21 @@ class Guard:
             tag_keys.update(tags)
         return Verdict(out, declined)
 
-    def check_devices(self, gateway: str, devices: Iterable[str], now: float) -> tuple[list[str], int]:
+    def check_devices(self, gateway: str, devices: Collection[str], now: float) -> tuple[list[str], int]:
         """Device ids of a health document that fit this gateway's device budget, and how many do not."""
-        lim = self.limits
         gw = self._gateways.setdefault(gateway, _GatewayState())
-        ok, over = [], 0
-        for device in devices:
-            if device in gw.devices:
-                ok.append(device)
-            elif len(gw.devices) < lim.max_devices and gw.new_devices.take(now, lim.window, lim.new_devices):
-                gw.devices.add(device)
-                ok.append(device)
-            else:
-                over += 1
-        return ok, over
+        ok = [device for device in devices if self._device_fits(gw, device, now)]
+        return ok, len(devices) - len(ok)
+
+    def _device_fits(self, gw: _GatewayState, device: str, now: float) -> bool:
+        """A device this gateway already has, or a new one within its budget (then it has it from now on)."""
+        if device in gw.devices:
+            return True
+        lim = self.limits
+        if len(gw.devices) >= lim.max_devices or not gw.new_devices.take(now, lim.window, lim.new_devices):
+            return False
+        gw.devices.add(device)
+        return True
 
 
 SCHEMA_QUERY = "SHOW FIELD KEYS; SHOW TAG KEYS"

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from collector.app import Collector
 from collector.config import CollectorConfig
 from collector.reasons import Reason
+from wire import topics
 from wire.config import load
 from wire.envelope import seal_plain
 from wire.schema import Batch, Reading, encode_batch
@@ -94,8 +95,8 @@ def run_fuzz(collector: Collector, messages: list[paho.MQTTMessage]) -> None:
         await collector.writer.start()
         try:
             for msg in messages:
-                gateway = msg.topic.split("/")[2] if msg.topic.count("/") >= 3 else "?"
-                await collector._process(gateway, msg, __import__("time").time_ns())
+                gateway, kind = topics.parse("citynerve/v1", msg.topic)  # as admission hands it over
+                await collector._process(gateway, msg, __import__("time").time_ns(), kind)
         finally:
             await collector.writer.close(drain=True)
 

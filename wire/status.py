@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from wire.schema import GatewayId, Name
+from wire.schema import GatewayId, Name, Seq, TimeNs
 
 ONLINE = "online"
 OFFLINE = "offline"
@@ -43,8 +43,7 @@ MAX_STATUS_BYTES = 256 * 1024
 MAX_DEVICES = 1000
 MAX_ERROR_CHARS = 1024
 
-Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-TimeNs = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Count = Seq  # a non-negative int64, as the wire schema's seq
 Short = Annotated[str, msgspec.Meta(max_length=64)]
 
 
