@@ -132,3 +132,14 @@ def test_scan_reports_garbled_answers_and_nothing_found() -> None:
         responder.close()
     # unit 2 answered garbage twice (counted, not taken for a unit), then nothing else answered cleanly
     assert "garbled answer(s)" in result.stderr
+
+
+def test_a_word_order_that_reads_as_a_sentinel_is_null_in_json_not_a_crash() -> None:
+    """50.92 Hz as float32 ABCD is a NaN pattern in DCBA (a not-available sentinel): `read --json` crashed on it
+    with a TypeError when the simulator's frequency happened to land there."""
+    from edge_agent.modbus.inspect import format_table, pair_rows
+
+    rows = pair_rows(70, [16971, 44671])
+    assert rows[0]["float32 DCBA"] is None and 50.9 < rows[0]["float32 ABCD"] < 51.0
+    json.dumps(rows)
+    assert format_table(rows).splitlines()[1].split()[4] == "-"

@@ -9,12 +9,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from edge_agent.modbus.decode import make_decoder
+from edge_agent.modbus.decode import Missing, make_decoder
 
 ORDERS_32 = ("ABCD", "CDAB", "BADC", "DCBA")
 
 
 def _show(value: Any) -> Any:
+    if isinstance(value, Missing):  # a sentinel in this reading (e.g. a float32 NaN): nothing to show, also in JSON
+        return None
     if isinstance(value, float):
         if not math.isfinite(value):
             return str(value)
@@ -58,4 +60,4 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def _none(value: Any) -> Any:
-    return "-" if value is None or value.__class__.__name__ == "Missing" else value
+    return "-" if value is None else value
