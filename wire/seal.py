@@ -21,6 +21,17 @@ Uplink (format 0x02), all integers big-endian:
     nonce = 00 00 00 00 || counter (8)
     AAD   = bytes [0, 138+L) || u16 len(topic) || topic (UTF-8)
 
+Confidential downlink (format 0x04): operators' commands and configurations (wire/control.py). Encrypted and
+authenticated with a key derived from the session's downlink key; the broker reads nothing of it:
+
+    0    1   format 0x04
+    1   16   session id (of the gateway session whose downlink key seals it)
+    17   8   collector time, ms since the Unix epoch
+    25  12   nonce (random: several collector instances seal for one session, so no shared counter exists;
+             a session carries few downlinks, far below the 2**32 messages random 96-bit nonces allow)
+    37   n   ChaCha20-Poly1305 ciphertext of the payload
+    37+n 16  tag;  AAD = label || L || gateway id || u16 len(topic) || topic || bytes [0, 37)
+
 Downlink (format 0x03), authenticated, not encrypted:
 
     0    1   format 0x03
@@ -54,6 +65,8 @@ from wire.schema import GATEWAY_ID_PATTERN
 
 FORMAT_SEALED = 0x02  # == wire.envelope.Format.SEALED_V2
 FORMAT_DOWNLINK = 0x03
+FORMAT_CONFIDENTIAL = 0x04
+NONCE_LEN = 12
 
 KID_LEN = 8
 SID_LEN = 16
@@ -76,6 +89,9 @@ _LABEL_SESSION = b"citynerve seal v2 session\x00"
 _LABEL_UP = b"citynerve seal v2 uplink key\x00"
 _LABEL_DOWN = b"citynerve seal v2 downlink key\x00"
 _LABEL_DOWN_MAC = b"citynerve seal v2 downlink mac\x00"
+_LABEL_SECRET = b"citynerve seal v2 confidential downlink key\x00"
+_LABEL_SECRET_AAD = b"citynerve seal v2 confidential downlink\x00"
+_CONF_HEADER_LEN = 1 + SID_LEN + 8 + NONCE_LEN  # 37
 
 DOWNLINK_SESSIONS_KEPT = 4  # the agent accepts downlinks for its current session and the 3 before it
 SESSIONS_PER_GATEWAY = 8  # cached sessions per gateway on the collector (a gateway normally has 1, 2 at a rotation)
@@ -172,6 +188,15 @@ def _session_keys(shared: bytes, sid: bytes, announcement: bytes, identity_pub: 
     up = HKDF(hashes.SHA256(), 32, salt=sid, info=_LABEL_UP + context).derive(shared)
     down = HKDF(hashes.SHA256(), 32, salt=sid, info=_LABEL_DOWN + context).derive(shared)
     return up, down
+
+
+def _secret_key(down_key: bytes) -> bytes:
+    """The confidential downlink's AEAD key: separate from the MAC key of format 0x03 (one key, one purpose)."""
+    return HKDF(hashes.SHA256(), 32, salt=None, info=_LABEL_SECRET).derive(down_key)
+
+
+def _secret_aad(gw: bytes, topic: str, header: bytes) -> bytes:
+    return _LABEL_SECRET_AAD + bytes((len(gw),)) + gw + _topic_aad(topic) + header
 
 
 def _down_mac(key: bytes, gw: bytes, topic: str, signed: bytes) -> bytes:
@@ -326,8 +351,31 @@ class GatewaySealer:
             mac.verify(tag)
         except InvalidSignature:
             raise SealError(SealReason.BAD_TAG, "downlink authentication failed") from None
+        self._check_fresh(int.from_bytes(payload[1 + SID_LEN:_DOWN_HEADER_LEN], "big"), tag, check_age)
+        return payload[_DOWN_HEADER_LEN:-MAC_LEN]
+
+    def open_confidential(self, topic: str, payload: bytes) -> bytes:
+        """The plaintext of a confidential downlink (format 0x04) for this topic; raises SealError. The age is
+        always checked (a command or configuration replayed later must not be taken as new): the document's own
+        deadline and id are checked again by the agent (wire/control.py)."""
+        payload = bytes(payload)
+        if len(payload) < _CONF_HEADER_LEN + TAG_LEN or payload[0] != FORMAT_CONFIDENTIAL:
+            raise SealError(SealReason.MALFORMED_HEADER, f"not a confidential downlink ({len(payload)} bytes)")
+        sid = payload[1:1 + SID_LEN]
+        key = self._down_keys.get(sid)
+        if key is None:
+            raise SealError(SealReason.UNKNOWN_SESSION, f"downlink for session {sid.hex()}, not one of ours")
+        header = payload[:_CONF_HEADER_LEN]
+        try:
+            plaintext = ChaCha20Poly1305(_secret_key(key)).decrypt(
+                header[1 + SID_LEN + 8:], payload[_CONF_HEADER_LEN:], _secret_aad(self._gw, topic, header))
+        except InvalidTag:
+            raise SealError(SealReason.BAD_TAG, "confidential downlink authentication failed") from None
+        self._check_fresh(int.from_bytes(payload[1 + SID_LEN:1 + SID_LEN + 8], "big"), payload[-TAG_LEN:], True)
+        return plaintext
+
+    def _check_fresh(self, sent_ms: int, tag: bytes, check_age: bool) -> None:
         now_ms = self._clock() * 1000.0
-        sent_ms = int.from_bytes(payload[1 + SID_LEN:_DOWN_HEADER_LEN], "big")
         if check_age and abs(now_ms - sent_ms) > self._down_max_age_ms:
             raise SealError(SealReason.STALE, f"downlink sent {(now_ms - sent_ms) / 1000:.1f} s ago (limit "
                                               f"{self._down_max_age_ms / 1000:.0f} s either way)")
@@ -340,7 +388,7 @@ class GatewaySealer:
             raise SealError(SealReason.DUPLICATE, "downlink already received")
         self._seen_down.add(tag)
         order.append((now_ms + 2 * self._down_max_age_ms, tag))
-        return payload[_DOWN_HEADER_LEN:-MAC_LEN]
+
 
 
 # ------------------------------------------------------------------------------------------ collector side
@@ -595,3 +643,28 @@ class Opener:
                             f"no verified session {bytes(session_id).hex()} of {gateway_id!r} here")
         signed = bytes((FORMAT_DOWNLINK,)) + session.sid + _u64(int(self._clock() * 1000)) + plaintext
         return signed + _down_mac(session.down_key, gateway_id.encode("ascii"), topic, signed)
+
+    def newest_session(self, gateway_id: str) -> bytes | None:
+        """The id of the newest session of this gateway with an accepted message that this Opener still holds:
+        the one to seal a downlink for when no uplink is being answered (commands, configurations)."""
+        state = self._gateways.get(gateway_id)
+        if state is None:
+            return None
+        for order, _ in reversed(state.history):
+            if order[1] in state.sessions:
+                return order[1]
+        return None
+
+    def seal_confidential(self, gateway_id: str, session_id: bytes, topic: str, plaintext: bytes) -> bytes:
+        """A confidential downlink (format 0x04) for a session this Opener has verified. Raises
+        SealError(unknown_session)."""
+        state = self._gateways.get(gateway_id)
+        session = state.sessions.get(bytes(session_id)) if state is not None else None
+        if session is None:
+            raise SealError(SealReason.UNKNOWN_SESSION,
+                            f"no verified session {bytes(session_id).hex()} of {gateway_id!r} here")
+        header = (bytes((FORMAT_CONFIDENTIAL,)) + session.sid + _u64(int(self._clock() * 1000))
+                  + os.urandom(NONCE_LEN))
+        aad = _secret_aad(gateway_id.encode("ascii"), topic, header)
+        return header + ChaCha20Poly1305(_secret_key(session.down_key)).encrypt(header[1 + SID_LEN + 8:],
+                                                                               plaintext, aad)

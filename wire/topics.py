@@ -1,4 +1,7 @@
-"""MQTT topic layout: <prefix>/<gateway_id>/up | status | down/<kind>. Pure functions."""
+"""MQTT topic layout: <prefix>/<gateway_id>/up | status | report | down/<kind>. Pure functions.
+
+report: the gateway's sealed reports on commands and configurations (wire/control.py); down/ack: end-to-end
+acknowledgements (wire/ack.py); down/control: operators' signed documents, confidential (wire/seal.py 0x04)."""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from wire.schema import GATEWAY_ID_PATTERN
 DEFAULT_PREFIX = "citynerve/v1"
 UP = "up"
 STATUS = "status"
+REPORT = "report"
 DOWN = "down"
 
 _GATEWAY_ID = re.compile(GATEWAY_ID_PATTERN)
@@ -24,6 +28,10 @@ def up(prefix: str, gateway_id: str) -> str:
 
 def status(prefix: str, gateway_id: str) -> str:
     return f"{prefix}/{gateway_id}/{STATUS}"
+
+
+def report(prefix: str, gateway_id: str) -> str:
+    return f"{prefix}/{gateway_id}/{REPORT}"
 
 
 def down(prefix: str, gateway_id: str, kind: str) -> str:
