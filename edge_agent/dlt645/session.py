@@ -1,7 +1,7 @@
 """Reading one DL/T 645 meter: the sans-IO decision of what to send next and what the answers mean.
 
-Events in (bytes from the line, a silence timeout), actions out (`Send`, `Expect`, `Done`), in the style of
-edge_agent/serial/iec62056_21.py's `Iec62056Session` (driver protocol in its docstring). One poll reads each
+Events in (bytes from the line, a silence timeout), actions out (`Send`, `Expect`, `Done`: the steps and the
+driver of edge_agent/serial/dialogue.py). One poll reads each
 configured identifier in turn with its own request (DL/T 645-2007 §7.2, 1997 §6.2): a meter answers one
 identifier per request, and an abnormal answer ("no such data") for one identifier costs that field only -
 its quality becomes "not_available"; a silent meter ends the poll at the first timeout (the bus owner backs off
@@ -14,38 +14,18 @@ the shipped tables fits one frame; a follow-up bit is ignored and the first fram
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from edge_agent.dlt645 import frames
 from edge_agent.dlt645.identifiers import Identifier, ValueError645, decode_value
 from edge_agent.serial.base import Rejected, Sample
+from edge_agent.serial.dialogue import Done, Expect, Send, Step, run_session, transmit_s
+
+__all__ = ["Dlt645Session", "PollResult", "run_session"]
 
 # At 2400 baud a byte (8E1: 11 bits) takes 4.6 ms; DL/T 645-2007 §4.1.3 lets a meter take up to 500 ms before it
 # answers (Td "≤500ms") and the bytes of a frame must follow each other within 500 ms.
 ANSWER_S = 0.5
 GAP_S = 0.5
-
-
-@dataclass(frozen=True)
-class Send:
-    data: bytes
-
-
-@dataclass(frozen=True)
-class Expect:
-    timeout_s: float
-
-
-@dataclass(frozen=True)
-class Done:
-    pass
-
-
-Step = Send | Expect | Done
-
-
-def transmit_s(n_bytes: int, baud: int) -> float:
-    return n_bytes * 11 / baud  # start, 8 data, even parity, stop
 
 
 @dataclass
@@ -168,29 +148,3 @@ class Dlt645Session:
         if not r.fields and not r.quality:
             return None
         return Sample(dict(r.fields), measurement, None, dict(tags), dict(r.quality), dict(r.units))
-
-
-# -- a driver (asyncio; the only part of this module with I/O) ---------------------------------------------------
-
-
-class LinePort(Protocol):
-    def write(self, data: bytes) -> None: ...
-
-    async def read(self, timeout: float | None = None) -> bytes: ...  # b"" when the timeout passed
-
-
-async def run_session(session: Dlt645Session, port: LinePort) -> PollResult:
-    """Drive `session` over `port` (edge_agent/serial/port.py SerialStream) until Done; the port's errors
-    propagate (the bus owner reopens the port)."""
-    while True:
-        step = session.next_step()
-        if isinstance(step, Send):
-            port.write(step.data)
-        elif isinstance(step, Expect):
-            data = await port.read(step.timeout_s)
-            if data:
-                session.feed(data)
-            else:
-                session.timeout()
-        else:
-            return session.result
