@@ -48,6 +48,7 @@ demo: deps venv
 	$(PY) -m labkit.demo
 
 bench: deps venv
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) -m bench.run
 
 lint: venv
