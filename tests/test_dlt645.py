@@ -166,7 +166,7 @@ def test_bad_values_name_the_identifier_and_byte() -> None:
     energy = table("2007").by_code()[0x00010000]
     with pytest.raises(ValueError645, match=r"00010000 \(energy_import\): byte 2 of the value is FA, not BCD"):
         decode_value(energy, bytes.fromhex("42 06 FA 00"))
-    with pytest.raises(ValueError645, match="3 value bytes, format XXXXXX.XX has 4"):
+    with pytest.raises(ValueError645, match=r"3 value bytes, format XXXXXX\.XX has 4"):
         decode_value(energy, bytes.fromhex("42 06 12"))
     date = table("2007").by_code()[0x04000101]
     with pytest.raises(ValueError645, match="not a date"):

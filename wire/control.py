@@ -26,6 +26,7 @@ purpose is never valid for another.
 from __future__ import annotations
 
 import base64
+import contextlib
 import enum
 import fnmatch
 import hashlib
@@ -341,10 +342,8 @@ class Trust:
         self._crl: Crl | None = None
         self._crl_signed: SignedCrl | None = None
         if saved_crl:
-            try:
+            with contextlib.suppress(ControlRefused):  # a damaged saved list: wait for the next one
                 self.offer_crl(decode_signed_crl(saved_crl), now_ms=None)
-            except ControlRefused:
-                pass  # a damaged saved list: wait for the next one
 
     @property
     def crl(self) -> Crl | None:

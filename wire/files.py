@@ -116,8 +116,11 @@ def private_sqlite(path: Path | str, *, create: bool = True) -> Path:
     return path
 
 
-def write_private(path: Path | str, data: bytes, *, overwrite: bool = True) -> Path:
+def write_private(path: Path | str, data: bytes, *, overwrite: bool = True, durable: bool = True) -> Path:
     """Write `data` to `path`, mode 0600 from the first byte, fsynced.
+
+    durable=False skips both fsyncs, for a batch of thousands of files that ends with one sync_batch(): one
+    flush of the disk for the batch instead of two per file (bulk enrollment: 20 ms per certificate otherwise).
 
     With `overwrite` (the default) the file is replaced atomically (a temporary file in the same directory,
     renamed over it; the directory is fsynced): a reader sees the old or the new content, never a part.
@@ -132,15 +135,25 @@ def write_private(path: Path | str, data: bytes, *, overwrite: bool = True) -> P
             os.fchmod(fh.fileno(), FILE_MODE)  # os.open's mode passes through the umask
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         if overwrite:
             os.replace(target, path)
-        _fsync_dir(path.parent)
+        if durable:
+            _fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(target)
         raise
     return path
+
+
+def sync_batch(*directories: Path | str) -> None:
+    """Make a batch of durable=False writes durable: sync(2) (on Linux it returns once the data is on disk), then
+    the directories holding the new names."""
+    os.sync()
+    for directory in directories:
+        _fsync_dir(Path(directory))
 
 
 def _fsync_dir(directory: Path) -> None:
