@@ -43,7 +43,7 @@ class SimMeter:
             return round(5.0 + phase * 0.5, 3 if self.edition == "2007" else 2)
         if name.startswith("power_factor"):
             return 0.987
-        if name == "reactive_power_total":
+        if name == "reactive_power":
             return -120.0 if self.edition == "2007" else 120.0  # 2007: negative (capacitive), the sign bit
         if name.startswith(("power", "apparent_power")):
             return 3456.7 + phase * 100 if self.edition == "2007" else 3456.7

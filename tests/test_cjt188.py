@@ -48,7 +48,7 @@ def test_the_published_water_answer_checksum_is_refused_and_the_bytes_decode() -
 def test_heat_meter_with_the_unit_first_converts_into_the_vocabulary() -> None:
     m = frames.metering(frames.parse(HEAT_ANS), unit_first=True)
     assert m.measurement == "heat"
-    assert m.fields["heat_energy"] == 20.0  # 0.02 MWh
+    assert m.fields["energy"] == 20.0  # 0.02 MWh
     assert m.fields["volume"] == 10.34 and m.fields["temperature_supply"] == 25.35
     assert m.fields["temperature_return"] == 25.66 and m.fields["meter_time"] == "2015-07-10T12:00:53"
     # read as the standard's order (value, then unit), the same bytes name a unit of the wrong kind: refused
@@ -65,7 +65,7 @@ def test_units_convert_into_the_vocabulary() -> None:
         raw += bytes(int(digits[i:i + 2], 16) for i in range(6, -2, -2)) + bytes([unit])
         body[:len(raw)] = raw
         frame = frames.parse(frames.build(0x20, "1", 0x81, bytes(body)))
-        assert frames.metering(frame).fields["heat_energy_settlement"] == pytest.approx(expect)
+        assert frames.metering(frame).fields["energy_settlement"] == pytest.approx(expect)
 
 
 def test_bad_data_names_the_byte() -> None:
@@ -132,7 +132,7 @@ def test_sessions_for_water_gas_heat_and_a_silent_meter() -> None:
     assert gas.result.measurement == "gas" and gas.result.units["volume"] == "m³"
     heat = Cjt188Session(0x20, "33", unit_first=True, di_order="high_first")
     _drive(heat, line)
-    assert heat.result.fields["heat_power"] == 12500.0 and heat.result.fields["temperature_supply"] == 65.12
+    assert heat.result.fields["power"] == 12500.0 and heat.result.fields["temperature_supply"] == 65.12
     silent = Cjt188Session(0x10, "99")
     _drive(silent, line)
     assert silent.result.silent and silent.sample({}) is None
@@ -157,4 +157,4 @@ def test_session_over_a_pty() -> None:
     finally:
         sim.close()
     assert not water.error and water.fields["volume"] >= 123.45
-    assert not heat.error and heat.fields["heat_energy"] >= 1234.56
+    assert not heat.error and heat.fields["energy"] >= 1234.56

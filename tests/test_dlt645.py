@@ -205,16 +205,16 @@ def _drive(session: Dlt645Session, bank: MeterBank, split: int = 0) -> list:
 def test_session_reads_every_identifier_and_marks_missing_ones() -> None:
     bank = MeterBank([SimMeter("000102030425", omit={"frequency"}), SimMeter("000000000012", edition="1997")],
                      now=lambda: 1_790_000_000.0)
-    idents = [table("2007").by_name()[n] for n in ("energy_import", "frequency", "power_total", "voltage_l1")]
+    idents = [table("2007").by_name()[n] for n in ("energy_import", "frequency", "power", "voltage_l1")]
     s = Dlt645Session("000102030425", "2007", idents)
     _drive(s, bank, split=3)
     assert s.result.fields["energy_import"] > 1206
-    assert s.result.fields["power_total"] == 3456.7
+    assert s.result.fields["power"] == 3456.7
     assert s.result.quality == {"frequency": "not_available"}
     assert "abnormal answer 02 (no_such_data)" in s.result.errors[0]
     assert s.result.transactions == 4 and not s.result.silent
     sample = s.sample("electricity", {"meter": "000102030425"})
-    assert sample is not None and sample.units["power_total"] == "W"
+    assert sample is not None and sample.units["power"] == "W"
 
 
 def test_a_silent_meter_costs_one_timeout() -> None:

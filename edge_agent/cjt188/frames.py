@@ -48,7 +48,7 @@ WILDCARD_ADDRESS = "AAAAAAAAAAAAAA"
 METER_TYPES = {
     0x10: ("water", "cold water meter"), 0x11: ("water", "domestic hot water meter"),
     0x12: ("water", "drinking water meter"), 0x13: ("water", "reclaimed water meter"),
-    0x20: ("heat", "heat meter (heat)"), 0x21: ("heat", "heat meter (cooling)"),
+    0x20: ("heat", "heat meter (heat)"), 0x21: ("cooling", "heat meter (cooling)"),
     0x30: ("gas", "gas meter"), 0x40: ("electricity", "electricity meter"),
 }
 
@@ -310,7 +310,7 @@ def metering(frame: Frame, *, unit_first: bool = False) -> Metering:
     if len(frame.data) < 3 or {int.from_bytes(frame.data[:2], "little"), int.from_bytes(frame.data[:2], "big")} \
             .isdisjoint({DI_METERING}):
         raise FrameError("wrong_identifier", f"answer for DI {frame.data[:2].hex()}, asked 901F")
-    r = _Reader(frame.data, unit_first and kind[0] == "heat")
+    r = _Reader(frame.data, unit_first and kind[0] in ("heat", "cooling"))
     fields: dict[str, float | int | bool | str] = {}
     units: dict[str, str] = {}
 
@@ -320,11 +320,10 @@ def metering(frame: Frame, *, unit_first: bool = False) -> Metering:
     if kind[0] in ("water", "gas"):
         put("volume", r.quantity("current accumulated flow", "volume"))
         put("volume_settlement", r.quantity("accumulated flow at the settlement day", "volume"))
-    elif kind[0] == "heat":
-        energy = "heat_energy" if frame.meter_type == 0x20 else "cooling_energy"
-        put(f"{energy}_settlement", r.quantity("heat at the settlement day", "energy"))
-        put(energy, r.quantity("current heat", "energy"))
-        put("heat_power", r.quantity("heat power", "power"))
+    elif kind[0] in ("heat", "cooling"):
+        put("energy_settlement", r.quantity("heat at the settlement day", "energy"))
+        put("energy", r.quantity("current heat", "energy"))
+        put("power", r.quantity("heat power", "power"))
         put("flow", r.quantity("flow rate", "flow"))
         put("volume", r.quantity("accumulated flow", "volume"))
         fields["temperature_supply"], units["temperature_supply"] = r.number(3, 2, "supply temperature"), "°C"

@@ -25,7 +25,7 @@ A data record (§6): DIF [DIFE ...] VIF [VIFE ...] data.
   (meters send them in error states): such a field gets quality "error", never a number.
 
 Field names (shared vocabulary): energy (kWh), volume (m³), mass (kg), power (W), flow (m³/h), mass_flow (kg/h),
-temperature_supply, temperature_return, temperature_external (°C), temperature_difference (K), pressure (bar),
+temperature_supply, temperature_return, temperature_external (°C), temperature_difference (K), pressure (hPa),
 on_time, operating_time, averaging_duration, actuality_duration (s), voltage (V), current (A), meter_time (text),
 fabrication_number (text), error_flags, ... Suffixes in this order: _max, _min, _error (function), _s<n> (storage
 number n > 0), _t<n> (tariff), _u<n> (subunit), _2, _3 for repeats within one telegram.
@@ -203,7 +203,7 @@ def _primary(vif: int) -> Quantity | None:
     if vif & 0x7C == 0x60:
         return Quantity("temperature_difference", "K", 10.0 ** (nn - 3))
     if vif & 0x7C == 0x68:
-        return Quantity("pressure", "bar", 10.0 ** (nn - 3))
+        return Quantity("pressure", "hPa", 10.0 ** (nn - 3) * 1000)  # 10^(nn-3) bar
     if vif == 0x6C:
         return Quantity("meter_date", "", 1.0, "date")
     if vif == 0x6D:
@@ -229,7 +229,7 @@ def _table_fd(vife: int) -> Quantity | None:
     named = {0x08: ("access_number", "int"), 0x09: ("medium", "int"), 0x0A: ("manufacturer", "int"),
              0x0B: ("parameter_set", "text"), 0x0C: ("model_version", "text"), 0x0D: ("hardware_version", "text"),
              0x0E: ("firmware_version", "text"), 0x0F: ("software_version", "text"), 0x10: ("customer_location", "text"),
-             0x11: ("customer", "text"), 0x16: ("password", "text"), 0x17: ("error_flags", "int"),
+             0x11: ("customer", "text"), 0x17: ("error_flags", "int"),
              0x1A: ("digital_output", "int"), 0x1B: ("digital_input", "int"), 0x1C: ("baud_rate", "int"),
              0x60: ("reset_counter", "int"), 0x61: ("cumulation_counter", "int")}
     if v in named:
@@ -401,6 +401,8 @@ def decode(ci: int, data: bytes) -> Telegram:
         pos += size
         if dfield == 0x8:
             continue  # "selection for readout": no value
+        if vif == 0xFD and vifes and vifes[0] & 0x7F == 0x16:
+            continue  # a password (EN 13757-3 table 8.4.4 a, 16H): never a field anyone can read
         record = _record(start, dif, vif, vifes, dfield, var_kind, raw, plain_unit)
         record.function, record.storage, record.tariff, record.subunit = (dif >> 4) & 0x03, storage, tariff, subunit
         name = record.name + _FUNCTION[record.function]
