@@ -17,8 +17,10 @@ from edge_agent.modbus.decode import (
     OUT_OF_RANGE,
     WIDTHS,
     Missing,
+    NotRepresentable,
     encode,
     make_decoder,
+    make_encoder,
     orders_for,
     width_of,
 )
@@ -454,3 +456,69 @@ def test_wrong_register_count_or_range_is_an_error() -> None:
         decode([0x4366, 0x10000])
     with pytest.raises(struct.error):
         make_decoder("string", length=2)([0x4142])
+
+
+# --- the encoder of writes: the exact inverse of the decoder ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("type_", "order"), CASES)
+@given(data=st.data())
+def test_encoder_is_the_decoders_inverse_in_every_order(type_: str, order: str, data: st.DataObject) -> None:
+    value = data.draw(values_for(type_))
+    registers = make_encoder(type_, order)(value)
+    assert registers == to_registers(type_, order, value)  # what a device holds, packed independently here
+    decoded = make_decoder(type_, order)(registers)
+    assert decoded == value and type(decoded) is type(value)
+
+
+@pytest.mark.parametrize("type_", ["int16", "uint16", "int32", "uint32", "int64", "uint64"])
+@pytest.mark.parametrize(("scale", "offset"), [(0.1, 0), (0.01, -40.0), (10, 0), (2, 5), (0.5, 0.25)])
+@given(data=st.data())
+def test_scaled_integers_round_trip(type_: str, scale: float, offset: float, data: st.DataObject) -> None:
+    lo, hi = INT_RANGES[type_]
+    raw = data.draw(st.integers(max(lo, -(2**40)), min(hi, 2**40)))  # where a float still tells every raw apart
+    value = make_decoder(type_, "CDAB", scale, offset)(to_registers(type_, "CDAB", raw))
+    registers = make_encoder(type_, "CDAB", scale, offset)(value)
+    assert registers == to_registers(type_, "CDAB", raw)
+
+
+def test_engineering_values_become_raw_registers() -> None:
+    assert make_encoder("int16", "AB", 0.1)(21.5) == [215]  # 21.5 / 0.1 = 214.99999999999997 is register 215
+    assert make_encoder("int16", "AB", 0.1)(-20.5) == [0xFF33]  # two's complement (XY-MD02's own example)
+    assert make_encoder("int16", "BA", 0.1)(-20.5) == [0x33FF]
+    assert make_encoder("uint32", "CDAB", 1, 1000)(1065) == [65, 0]  # offset, low word first
+    assert make_encoder("float32", "ABCD", 1, -10)(220.0) == [0x4366, 0x0000]  # (220 + 10) as float32 ABCD
+    assert make_encoder("bool")(True) == [1] and make_encoder("bool")(0) == [0]
+
+
+@pytest.mark.parametrize(("type_", "kwargs", "value", "message"), [
+    ("int16", {"scale": 0.1}, 21.55, "not a whole number of steps of 0.1"),
+    ("int16", {}, 1.5, "not a whole number"),
+    ("int16", {}, 40000, "outside a int16"),
+    ("uint16", {}, -1, "outside a uint16"),
+    ("uint16", {"scale": 0.1}, 6553.6, "outside a uint16"),
+    ("float32", {}, 1e39, "beyond a float32"),
+    ("float16", {}, 70000.0, "beyond a float16"),
+    ("float32", {}, math.nan, "not a finite number"),
+    ("int32", {}, math.inf, "not a finite number"),
+    ("int16", {}, True, "not a number"),
+    ("int16", {}, "12", "not a number"),
+    ("int16", {"sentinel": [-32768]}, -32768, "not available"),
+    ("uint16", {"sentinel": "auto"}, 65535, "not available"),
+    ("float32", {"sentinel": [1.5]}, 1.5, "not available"),
+    ("bool", {}, 2, "not true or false"),
+    ("bool", {}, 1.0, "not true or false"),
+])
+def test_values_the_registers_cannot_hold(type_: str, kwargs: dict, value: object, message: str) -> None:
+    with pytest.raises(NotRepresentable, match=message):
+        make_encoder(type_, **kwargs)(value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("type_", "message"), [
+    ("int8h", "overwrite the other byte"),
+    ("uint8l", "overwrite the other byte"),
+    ("string", "cannot be written as one value"),
+])
+def test_types_that_cannot_be_written(type_: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_encoder(type_, "AB")

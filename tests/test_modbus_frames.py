@@ -121,6 +121,91 @@ def test_golden_exception_response() -> None:
         frames.raise_for_exception(pdu)
 
 
+# --- writes: the specification's examples (Modbus Application Protocol 1.1b §6.5, §6.6, §6.11, §6.12) ----------
+
+# (function, address, values, request ADU for slave 0x11 from the golden file, response PDU from the specification)
+SPEC_WRITES = [
+    # §6.5: write coil 173 ON; the response is an echo of the request
+    (5, 0x00AC, [1], "11 05 00 AC FF 00 4E 8B", "05 00 AC FF 00"),
+    # §6.6: write register 2 to 0x0003; an echo
+    (6, 0x0001, [0x0003], "11 06 00 01 00 03 9A 9B", "06 00 01 00 03"),
+    # §6.11: 10 coils from coil 20: CD 01 = outputs 20..27 (first one in the least significant bit), then 28..29
+    (15, 0x0013, [1, 0, 1, 1, 0, 0, 1, 1, 1, 0], "11 0F 00 13 00 0A 02 CD 01 BF 0B", "0F 00 13 00 0A"),
+    # §6.12: registers 2 and 3 to 0x000A and 0x0102; the response names start and quantity
+    (16, 0x0001, [0x000A, 0x0102], "11 10 00 01 00 02 04 00 0A 01 02 C6 F0", "10 00 01 00 02"),
+]
+
+
+@pytest.mark.parametrize(("function", "address", "values", "adu", "response"), SPEC_WRITES,
+                         ids=[f"fc{w[0]}" for w in SPEC_WRITES])
+def test_spec_write_requests_and_responses(function: int, address: int, values: list[int], adu: str,
+                                           response: str) -> None:
+    adu_bytes = bytes.fromhex(adu)
+    request = frames.write_request(function, address, values)
+    assert frames.rtu_encode(0x11, request) == adu_bytes
+    assert adu_bytes in {row[3] for row in ROWS}  # the golden file's row, byte for byte
+    answer = bytes.fromhex(response)
+    decoder = RtuDecoder(0x11, Expect.write(request))
+    assert decoder.feed(rtu(0x11, answer)) == answer  # the frame length follows from the function code
+    frames.check_write_response(request, answer)  # accepted
+
+
+def test_single_coil_off_is_0000() -> None:
+    assert frames.write_request(5, 7, [0]) == bytes.fromhex("05 00 07 00 00")  # §6.5: 00 00 requests OFF
+
+
+def test_multiple_coils_pad_the_last_byte_with_zeros() -> None:
+    assert frames.write_request(15, 0, [1] * 9) == bytes.fromhex("0F 0000 0009 02 FF 01")
+
+
+WRITE_REJECTS = [
+    # (request, response PDU, reason)
+    ("05 00 AC FF 00", "05 00 AC 00 00", "echo"),  # switched OFF, not ON
+    ("05 00 AC FF 00", "05 00 AD FF 00", "echo"),  # another coil
+    ("06 00 01 00 03", "06 00 01 00 04", "echo"),  # another value: the device did not write what was asked
+    ("0F 00 13 00 0A 02 CD 01", "0F 00 13 00 09", "echo"),  # fewer coils
+    ("10 00 01 00 02 04 00 0A 01 02", "10 00 02 00 02", "echo"),  # another start
+    ("10 00 01 00 02 04 00 0A 01 02", "03 00 01 00 02", "function"),
+    ("06 00 01 00 03", "06 00 01 00", "length"),
+    ("06 00 01 00 03", "86 02 00", "length"),  # an exception response is 2 bytes
+]
+
+
+@pytest.mark.parametrize(("request_pdu", "response", "reason"), WRITE_REJECTS)
+def test_write_responses_that_do_not_answer_the_request(request_pdu: str, response: str, reason: str) -> None:
+    with pytest.raises(FrameRejected) as caught:
+        frames.check_write_response(bytes.fromhex(request_pdu), bytes.fromhex(response))
+    assert caught.value.reason == reason
+
+
+def test_write_exception_response() -> None:
+    with pytest.raises(ModbusExceptionResponse) as caught:
+        frames.check_write_response(bytes.fromhex("10 00 01 00 02 04 00 0A 01 02"), bytes.fromhex("90 02"))
+    assert (caught.value.function, caught.value.code) == (16, 2)
+
+
+@pytest.mark.parametrize(("function", "address", "values", "message"), [
+    (5, 0, [2], "0 or 1"),
+    (5, 0, [1, 0], "writes one value"),
+    (6, 0, [0x10000], "outside 0..65535"),
+    (6, 0x10000, [1], "outside 0..65535"),
+    (15, 0, [1] * 1969, "1..1968"),
+    (15, 0xFFFF, [1, 1], "outside 0..65535"),
+    (16, 0, [0] * 124, "1..123"),
+    (16, 0, [], "1..123"),
+    (3, 0, [1], "not a write"),
+])
+def test_write_request_limits(function: int, address: int, values: list[int], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        frames.write_request(function, address, values)
+
+
+def test_write_limits_are_the_specifications() -> None:
+    assert len(frames.write_request(15, 0, [1] * 1968)) == 6 + 246  # §6.11: 0x07B0 outputs, byte count 246
+    assert len(frames.write_request(16, 0, [0] * 123)) == 6 + 246  # §6.12: 0x007B registers
+    assert frames.write_request(16, 0xFFFF, [7]) == bytes.fromhex("10 FFFF 0001 02 0007")
+
+
 # --- checksums ----------------------------------------------------------------------------------------------------
 
 
@@ -389,6 +474,7 @@ def test_ascii_rejects(reason: str, data: bytes) -> None:
 def test_every_reason_is_covered() -> None:
     rtu_reasons = {r for r, _ in RTU_REJECTS} | {"length"}  # "length": test_rtu_impossible_length
     covered = rtu_reasons | {r for r, _, _ in TCP_REJECTS} | {r for r, _ in ASCII_REJECTS}
+    covered |= {r for _, _, r in WRITE_REJECTS}
     assert covered == set(frames.REASONS)
 
 

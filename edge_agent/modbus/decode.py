@@ -389,27 +389,129 @@ def _enum_decoder(to_bytes, unsigned, patterns, labels, signed, bit_count) -> De
     return decode
 
 
-def encode(type_: str, order: str, value: Value, length: int | None = None, encoding: str = "ascii") -> list[int]:
-    """The registers (or bits) a device would send for a raw (unscaled) value: the inverse of a plain decoder.
+class NotRepresentable(ValueError):
+    """A value a point's registers cannot hold: outside its type's range, not a whole raw number, a float beyond
+    float16/32, NaN or infinity, or its "not available" pattern."""
 
-    Used by the simulators and the tests; the agent itself never encodes.
+
+Encoder = Callable[[Value], list[int]]
+
+
+def _to_registers(data: bytes, width: int, order: str) -> list[int]:
+    """The value's bytes, most significant first -> registers as the device sends them: the inverse of `_words`."""
+    words_reversed, bytes_swapped = _ORDER_FLAGS[order]
+    words = list(struct.unpack(("<" if bytes_swapped else ">") + "H" * width, data))
+    return words[::-1] if words_reversed and width > 1 else words
+
+
+_INT_CODES = {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I", "int64": "q", "uint64": "Q"}
+
+
+def _raw_bytes(type_: str, raw: int | float) -> bytes:
+    """A raw (unscaled) number as the value's bytes, most significant first; an 8-bit type fills its byte and
+    leaves the other 0. Raises struct.error / OverflowError when it does not fit."""
+    if type_ in BYTE_TYPES:
+        byte = struct.pack(">b" if type_ in SIGNED_TYPES else ">B", raw)
+        return byte + b"\x00" if BYTE_TYPES[type_] == 0 else b"\x00" + byte
+    return struct.pack(">" + (_FLOAT_CODES.get(type_) or _INT_CODES[type_]), raw)
+
+
+#: Raw values within this much of a whole number are that number: 21.5 / 0.1 is 214.99999999999997 in binary
+#: floating point, and a register holds 215. Far below one step of any register (an LSB is 1); relative for
+#: raw values so large that a float's own rounding of value * scale / scale exceeds it.
+_WHOLE_TOLERANCE = 1e-6
+_WHOLE_RELATIVE = 1e-13
+
+
+def make_encoder(
+    type_: str,
+    order: str = "ABCD",
+    scale: float = 1,
+    offset: float = 0,
+    *,
+    sentinel: str | Iterable[int | float] | None = None,
+) -> Encoder:
+    """The exact inverse of `make_decoder` for a plain number or a bool, as a device is written: an engineering
+    value (what the decoder returns, after scale and offset) -> the registers (or the one bit) that decode to it.
+
+    Numbers: raw = (value - offset) / scale, in the type's range and signedness, then the same byte and word
+    order the decoder undoes. An integer type needs a raw value within 1e-6 of a whole number (then rounded);
+    a float type is packed as float16/32/64 (a value beyond it is refused, not made infinite). NaN, infinity, a
+    bool where a number is expected and the point's "not available" pattern raise NotRepresentable.
+    bool: true/false (or 1/0) -> [1] / [0].
+    Raises ValueError at build time for what cannot be written as one value: strings, and the 8-bit types
+    (their register holds another byte, which a write would overwrite).
     """
+    if type_ == "string":
+        raise ValueError("a string point cannot be written as one value")
+    width = width_of(type_)
+    if order not in _ORDER_FLAGS or order not in orders_for(type_):
+        raise ValueError(f"byte order {order!r} does not fit {type_}; expected one of {', '.join(orders_for(type_))}")
+    if type_ in BYTE_TYPES:
+        raise ValueError(f"a {type_} is one byte of a register: writing it would overwrite the other byte")
+    if type_ == "bool":
+        def encode_bool(value: Value) -> list[int]:
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                return [1 if value else 0]
+            raise NotRepresentable(f"{value!r} is not true or false")
+        return encode_bool
+    for name, number in (("scale", scale), ("offset", offset)):
+        if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            raise ValueError(f"{name} must be a finite number, got {number!r}")
+    if scale == 0:
+        raise ValueError("scale must not be 0")
+    scaled = not (scale == 1 and offset == 0 and type(scale) is int and type(offset) is int)
+    patterns, float_sentinels = normalize_sentinels(type_, sentinel)
+    bits = value_bits(type_)
+    mask = (1 << bits) - 1
+    is_float = type_ in FLOAT_TYPES
+    low = -(1 << (bits - 1)) if type_ in SIGNED_TYPES else 0
+    high = (1 << (bits - 1)) - 1 if type_ in SIGNED_TYPES else mask
+
+    def encode_number(value: Value) -> list[int]:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise NotRepresentable(f"{value!r} is not a number")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NotRepresentable(f"{value} is not a finite number")
+        if is_float:
+            raw: int | float = (value - offset) / scale if scaled else float(value)
+            try:
+                data = _raw_bytes(type_, raw)
+            except (OverflowError, struct.error):
+                raise NotRepresentable(f"{value} is beyond a {type_}") from None
+            if float_sentinels and struct.unpack(">" + _FLOAT_CODES[type_], data)[0] in float_sentinels:
+                raise NotRepresentable(f"{value} is this point's \"not available\" value")
+        else:
+            if scaled or isinstance(value, float):
+                exact = (value - offset) / scale if scaled else value
+                raw = round(exact)
+                if abs(exact - raw) > max(_WHOLE_TOLERANCE, abs(exact) * _WHOLE_RELATIVE):
+                    step = f"{scale:g}" if scaled else "1"
+                    raise NotRepresentable(f"{value} is not a whole number of steps of {step} (a {type_} register "
+                                           f"holds {exact:.6g})")
+            else:
+                raw = value
+            if not low <= raw <= high:
+                raise NotRepresentable(f"{value} needs the raw value {raw}, outside a {type_} ({low}..{high})")
+            data = _raw_bytes(type_, raw)
+        if patterns and int.from_bytes(data, "big") & mask in patterns:
+            raise NotRepresentable(f"{value} is this point's \"not available\" pattern")
+        return _to_registers(data, width, order)
+
+    return encode_number
+
+
+def encode(type_: str, order: str, value: Value, length: int | None = None, encoding: str = "ascii") -> list[int]:
+    """The registers (or bits) a device would send for a raw (unscaled) value, any type: the simulators' and the
+    tests' encoder. What the agent writes to a device is encoded by `make_encoder`, with scale and checks."""
     width = width_of(type_, length)
     if type_ == "bool":
         return [1 if value else 0]
-    words_reversed, bytes_swapped = _ORDER_FLAGS[order]
     if type_ == "string":
+        _, bytes_swapped = _ORDER_FLAGS[order]
         data = str(value).encode(encoding)
         if len(data) > 2 * width:
             raise ValueError(f"{value!r} needs more than {width} registers")
         data = data.ljust(2 * width, b"\x00")
         return list(struct.unpack(("<" if bytes_swapped else ">") + "H" * width, data))
-    if type_ in BYTE_TYPES:
-        byte = struct.pack(">b" if type_ in SIGNED_TYPES else ">B", value)
-        data = byte + b"\x00" if BYTE_TYPES[type_] == 0 else b"\x00" + byte  # the other byte is 0
-    else:
-        code = _FLOAT_CODES.get(type_) or {"int16": "h", "uint16": "H", "int32": "i", "uint32": "I",
-                                           "int64": "q", "uint64": "Q"}[type_]
-        data = struct.pack(">" + code, value)
-    words = list(struct.unpack(("<" if bytes_swapped else ">") + "H" * width, data))
-    return words[::-1] if words_reversed and width > 1 else words
+    return _to_registers(_raw_bytes(type_, value), width, order)

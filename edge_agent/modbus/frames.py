@@ -12,6 +12,10 @@ Decoders take bytes as they arrive (`feed`) and answer `NEED_MORE` until the fra
 response PDU (function code first, no unit id, no checksum). An exception response (function | 0x80) is a
 valid PDU: `raise_for_exception(pdu)` or `parse_read_response` turns it into `ModbusExceptionResponse`.
 
+Writes (FC 5, 6, 15, 16): `write_request` builds the request PDU, `check_write_response` accepts only the answer
+the specification defines for it (§6.5, §6.6: an echo of the request; §6.11, §6.12: function, starting address
+and quantity); anything else is rejected as "echo".
+
 Frame length, per framing:
 - RTU: unit(1) pdu crc(2, low byte first). The length follows from the function code and byte count of the
   response, bounded by the request (`Expect`), so a frame is complete without waiting for the line's silence.
@@ -27,7 +31,8 @@ from typing import Final
 
 # --- errors -----------------------------------------------------------------------------------------------------
 
-REASONS: Final = ("crc", "lrc", "unit", "function", "transaction", "byte_count", "length", "protocol_id", "garbage")
+REASONS: Final = ("crc", "lrc", "unit", "function", "transaction", "byte_count", "length", "protocol_id", "garbage",
+                  "echo")
 
 EXCEPTION_NAMES: Final[dict[int, str]] = {
     1: "illegal function",
@@ -164,6 +169,95 @@ def parse_read_response(table: str, count: int, pdu: bytes) -> list[int]:
     return list(struct.unpack(f">{count}H", data))
 
 
+# --- write requests and their responses (Modbus Application Protocol 1.1b §6.5, §6.6, §6.11, §6.12) -----------------
+
+WRITE_SINGLE_COIL: Final = 5
+WRITE_SINGLE_REGISTER: Final = 6
+WRITE_MULTIPLE_COILS: Final = 15
+WRITE_MULTIPLE_REGISTERS: Final = 16
+WRITE_FUNCTIONS: Final[dict[int, str]] = {
+    WRITE_SINGLE_COIL: "write single coil",
+    WRITE_SINGLE_REGISTER: "write single register",
+    WRITE_MULTIPLE_COILS: "write multiple coils",
+    WRITE_MULTIPLE_REGISTERS: "write multiple registers",
+}
+MAX_WRITE_BITS: Final = 0x07B0  # §6.11: quantity of outputs 1..1968
+MAX_WRITE_REGISTERS: Final = 0x007B  # §6.12: quantity of registers 1..123
+_COIL_ON: Final = 0xFF00  # §6.5: FF 00 requests ON, 00 00 OFF; any other value is illegal
+
+
+def _check_span(what: str, address: int, count: int) -> None:
+    if not 0 <= address <= 0xFFFF or address + count > 0x10000:
+        raise ValueError(f"{what} addresses {address}..{address + count - 1} are outside 0..65535")
+
+
+def write_request(function: int, address: int, values: list[int] | tuple[int, ...]) -> bytes:
+    """The request PDU writing `values` from `address` (0-based): coils as 0/1 (FC 5, 15), registers as
+    0..65535 (FC 6, 16). FC 5 and 6 write exactly one value."""
+    values = list(values)
+    if function in (WRITE_SINGLE_COIL, WRITE_SINGLE_REGISTER):
+        if len(values) != 1:
+            raise ValueError(f"function {function} ({WRITE_FUNCTIONS[function]}) writes one value, got {len(values)}")
+        (value,) = values
+        _check_span("coil" if function == WRITE_SINGLE_COIL else "holding", address, 1)
+        if function == WRITE_SINGLE_COIL:
+            if value not in (0, 1):
+                raise ValueError(f"a coil is 0 or 1, got {value!r}")
+            return struct.pack(">BHH", function, address, _COIL_ON if value else 0)  # §6.5
+        if not 0 <= value <= 0xFFFF:
+            raise ValueError(f"register value {value} is outside 0..65535")
+        return struct.pack(">BHH", function, address, value)  # §6.6
+    if function == WRITE_MULTIPLE_COILS:
+        if not 1 <= len(values) <= MAX_WRITE_BITS:
+            raise ValueError(f"cannot write {len(values)} coils in one request: 1..{MAX_WRITE_BITS}")
+        _check_span("coil", address, len(values))
+        if any(v not in (0, 1) for v in values):
+            raise ValueError("coils are 0 or 1")
+        # §6.11: the first coil is the least significant bit of the first byte; unused high bits are 0
+        data = bytearray((len(values) + 7) // 8)
+        for i, bit in enumerate(values):
+            data[i >> 3] |= bit << (i & 7)
+        return struct.pack(">BHHB", function, address, len(values), len(data)) + bytes(data)
+    if function == WRITE_MULTIPLE_REGISTERS:
+        if not 1 <= len(values) <= MAX_WRITE_REGISTERS:
+            raise ValueError(f"cannot write {len(values)} registers in one request: 1..{MAX_WRITE_REGISTERS}")
+        _check_span("holding", address, len(values))
+        if any(not 0 <= v <= 0xFFFF for v in values):
+            raise ValueError("register values are 0..65535")
+        return struct.pack(f">BHHB{len(values)}H", function, address, len(values), 2 * len(values), *values)  # §6.12
+    raise ValueError(f"function {function} is not a write: expected one of {', '.join(map(str, WRITE_FUNCTIONS))}")
+
+
+def check_write_response(request: bytes, pdu: bytes) -> None:
+    """Accept the response PDU to the write `request` (from write_request), or raise.
+
+    ModbusExceptionResponse for an exception response; FrameRejected("function" | "length") for an answer to
+    another function or of the wrong size; FrameRejected("echo") when it does not repeat what the specification
+    says it must: the whole request for FC 5 and 6 (§6.5, §6.6: "the normal response is an echo of the
+    request"), function, starting address and quantity for FC 15 and 16 (§6.11, §6.12). A device that answers
+    a write with other values did not write what was asked, or answered another request.
+    """
+    function = request[0]
+    if function not in WRITE_FUNCTIONS:
+        raise ValueError(f"function {function} is not a write")
+    if not pdu:
+        raise FrameRejected("length", "empty PDU")
+    if pdu[0] == function | 0x80:
+        if len(pdu) != EXCEPTION_PDU_LENGTH:
+            raise FrameRejected("length", f"exception response of {len(pdu)} bytes, not 2")
+        raise ModbusExceptionResponse(function, pdu[1])
+    if pdu[0] != function:
+        raise FrameRejected("function", f"function {pdu[0]} in the answer to function {function}")
+    if len(pdu) != 5:
+        raise FrameRejected("length", f"response of {len(pdu)} bytes to {WRITE_FUNCTIONS[function]}, expected 5")
+    if pdu != request[:5]:
+        got_address, got_value = struct.unpack(">HH", pdu[1:5])
+        want_address, want_value = struct.unpack(">HH", request[1:5])
+        what = "value" if function in (WRITE_SINGLE_COIL, WRITE_SINGLE_REGISTER) else "quantity"
+        raise FrameRejected("echo", f"{WRITE_FUNCTIONS[function]} answered address {got_address} {what} "
+                                    f"0x{got_value:04X}, asked address {want_address} {what} 0x{want_value:04X}")
+
+
 # --- what a response must look like ---------------------------------------------------------------------------------
 
 # Response PDUs whose length follows from a byte count at PDU offset 1 (PDU length = 2 + byte count).
@@ -203,6 +297,11 @@ class Expect:
     def read(cls, table: str, count: int) -> Expect:
         """The answer to read_request(table, address, count)."""
         return cls(_table_function(table), byte_count=read_byte_count(table, count))
+
+    @classmethod
+    def write(cls, request: bytes) -> Expect:
+        """The answer to write_request(...): 5 bytes for every write function (§6.5, §6.6, §6.11, §6.12)."""
+        return cls(request[0])
 
     @property
     def response_pdu_length(self) -> int | None:
