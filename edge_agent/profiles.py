@@ -7,7 +7,9 @@ A profile is a TOML file validated with the shared config rules (wire.config), s
 Profiles shipped with the agent live in the `firmware_profiles` package; `load_profile("eastron_sdm630")`
 finds them by name, `load_profile("/etc/citynerve/my_meter.toml")` loads any file.
 
-`Profile.point_specs()` turns the points into the planner's `PointSpec`s, each with its decoder built once.
+`Profile.point_specs()` turns the points into the planner's `PointSpec`s, each with its decoder built once;
+`Profile.write_point(name)` a writable point (`writable = true`) into what the bus engine writes
+(edge_agent/modbus/write.py), with the encoder that is the exact inverse of its decoder.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from edge_agent.modbus import frames
 from edge_agent.modbus.decode import (
     BYTE_TYPES,
     FLOAT_TYPES,
@@ -30,15 +33,18 @@ from edge_agent.modbus.decode import (
     SIGNED_TYPES,
     Decoder,
     Encoding,
+    NotRepresentable,
     Order,
     PointType,
     make_decoder,
+    make_encoder,
     normalize_sentinels,
     orders_for,
     value_bits,
     width_of,
 )
 from edge_agent.modbus.plan import MODBUS_MAX_REGISTERS, PointSpec
+from edge_agent.modbus.write import WritePoint
 from wire.config import ConfigError, convert, invalid, read_toml
 from wire.names import NAME_PATTERN
 from wire.schema import ConfigName as Name
@@ -62,6 +68,8 @@ WORKAROUNDS: dict[str, str] = {
     "(devices that answer exception 2 for any unmapped register inside a block)",
 }
 Workaround = Literal["one_request_per_point", "no_gap_reads"]
+WRITABLE_TABLES = frozenset({"holding", "coil"})  # input registers and discrete inputs are read-only in Modbus
+Number = int | float
 
 
 class Serial(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -108,6 +116,13 @@ class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     bits: dict[str, Name] | None = None  # bit index (as a TOML key) -> field name
     scale_factor: Name | None = None  # name of the point holding this one's power-of-ten exponent
     internal: bool = False  # read (e.g. a scale factor) but not emitted as a field
+    # Commands (docs/control.md "Commands to devices"): an operator may write this point where a device opts in.
+    writable: bool = False
+    min: Number | None = None  # engineering units (after scale and offset); required for a writable register
+    max: Number | None = None
+    step: Number | None = None  # values allowed: min, min + step, ... (None: any value the registers hold)
+    critical: bool = False  # a write needs two different operators' signatures
+    write_function: Literal[5, 6, 15, 16] | None = None  # None: coil 5, one register 6, more registers 16
 
     def __post_init__(self) -> None:
         kind = self.type
@@ -151,6 +166,53 @@ class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 raise invalid("scale_factor", f"only plain numbers take a scale factor, not {self._kind_name()}")
             if self.scale_factor == self.name:
                 raise invalid("scale_factor", "a point cannot be its own scale factor")
+        if self.writable:
+            self._check_writable()
+        else:
+            for key in ("min", "max", "step", "critical", "write_function"):
+                if getattr(self, key) is not None and getattr(self, key) is not False:
+                    raise invalid(key, "only a writable point takes it (writable = true)")
+
+    def _check_writable(self) -> None:
+        if self.table not in WRITABLE_TABLES:
+            raise invalid("writable", f"the {_table_words(self.table)} are read-only in Modbus: only holding "
+                                      f"registers and coils can be written")
+        if self.enum is not None or self.bits is not None or self.scale_factor is not None:
+            what = "an enumeration" if self.enum is not None else "a bitfield" if self.bits is not None else \
+                "a point with a scale factor"
+            raise invalid("writable", f"{what} cannot be written: a writable point is a plain number or a coil")
+        try:
+            encode = make_encoder(self.type, self.order or "ABCD", self.scale, self.offset, sentinel=self.sentinel)
+        except ValueError as exc:  # strings, 8-bit halves of a register
+            raise invalid("writable", f"{exc}") from None
+        functions = {"coil": (frames.WRITE_SINGLE_COIL, frames.WRITE_MULTIPLE_COILS),
+                     "holding": ((frames.WRITE_SINGLE_REGISTER,) if self.width == 1 else ())
+                     + (frames.WRITE_MULTIPLE_REGISTERS,)}[self.table]
+        if self.write_function is not None and self.write_function not in functions:
+            raise invalid("write_function", f"a {self.type} in the {_table_words(self.table)} is written with "
+                                            f"function {' or '.join(map(str, functions))}")
+        if self.table == "coil":
+            for key in ("min", "max", "step"):
+                if getattr(self, key) is not None:
+                    raise invalid(key, "a coil is true or false: it takes no min, max or step")
+            return
+        for key in ("min", "max"):
+            if getattr(self, key) is None:
+                raise invalid(key, "a writable register needs min and max: the range an operator may set, in "
+                                   "engineering units (after scale and offset)")
+        for key in ("min", "max", "step"):
+            number = getattr(self, key)
+            if number is not None and not math.isfinite(number):
+                raise invalid(key, f"expected a finite number, got {number}")
+        if self.min > self.max:  # type: ignore[operator]
+            raise invalid("max", f"{self.max} is below min {self.min}")
+        if self.step is not None and self.step <= 0:
+            raise invalid("step", f"expected a number greater than 0, got {self.step}")
+        for key in ("min", "max"):
+            try:
+                encode(getattr(self, key))
+            except NotRepresentable as exc:
+                raise invalid(key, f"cannot be written to this point: {exc}") from None
 
     def _kind_name(self) -> str:
         if self.enum is not None:
@@ -268,6 +330,13 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 claimed[measurement, field] = f"points[{i}]" if key == "name" else f"a bit of points[{i}]"
             by_name.setdefault(point.name, []).append(i)
         self._check_scale_factors(by_name)
+        for name, indexes in by_name.items():
+            writable = [i for i in indexes if self.points[i].writable]
+            if writable and len(indexes) > 1:
+                others = [i for i in indexes if i != writable[0]]
+                raise invalid(f"points[{writable[0]}].name", f'"{name}" also names points {others}: a writable '
+                                                             f"point's name must be unique in the profile (a command "
+                                                             f"names it)")
         self._check_overlaps()
         self._check_unreadable()
         for i, point in enumerate(self.points):  # so that point_specs() can never fail on a loaded profile
@@ -349,6 +418,30 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             )
             for p in self.points
         ]
+
+    def writable_points(self) -> list[str]:
+        """The names of the points a device with this profile may opt in to writing."""
+        return [p.name for p in self.points if p.writable]
+
+    def write_point(self, name: str) -> WritePoint:
+        """The writable point `name`, ready for the bus engine. KeyError if there is no writable point of that
+        name (edge-agent check refuses such an opt-in, edge_agent/config.py)."""
+        point = next((p for p in self.points if p.name == name and p.writable), None)
+        if point is None:
+            raise KeyError(name)
+        order = point.order or self.order
+        if point.write_function is not None:
+            function = point.write_function
+        elif point.table == "coil":
+            function = frames.WRITE_SINGLE_COIL
+        else:
+            function = frames.WRITE_SINGLE_REGISTER if point.width == 1 else frames.WRITE_MULTIPLE_REGISTERS
+        return WritePoint(
+            name=point.name, table=point.table, address=point.address, width=point.width, function=function,
+            type=point.type, encode=make_encoder(point.type, order, point.scale, point.offset, sentinel=point.sentinel),
+            decode=_decoder(point, self.order), minimum=point.min, maximum=point.max, step=point.step,
+            critical=point.critical, unit=point.unit,
+        )
 
     def fields(self, measurement: str | None = None) -> dict[str, list[str]]:
         """{measurement: [field, ...]}: every field a full poll of this profile can emit."""

@@ -701,3 +701,96 @@ def test_missing_values_are_never_numbers() -> None:
     with pytest.raises(TypeError):
         NOT_AVAILABLE * 10  # type: ignore[operator]
     assert NOT_AVAILABLE != 0
+
+
+# --- writable points (commands, docs/control.md) -----------------------------------------------------------
+
+REGISTER = '[[points]]\nname = "sp"\naddress = 0x10\ntable = "holding"\ntype = "int16"\nscale = 0.1\n'
+
+
+@pytest.mark.parametrize(("point", "key", "message"), [
+    ('[[points]]\nname = "v"\naddress = 0\ntype = "int16"\nwritable = true\nmin = 0\nmax = 1\n', "points[0].writable",
+     "the input registers are read-only in Modbus: only holding registers and coils can be written"),
+    ('[[points]]\nname = "v"\naddress = 0\ntable = "discrete"\ntype = "bool"\nwritable = true\n', "points[0].writable",
+     "the discrete inputs are read-only"),
+    (REGISTER + "writable = true\nmax = 5\n", "points[0].min", "a writable register needs min and max"),
+    (REGISTER + "writable = true\nmin = 5\n", "points[0].max", "a writable register needs min and max"),
+    (REGISTER + "writable = true\nmin = 5\nmax = 1\n", "points[0].max", "1 is below min 5"),
+    (REGISTER + "writable = true\nmin = 0\nmax = 1\nstep = 0\n", "points[0].step", "greater than 0"),
+    (REGISTER + "writable = true\nmin = -4000\nmax = 1\n", "points[0].min",
+     "cannot be written to this point: -4000 needs the raw value -40000, outside a int16 (-32768..32767)"),
+    (REGISTER + "writable = true\nmin = 0.05\nmax = 1\n", "points[0].min", "not a whole number of steps of 0.1"),
+    (REGISTER + "min = 0\n", "points[0].min", "only a writable point takes it (writable = true)"),
+    (REGISTER + "critical = true\n", "points[0].critical", "only a writable point takes it"),
+    ('[[points]]\nname = "v"\naddress = 0\ntable = "holding"\ntype = "int32"\nwritable = true\nmin = 0\nmax = 1\n'
+     'write_function = 6\n', "points[0].write_function", "a int32 in the holding registers is written with function 16"),
+    ('[[points]]\nname = "r"\naddress = 0\ntable = "coil"\ntype = "bool"\nwritable = true\nmax = 1\n', "points[0].max",
+     "a coil is true or false: it takes no min, max or step"),
+    ('[[points]]\nname = "r"\naddress = 0\ntable = "coil"\ntype = "bool"\nwritable = true\nwrite_function = 16\n',
+     "points[0].write_function", "is written with function 5 or 15"),
+    ('[[points]]\nname = "m"\naddress = 0\ntable = "holding"\ntype = "uint16"\nenum = { 1 = "on" }\nwritable = true\n',
+     "points[0].writable", "an enumeration cannot be written"),
+    ('[[points]]\nname = "b"\naddress = 0\ntable = "holding"\ntype = "uint8h"\nwritable = true\nmin = 0\nmax = 1\n',
+     "points[0].writable", "a uint8h is one byte of a register: writing it would overwrite the other byte"),
+    ('[[points]]\nname = "s"\naddress = 0\ntable = "holding"\ntype = "string"\nlength = 2\nwritable = true\n',
+     "points[0].writable", "a string point cannot be written as one value"),
+    (REGISTER + 'writable = true\nmin = 0\nmax = 1\n[[points]]\nname = "sp"\naddress = 0x20\ntable = "holding"\n'
+     'type = "int16"\nmeasurement = "other"\n', "points[0].name", "a writable point's name must be unique"),
+])
+def test_writable_point_errors_name_the_file_and_key(tmp_path: Path, point: str, key: str, message: str) -> None:
+    path = write_profile(tmp_path, point)
+    err = error_of(path)
+    assert (err.source, err.path) == (str(path), key)
+    assert message in err.message, err.message
+
+
+def test_write_points_use_the_points_own_decoder_and_its_inverse(tmp_path: Path) -> None:
+    profile = load_profile(write_profile(tmp_path, (
+        REGISTER + "writable = true\nmin = -5\nmax = 5\nstep = 0.5\ncritical = true\nunit = \"°C\"\n"
+        '[[points]]\nname = "limit"\naddress = 0x20\ntable = "holding"\ntype = "float32"\norder = "CDAB"\n'
+        "writable = true\nmin = 0\nmax = 1000\n"
+        '[[points]]\nname = "sp16"\naddress = 0x30\ntable = "holding"\ntype = "uint16"\nwritable = true\nmin = 0\n'
+        "max = 9\nwrite_function = 16\n"
+        '[[points]]\nname = "relay"\naddress = 3\ntable = "coil"\ntype = "bool"\nwritable = true\n'
+        '[[points]]\nname = "v"\naddress = 0\ntype = "float32"\n'
+    )))
+    assert profile.writable_points() == ["sp", "limit", "sp16", "relay"]
+    sp = profile.write_point("sp")
+    assert (sp.function, sp.table, sp.address, sp.width, sp.critical) == (6, "holding", 0x10, 1, True)
+    assert sp.registers_for(-2.5) == [0xFFE7] and sp.decode([0xFFE7]) == -2.5
+    assert sp.request([0xFFE7]) == bytes.fromhex("06 0010 FFE7")
+    limit = profile.write_point("limit")
+    assert (limit.function, limit.width) == (16, 2)
+    assert limit.registers_for(230) == [0x0000, 0x4366] and limit.decode([0x0000, 0x4366]) == 230.0
+    assert profile.write_point("sp16").function == 16
+    relay = profile.write_point("relay")
+    assert (relay.function, relay.registers_for(True), relay.readback().describe()) == (5, [1], "coil 0x0003+1")
+    with pytest.raises(KeyError):
+        profile.write_point("v")  # not writable
+
+
+@pytest.mark.parametrize(("value", "detail"), [
+    (5.5, "5.5 °C is outside sp's range -5..5"),
+    (-5.01, "outside sp's range"),
+    (1.2, "1.2 is not on sp's step of 0.5 from -5"),
+    (True, "sp takes a number, not True"),
+    (float("nan"), "sp takes a number"),
+    ("3", "sp takes a number"),
+])
+def test_values_outside_a_writable_points_rules_are_refused(tmp_path: Path, value: object, detail: str) -> None:
+    from wire.control import ControlReason, ControlRefused
+
+    profile = load_profile(write_profile(tmp_path, REGISTER + 'writable = true\nmin = -5\nmax = 5\nstep = 0.5\nunit = "°C"\n'))
+    with pytest.raises(ControlRefused) as caught:
+        profile.write_point("sp").registers_for(value)  # type: ignore[arg-type]
+    assert caught.value.reason == ControlReason.OUT_OF_RANGE
+    assert detail in caught.value.detail
+
+
+def test_xy_md02_corrections_are_writable_within_the_sellers_range() -> None:
+    profile = load_profile("xy_md02")
+    assert profile.writable_points() == ["temperature_correction", "humidity_correction"]
+    point = profile.write_point("temperature_correction")
+    # the seller's sheet: holding 0x0103, "(/10) -10.0~10.0", function 06
+    assert point.request(point.registers_for(-1.5)) == bytes.fromhex("06 0103 FFF1")
+    assert point.registers_for(10.0) == [100] and point.registers_for(-10.0) == [0xFF9C]
