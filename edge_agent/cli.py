@@ -254,8 +254,14 @@ def describe(path: str, cfg: AgentConfig) -> str:
             baud, bits, parity, stop = protocol_info(d.protocol).line_settings(d)
             lines.append(f"  device {d.id}: serial {d.protocol} on {d.port} {baud} {bits}{parity}{stop}")
             continue
+        writable = f"; operators may write {', '.join(d.writable)}" if d.writable else ""
         lines.append(f"  device {d.id}: {kind} on {cfg.bus_of(d).target} unit {d.unit}, profile {d.profile}, "
-                     f"every {float(d.interval):g}s")
+                     f"every {float(d.interval):g}s{writable}")
+    sec = cfg.security
+    if sec is not None and sec.operator_ca:
+        lines.append(f"  commands: signed by operators of the CA in {sec.operator_ca} (docs/control.md)")
+    else:
+        lines.append("  commands: none accepted (no [security] operator_ca)")
     return "\n".join(lines)
 
 

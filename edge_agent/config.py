@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
@@ -14,6 +14,9 @@ from wire import config as wconfig
 from wire.config import Duration, Size, invalid
 from wire.mqttlink import MqttSettings
 from wire.schema import GATEWAY_ID_PATTERN
+
+if TYPE_CHECKING:
+    from edge_agent.profiles import Profile
 
 GatewayId = Annotated[
     str,
@@ -79,10 +82,15 @@ class SecuritySection(msgspec.Struct, forbid_unknown_fields=True):
     collector_key: str  # collector.pub from `edge-collector keys init` (the key the gateway seals to)
     rotate_after_messages: Annotated[int, msgspec.Meta(ge=1)] = 1_000_000
     rotate_after: Duration = Duration(86400)
+    # The operator CA's public key (PEM): commands and configurations signed by its operators are accepted
+    # (docs/control.md). Empty: this gateway accepts none.
+    operator_ca: str = ""
 
     def __post_init__(self) -> None:
-        for key in ("identity_key", "collector_key"):
+        for key in ("identity_key", "collector_key", "operator_ca"):
             path = getattr(self, key)
+            if key == "operator_ca" and not path:
+                continue
             if not os.access(path, os.R_OK):
                 raise invalid(key, f"{path} {'is not readable' if os.path.exists(path) else 'does not exist'}")
         if self.rotate_after <= 0:
@@ -178,23 +186,44 @@ def load(path: str | Path) -> AgentConfig:
         for d in cfg.devices
     ]
     if cfg.security is not None:
-        from wire.keys import collector_key_from_pem, identity_from_pem
+        from wire.keys import collector_key_from_pem, identity_from_pem, operator_ca_from_pem
 
-        for key, read in (("identity_key", identity_from_pem), ("collector_key", collector_key_from_pem)):
+        for key, read in (("identity_key", identity_from_pem), ("collector_key", collector_key_from_pem),
+                          ("operator_ca", operator_ca_from_pem)):
+            if not getattr(cfg.security, key):
+                continue
             try:
                 read(Path(getattr(cfg.security, key)).read_bytes())
             except (ValueError, TypeError) as exc:
                 raise wconfig.ConfigError(str(path), f"security.{key}", f"not a usable key file: {exc}") from None
     for index, device in enumerate(cfg.devices):
-        if isinstance(device, SerialDevice) or device.profile == "sunspec":  # discovered on the device itself at start-up
+        if isinstance(device, SerialDevice):
+            continue
+        if device.profile == "sunspec":  # discovered on the device itself at start-up
+            if device.writable:
+                raise wconfig.ConfigError(str(path), f"devices[{index}].writable[0]", f'device "{device.id}": a '
+                                          "SunSpec device's points are discovered at start-up; none can be written")
             continue
         try:
-            load_profile(device.profile)
+            profile = load_profile(device.profile)
         except wconfig.ConfigError as exc:
             raise wconfig.ConfigError(str(path), f"devices[{index}].profile", str(exc)) from None
         except LookupError as exc:
             raise wconfig.ConfigError(str(path), f"devices[{index}].profile", str(exc)) from None
+        _check_writable(str(path), index, device, profile)
     return cfg
+
+
+def _check_writable(path: str, index: int, device: ModbusKind, profile: Profile) -> None:
+    """A device may opt in only to points its profile declares writable (docs/control.md)."""
+    writable = profile.writable_points()
+    for j, name in enumerate(device.writable):
+        if name in writable:
+            continue
+        offer = f"writable points: {', '.join(writable)}" if writable else "it declares no writable point"
+        why = "has no point" if all(p.name != name for p in profile.points) else "does not declare writable the point"
+        raise wconfig.ConfigError(path, f"devices[{index}].writable[{j}]",
+                                  f'device "{device.id}": profile {device.profile} {why} "{name}" ({offer})')
 
 
 def _is_relative_path(profile: str) -> bool:

@@ -25,7 +25,14 @@ As a process: `python -m labkit.meter_sim --port 5020 [--unit 1] [--serve-log se
 The served registers 0x0000..0x004F (30001..30080) are readable, listed parameters carry values and unlisted
 registers in that block read 0; anything else answers exception 2 (illegal data address).
 Holding registers 0x0000..0x0015 (40001..40022) hold the demand period (60 min) and the system type
-(3 = 3P4W).
+(3 = 3P4W), and can be written (FC 6, 16) as on a real SDM630.
+
+Lab additions, not in an SDM630, so that commands have something to write (labkit/profiles/lab_meter.toml):
+holding register 0x0020 `setpoint` (int16, 0.1 degC, initially 20.0) in a block 0x0016..0x002F that reads 0,
+and 16 coils 0..15 (`relay_1` = coil 0, `relay_2` = coil 1; FC 1, 5, 15). Every accepted write is logged in
+`writes` (`Written`: time, table, address, values) before it is applied; `write_delay[(table, address)]`
+holds a write that long before answering (a slow device: the agent can be killed mid-command), and
+`write_exceptions[(table, address)] = code` answers a write there with that Modbus exception instead.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from pymodbus.constants import ExcCodes
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import SimData, SimDevice
 from pymodbus.simulator.simutils import DataType
@@ -87,9 +95,21 @@ SDM630_INPUT: dict[str, int] = {
 }
 SDM630_HOLDING: dict[str, int] = {"demand_period": 0x02, "system_type": 0x0A}
 INPUT_BLOCK = 0x50  # registers 0x0000..0x004F are served
-HOLDING_BLOCK = 0x16
+HOLDING_BLOCK = 0x30  # 0x0000..0x0015 the SDM630's, 0x0016..0x002F the lab's
+LAB_HOLDING: dict[str, int] = {"setpoint": 0x20}  # int16, 0.1 degC
+LAB_COILS: dict[str, int] = {"relay_1": 0, "relay_2": 1}
 
 _FUNCTION_TABLE = {4: "input", 3: "holding"}
+_WRITE_TABLE = {5: "coil", 15: "coil", 6: "holding", 16: "holding"}
+
+
+class Written(NamedTuple):
+    """One write the simulator accepted (before it is applied and answered)."""
+
+    time_ns: int
+    table: str  # "holding" | "coil"
+    address: int
+    values: tuple[int, ...]  # registers, or 0/1 per coil
 
 
 class Served(NamedTuple):
@@ -243,6 +263,9 @@ class MeterSimulator:
         self._log_file: IO[str] | None = None
         self._server: ModbusTcpServer | None = None
         self._measured_at: float | None = None
+        self.writes: list[Written] = []
+        self.write_delay: dict[tuple[str, int], float] = {}
+        self.write_exceptions: dict[tuple[str, int], int] = {}
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, unit: int = 1) -> None:
         """Listen on host:port (port 0: a free port, see self.port) and answer requests for `unit`."""
@@ -253,15 +276,17 @@ class MeterSimulator:
         for name, value in (("demand_period", 60.0), ("system_type", 3.0)):
             address = SDM630_HOLDING[name]
             holding[address : address + 2] = float32_registers(value)
+        holding[LAB_HOLDING["setpoint"]] = 200  # 20.0 degC
         device = SimDevice(
             id=unit,
             simdata=(
-                [SimData(0, values=False, datatype=DataType.BITS)],
+                [SimData(0, values=False, datatype=DataType.BITS)],  # 16 coils, all off
                 [SimData(0, values=False, datatype=DataType.BITS)],
                 [SimData(0, values=holding, datatype=DataType.REGISTERS)],
                 [SimData(0, count=INPUT_BLOCK, values=0, datatype=DataType.REGISTERS)],
             ),
             action=self._on_access,
+            use_bit_addressing=True,  # coil n is bit n % 16 of register n // 16, as FC 1, 5 and 15 expect
         )
         self._server, self.host, self.port = await serve_tcp(device, host, port)
 
@@ -282,10 +307,13 @@ class MeterSimulator:
         registers: list[int],
         set_values: list[int] | list[bool] | None,
     ) -> None:
-        """pymodbus calls this for every valid access, before it copies the answer out of `registers`."""
+        """pymodbus calls this for every valid access, before it copies the answer out of `registers` (or
+        the written values into them)."""
+        if set_values is not None:
+            return await self._on_write(function_code, address, set_values)
         table = _FUNCTION_TABLE.get(function_code)
-        if table is None or set_values is not None:
-            return None  # writes and other functions: not part of the serve log
+        if table is None:
+            return None  # other functions: not part of the serve log
         if table == "input":
             self._refresh(registers, start_address)
         offset = address - start_address
@@ -293,6 +321,17 @@ class MeterSimulator:
             time.time_ns(), self.unit, table, address, count, tuple(registers[offset : offset + count])
         )
         self._record(entry)
+        return None
+
+    async def _on_write(self, function_code: int, address: int, values: list[int] | list[bool]) -> ExcCodes | None:
+        table = _WRITE_TABLE.get(function_code, f"function {function_code}")
+        code = self.write_exceptions.get((table, address))
+        if code is not None:
+            return ExcCodes(code)
+        self.writes.append(Written(time.time_ns(), table, address, tuple(int(v) for v in values)))
+        delay = self.write_delay.get((table, address))
+        if delay:
+            await asyncio.sleep(delay)
         return None
 
     def _refresh(self, registers: list[int], start_address: int) -> None:

@@ -100,6 +100,27 @@ class ControlReason(enum.StrEnum):
     BUSY = "busy"  # a configuration is still being confirmed
 
 
+class CommandFailure(enum.StrEnum):
+    """Why a command that was verified and accepted did not end `done` (report state `failed`), or what went
+    wrong after a write that did (`done` with reason readback_failed): the agent's bus (edge_agent)."""
+
+    NO_ANSWER = "no_answer"  # the device did not answer the write: it may or may not have been written
+    REJECTED_ANSWER = "rejected_answer"  # an answer that does not match the write (echo, CRC, ...): may or may not
+    BUS_DOWN = "bus_down"  # the bus could not be opened, or was lost during the write
+    POLL_FAILED = "poll_failed"  # poll_now: the device gave no reading
+    QUEUE_FULL = "queue_full"  # too many commands waiting for the bus or the gateway
+    INTERRUPTED = "interrupted"  # the agent stopped between starting and finishing it: read the point
+    STORE_FAILED = "store_failed"  # the gateway could not record the command before running it: not run
+    READBACK_FAILED = "readback_failed"  # (state done) the device confirmed the write, reading it back failed
+    ERROR = "error"  # an internal error of the agent (a bug), logged there
+    # and "modbus_exception_N": the device answered the write with exception code N (modbus_exception())
+
+
+def modbus_exception(code: int) -> str:
+    """The failure reason for a write the device answered with Modbus exception `code` (1.1b §7)."""
+    return f"modbus_exception_{code}"
+
+
 class ControlRefused(Exception):
     def __init__(self, reason: ControlReason, detail: str) -> None:
         self.reason = reason

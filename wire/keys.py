@@ -1,7 +1,8 @@
 """Key (de)serialisation for the sealed envelope: PEM bytes in and out, no files, no passwords.
 
 Gateway identity: Ed25519 (private: PKCS#8 PEM on the gateway; public: SubjectPublicKeyInfo PEM at the
-collector, or wherever the enrollment keeps it). Collector key: X25519 (private PKCS#8 PEM on the collector;
+collector, or wherever the enrollment keeps it). Operator CA: Ed25519, its public key (SubjectPublicKeyInfo PEM)
+on every gateway (wire/control.py). Collector key: X25519 (private PKCS#8 PEM on the collector;
 public SubjectPublicKeyInfo PEM shipped to gateways). Loading checks the key type: an Ed25519 key is never
 accepted where an X25519 key is expected, or the other way round.
 
@@ -49,6 +50,22 @@ def public_identity_from_pem(data: bytes) -> Ed25519PublicKey:
     key = serialization.load_pem_public_key(data)
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"expected an Ed25519 public key, got {type(key).__name__}")
+    return key
+
+
+def operator_ca_to_pem(key: Ed25519PublicKey) -> bytes:
+    """The operator CA's public key as gateways receive it (SubjectPublicKeyInfo PEM, docs/control.md)."""
+    return public_identity_to_pem(key)
+
+
+def operator_ca_from_pem(data: bytes) -> Ed25519PublicKey:
+    """The operator CA's public key (agent.toml [security] operator_ca). A private key is refused: the CA's
+    private half never belongs on a gateway."""
+    if b"PRIVATE KEY" in data:
+        raise ValueError("this is a private key: a gateway gets only the operator CA's public key")
+    key = serialization.load_pem_public_key(data)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"expected the operator CA's Ed25519 public key, got {type(key).__name__}")
     return key
 
 

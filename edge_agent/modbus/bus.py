@@ -6,19 +6,27 @@ its own while the others keep their schedule; exception 6 (busy) is retried afte
 exceptions and rejected frames cost the points of that one request (reported with quality "error"); a lost
 connection or vanished serial port is reopened with backoff. When the bus cannot keep its intervals, it
 says so: utilisation and overrun counters, one log line per report period.
+
+Commands (docs/control.md "Commands to devices"): `submit` queues a write or a poll-now (at most
+MAX_QUEUED_COMMANDS per bus); the run loop wakes for it instead of sleeping until the next deadline and runs it
+ahead of the next poll, as one transaction (FC 5/6/15/16) followed by a read of the point, on the same
+transport as the polls: one transaction at a time on the bus, whoever asks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal, TypeVar
 
 from edge_agent.modbus import frames
 from edge_agent.modbus.config import ModbusBus
+from edge_agent.modbus.decode import Missing, Value
 from edge_agent.modbus.plan import PollValues, ReadRequest, decode_poll
 from edge_agent.modbus.transport import (
     FrameRejected,
@@ -29,13 +37,17 @@ from edge_agent.modbus.transport import (
     Transport,
     TransportError,
 )
+from edge_agent.modbus.write import WritePoint
 from edge_agent.schedule import next_aligned, skipped_deadlines
+from wire.control import CommandFailure, ControlReason, modbus_exception
 from wire.logs import RateLimitedLog
 from wire.schema import Reading
 
 log = logging.getLogger("citynerve.modbus")
 
 BUSY = 6  # Modbus exception code "server device busy"
+MAX_QUEUED_COMMANDS = 16  # per bus: commands are rare and each costs a few transactions
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -50,6 +62,11 @@ class PolledDevice:
     # For `profile = "sunspec"`: builds the plan from the device's own model chain on the first poll
     # (and again after a failed attempt); takes a register reader, returns (plan, model name).
     discover: Callable[[Callable[[int, int], Awaitable[list[int]]]], Awaitable[tuple[list[ReadRequest], str]]] | None = None
+    # Commands: the writable points this device opted in to, every point name of its profile, and which of them
+    # the profile declares writable (to say "not opted in" rather than "not writable").
+    writes: dict[str, WritePoint] = field(default_factory=dict)
+    points: frozenset[str] = frozenset()
+    profile_writable: frozenset[str] = frozenset()
     # runtime state
     next_due: float = 0.0
     failures: int = 0
@@ -73,6 +90,31 @@ class PollOutcome:
     error: str = ""  # why the poll produced nothing, or what part of it failed
 
 
+@dataclass(frozen=True)
+class CommandResult:
+    """How a command ended on the bus: done (value: what the device holds after a write; None for a poll-now
+    or when the read-back failed, with `reason` saying so), failed (reason: wire.control.CommandFailure or
+    modbus_exception_N), expired (its deadline passed before the bus was free)."""
+
+    state: Literal["done", "failed", "expired"]
+    value: Value | None = None
+    reason: str = ""
+    detail: str = ""
+
+
+@dataclass
+class BusCommand:
+    """A write of `words` to `point` of `device`, or (point None) a poll of `device` now. Not run after
+    `deadline_ms` (wall clock, ms since the epoch)."""
+
+    device: PolledDevice
+    deadline_ms: int
+    point: WritePoint | None = None
+    words: list[int] = field(default_factory=list)
+    value: Value | None = None  # what the operator asked for (compared with the read-back in the detail)
+    result: asyncio.Future[CommandResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
 def make_transport(bus: ModbusBus) -> Transport:
     where = bus.where
     if where.kind == "serial":
@@ -85,6 +127,13 @@ async def read_registers(transport: Transport, unit: int, request: ReadRequest, 
     pdu = frames.read_request(request.table, request.address, request.count)
     answer = await transport.transact(unit, pdu, frames.Expect.read(request.table, request.count), timeout)
     return frames.parse_read_response(request.table, request.count, answer)
+
+
+async def write_registers(transport: Transport, unit: int, request: bytes, timeout: float) -> None:
+    """One write transaction: the request PDU (frames.write_request) out, its answer checked: an echo of the
+    request (FC 5, 6) or its start and quantity (FC 15, 16), else FrameRejected / ModbusExceptionResponse."""
+    answer = await transport.transact(unit, request, frames.Expect.write(request), timeout)
+    frames.check_write_response(request, answer)
 
 
 class BusEngine:
@@ -102,6 +151,118 @@ class BusEngine:
         self._window_overruns: Counter[str] = Counter()
         self._reconnect_delay = 0.0
         self.last_open_error = ""
+        self._commands: deque[BusCommand] = deque()
+        self._wake = asyncio.Event()  # set when a command is queued: the run loop stops sleeping
+        self._emit: Callable[[list[Reading]], None] | None = None
+
+    # -- commands -----------------------------------------------------------------------------------------------
+
+    def submit(self, command: BusCommand) -> bool:
+        """Queue a command to run ahead of the next poll; False when MAX_QUEUED_COMMANDS are waiting already.
+        Its outcome arrives in `command.result` (never an exception)."""
+        if len(self._commands) >= MAX_QUEUED_COMMANDS:
+            return False
+        self._commands.append(command)
+        self._wake.set()
+        return True
+
+    async def _sleep_until(self, deadline: float) -> bool:
+        """Sleep until the wall-clock `deadline`; False if a command came first (run it, then look again)."""
+        self._wake.clear()
+        if self._commands:
+            return False
+        delay = deadline - time.time()
+        if delay > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+        return not self._commands
+
+    async def _run_command(self, command: BusCommand) -> None:
+        if command.result.done():  # its waiter went away (the agent is stopping)
+            return
+        try:
+            result = await self._command_result(command)
+        except Exception as exc:  # a bug must not stop the bus; the command ends as failed
+            log.exception("command on device %s failed", command.device.id, extra={"device": command.device.id})
+            result = CommandResult("failed", reason=CommandFailure.ERROR, detail=f"internal error: {exc}")
+        if not command.result.done():
+            command.result.set_result(result)
+
+    async def _command_result(self, command: BusCommand) -> CommandResult:
+        device = command.device
+        late_ms = time.time_ns() // 1_000_000 - command.deadline_ms
+        if late_ms > 0:
+            return CommandResult("expired", reason=ControlReason.EXPIRED,
+                                 detail=f"its deadline passed {late_ms / 1000:.1f} s before the bus was free")
+        if not await self._ensure_open():
+            return CommandResult("failed", reason=CommandFailure.BUS_DOWN, detail=f"bus {self.bus.id}: "
+                                 f"{self.last_open_error or 'cannot open it'}")
+        if command.point is None:
+            outcome = await self.poll(device)
+            if outcome.readings and self._emit is not None:
+                self._emit(outcome.readings)
+            if not outcome.readings:
+                return CommandResult("failed", reason=CommandFailure.POLL_FAILED, detail=outcome.error)
+            return CommandResult("done", detail=outcome.error)
+        return await self._write(device, command)
+
+    async def _write(self, device: PolledDevice, command: BusCommand) -> CommandResult:
+        point = command.point
+        assert point is not None
+        request = point.request(command.words)
+        started = time.monotonic()
+        device.stats["writes"] += 1
+        try:
+            await self._retrying(device, lambda: write_registers(self.transport, device.unit, request,
+                                                                  float(self.bus.timeout)))
+        except NoAnswer:
+            device.stats["write_failures"] += 1
+            return CommandResult("failed", reason=CommandFailure.NO_ANSWER, detail=(
+                f"no answer from unit {device.unit} on {self.bus.target} within {float(self.bus.timeout):g} s to "
+                f"the write of {point.describe()}: it may or may not have been written"))
+        except ModbusExceptionResponse as exc:
+            device.stats["write_failures"] += 1
+            return CommandResult("failed", reason=modbus_exception(exc.code), detail=(
+                f"unit {device.unit} answered exception {exc.code} ({exc.name}) to the write of {point.describe()}"))
+        except FrameRejected as exc:
+            device.stats["write_failures"] += 1
+            return CommandResult("failed", reason=CommandFailure.REJECTED_ANSWER, detail=(
+                f"the answer to the write of {point.describe()} was rejected ({exc}): it may or may not have "
+                f"been written"))
+        except TransportError as exc:
+            await self.transport.close()
+            self.stats["connection_lost"] += 1
+            device.stats["write_failures"] += 1
+            return CommandResult("failed", reason=CommandFailure.BUS_DOWN, detail=(
+                f"{exc} during the write of {point.describe()}: it may or may not have been written"))
+        finally:
+            self._busy_seconds += time.monotonic() - started
+        log.info("device %s: wrote %s = %r", device.id, point.name, command.value,
+                 extra={"device": device.id, "point": point.name})
+        return await self._read_back(device, command)
+
+    async def _read_back(self, device: PolledDevice, command: BusCommand) -> CommandResult:
+        """The write was confirmed by the device: read the point as a poll reads it."""
+        point = command.point
+        assert point is not None
+        started = time.monotonic()
+        try:
+            value = point.decode(await self._transaction(device, point.readback()))
+        except (NoAnswer, ModbusExceptionResponse, FrameRejected, TransportError) as exc:
+            if isinstance(exc, TransportError):
+                await self.transport.close()
+            return CommandResult("done", reason=CommandFailure.READBACK_FAILED,
+                                 detail=f"written (the device confirmed it), but reading it back failed: {exc}")
+        finally:
+            self._busy_seconds += time.monotonic() - started
+        if isinstance(value, Missing | dict):
+            return CommandResult("done", reason=CommandFailure.READBACK_FAILED,
+                                 detail=f"written (the device confirmed it); it reads back as {value!r}")
+        detail = ""
+        if value != command.value and not (isinstance(value, float) and isinstance(command.value, int | float)
+                                          and abs(value - command.value) <= 1e-6 * max(1.0, abs(value))):
+            detail = f"reads back {value!r}, not the {command.value!r} written (the device may limit or round it)"
+        return CommandResult("done", value=value, detail=detail)
 
     # -- the schedule -------------------------------------------------------------------------------------------
 
@@ -109,10 +270,15 @@ class BusEngine:
         now = time.time()
         for device in self.devices:
             device.next_due = next_aligned(now, device.interval)
+        self._emit = emit
         try:
             while True:
+                if self._commands:  # ahead of the next poll, one at a time
+                    await self._run_command(self._commands.popleft())
+                    continue
                 device = min(self.devices, key=lambda d: d.next_due)
-                await asyncio.sleep(max(0.0, device.next_due - time.time()))
+                if not await self._sleep_until(device.next_due):
+                    continue
                 if not await self._ensure_open():
                     continue
                 deadline = device.next_due
@@ -128,6 +294,11 @@ class BusEngine:
                 device.next_due = next_aligned(finished + self._backoff(device), device.interval)
                 self._report_if_due()
         finally:
+            self._emit = None
+            for command in self._commands:  # never run: their waiters learn it
+                if not command.result.done():
+                    command.result.cancel()
+            self._commands.clear()
             await self.transport.close()
 
     def _backoff(self, device: PolledDevice) -> float:
@@ -161,6 +332,7 @@ class BusEngine:
         try:
             await self.transport.open()
         except TransportError as exc:
+            self.last_open_error = str(exc)
             self.stats["connect_failures"] += 1
             self._reconnect_delay = min(max(1.0, self._reconnect_delay * 2), float(self.bus.reconnect_max))
             self._warn.warning(("open", self.bus.id), "bus %s: %s; retrying in %.0fs", self.bus.id, exc,
@@ -262,13 +434,19 @@ class BusEngine:
         return ""
 
     async def _transaction(self, device: PolledDevice, request: ReadRequest) -> list[int]:
+        return await self._retrying(device, lambda: read_registers(self.transport, device.unit, request,
+                                                                   float(self.bus.timeout)))
+
+    async def _retrying(self, device: PolledDevice, transaction: Callable[[], Awaitable[_T]]) -> _T:
+        """One transaction, after `pause_between_requests` since the last one ended; exception 6 (busy) is
+        retried `busy_retries` times: the device did nothing with the request (§7, "server device busy")."""
         pause = float(self.bus.pause_between_requests)
         for attempt in range(self.bus.busy_retries + 1):
             wait = self._last_transaction_end + pause - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
             try:
-                return await read_registers(self.transport, device.unit, request, float(self.bus.timeout))
+                return await transaction()
             except ModbusExceptionResponse as exc:
                 if exc.code != BUSY or attempt == self.bus.busy_retries:
                     raise

@@ -43,6 +43,7 @@ class ModbusTcpDevice(
                                      # TCP-native devices often use 0 or 255
     interval = "10s"
     tags = { site = "hall-a" }
+    writable = ["demand_period"]      # points operators may write (writable in the profile); default none
     """
 
     id: DeviceId
@@ -56,12 +57,14 @@ class ModbusTcpDevice(
     measurement: Name | None = None  # overrides the profile's default measurement
     workarounds: list[Workaround] = []
     max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] | None = None  # overrides the profile's limit
+    writable: list[Name] = []  # opt-in: the profile's writable points operators may write (docs/control.md)
 
     def __post_init__(self) -> None:
         if self.interval <= 0:
             raise invalid("interval", "must be more than 0 s")
         if self.timeout <= 0:
             raise invalid("timeout", "must be more than 0 s")
+        _unique_points(self.writable)
 
 
 BAUD_RATES = (300, 600, 1200, 2400, 4800, 9600, 14400, 19200, 38400, 57600, 115200, 230400, 460800, 921600)
@@ -148,6 +151,7 @@ class ModbusDevice(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag=
     unit = 3
     profile = "eastron_sdm120"      # or "sunspec": discover the SunSpec model chain at start-up
     interval = "10s"
+    writable = []                   # points operators may write (writable in the profile); default none
     """
 
     id: DeviceId
@@ -159,7 +163,15 @@ class ModbusDevice(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag=
     measurement: Name | None = None
     workarounds: list[Workaround] = []
     max_registers: Annotated[int, msgspec.Meta(ge=1, le=125)] | None = None  # overrides the profile's limit
+    writable: list[Name] = []  # opt-in: the profile's writable points operators may write (docs/control.md)
 
     def __post_init__(self) -> None:
         if self.interval <= 0:
             raise invalid("interval", "must be more than 0 s")
+        _unique_points(self.writable)
+
+
+def _unique_points(names: list[str]) -> None:
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise invalid(f"writable[{index}]", f'"{name}" is listed already')

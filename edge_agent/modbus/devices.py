@@ -38,6 +38,10 @@ def polled_device(device: Device, profile: Profile | None) -> PolledDevice:
         interval=float(device.interval),
         plan=plan_for(device, profile),
         tags={"model": profile.model, **device.tags},
+        # only what the device opted in to (edge-agent check refused anything else): by default nothing
+        writes={name: profile.write_point(name) for name in device.writable},
+        points=frozenset(p.name for p in profile.points),
+        profile_writable=frozenset(profile.writable_points()),
     )
 
 
