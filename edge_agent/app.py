@@ -30,6 +30,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edge_agent.config import AgentConfig
+from edge_agent.control import ControlPlane
 from edge_agent.delivery import Publish, ReadBodies, ScanBacklog, Sender
 from edge_agent.modbus.bus import BusEngine, PolledDevice, PollOutcome
 from edge_agent.modbus.devices import bus_engines
@@ -39,11 +40,11 @@ from edge_agent.sequence import migrate_legacy
 from edge_agent.serial.port import PortError
 from edge_agent.serial.source import SerialSource
 from edge_agent.uplink import UplinkBuffer
-from wire import ack, topics
+from wire import ack, control, topics
 from wire.cli import iso_ns, run_tasks_until
 from wire.envelope import frame_plain
 from wire.files import private_dir
-from wire.keys import collector_key_from_pem, identity_from_pem
+from wire.keys import collector_key_from_pem, identity_from_pem, operator_ca_from_pem
 from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink, Will
 from wire.schema import Batch, Reading, encode_batch
@@ -102,6 +103,10 @@ class Agent:
         self.up_topic = topics.up(prefix, self.gateway_id)
         self.status_topic = topics.status(prefix, self.gateway_id)
         self.ack_topic = topics.down(prefix, self.gateway_id, ack.KIND)
+        self.report_topic = topics.report(prefix, self.gateway_id)
+        self.control_topic = topics.down(prefix, self.gateway_id, control.KIND)
+        # Commands and configurations travel only sealed (the confidential downlink needs the gateway's session)
+        self.control = make_control(cfg, self) if self.sealer is not None else None
         self._errors = RateLimitedLog(log, interval=300)
         self._db = ThreadPoolExecutor(1, thread_name_prefix="outbox")
         self._wake = asyncio.Event()  # set by every event the sender must see
@@ -143,9 +148,11 @@ class Agent:
     # -- event loop: the link and acknowledgements ----------------------------------------------------------------
 
     def _link_up(self, receive_maximum: int | None) -> None:
-        self.link.subscribe([self.ack_topic], qos=1)
+        self.link.subscribe([self.ack_topic] + ([self.control_topic] if self.control else []), qos=1)
         self.sender.link_changed(True, receive_maximum)
         self._publish_status()
+        if self.control is not None:
+            self.control.link_up()
         self._wake.set()
 
     def _link_down(self) -> None:
@@ -157,6 +164,9 @@ class Agent:
         self._wake.set()
 
     def _downlink(self, topic: str, payload: bytes) -> None:
+        if self.control is not None and topics.is_own_topic(self.control_topic, topic):
+            self.control.received(payload)  # sealed for the topic as subscribed, whatever mount is in front
+            return
         if not topics.is_own_topic(self.ack_topic, topic):
             return
         topic = self.ack_topic  # sealed for this one; mosquitto 2.0.11 leaves the listener's mount point in front
@@ -185,6 +195,8 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
         await self._open_outbox()
+        if self.control is not None:
+            await self.control.open()
         b = self.box.backlog
         log.info(
             "agent %s starting: %d device(s) on %d bus(es), uplink %s:%d; outbox %s holds %d message(s), "
@@ -224,6 +236,9 @@ class Agent:
     async def _shut_down(self) -> None:
         loop = asyncio.get_running_loop()
         try:
+            if self.control is not None:
+                with contextlib.suppress(Exception):
+                    await self.control.close()
             if self.outbox is not None:
                 with contextlib.suppress(Exception):
                     await self._commit_cycle()  # a clean stop loses nothing
@@ -348,6 +363,16 @@ class Agent:
         self.stats.published_messages += 1
         self.stats.last_publish_ns = time.time_ns()
 
+    def send_report(self, report: control.Report) -> None:
+        """A report on a command or configuration (wire/control.py), sealed like the uplink and published at QoS 1
+        on <prefix>/<gw>/report. On the event loop. While the link is down paho keeps it for the next
+        connection; a report lost with the process is sent again when its command comes again."""
+        body = control.encode(report)
+        payload = self.sealer.seal(self.report_topic, body) if self.sealer else frame_plain(body)
+        info = self.link.publish(self.report_topic, payload, qos=1)
+        mid = info.mid if info.rc == paho.MQTT_ERR_SUCCESS else None
+        self.sender.published(None, mid, len(payload), time.monotonic())
+
     def _publish_status(self) -> None:
         payload = self.status()
         info = self.link.publish(self.status_topic, payload, qos=1, retain=True)
@@ -435,6 +460,17 @@ def make_sealer(cfg: AgentConfig) -> GatewaySealer | None:
         collector_key_from_pem(Path(sec.collector_key).read_bytes()),
         rotate_after_messages=sec.rotate_after_messages,
         rotate_after_seconds=float(sec.rotate_after),
+    )
+
+
+def make_control(cfg: AgentConfig, agent: Agent) -> ControlPlane:
+    sec = cfg.security
+    assert sec is not None and agent.sealer is not None
+    return ControlPlane(
+        gateway=agent.gateway_id, topic=agent.control_topic, sealer=agent.sealer,
+        operator_ca=operator_ca_from_pem(Path(sec.operator_ca).read_bytes()) if sec.operator_ca else None,
+        engines=agent.buses, serial_ids=[d.id for d in cfg.serial_devices], state_dir=agent.state_dir,
+        send_report=agent.send_report,
     )
 
 
