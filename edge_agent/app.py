@@ -8,6 +8,7 @@ except
 - the "outbox" thread (a single-thread executor): every SQLite call, the encoding of a cycle's messages and the
   assignment of their sequence numbers, the one-time migration of the old sequence file; the loop keeps a copy
   of what it needs to know (`OutboxView`), taken on that thread after each call;
+- the "commands" thread (edge_agent/control.py): the command store and the operator revocation list's file;
 - the "mqtt-stop" thread, for the blocking disconnect at the end.
 The tasks run under wire/supervise.py: one that dies ends the process (after the clean-shutdown commit).
 """
