@@ -48,7 +48,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -264,6 +264,7 @@ class MeterSimulator:
         self._server: ModbusTcpServer | None = None
         self._measured_at: float | None = None
         self.writes: list[Written] = []
+        self._written = threading.Condition()  # notified on every accepted write (wait_for_write)
         self.write_delay: dict[tuple[str, int], float] = {}
         self.write_exceptions: dict[tuple[str, int], int] = {}
 
@@ -328,11 +329,21 @@ class MeterSimulator:
         code = self.write_exceptions.get((table, address))
         if code is not None:
             return ExcCodes(code)
-        self.writes.append(Written(time.time_ns(), table, address, tuple(int(v) for v in values)))
+        with self._written:
+            self.writes.append(Written(time.time_ns(), table, address, tuple(int(v) for v in values)))
+            self._written.notify_all()
         delay = self.write_delay.get((table, address))
         if delay:
             await asyncio.sleep(delay)
         return None
+
+    def wait_for_write(self, predicate: Callable[[list[Written]], bool], timeout: float = 10.0) -> list[Written]:
+        """Block (another thread than the simulator's) until `predicate(writes)` holds; TimeoutError after
+        `timeout` seconds."""
+        with self._written:
+            if not self._written.wait_for(lambda: predicate(self.writes), timeout):
+                raise TimeoutError(f"no such write within {timeout}s; writes: {self.writes}")
+            return list(self.writes)
 
     def _refresh(self, registers: list[int], start_address: int) -> None:
         now = time.time()
