@@ -1,6 +1,6 @@
 """Gateway health from the status heartbeat (wire/status.py) as line protocol. Pure: no I/O, never raises.
 
-    citynerve_gateway_health,gateway=<id> online=1i,backlog_messages=12i,... <time>
+    citynerve_gateway_health,gateway=<id> online=1i,backlog_messages=12i,...,backlog_age_s=42.5 <time>
     citynerve_device_health,device=<dev>,gateway=<id> polls=120i,errors=3i,last_error="timeout" <time>
 
 The status is not sealed: it is as trustworthy as the broker's ACL (a gateway may publish only its own status
@@ -39,10 +39,23 @@ GATEWAY_FIELDS = (
     "resent_messages",
     "outbox_resets",
 )
-__all__ = ["DEVICE_HEALTH_MEASUREMENT", "GATEWAY_HEALTH_MEASUREMENT", "MAX_DEVICES", "HealthLines", "health_lines"]
+__all__ = ["DEVICE_HEALTH_MEASUREMENT", "GATEWAY_HEALTH_MEASUREMENT", "MAX_DEVICES", "HealthLines", "backlog_age_s",
+           "health_lines"]
 
 # An exception text may hold newlines, which line protocol cannot carry in a string.
 _CONTROL = BAD_CHARACTER  # and what else no name may hold (wire/names.py): lone surrogates cannot be UTF-8
+
+
+def backlog_age_s(doc: StatusDoc) -> float | None:
+    """How old the oldest unacknowledged message was when the heartbeat was made, in seconds: both times are the
+    gateway's own clock, so a clock that is wrong by a constant does not matter. 0.0 for an empty backlog; None
+    when the document does not tell. Stored because InfluxQL cannot subtract a field from a point's time, and
+    "how far behind is this gateway" is what a dashboard and an alert ask."""
+    if doc.backlog_messages == 0:
+        return 0.0
+    if doc.time_ns is None or doc.backlog_oldest_ns is None:
+        return None
+    return max(0, doc.time_ns - doc.backlog_oldest_ns) / 1e9
 
 
 class HealthLines(NamedTuple):
@@ -60,11 +73,14 @@ def health_lines(doc: StatusDoc, gateway: str, receive_ns: int, policy: TimePoli
     # no time_ns: the broker sends it when the gateway is gone, so the receive time is right for it.
     if time_ns is None or not policy.plausible(time_ns, receive_ns):
         time_ns = receive_ns
-    fields: dict[str, int] = {"online": 1 if doc.state == ONLINE else 0}
+    fields: dict[str, int | float] = {"online": 1 if doc.state == ONLINE else 0}
     for name in GATEWAY_FIELDS:
         value = getattr(doc, name)
         if value is not None:
             fields[name] = value
+    age = backlog_age_s(doc)
+    if age is not None:
+        fields["backlog_age_s"] = age
     # Cannot fail: the gateway id passed the topic check, the fields are bounded ints, time_ns is checked.
     lines = [encode_line(GATEWAY_HEALTH_MEASUREMENT, {"gateway": gateway}, fields, time_ns)]
     if not doc.devices:

@@ -174,19 +174,15 @@ class Ingest:
         """The per-message ingest record. Stamped with the gateway's send time when that is plausible, else with
         the receive time: a gateway cannot place even its own records in a shard of its choosing."""
         batch = opened.batch
-        stamp = batch.sent_ns if self.time_policy.plausible(batch.sent_ns, receive_ns) else receive_ns
-        acc.lines.append(
-            encode_line(
-                INGEST_MEASUREMENT,
-                {"gateway": batch.gateway},
-                {
-                    "seq": batch.seq,
-                    "readings": len(batch.readings),
-                    "suspect": acc.suspect,
-                    "declined": sum(acc.declined.values()),
-                    "received_ns": receive_ns,
-                    "latency_ms": (receive_ns - batch.sent_ns) / 1e6,
-                },
-                stamp,
-            )
-        )
+        plausible = self.time_policy.plausible(batch.sent_ns, receive_ns)
+        fields: dict[str, int | float] = {
+            "seq": batch.seq,
+            "readings": len(batch.readings),
+            "suspect": acc.suspect,
+            "declined": sum(acc.declined.values()),
+            "received_ns": receive_ns,
+        }
+        if plausible:  # from a send time believed wrong (a clock not set: 1970), a "latency" of decades means nothing
+            fields["latency_ms"] = (receive_ns - batch.sent_ns) / 1e6
+        acc.lines.append(encode_line(INGEST_MEASUREMENT, {"gateway": batch.gateway}, fields,
+                                     batch.sent_ns if plausible else receive_ns))

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import socket
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +11,7 @@ import pytest
 
 from edge_agent.profiles import Profile, load_profile
 from labkit.meter_sim import MeterSimulator, meter_in_thread
-from labkit.process import ServerProcess, free_port, port_is_open
+from labkit.process import ServerProcess, SilentServer, free_port, port_is_open
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,30 +59,5 @@ def meter_sim_process(tmp_path: Path) -> Iterator[MeterProcess]:
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A TCP server on loopback that accepts connections and never answers. Yields its port."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.settimeout(0.1)
-    stop = threading.Event()
-    accepted: list[socket.socket] = []
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            accepted.append(conn)  # requests pile up unread in the socket buffer
-
-    thread = threading.Thread(target=serve, name="silent-server", daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(5)
-        for conn in accepted:
-            conn.close()
-        listener.close()
+    with SilentServer() as server:
+        yield server.port

@@ -24,6 +24,16 @@ def test_tags_fields_time_and_ingest_record() -> None:
     assert lines[0] == b"electricity,device=meter\\ 1,gateway=gw-1,model=SDM630 v=230.5,n=3i " + str(NOW - 5).encode()
     assert lines[1].startswith(b"citynerve_ingest,gateway=gw-1 seq=7i,readings=1i,suspect=0i,")
     assert lines[1].endswith(str(NOW - 2).encode())
+    assert b"latency_ms=2e-06 " in lines[1]
+
+
+def test_the_ingest_record_of_a_message_sent_with_the_clock_unset_has_no_latency() -> None:
+    """A send time of 1970 (a gateway without RTC before NTP) gives no "latency" of decades to the dashboards:
+    the record is stamped at arrival and says what it knows."""
+    reading = Reading("m", "e", 2_000, {"v": 1.0})
+    record = ingest.uplink("citynerve/v1/gw-1/up", seal_plain(Batch("gw-1", 3, 1_000, [reading])), NOW).lines[-1]
+    assert record == (b"citynerve_ingest,gateway=gw-1 seq=3i,readings=1i,suspect=1i,declined=0i,received_ns=%di %d"
+                      % (NOW, NOW))
 
 
 def test_quality_flags_are_stored_beside_the_missing_value() -> None:
@@ -175,6 +185,23 @@ def test_heartbeat_fields_time_and_devices() -> None:
         + str(NOW - 10).encode(),
         b"citynerve_device_health,device=m2,gateway=gw-1 polls=4i,errors=0i " + str(NOW - 10).encode(),
     ]
+
+
+@pytest.mark.parametrize("doc, age", [
+    ({"time_ns": NOW, "backlog_messages": 4, "backlog_oldest_ns": NOW - 2_500_000_000}, b"backlog_age_s=2.5"),
+    ({"time_ns": NOW, "backlog_messages": 0}, b"backlog_age_s=0.0"),
+    # the gateway's two clocks disagree by a step (NTP) between the two readings: never a negative age
+    ({"time_ns": NOW, "backlog_messages": 1, "backlog_oldest_ns": NOW + 10**9}, b"backlog_age_s=0.0"),
+    # a heartbeat that does not tell (an older agent, the last will)
+    ({"time_ns": NOW, "backlog_messages": 3}, None),
+    ({"backlog_messages": 3, "backlog_oldest_ns": NOW - 10**9}, None),
+])
+def test_heartbeat_backlog_age_is_measured_on_the_gateways_own_clock(doc: dict, age: bytes | None) -> None:
+    from collector.health import health_lines
+
+    line = health_lines(_status({"state": "online", **doc}), "gw-1", NOW, POLICY).lines[0]
+    fields = line.split(b" ")[1].split(b",")
+    assert [f for f in fields if f.startswith(b"backlog_age_s=")] == ([age] if age else [])
 
 
 @pytest.mark.parametrize("time_ns", [None, 12_345, NOW + 301 * 10**9, NOW - 46 * 86400 * 10**9])
