@@ -165,14 +165,18 @@ class FleetLab:
         self.gps[plan.id] = gps
         devices = [stack.modbus_tcp_device(name, port, interval="1s", tags={"site": plan.id.split("-")[0]})
                    for name, port in ports.items()]
-        if plan.dead_device:  # connected, never answers: every poll times out
+        sections: dict[str, Any] = {}
+        if plan.dead_device:  # connected, never answers: every poll times out (and is tried again within 1 s)
             mute = SilentServer()
             self._stack.callback(mute.close)
-            devices.append(stack.modbus_tcp_device("meter-dead", mute.port, interval="1s", timeout="300ms"))
+            sections["buses"] = [{"id": "mute", "target": f"tcp://127.0.0.1:{mute.port}", "timeout": "300ms",
+                                  "backoff_max": "1s"}]
+            devices.append({"kind": "modbus", "id": "meter-dead", "bus": "mute", "profile": "eastron_sdm630",
+                            "interval": "1s"})
         devices.append({"kind": "serial", "id": "gps", "port": gps.device, "protocol": "nmea", "baud": 4800})
         config = stack.write_agent_config(
             self.work / f"{plan.id}.toml", plan.id, stack.mqtt_section(self.broker), devices,
-            uplink={"heartbeat_interval": "1s", "ack_timeout": "2s", "ack_timeout_max": "4s"},
+            uplink={"heartbeat_interval": "1s", "ack_timeout": "2s", "ack_timeout_max": "4s"}, **sections,
         )
         self.agents[plan.id] = self._stack.enter_context(stack.agent_process(config))
 
@@ -183,7 +187,12 @@ class FleetLab:
         missing: list[str] = []
 
         def ready() -> bool:
-            health = counts("SELECT count(online) FROM citynerve_gateway_health")
+            # heartbeats in two 10 s buckets at least: a dashboard's rate of a counter (non_negative_difference
+            # per interval, 10 s at the finest) needs two
+            health = {g: n for g, n in counts("SELECT count(online) FROM citynerve_gateway_health").items()
+                      if len({r["time"] for r in self.query(
+                          f"SELECT count(online) FROM citynerve_gateway_health WHERE gateway = '{g}' AND "
+                          f"time >= {self.started_ns} GROUP BY time(10s) fill(none)")}) >= 2}
             meters = counts("SELECT count(voltage_l1) FROM electricity")
             fixes = counts("SELECT count(latitude) FROM gps")
             dead = self.query(f"SELECT max(errors) FROM citynerve_device_health WHERE gateway = '{NORTH}' "
@@ -191,7 +200,7 @@ class FleetLab:
             backlog = self.query(f"SELECT max(backlog_messages), max(resent_messages) FROM citynerve_gateway_health "
                                  f"WHERE gateway = '{EAST}'")
             missing[:] = [f"{what} of {g}" for g in self.gateways
-                          for what, have, need in (("heartbeats", health, 3), ("meter readings", meters, 3),
+                          for what, have, need in (("heartbeats over 10 s", health, 3), ("meter readings", meters, 3),
                                                    ("GPS fixes", fixes, 1)) if have.get(g, 0) < need]
             if not (dead and dead[0]["max"]):
                 missing.append(f"poll errors of {NORTH}/meter-dead")
