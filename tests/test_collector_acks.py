@@ -295,7 +295,7 @@ def test_heartbeat_becomes_gateway_and_device_health(lab: Lab) -> None:
         "time": sent_ns, "gateway": gateway, "online": 1, "since_ns": sent_ns - 60 * 10**9, "backlog_messages": 3,
         "backlog_readings": 30, "backlog_bytes": 4096, "backlog_oldest_ns": sent_ns - 10**9, "oldest_unacked_seq": 17,
         "next_seq": 20, "last_publish_ns": sent_ns - 10**8, "dropped_readings": 0,
-        "resent_messages": 2, "outbox_resets": 0,
+        "resent_messages": 2, "outbox_resets": 0, "backlog_age_s": 1.0,
     }]
     devices = lab.influx.query(f"SELECT * FROM citynerve_device_health {where} GROUP BY device", lab.db)
     assert sorted((d["device"], d["time"], d["polls"], d["errors"], d["last_error"]) for d in devices) == [
