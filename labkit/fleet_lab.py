@@ -202,11 +202,19 @@ class FleetLab:
             missing[:] = [f"{what} of {g}" for g in self.gateways
                           for what, have, need in (("heartbeats over 10 s", health, 3), ("meter readings", meters, 3),
                                                    ("GPS fixes", fixes, 1)) if have.get(g, 0) < need]
-            if not (dead and dead[0]["max"]):
-                missing.append(f"poll errors of {NORTH}/meter-dead")
-            if not (backlog and backlog[0]["max"] and backlog[0]["max_1"]):
-                missing.append(f"a backlog and re-sends of {EAST}")
+            if not (dead and dead[0]["max"] and grew("citynerve_device_health", "errors",
+                                                     f"gateway = '{NORTH}' AND device = 'meter-dead'")):
+                missing.append(f"poll errors of {NORTH}/meter-dead growing from one 10 s interval to another")
+            if not (backlog and backlog[0]["max"] and backlog[0]["max_1"]
+                    and grew("citynerve_gateway_health", "resent_messages", f"gateway = '{EAST}'")):
+                missing.append(f"a backlog of {EAST} and its re-sends growing from one 10 s interval to another")
             return not missing
+
+        def grew(measurement: str, field: str, where: str) -> bool:
+            """A counter's rate per 10 s interval (a dashboard's finest) shows it: it grew between two intervals."""
+            rows = self.query(f"SELECT max({field}) FROM {measurement} WHERE {where} AND time >= {self.started_ns} "
+                              "GROUP BY time(10s) fill(none)")
+            return len(rows) >= 2 and rows[-1]["max"] > rows[0]["max"]
 
         try:
             wait_until(ready, timeout, "data from every gateway", poll=0.5)
