@@ -123,6 +123,10 @@ class Collector:
         self._work = asyncio.Event()
         self._files = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry")
         self.gateway_state: dict[str, str] = {}
+        # gateway -> the newest time (ns) it was heard from: an authentic uplink's or a heartbeat's receive time (a
+        # retained heartbeat, replayed at subscription: its own time, at most its receive time). One entry per
+        # gateway that delivered; read by the metrics (collector/metrics.py).
+        self.last_seen: dict[str, int] = {}
         self.acks = ack.PendingAcks()
         # per gateway with pending acks: the session of its most recently stored message, whose downlink key
         # the agent still holds (None: plain, acknowledged in plain)
@@ -235,6 +239,12 @@ class Collector:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        metrics = None
+        if self.cfg.metrics is not None:  # bound first: a port in use is a one-line error before anything starts
+            from collector.metrics import server
+
+            metrics = server(self)
+            await metrics.start()
         await self.writer.start()
         log.info(
             "collector starting: MQTT %s:%d, InfluxDB %s API at %s", self.cfg.mqtt.host, self.cfg.mqtt.port,
@@ -250,6 +260,8 @@ class Collector:
             tasks.append(asyncio.create_task(self._report(), name="stats"))
         if self.quarantine is not None:
             tasks.append(asyncio.create_task(self.quarantine.run(), name="quarantine"))
+        if metrics is not None:
+            tasks.append(asyncio.create_task(metrics.serve(), name="metrics"))
         try:
             await run_tasks_until(stop, tasks)
         finally:
@@ -328,6 +340,7 @@ class Collector:
 
     async def _uplink(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int) -> None:
         opened = self.ingest.open(msg.topic, msg.payload)
+        self._seen(gateway, receive_ns)
         accepted = self.ingest.start(opened)
         now = time.monotonic()
         for start in range(0, len(opened.batch.readings), SLICE):
@@ -384,6 +397,8 @@ class Collector:
         if doc.gateway is not None and doc.gateway != gateway:
             raise WireError(Reason.STATUS_MISMATCH,
                             f"status says gateway {doc.gateway!r} but arrived on the topic of {gateway!r}")
+        if doc.time_ns is not None:  # a heartbeat; a last will (no time) is the broker speaking, not the gateway
+            self._seen(gateway, min(doc.time_ns, receive_ns) if msg.retain else receive_ns)
         if self.gateway_state.get(gateway) != doc.state:
             self.gateway_state[gateway] = doc.state
             log.info("gateway %s is %s", gateway, doc.state, extra={"gateway": gateway})
@@ -403,6 +418,10 @@ class Collector:
         # InfluxDB is down.
         await self._put(gateway, health.lines, _Delivery(msg.mid, msg.qos, gateway, None, None, len(health.lines),
                                                          size=sum(map(len, health.lines))))
+
+    def _seen(self, gateway: str, time_ns: int) -> None:
+        if time_ns > self.last_seen.get(gateway, 0):
+            self.last_seen[gateway] = time_ns
 
     def _on_written(self, result: BatchResult) -> None:
         for token in result.stored:

@@ -15,6 +15,7 @@ from collector.guard import GuardLimits
 from collector.influx.config import InfluxConfig
 from wire import config as wconfig
 from wire.config import Duration, invalid
+from wire.metrics import MetricsSettings
 from wire.mqttlink import MqttSettings
 from wire.topics import is_valid_mount
 
@@ -203,6 +204,14 @@ class LogSection(msgspec.Struct, forbid_unknown_fields=True):
     stats_interval: Duration = Duration(60)
 
 
+class CollectorMetricsSettings(MetricsSettings, forbid_unknown_fields=True):
+    """`[metrics]` of the collector (docs/operations.md "Metrics"). per_gateway: one series per gateway with its
+    last-seen time (citynerve_gateway_last_seen_timestamp_seconds), what the GatewayOffline alert needs; false
+    keeps the collector's series independent of the fleet's size."""
+
+    per_gateway: bool = True
+
+
 class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     mqtt: CollectorMqtt = msgspec.field(default_factory=CollectorMqtt)
     influx: InfluxConfig = msgspec.field(default_factory=InfluxConfig)
@@ -213,6 +222,7 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     schema: SchemaSection = msgspec.field(default_factory=SchemaSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
+    metrics: CollectorMetricsSettings | None = None  # Prometheus /metrics, when configured
 
 
 def load(path: str | Path) -> CollectorConfig:

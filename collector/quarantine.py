@@ -104,6 +104,11 @@ class Quarantine:
                     break
             self._db.execute("DELETE FROM quarantine WHERE id <= ?", (last,))
 
+    def size(self) -> tuple[int, int]:
+        """(entries, payload bytes) in the file, every collector's that shares it."""
+        count, total = self._db.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM quarantine").fetchone()
+        return count, total
+
     def list(self, limit: int = 50, gateway: str | None = None, reason: str | None = None) -> list[Entry]:
         query = "SELECT id, received_ns, gateway, topic, reason, detail, size FROM quarantine"
         where, args = [], []
@@ -156,6 +161,9 @@ class QuarantineSink:
         self.written = 0
         self.failures = 0
         self.last_error = ""
+        # what the file holds, read on the quarantine thread after opening it and after each write (metrics)
+        self.stored_entries = 0
+        self.stored_bytes = 0
 
     # A flood of one kind from one gateway needs a few examples, not every copy: per gateway and reason at most
     # SAMPLE entries per SAMPLE_WINDOW seconds are kept (the counters and log lines still count every one).
@@ -185,20 +193,22 @@ class QuarantineSink:
         self._wake.set()
         return True
 
-    def _open(self) -> None:
+    def _open(self) -> tuple[int, int]:
         path, max_entries, max_db_bytes, max_payload = self._args
         self._db = Quarantine(path, max_entries, max_db_bytes, max_payload)
+        return self._db.size()
 
-    def _write(self, rows: list[tuple[str, str, str, str, bytes, int]]) -> None:
+    def _write(self, rows: list[tuple[str, str, str, str, bytes, int]]) -> tuple[int, int]:
         if self._db is None:
             self._open()
         assert self._db is not None
         self._db.add_many(rows)
+        return self._db.size()
 
     async def run(self) -> None:
         """The drain task: runs until cancelled; a write error costs that batch, counted, never the task."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._open)
+        self.stored_entries, self.stored_bytes = await loop.run_in_executor(self._executor, self._open)
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -207,7 +217,7 @@ class QuarantineSink:
                 self._queue.clear()
                 self._queued_bytes = 0
                 try:
-                    await loop.run_in_executor(self._executor, self._write, rows)
+                    self.stored_entries, self.stored_bytes = await loop.run_in_executor(self._executor, self._write, rows)
                     self.written += len(rows)
                 except Exception as exc:  # disk full, locked file: the entries are lost, the ingest is not
                     self.failures += 1

@@ -195,6 +195,12 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()
+        metrics = None
+        if self.cfg.metrics is not None:  # bound first: a port in use is a one-line error before anything starts
+            from edge_agent.metrics import server
+
+            metrics = server(self)
+            await metrics.start()
         await self._open_outbox()
         if self.control is not None:
             await self.control.open()
@@ -212,6 +218,8 @@ class Agent:
         tasks += [asyncio.create_task(self._cycle_loop(), name="cycle"),
                   asyncio.create_task(self._send_loop(), name="send"),
                   asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+        if metrics is not None:
+            tasks.append(asyncio.create_task(metrics.serve(), name="metrics"))
         try:
             await run_tasks_until(stop, tasks)
         finally:
@@ -444,9 +452,14 @@ def _read_bodies(outbox: Outbox, seqs: tuple[int, ...], max_bytes: int) -> tuple
     return examined, found
 
 
+def poll_errors(stats: Any) -> dict[str, int]:
+    """A device's counters that mean a poll (or part of it) failed, by kind (the heartbeat and the metrics)."""
+    return {key: n for key, n in stats.items()
+            if n and (key in _POLL_ERRORS or key.startswith(("exception_", "rejected")))}
+
+
 def _health(stats: Any, polls: int, last_error: str) -> dict[str, Any]:
-    errors = sum(n for key, n in stats.items() if key in _POLL_ERRORS or key.startswith(("exception_", "rejected")))
-    return {"polls": polls, "errors": errors, "last_error": last_error[:200]}
+    return {"polls": polls, "errors": sum(poll_errors(stats).values()), "last_error": last_error[:200]}
 
 
 def make_sealer(cfg: AgentConfig) -> GatewaySealer | None:

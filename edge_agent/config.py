@@ -12,6 +12,7 @@ from edge_agent.modbus.config import ModbusBus, ModbusDevice, ModbusTcpDevice
 from edge_agent.serial.config import SerialDevice
 from wire import config as wconfig
 from wire.config import Duration, Size, invalid
+from wire.metrics import MetricsSettings
 from wire.mqttlink import MqttSettings
 from wire.schema import GATEWAY_ID_PATTERN
 
@@ -109,6 +110,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     security: SecuritySection | None = None
+    metrics: MetricsSettings | None = None  # Prometheus /metrics; off unless configured (docs/operations.md)
     buses: list[ModbusBus] = []
     devices: list[Device] = []
 

@@ -260,6 +260,7 @@ class GatewaySealer:
         self._seen_down_order: deque[tuple[float, bytes]] = deque()
         self._last_start_ms = 0
         self.sessions_started = 0
+        self.last_downlink_age: float | None = None  # seconds; see _check_fresh
         self._session: _UpSession
         self.new_session()
 
@@ -388,6 +389,9 @@ class GatewaySealer:
             raise SealError(SealReason.DUPLICATE, "downlink already received")
         self._seen_down.add(tag)
         order.append((now_ms + 2 * self._down_max_age_ms, tag))
+        # This gateway's clock minus the collector's when it sealed this downlink, plus the time in transit: the
+        # clock offset seen in acknowledgements (a metric; replays never get here, so a late copy cannot skew it).
+        self.last_downlink_age = (now_ms - sent_ms) / 1000.0
 
 
 

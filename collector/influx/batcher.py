@@ -124,10 +124,11 @@ import sys
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from collector.influx.backends import WriteFailure
+from wire.metrics import Histogram
 
 __all__ = ["CONTENT_REFUSALS", "BatchResult", "BatchWriter", "Refused", "WriterClosed", "WriterStats"]
 
@@ -136,6 +137,10 @@ _REPEAT_WARNING_EVERY = 60.0  # seconds between warnings while one batch keeps f
 CONTENT_REFUSALS = frozenset({400, 413, 422})
 _SUSPECT_BATCHES = 8  # a group with a refused put is written apart for its next this many batches without one
 _MAX_SUSPECTS = 1000
+# Histogram bounds: seconds per HTTP request (a healthy influxd on a LAN answers a 5000-line batch in tens of ms;
+# the client's timeout ends the slowest), and lines per batch (batch_size is 5000 by default).
+REQUEST_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_LINES_BUCKETS = (1, 10, 50, 100, 500, 1000, 2500, 5000, 10000, 50000)
 
 
 @dataclass(frozen=True)
@@ -184,6 +189,9 @@ class WriterStats:
     batches_split: int = 0  # batches written apart after a refusal of their content
     last_error: str | None = None
     pending_lines: int = 0  # accepted by put() and not yet written or rejected
+    # every HTTP request's duration, failed and retried ones included; and the lines of each batch
+    request_seconds: Histogram = field(default_factory=lambda: Histogram(REQUEST_SECONDS_BUCKETS))
+    batch_lines: Histogram = field(default_factory=lambda: Histogram(BATCH_LINES_BUCKETS))
 
 
 class WriterClosed(RuntimeError):
@@ -507,6 +515,7 @@ class BatchWriter:
         while True:
             attempts += 1
             batch.attempts += 1
+            began = time.monotonic()
             try:
                 await loop.run_in_executor(self._executor, self._backend.write, body)
             except WriteFailure as exc:
@@ -522,6 +531,8 @@ class BatchWriter:
                         attempts, time.monotonic() - started, count,
                     )
                 return None
+            finally:
+                self._stats.request_seconds.observe(time.monotonic() - began)
             self._stats.last_error = str(failure)
             if not failure.retryable:
                 return failure
@@ -546,6 +557,8 @@ class BatchWriter:
         result = batch.result()
         stats = self._stats
         stats.lines_written += result.lines - result.lines_refused
+        if result.lines:
+            stats.batch_lines.observe(result.lines)
         stats.batches_split += batch.split
         if not batch.refusals:
             stats.batches_written += 1
