@@ -7,10 +7,12 @@ PYTHON    ?= python3
 SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # file:package pairs; the tests need the first three, the demo the first two, bench/outbox_fsync.py strace; the
 # broker's rate-limit plugin (deploy/mosquitto/ratelimit, built by labkit when a test starts the shipped broker)
-# gcc, the C library's and mosquitto's headers; the fleet page's browser test chromium and its chromedriver.
+# gcc, the C library's and mosquitto's headers; the fleet page's browser test chromium and its chromedriver; the
+# metrics tests Prometheus and promtool (tests/test_prometheus*.py).
 SYSTEM_PACKAGES := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/bin/victoria-metrics:victoria-metrics \
 	/usr/bin/strace:strace /usr/bin/gcc:gcc /usr/include/stdio.h:libc6-dev /usr/include/mosquitto.h:libmosquitto-dev \
-	/usr/include/mosquitto_broker.h:mosquitto-dev /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver
+	/usr/include/mosquitto_broker.h:mosquitto-dev /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver \
+	/usr/bin/prometheus:prometheus
 
 .PHONY: all test test-fault demo lint bench deps venv clean
 

@@ -115,7 +115,15 @@ def describe(path: str, cfg: object) -> str:
         f"  acknowledge stored messages to their gateways every {float(cfg.acks.interval):g}s on "  # type: ignore[attr-defined]
         f"{m.gateway_mount}{m.topic_prefix}/<gateway>/down/ack",
         _limits_line(cfg),
+        _metrics_line(cfg),
     ])
+
+
+def _metrics_line(cfg: object) -> str:
+    metrics = cfg.metrics  # type: ignore[attr-defined]
+    if metrics is None:
+        return "  metrics off"
+    return f"  metrics {metrics.url}{'' if metrics.per_gateway else ' (no per-gateway series)'}"
 
 
 def _limits_line(cfg: object) -> str:

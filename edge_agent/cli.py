@@ -246,6 +246,7 @@ def describe(path: str, cfg: AgentConfig) -> str:
     lines.append(f"  outbox {cfg.outbox_path}: at most {int(o.max_size) / 1e6:g} MB or {float(o.max_age) / 86400:g} days; "
                  f"cycle {float(u.publish_interval):g}s, re-send after {float(u.ack_timeout):g}s "
                  f"(up to {float(u.ack_timeout_max):g}s), {u.max_unacked_messages} messages in flight")
+    lines.append(f"  metrics {cfg.metrics.url}" if cfg.metrics else "  metrics off")
     for d in cfg.devices:
         kind = type(d).__struct_config__.tag
         if kind == "serial":

@@ -120,6 +120,11 @@ class PrometheusServer(LabServer):
         """Until the query yields at least one series (a comparison such as `x > 0` yields none while false)."""
         return self._poll(lambda: self.query(promql), timeout, lambda: f"{promql} (now: {self.query(promql)})")
 
+    def wait_for_rules(self, predicate: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
+        """Until predicate(rules) holds for the loaded rules (e.g. all evaluated without an error)."""
+        return self._poll(lambda: (lambda rules: rules if rules and predicate(rules) else None)(self.rules()),
+                          timeout, lambda: f"rules: {[(r['name'], r['health'], r.get('lastError')) for r in self.rules()]}")
+
     def _poll(self, probe: Any, timeout: float, what: Any) -> Any:
         deadline = time.monotonic() + timeout
         while True:

@@ -29,6 +29,7 @@ import bisect
 import contextlib
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ PATH = "/metrics"
 MAX_HEAD = 8 * 1024  # bytes of request line + headers; a scraper sends a few hundred
 REQUEST_TIMEOUT = 5.0  # seconds for the whole request head to arrive
 WRITE_TIMEOUT = 10.0  # seconds for the client to take the answer
-MAX_CONNECTIONS = 4  # at once; Prometheus opens one per scrape (two when an HA pair scrapes)
+MAX_CONNECTIONS = 4  # at once; Prometheus opens one per scrape (two when an HA pair scrapes); 503 beyond
+LINGER = 1.0  # seconds, and bytes, of a client's input discarded after the answer (see MetricsServer._close)
+LINGER_BYTES = 64 * 1024
 
 _LISTEN = re.compile(r"^(?:(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]*):)?(?P<port>\d{1,5})$")
 
@@ -85,6 +88,15 @@ class MetricsSettings(msgspec.Struct, forbid_unknown_fields=True):
         if host is None:
             host = "127.0.0.1"
         return host.strip("[]"), int(match["port"])
+
+    @property
+    def url(self) -> str:
+        return url(*self.address)
+
+
+def url(host: str, port: int) -> str:
+    shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
+    return f"http://{shown}:{port}{PATH}"
 
 
 def is_loopback(host: str) -> bool:
@@ -204,9 +216,15 @@ class MetricsServer:
         self._write_timeout = write_timeout
         self._server: asyncio.Server | None = None
         self._active = 0
+        self._refusing = 0  # connections being answered 503, at most 4 x max_connections (then dropped)
         self._warn = RateLimitedLog(log, interval=300)
         self.scrapes = 0
         self.refused = 0  # connections answered 503 (too many at once)
+
+    @property
+    def active(self) -> int:
+        """Connections being served now."""
+        return self._active
 
     @property
     def port(self) -> int:
@@ -217,11 +235,10 @@ class MetricsServer:
         host, port = self.settings.address
         try:
             self._server = await asyncio.start_server(self._handle, host or None, port, limit=MAX_HEAD)
-        except OSError as exc:
-            raise MetricsError(f"metrics.listen: cannot listen on {self.settings.listen}: "
-                               f"{exc.strerror or exc}") from None
-        shown = f"[{host}]" if ":" in host else host or "0.0.0.0"
-        log.info("metrics served at http://%s:%d%s", shown, self.port, PATH)
+        except OSError as exc:  # asyncio rewrites the message; the errno tells it plainly
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise MetricsError(f"metrics.listen: cannot listen on {self.settings.listen}: {why}") from None
+        log.info("metrics served at %s", url(host, self.port))
 
     async def serve(self) -> None:
         """The task: serves until cancelled, then closes the listening socket."""
@@ -234,15 +251,22 @@ class MetricsServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._active >= self._max_connections:
             self.refused += 1
-            writer.write(response_head(BUSY, "text/plain", 0))
-            await self._close(writer)
+            if self._refusing >= 4 * self._max_connections:
+                writer.transport.abort()  # a flood: not even an answer
+                return
+            self._refusing += 1
+            try:
+                writer.write(response_head(BUSY, "text/plain", 0))
+                await self._close(reader, writer)
+            finally:
+                self._refusing -= 1
             return
         self._active += 1
         try:
             await self._exchange(reader, writer)
         finally:
             self._active -= 1
-            await self._close(writer)
+            await self._close(reader, writer)
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -274,7 +298,17 @@ class MetricsServer:
             writer.transport.abort()  # a client that does not read: its buffer is dropped, not kept
 
     @staticmethod
-    async def _close(writer: asyncio.StreamWriter) -> None:
+    async def _close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Half-close, then discard what the client still sends (a body, the rest of a head too large) until it
+        closes, at most LINGER_BYTES for LINGER seconds: closing a socket with unread input sends a reset, which
+        can destroy the answer before the client read it (RFC 9112 §9.6)."""
+        with contextlib.suppress(Exception):
+            if writer.can_write_eof():
+                writer.write_eof()
+            async with asyncio.timeout(LINGER):
+                left = LINGER_BYTES
+                while left > 0 and (chunk := await reader.read(min(left, 4096))):
+                    left -= len(chunk)
         writer.close()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
