@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -56,19 +57,21 @@ def _devices(agent: Agent, f: Families) -> None:
                          ("device",))
     answer = f.histogram(_P + "device_answer_seconds", "Time from a Modbus request to its validated answer",
                          ("device",))
+
+    def polled(device_id: str, stats: Counter[str], polls_key: str) -> None:
+        polls.add_metric([device_id], stats[polls_key])
+        for kind, n in sorted(poll_errors(stats).items()):
+            errors.add_metric([device_id, kind], n)
+
     for engine in agent.buses:
         for device in engine.devices:
-            polls.add_metric([device.id], device.stats["polls"])
-            for kind, n in sorted(poll_errors(device.stats).items()):
-                errors.add_metric([device.id, kind], n)
+            polled(device.id, device.stats, "polls")
             failing.add_metric([device.id], device.failures)
             overruns.add_metric([device.id], device.stats["overruns"])
             h = device.answer_seconds
             answer.add_metric([device.id], h.cumulative(), h.sum)
     for source in agent.serial_sources:
-        polls.add_metric([source.device.id], source.stats["samples"])
-        for kind, n in sorted(poll_errors(source.stats).items()):
-            errors.add_metric([source.device.id, kind], n)
+        polled(source.device.id, source.stats, "samples")
 
 
 def _buses(agent: Agent, f: Families) -> None:

@@ -155,6 +155,11 @@ def test_order_tokens_and_stats(influxd: InfluxdServer, influx_db: str) -> None:
     assert results.lines == 400
     assert (stats.lines_written, stats.retries, stats.batches_rejected, stats.pending_lines) == (400, 0, 0, 0)
     assert stats.batches_written == len(results.items)
+    # the metrics' histograms: one request per batch with lines, each batch's lines
+    batches_with_lines = [r for r in results.items if r.lines]
+    assert stats.request_seconds.count == len(batches_with_lines) and stats.request_seconds.sum > 0
+    assert stats.batch_lines.count == len(batches_with_lines) and stats.batch_lines.sum == 400
+    assert stats.batch_lines.cumulative()[-1] == ("+Inf", len(batches_with_lines))
     assert stored_values(influxd, influx_db) == list(range(200))
     assert stored_values(influxd, influx_db, "last") == [199]
 
@@ -275,6 +280,8 @@ def test_retry_until_influxd_is_back(influxd_factory, caplog: pytest.LogCaptureF
     assert results.tokens == list(range(101))  # each exactly once, in order
     assert all(r.ok for r in results.items) and attempts > 1
     assert stats.lines_written == 130 and stats.pending_lines == 0
+    # every attempt is timed, the failed ones too
+    assert stats.request_seconds.count == stats.retries + sum(1 for r in results.items if r.lines)
     assert stored_values(server, "db") == list(range(130))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert 1 <= len(warnings) <= 3  # the first failure, not one per retry

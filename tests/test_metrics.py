@@ -7,6 +7,8 @@ tests/test_prometheus_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -142,13 +144,21 @@ def _server(renders: list[int] | None = None, render=None, **kwargs) -> MetricsS
                          "text/plain; version=0.0.4; charset=utf-8", **kwargs)
 
 
+@contextlib.asynccontextmanager
+async def serving(server: MetricsServer) -> AsyncIterator[MetricsServer]:
+    await server.start()
+    task = asyncio.create_task(server.serve())
+    try:
+        yield server
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 def test_server_answers_get_head_404_405() -> None:
     async def main() -> None:
         renders: list[int] = []
-        server = _server(renders)
-        await server.start()
-        task = asyncio.create_task(server.serve())
-        try:
+        async with serving(_server(renders)) as server:
             status, headers, body = await _exchange(server.port, b"GET /metrics HTTP/1.1\r\nHost: a\r\n\r\n")
             assert (status, body) == (200, b"# TYPE x gauge\nx 1.0\n")
             assert headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
@@ -162,19 +172,13 @@ def test_server_answers_get_head_404_405() -> None:
             assert status == 404
             assert len(renders) == 2  # GET and HEAD rendered; nothing else did
             assert server.scrapes == 2
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
 
 def test_server_bounds_request_size_time_and_connections() -> None:
     async def main() -> None:
-        server = _server(request_timeout=0.3, max_connections=2)
-        await server.start()
-        task = asyncio.create_task(server.serve())
-        try:
+        async with serving(_server(request_timeout=0.3, max_connections=2)) as server:
             # a head larger than MAX_HEAD: 431, not read to its end
             status, _, _ = await _exchange(server.port, b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 20_000 + b"\r\n\r\n")
             assert status == 431
@@ -191,9 +195,6 @@ def test_server_bounds_request_size_time_and_connections() -> None:
             assert server.refused == 1
             for _, writer in slow:
                 writer.close()
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 
@@ -208,15 +209,9 @@ def test_a_failing_render_costs_one_scrape() -> None:
                 raise RuntimeError("a bug in a collector")
             return b"x 1\n"
 
-        server = _server(render=render)
-        await server.start()
-        task = asyncio.create_task(server.serve())
-        try:
+        async with serving(_server(render=render)) as server:
             assert (await _exchange(server.port, b"GET /metrics HTTP/1.1\r\n\r\n"))[0] == 500
             assert (await _exchange(server.port, b"GET /metrics HTTP/1.1\r\n\r\n"))[:3:2] == (200, b"x 1\n")
-        finally:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
 
     asyncio.run(main())
 

@@ -641,6 +641,27 @@ def test_downlink_stale_future_and_replayed(fleet):
     assert reason(sealer.open_downlink, ack("gw-0001"), future) == SealReason.DUPLICATE
 
 
+def test_downlink_age_is_the_clock_offset_seen_in_acks(fleet):
+    """last_downlink_age (the agent's citynerve_agent_clock_ack_offset_seconds): this gateway's clock minus the
+    collector's at sealing, from authentic, fresh downlinks only; a replay or a forgery does not move it."""
+    sealer, opener, opened = _session_with_downlink(fleet, downlink_max_age=300)
+    assert sealer.last_downlink_age is None
+    down = opener.seal_downlink("gw-0001", opened.session_id, ack("gw-0001"), b"ack")
+    fleet.clock.t += 0.25  # in transit
+    sealer.open_downlink(ack("gw-0001"), down)
+    assert sealer.last_downlink_age == pytest.approx(0.25, abs=0.002)
+    fleet.clock.t += 90  # later, the same message replayed: refused, the age not taken from it
+    assert reason(sealer.open_downlink, ack("gw-0001"), down) == SealReason.DUPLICATE
+    forged = bytearray(opener.seal_downlink("gw-0001", opened.session_id, ack("gw-0001"), b"x"))
+    forged[-1] ^= 1
+    assert reason(sealer.open_downlink, ack("gw-0001"), bytes(forged)) == SealReason.BAD_TAG
+    assert sealer.last_downlink_age == pytest.approx(0.25, abs=0.002)
+    behind = opener.seal_downlink("gw-0001", opened.session_id, ack("gw-0001"), b"2")
+    fleet.clock.t -= 120  # the gateway's clock two minutes behind the collector's
+    sealer.open_downlink(ack("gw-0001"), behind)
+    assert sealer.last_downlink_age == pytest.approx(-120, abs=0.002)
+
+
 def test_downlink_sessions_kept_and_unknown(fleet):
     sealer, opener, opened = _session_with_downlink(fleet)
     sealer.new_session()  # an ack for the previous session still arrives
