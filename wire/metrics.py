@@ -264,12 +264,14 @@ class MetricsServer:
             finally:
                 self._refusing -= 1
             return
-        self._active += 1
+        self._active += 1  # until closed, lingering included: the bound holds for every connection held
         try:
-            await self._exchange(reader, writer)
+            try:
+                await self._exchange(reader, writer)
+            finally:
+                await self._close(reader, writer)
         finally:
             self._active -= 1
-            await self._close(reader, writer)
 
     async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
