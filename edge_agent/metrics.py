@@ -157,9 +157,9 @@ def _clock(agent: Agent, f: Families) -> None:
                 ()).add_metric([], est_error)
     age = agent.sealer.last_downlink_age if agent.sealer is not None else None
     if age is not None:
-        f.gauge(_P + "clock_ack_offset_seconds", "This gateway's clock minus the collector's, as seen in the last "
-                "sealed acknowledgement (includes its transit time, usually well under a second)",
-                ()).add_metric([], age)
+        f.gauge(_P + "clock_ack_offset_seconds", "This gateway's clock minus the collector's, as seen in the newest "
+                "sealed downlink (acknowledgement or control message; includes its transit time, usually well under "
+                "a second)", ()).add_metric([], age)
 
 
 # -- the kernel's clock state ------------------------------------------------------------------------------------
