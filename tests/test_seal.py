@@ -17,6 +17,8 @@ from wire import keys, topics
 from wire.envelope import Format
 from wire.schema import Batch, Reading, decode_batch, encode_batch
 from wire.seal import (
+    DOWNLINK_SESSIONS_KEPT,
+    FORMAT_CONFIDENTIAL,
     FORMAT_DOWNLINK,
     FORMAT_SEALED,
     CollectorKey,
@@ -674,6 +676,140 @@ def test_downlink_sessions_kept_and_unknown(fleet):
         SealReason.UNKNOWN_SESSION
     assert reason(opener.seal_downlink, "gw-0001", os.urandom(16), ack("gw-0001"), b"x") == SealReason.UNKNOWN_SESSION
     assert reason(opener.seal_downlink, "gw-none", opened.session_id, ack("gw-none"), b"x") == \
+        SealReason.UNKNOWN_SESSION
+
+
+# ------------------------------------------------------------------------------ confidential downlink (0x04)
+
+
+def control(gw: str) -> str:
+    return topics.down(PREFIX, gw, "control")
+
+
+SECRET_COMMAND = b'{"device":"pump-Rathausplatz-3","point":"setpoint","value":42.125,"operator":"alice"}'
+
+
+def test_confidential_round_trip_for_the_newest_session(fleet):
+    sealer, opener, opened = _session_with_downlink(fleet)
+    assert opener.newest_session("gw-0001") == opened.session_id
+    assert opener.newest_session("gw-none") is None
+    down = opener.seal_confidential("gw-0001", opened.session_id, control("gw-0001"), SECRET_COMMAND)
+    assert down[0] == FORMAT_CONFIDENTIAL == 0x04
+    assert len(down) == 1 + 16 + 8 + 12 + len(SECRET_COMMAND) + 16
+    assert sealer.open_confidential(control("gw-0001"), down) == SECRET_COMMAND
+    # a new session with an accepted message becomes the one to seal for; the previous one still opens
+    sealer.new_session()
+    newer = opener.open("gw-0001", up("gw-0001"), sealer.seal(up("gw-0001"), b"batch")).session_id
+    assert opener.newest_session("gw-0001") == newer != opened.session_id
+    for sid in (newer, opened.session_id):
+        fleet.clock.t += 0.001
+        assert sealer.open_confidential(control("gw-0001"), opener.seal_confidential(
+            "gw-0001", sid, control("gw-0001"), b"x")) == b"x"
+    # another collector instance that verified the session seals for it too (random nonces: no coordination)
+    other = fleet.opener()
+    other.open("gw-0001", up("gw-0001"), sealer.seal(up("gw-0001"), b"batch"))
+    assert sealer.open_confidential(control("gw-0001"), other.seal_confidential(
+        "gw-0001", newer, control("gw-0001"), b"y")) == b"y"
+
+
+def test_confidential_the_broker_reads_nothing(fleet):
+    _, opener, opened = _session_with_downlink(fleet)
+    a = opener.seal_confidential("gw-0001", opened.session_id, control("gw-0001"), SECRET_COMMAND)
+    b = opener.seal_confidential("gw-0001", opened.session_id, control("gw-0001"), SECRET_COMMAND)
+    assert a[25:] != b[25:]  # a fresh nonce each time: the same command twice does not look the same
+    for secret in (b"pump", b"Rathausplatz", b"setpoint", b"alice", b"42.125", b"gw-0001"):
+        assert secret in SECRET_COMMAND + b"gw-0001"
+        assert secret not in a and secret not in b, secret
+    # unlike the authenticated-only downlink 0x03, whose payload is in the clear
+    assert SECRET_COMMAND in opener.seal_downlink("gw-0001", opened.session_id, control("gw-0001"), SECRET_COMMAND)
+
+
+def test_confidential_every_bit_flip_is_rejected(fleet):
+    sealer, opener, opened = _session_with_downlink(fleet)
+    down = opener.seal_confidential("gw-0001", opened.session_id, control("gw-0001"), b"set point 7")
+    reasons = collections.Counter()
+    for bit in range(len(down) * 8):
+        flipped = bytearray(down)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        try:
+            sealer.open_confidential(control("gw-0001"), bytes(flipped))
+        except SealError as exc:
+            reasons[exc.reason] += 1
+        else:
+            pytest.fail(f"confidential downlink bit {bit} flipped and still accepted")
+    assert reasons[SealReason.MALFORMED_HEADER] == 8  # the format byte
+    assert reasons[SealReason.UNKNOWN_SESSION] == 16 * 8  # the session id
+    assert reasons[SealReason.BAD_TAG] == (len(down) - 17) * 8  # time, nonce, ciphertext, tag: all authenticated
+    for n in range(len(down)):
+        assert reason(sealer.open_confidential, control("gw-0001"), down[:n]) in {
+            SealReason.MALFORMED_HEADER, SealReason.UNKNOWN_SESSION, SealReason.BAD_TAG}
+    assert sealer.open_confidential(control("gw-0001"), down) == b"set point 7"
+
+
+def test_confidential_wrong_topic_and_format_confusion(fleet):
+    sealer, opener, opened = _session_with_downlink(fleet)
+    down = opener.seal_confidential("gw-0001", opened.session_id, control("gw-0001"), b"command " * 4)
+    for topic in (ack("gw-0001"), topics.down("other/v1", "gw-0001", "control"), control("gw-0001") + "/",
+                  "gw/" + control("gw-0001")):
+        assert reason(sealer.open_confidential, topic, down) == SealReason.BAD_TAG
+    # a 0x03 turned into a 0x04 and back: separate formats, separate keys
+    mac_down = opener.seal_downlink("gw-0001", opened.session_id, control("gw-0001"), b"command " * 4)
+    assert reason(sealer.open_confidential, control("gw-0001"), mac_down) == SealReason.MALFORMED_HEADER
+    assert reason(sealer.open_confidential, control("gw-0001"), bytes([FORMAT_CONFIDENTIAL]) + mac_down[1:]) == \
+        SealReason.BAD_TAG
+    assert reason(sealer.open_downlink, control("gw-0001"), down) == SealReason.MALFORMED_HEADER
+    assert reason(sealer.open_downlink, control("gw-0001"), bytes([FORMAT_DOWNLINK]) + down[1:]) == \
+        SealReason.BAD_TAG
+    assert sealer.open_confidential(control("gw-0001"), down) == b"command " * 4
+
+
+def test_confidential_for_another_gateway_is_rejected(fleet):
+    _, opener, opened = _session_with_downlink(fleet, "gw-A")
+    b = fleet.sealer("gw-B")
+    down = opener.seal_confidential("gw-A", opened.session_id, control("gw-A"), b"open the valve")
+    assert reason(b.open_confidential, control("gw-B"), down) == SealReason.UNKNOWN_SESSION
+    # even a gateway holding the same downlink key (it cannot: the key is derived from A's session) would
+    # fail, because the gateway id is in the associated data
+    b._down_keys[opened.session_id] = fleet_down_key(opener, "gw-A", opened.session_id)
+    assert reason(b.open_confidential, control("gw-B"), down) == SealReason.BAD_TAG
+    assert reason(b.open_confidential, control("gw-A"), down) == SealReason.BAD_TAG
+    # and a collector cannot seal for a gateway whose session it has not verified
+    assert reason(opener.seal_confidential, "gw-B", b.session_id, control("gw-B"), b"x") == \
+        SealReason.UNKNOWN_SESSION
+
+
+def fleet_down_key(opener: Opener, gw: str, sid: bytes) -> bytes:
+    return opener._gateways[gw].sessions[sid].down_key
+
+
+def test_confidential_replayed_stale_and_future(fleet):
+    sealer, opener, opened = _session_with_downlink(fleet, downlink_max_age=300)
+    down = opener.seal_confidential("gw-0001", opened.session_id, control("gw-0001"), b"cmd")
+    assert sealer.open_confidential(control("gw-0001"), down) == b"cmd"
+    assert reason(sealer.open_confidential, control("gw-0001"), down) == SealReason.DUPLICATE
+    fleet.clock.t += 301  # replayed later than the age limit: stale (the age is always checked for 0x04)
+    assert reason(sealer.open_confidential, control("gw-0001"), down) == SealReason.STALE
+    future = opener.seal_confidential("gw-0001", opened.session_id, control("gw-0001"), b"later")
+    fleet.clock.t -= 301  # the collector's clock 301 s ahead of the gateway's
+    assert reason(sealer.open_confidential, control("gw-0001"), future) == SealReason.STALE
+    fleet.clock.t += 2
+    assert sealer.open_confidential(control("gw-0001"), future) == b"later"
+    assert reason(sealer.open_confidential, control("gw-0001"), future) == SealReason.DUPLICATE
+
+
+def test_confidential_unknown_session(fleet):
+    sealer, opener, opened = _session_with_downlink(fleet)
+    down = opener.seal_confidential("gw-0001", opened.session_id, control("gw-0001"), b"1")
+    for _ in range(DOWNLINK_SESSIONS_KEPT):
+        sealer.new_session()  # the session the collector sealed for is no longer held (agent restarted, rotated)
+    assert reason(sealer.open_confidential, control("gw-0001"), down) == SealReason.UNKNOWN_SESSION
+    assert reason(opener.seal_confidential, "gw-0001", os.urandom(16), control("gw-0001"), b"x") == \
+        SealReason.UNKNOWN_SESSION
+    assert reason(opener.seal_confidential, "gw-none", opened.session_id, control("gw-none"), b"x") == \
+        SealReason.UNKNOWN_SESSION
+    opener.forget_gateway("gw-0001")  # revoked: nothing is sealed for it any more
+    assert opener.newest_session("gw-0001") is None
+    assert reason(opener.seal_confidential, "gw-0001", opened.session_id, control("gw-0001"), b"x") == \
         SealReason.UNKNOWN_SESSION
 
 

@@ -261,6 +261,8 @@ def _decode(decoder: msgspec.msgpack.Decoder, data: bytes, what: str):  # type: 
         return decoder.decode(data)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise ControlRefused(ControlReason.MALFORMED, f"{what}: {exc}") from None
+    except UnicodeDecodeError:  # msgspec raises it as such for invalid UTF-8 in a msgpack string
+        raise ControlRefused(ControlReason.MALFORMED, f"{what}: a string is not valid UTF-8") from None
 
 
 def decode_down(data: bytes) -> ControlDown:
@@ -420,6 +422,12 @@ class Trust:
         rules (writable, range: the agent's) is checked. `required`: distinct operators needed (2 for a point
         marked critical). Raises ControlRefused with the first reason found."""
         doc = read_doc(signed)
+        if isinstance(doc, Command) and doc.action == "write" and (doc.point is None or doc.value is None):
+            # A write without a point would pass every point scope (Scope.allows treats "no point" as "any").
+            raise ControlRefused(ControlReason.MALFORMED, "a write command names a point and a value")
+        if isinstance(doc, ConfigDoc) and doc.sha256 != config_sha256(doc.toml):
+            # The hash is what desired/running are compared by: it must be the hash of what is applied.
+            raise ControlRefused(ControlReason.MALFORMED, "the configuration's sha256 is not the hash of its text")
         if doc.gateway != gateway:
             raise ControlRefused(ControlReason.WRONG_GATEWAY, f"for gateway {doc.gateway!r}, this is {gateway!r}")
         lifetime = MAX_COMMAND_LIFETIME_MS if signed.kind == "command" else MAX_CONFIG_LIFETIME_MS
@@ -482,8 +490,10 @@ def armour(label: str, data: bytes) -> str:
 
 
 def unarmour(label: str, text: str) -> bytes:
-    m = _ARMOUR.search(text)
-    if m is None or m.group(1) != label:
+    """The bytes of the first block labelled `label` in `text` (other blocks and text around it are skipped:
+    an operator's certificate may sit in one file with other material)."""
+    m = next((m for m in _ARMOUR.finditer(text) if m.group(1) == label), None)
+    if m is None:
         raise ValueError(f"expected a '-----BEGIN CITYNERVE {label}-----' block")
     try:
         return base64.b64decode("".join(m.group(2).split()), validate=True)
