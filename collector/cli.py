@@ -1,4 +1,4 @@
-"""edge-collector: run | check."""
+"""edge-collector: run | check | quarantine | ca | keys | gateways | operators | audit."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from wire.logs import setup_logging
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-collector", description="citynerve central collector")
+    # allow_abbrev=False: `audit ... --log FILE` must not be taken for an abbreviation of --log-format/--log-level
+    p = argparse.ArgumentParser(prog="edge-collector", description="citynerve central collector", allow_abbrev=False)
     add_log_options(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="subscribe, validate and write to InfluxDB until stopped")
@@ -31,18 +32,23 @@ def _parser() -> argparse.ArgumentParser:
     qshow.add_argument("id", type=int)
     qshow.add_argument("--raw", action="store_true", help="write the payload bytes to stdout")
     # ca / keys / gateways: the device CA, the collector's keys, the gateway registry (collector/pki.py)
-    from collector import pki
+    from collector import audit, operators, pki
 
     pki.register_subcommands(sub)
+    # operators: the operator CA and certificates (collector/operators.py); audit: the audit log (collector/audit.py)
+    operators.register_subcommands(sub)
+    audit.register_subcommands(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from collector import pki
+    from collector import audit, operators, pki
 
-    if (code := pki.dispatch(args)) is not None:  # ca / keys / gateways need no collector.toml
-        return code
+    # ca / keys / gateways / operators need no collector.toml; audit reads it only for [control] audit_log
+    for module in (pki, operators, audit):
+        if (code := module.dispatch(args)) is not None:
+            return code
     from collector import config as collector_config
 
     try:

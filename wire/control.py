@@ -63,6 +63,9 @@ MAX_DOCUMENT_BYTES = 1024 * 1024  # a configuration is a TOML file: 1 MiB is gen
 MAX_APPROVALS = 4
 KID_LEN = 8
 
+# An operator's name: a person's login or a system's name (no spaces: it appears in reports, tags and file names)
+OPERATOR_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z"
+
 Ms = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 Serial = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 Pattern = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
@@ -151,7 +154,7 @@ class Scope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class OperatorCert(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     serial: Serial
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")]
+    name: Annotated[str, msgspec.Meta(pattern=OPERATOR_NAME_PATTERN)]
     role: Role
     key: Annotated[bytes, msgspec.Meta(min_length=32, max_length=32)]  # raw Ed25519 public key
     scope: Scope
@@ -329,6 +332,19 @@ def issue_crl(ca: Ed25519PrivateKey, crl: Crl) -> SignedCrl:
     return SignedCrl(body, ca.sign(_CTX_CRL + body))
 
 
+def verify_cert_signature(ca: Ed25519PublicKey, signed: SignedCert) -> OperatorCert:
+    """The certificate, once the CA's signature on it verified (nothing else: validity and revocation are
+    Trust.verify_cert's). Raises ControlRefused: malformed, unknown_ca, bad_certificate."""
+    cert = read_cert(signed)
+    if cert.ca != key_id(ca):
+        raise ControlRefused(ControlReason.UNKNOWN_CA, f"certificate of {cert.name!r} from CA {cert.ca.hex()}")
+    try:
+        ca.verify(signed.sig, _CTX_CERT + signed.cert)
+    except InvalidSignature:
+        raise ControlRefused(ControlReason.BAD_CERTIFICATE, f"certificate of {cert.name!r} does not verify") from None
+    return cert
+
+
 # --- the operator's side -----------------------------------------------------------------------------------------
 
 
@@ -393,14 +409,7 @@ class Trust:
         return True
 
     def verify_cert(self, signed: SignedCert, now_ms: int) -> OperatorCert:
-        cert = read_cert(signed)
-        if cert.ca != self.ca_kid:
-            raise ControlRefused(ControlReason.UNKNOWN_CA, f"certificate of {cert.name!r} from CA {cert.ca.hex()}")
-        try:
-            self.ca.verify(signed.sig, _CTX_CERT + signed.cert)
-        except InvalidSignature:
-            raise ControlRefused(ControlReason.BAD_CERTIFICATE, f"certificate of {cert.name!r} does not verify") \
-                from None
+        cert = verify_cert_signature(self.ca, signed)
         if now_ms < cert.not_before_ms:
             raise ControlRefused(ControlReason.NOT_YET_VALID, f"certificate of {cert.name!r} not valid before "
                                                               f"{_iso(cert.not_before_ms)}")
