@@ -96,6 +96,27 @@ def test_enrollment_commands_create_only_private_files(tmp_path: Path) -> None:
     assert not [p for p in made if p.endswith(".tmp")]
 
 
+def test_operator_ca_and_audit_log_are_private(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    ca, home, log = work / "operator-ca", work / "alice", work / "state" / "audit.log"
+    run("-m", "collector.cli", "operators", "init", "--dir", str(ca))
+    run("-m", "collector.cli", "operators", "keygen", "alice", "--out", str(home))
+    run("-m", "collector.cli", "operators", "add", "alice", "--dir", str(ca), "--public", str(home / "alice.pub"),
+        "--role", "operator", "--gateways", "*")
+    run("-m", "collector.cli", "operators", "add", "bob", "--dir", str(ca), "--role", "engineer", "--gateways", "*",
+        "--out", str(home))
+    run("-m", "collector.cli", "operators", "revoke", "alice", "--dir", str(ca), "--out", str(work / "copy.crl"))
+    run("-m", "collector.cli", "operators", "crl", "--dir", str(ca))
+    run("-c", "import sys; from collector.audit import AuditLog; AuditLog(sys.argv[1]).append({'a': 1})", str(log))
+    made = {str(p.relative_to(work)) for p in work.rglob("*")}
+    for expected in ("operator-ca/operator-ca.key", "operator-ca/operator-ca.pub", "operator-ca/operators.crl",
+                     "operator-ca/index.json", "operator-ca/issued/1.cert", "alice/alice.key", "alice/alice.cert",
+                     "alice/bob.key", "copy.crl", "state/audit.log", "state/audit.log.head", "state/audit.log.lock"):
+        assert expected in made, sorted(made)
+    assert not_private(work) == {}
+
+
 def test_registry_wal_and_shm_are_private_while_it_is_open(tmp_path: Path) -> None:
     # SQLite gives -wal and -shm the database's own permissions: a 0600 database, 0600 companions.
     code = (
