@@ -1,6 +1,6 @@
 """edge-agent enroll: a gateway's keys, made on the gateway and never copied off it.
 
-    edge-agent enroll --gateway-id gw-0001 --dir /etc/citynerve/pki [--force | --new-csr]
+    edge-agent enroll --gateway-id gw-0001 --dir /etc/citynerve/pki [--force | --new-csr] [--operator-ca FILE]
 
 writes into DIR (0700, created if missing, tightened if looser), every file mode 0600:
 
@@ -11,16 +11,22 @@ writes into DIR (0700, created if missing, tightened if looser), every file mode
                   (the identity key's signature over the gateway id and the TLS public key, wire/keys.py) -
                   signed by the device CA, which binds the certificate to the identity key
 
+    operator-ca.pub   (--operator-ca FILE) the operator CA's public key (`edge-collector operators init`): the
+                  only key whose operators this gateway obeys (commands, configurations: docs/control.md);
+                  agent.toml [security] operator_ca names it. Given only at enrollment, never by a push
+
 Existing keys are never overwritten unless --force is given (a new identity key means the collector's
 registry entry must be replaced, and a new TLS key needs a new certificate). --new-csr writes tls.csr again
 from the keys already in DIR (a gateway enrolled before CSRs carried the identity proof). See
-docs/enrollment.md.
+docs/enrollment.md. With --operator-ca alone on a gateway already enrolled, only operator-ca.pub is installed
+(an installed one is never replaced by another CA's key: delete it first if that is really intended).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +45,7 @@ IDENTITY_PUB = "identity.pub"
 TLS_KEY = "tls.key"
 TLS_CSR = "tls.csr"
 TLS_CERT = "tls.crt"  # where the signed certificate goes when it comes back (not written by enroll)
+OPERATOR_CA = "operator-ca.pub"
 
 # One-line form of an Ed25519 public key: this prefix, then the 32 raw bytes in unpadded base64url.
 IDENTITY_KEY_PREFIX = "ed25519:"
@@ -59,6 +66,14 @@ class Enrollment:
     tls_key: Path
     csr: Path
     new_csr_only: bool = False  # --new-csr: the keys were there already
+    operator_ca: OperatorCa | None = None  # --operator-ca: installed (or found already installed)
+
+
+@dataclass(frozen=True)
+class OperatorCa:
+    path: Path
+    key_id: str  # hex, as `edge-collector operators init` prints it: compare them over a second channel
+    unchanged: bool  # the same key was installed already
 
 
 def check_gateway_id(gateway_id: str) -> str:
@@ -149,6 +164,55 @@ def new_csr(gateway_id: str, directory: Path | str) -> Enrollment:
     return Enrollment(gateway_id, directory, public, identity_path, tls_path, directory / TLS_CSR, new_csr_only=True)
 
 
+def install_operator_ca(directory: Path | str, source: Path | str) -> OperatorCa:
+    """Copy the operator CA's public key into `directory` as operator-ca.pub, after checking it is one. An
+    installed key is kept: the same key again changes nothing, another one is refused (whoever replaces it
+    decides whose commands this gateway runs)."""
+    from wire.control import key_id
+    from wire.keys import public_identity_from_pem, public_identity_to_pem
+
+    source, directory = Path(source), Path(directory)
+    try:
+        data = source.read_bytes()
+    except FileNotFoundError:
+        raise EnrollError(f"{source}: no such file (the operator CA's operator-ca.pub)") from None
+    except IsADirectoryError:
+        raise EnrollError(f"{source}: is a directory, not the operator CA's public key") from None
+    if b"PRIVATE KEY" in data:
+        raise EnrollError(f"{source} holds a private key: a gateway gets only the operator CA's public key "
+                          "(operator-ca.pub)")
+    try:
+        key = public_identity_from_pem(data)
+    except (ValueError, TypeError) as exc:
+        raise EnrollError(f"{source}: not the operator CA's public key (an Ed25519 public key PEM): {exc}") from None
+    kid = key_id(key).hex()
+    target = directory / OPERATOR_CA
+    if target.exists() or target.is_symlink():
+        try:
+            installed = public_identity_from_pem(target.read_bytes())
+        except (ValueError, TypeError):
+            installed = None
+        if installed is not None and installed.public_bytes_raw() == key.public_bytes_raw():
+            return OperatorCa(target, kid, True)
+        other = f"key id {key_id(installed).hex()}" if installed is not None else "an unreadable key"
+        raise EnrollError(f"{target} already holds another operator CA ({other}; this one is {kid}); replacing it "
+                          "changes whose commands this gateway obeys: delete it first if that is intended")
+    private_dir(directory)
+    _write(target, public_identity_to_pem(key), overwrite=False)
+    return OperatorCa(target, kid, False)
+
+
+def _operator_ca_lines(e: Enrollment) -> list[str]:
+    if e.operator_ca is None:
+        return ["operator CA: none installed; to accept operators' commands and configurations, copy operator-ca.pub "
+                f"(edge-collector operators init) here and run: edge-agent enroll --gateway-id {e.gateway_id} "
+                f"--dir {e.directory} --operator-ca operator-ca.pub"]
+    ca = e.operator_ca
+    return [f"operator CA: {ca.path}{' (already installed)' if ca.unchanged else ''}, key id {ca.key_id}: compare "
+            "it with what `edge-collector operators init` printed; agent.toml [security]: "
+            f'operator_ca = "{ca.path}"']
+
+
 def next_steps(e: Enrollment) -> str:
     d = e.directory
     if e.new_csr_only:
@@ -159,6 +223,7 @@ def next_steps(e: Enrollment) -> str:
             f"next: on the CA host: edge-collector ca sign {TLS_CSR} --dir /etc/citynerve/device-ca --replace "
             f"--out {e.gateway_id}.crt (--replace revokes the certificate it replaces), then install it as "
             f"{d / TLS_CERT} and restart the agent",
+            *_operator_ca_lines(e),
         ])
     return "\n".join([
         f"gateway {e.gateway_id} enrolled in {d}",
@@ -171,7 +236,11 @@ def next_steps(e: Enrollment) -> str:
         f"--out {e.gateway_id}.crt",
         f"  3. copy the certificate back to {d / TLS_CERT} and set in agent.toml [mqtt]: "
         f'cert_file = "{d / TLS_CERT}", key_file = "{e.tls_key}"',
-        "  4. edge-agent check /etc/citynerve/agent.toml, then restart the agent",
+        "  4. agent.toml [security]: identity_key = \"" + str(e.identity_key) + "\", collector_key = the "
+        "collector.pub copied here (edge-collector keys init)"
+        + (f', operator_ca = "{e.operator_ca.path}"' if e.operator_ca else ""),
+        "  5. edge-agent check /etc/citynerve/agent.toml, then restart the agent",
+        *_operator_ca_lines(e),
     ])
 
 
@@ -186,6 +255,8 @@ def register_subcommands(sub: argparse._SubParsersAction) -> None:
     mode.add_argument("--force", action="store_true", help="replace existing keys")
     mode.add_argument("--new-csr", action="store_true",
                       help="only write tls.csr again (with the identity proof) from the keys already in DIR")
+    p.add_argument("--operator-ca", metavar="FILE",
+                   help="the operator CA's operator-ca.pub: install it in DIR (alone on an enrolled gateway: only that)")
 
 
 def dispatch(args: argparse.Namespace) -> int | None:
@@ -195,11 +266,26 @@ def dispatch(args: argparse.Namespace) -> int | None:
     from wire.cli import fail
 
     try:
+        if args.operator_ca and not (args.new_csr or args.force) and _enrolled(args.dir):
+            check_gateway_id(args.gateway_id)
+            ca = install_operator_ca(args.dir, args.operator_ca)
+            print("\n".join(_operator_ca_lines(Enrollment(args.gateway_id, Path(args.dir), "", Path(), Path(), Path(),
+                                                          operator_ca=ca))))
+            return 0
+        ca = None
+        if args.operator_ca:  # first: a refused CA file stops the enrollment before any key is made
+            check_gateway_id(args.gateway_id)
+            ca = install_operator_ca(args.dir, args.operator_ca)
         result = new_csr(args.gateway_id, args.dir) if args.new_csr else enroll(args.gateway_id, args.dir,
                                                                                   force=args.force)
+        result = dataclasses.replace(result, operator_ca=ca)
     except EnrollError as exc:
         return fail(str(exc))
     except OSError as exc:
         return fail(f"{exc.filename or args.dir}: {exc.strerror or exc}", 1)
     print(next_steps(result))
     return 0
+
+
+def _enrolled(directory: str) -> bool:
+    return all((Path(directory) / name).exists() for name in (IDENTITY_KEY, TLS_KEY))

@@ -112,6 +112,80 @@ def test_enroll_rejects_gateway_ids_that_are_not_ids(tmp_path: Path, capsys, bad
     assert not (tmp_path / "pki").exists()
 
 
+# --- the operator CA's public key reaches the gateway at enrollment ---------------------------------------------
+
+
+def operator_ca_dir(tmp_path: Path, name: str = "operator-ca") -> Path:
+    assert collector_cli.main(["operators", "init", "--dir", str(tmp_path / name)]) == 0
+    return tmp_path / name
+
+
+def test_enroll_installs_the_operator_ca_and_agent_toml_names_it(tmp_path: Path, capsys) -> None:
+    from edge_agent import config as agent_config
+    from wire import control
+    from wire.config import ConfigError
+    from wire.keys import collector_public_to_pem, public_identity_from_pem
+    from wire.seal import CollectorKey
+
+    ca = operator_ca_dir(tmp_path)
+    kid = control.key_id(public_identity_from_pem((ca / "operator-ca.pub").read_bytes())).hex()
+    capsys.readouterr()
+    d = tmp_path / "pki"
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-0001", "--dir", str(d), "--operator-ca",
+                           str(ca / "operator-ca.pub")]) == 0
+    out = capsys.readouterr().out
+    assert (d / "operator-ca.pub").read_bytes() == (ca / "operator-ca.pub").read_bytes()
+    assert mode(d / "operator-ca.pub") == 0o600
+    assert f"key id {kid}" in out and f'operator_ca = "{d / "operator-ca.pub"}"' in out
+    # the configuration that names it loads; a file that is not the CA's key is refused by `check`
+    (tmp_path / "collector.pub").write_bytes(collector_public_to_pem(CollectorKey.generate()))
+    toml = tmp_path / "agent.toml"
+    body = (f'[gateway]\nid = "gw-0001"\nstate_dir = "{tmp_path / "state"}"\n[mqtt]\nhost = "127.0.0.1"\n'
+            f'tls = false\n[security]\nidentity_key = "{d / "identity.key"}"\n'
+            f'collector_key = "{tmp_path / "collector.pub"}"\n')
+    toml.write_text(body + f'operator_ca = "{d / "operator-ca.pub"}"\n')
+    cfg = agent_config.load(toml)
+    assert control.key_id(public_identity_from_pem(Path(cfg.security.operator_ca).read_bytes())).hex() == kid
+    toml.write_text(body)
+    assert agent_config.load(toml).security.operator_ca == ""  # optional: such a gateway obeys no operator
+    toml.write_text(body + f'operator_ca = "{tmp_path / "collector.pub"}"\n')
+    with pytest.raises(ConfigError, match=r"security\.operator_ca"):
+        agent_config.load(toml)
+    toml.write_text(body + f'operator_ca = "{tmp_path / "missing.pub"}"\n')
+    with pytest.raises(ConfigError, match=r"operator_ca.*does not exist"):
+        agent_config.load(toml)
+
+
+def test_enroll_operator_ca_alone_on_an_enrolled_gateway_and_never_replaced(tmp_path: Path, capsys) -> None:
+    d = tmp_path / "pki"
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-1", "--dir", str(d)]) == 0
+    assert "operator CA: none installed" in capsys.readouterr().out
+    keys = {n: (d / n).read_bytes() for n in ("identity.key", "tls.key", "tls.csr")}
+    ca, other = operator_ca_dir(tmp_path), operator_ca_dir(tmp_path, "other-ca")
+    capsys.readouterr()
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-1", "--dir", str(d), "--operator-ca",
+                           str(ca / "operator-ca.pub")]) == 0
+    assert "already installed" not in capsys.readouterr().out
+    assert {n: (d / n).read_bytes() for n in keys} == keys  # only the CA's key was added
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-1", "--dir", str(d), "--operator-ca",
+                           str(ca / "operator-ca.pub")]) == 0
+    assert "already installed" in capsys.readouterr().out
+    installed = (d / "operator-ca.pub").read_bytes()
+    for source, message in ((other / "operator-ca.pub", "already holds another operator CA"),
+                            (ca / "operator-ca.key", "holds a private key"),
+                            (d / "identity.pub", "not the operator CA's public key"),
+                            (tmp_path / "nope.pub", "no such file")):
+        assert agent_cli.main(["enroll", "--gateway-id", "gw-1", "--dir", str(d), "--operator-ca", str(source)]) == 2
+        assert message in one_line_error(capsys)
+    assert (d / "operator-ca.pub").read_bytes() == installed
+    # a refused CA file stops a new enrollment before any key is made
+    fresh = tmp_path / "fresh"
+    assert agent_cli.main(["enroll", "--gateway-id", "gw-2", "--dir", str(fresh), "--operator-ca",
+                           str(ca / "operator-ca.key")]) == 2
+    one_line_error(capsys)
+    assert not (fresh / "identity.key").exists()
+
+
 # --- the device CA ---------------------------------------------------------------------------------------------
 
 
