@@ -62,7 +62,8 @@ def test_operator_crl_runs_as_the_cas_own_user_sandboxed() -> None:
     assert svc["Type"] == "oneshot"
     assert svc["User"] not in ("citynerve", "root")  # the CA key is never the collector service's (nor root's)
     ca_dir = svc["ExecStart"].split()[svc["ExecStart"].split().index("--dir") + 1]
-    assert svc["ReadWritePaths"] == ca_dir
+    assert ca_dir == f"/var/lib/{svc['StateDirectory']}" and svc["StateDirectoryMode"] == "0700"
+    assert "ReadWritePaths" not in svc  # the state directory is the only writable place
     for key, value in (("ProtectSystem", "strict"), ("NoNewPrivileges", "yes"), ("PrivateNetwork", "yes"),
                        ("ProtectHome", "yes"), ("CapabilityBoundingSet", "")):
         assert svc[key] == value, key
