@@ -21,9 +21,7 @@ shared one, so that log and head are read as one state).
 from __future__ import annotations
 
 import collections
-import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
@@ -33,7 +31,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from wire.files import private_file, write_private
+from wire.files import flocked, private_file, write_private
 
 GENESIS = "0" * 64  # the `prev` of the first entry
 RESERVED = ("seq", "time", "prev", "hash")  # the chain's own keys; an entry's content may not use them
@@ -122,7 +120,7 @@ class AuditLog:
         clash = [k for k in RESERVED if k in entry]
         if clash:
             raise AuditError(f"{self.path}: an audit entry's content may not use the key(s) {', '.join(clash)}")
-        with self._locked(fcntl.LOCK_EX):
+        with flocked(self.lock_path):
             fd = os.open(private_file(self.path), os.O_RDWR | os.O_APPEND)
             try:
                 seq, prev = self._tail_for_append(fd)
@@ -201,15 +199,6 @@ class AuditLog:
     def _write_head(self, seq: int, digest: str) -> None:
         write_private(self.head_path, canonical({"seq": seq, "hash": digest}) + b"\n")
 
-    @contextlib.contextmanager
-    def _locked(self, mode: int) -> Iterator[None]:
-        fd = os.open(private_file(self.lock_path), os.O_RDWR)
-        try:
-            fcntl.flock(fd, mode)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
-
     # -- reading -----------------------------------------------------------------------------------------------
 
     def head(self) -> tuple[int, str] | None:
@@ -241,7 +230,7 @@ class AuditLog:
         out: collections.deque[dict[str, Any]] = collections.deque(maxlen=limit)
         if not self.path.exists():
             return []
-        with self._locked(fcntl.LOCK_SH):
+        with flocked(self.lock_path, shared=True):
             for _, raw, complete in self._lines():
                 if not complete:
                     continue
@@ -259,7 +248,7 @@ class AuditLog:
         recorded elsewhere (`audit head`), which the log must still hold."""
         if not self.path.exists():
             return [f"{self.path}: no such file"]
-        with self._locked(fcntl.LOCK_SH):
+        with flocked(self.lock_path, shared=True):
             try:
                 head = self.head()
                 head_problem = None

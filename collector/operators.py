@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import fcntl
 import json
-import os
 import re
 import time
 from collections.abc import Iterator
@@ -44,8 +42,8 @@ import msgspec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from wire import control
-from wire.files import FILE_MODE, private_dir, private_file, tighten, write_private
-from wire.keys import identity_from_pem, identity_to_pem, public_identity_from_pem, public_identity_to_pem
+from wire.files import DIR_MODE, FILE_MODE, flocked, private_dir, tighten, write_private
+from wire.keys import identity_from_pem, identity_to_pem, public_identity_from_file, public_identity_to_pem
 
 CA_KEY = "operator-ca.key"
 CA_PUB = "operator-ca.pub"
@@ -107,22 +105,12 @@ def _read_private_key(path: Path) -> Ed25519PrivateKey:
 
 def read_public_key(path: Path | str) -> Ed25519PublicKey:
     """An operator's (or the CA's) Ed25519 public key from a PEM file, with a clear refusal of anything else."""
-    path = Path(path)
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise OperatorsError(f"{path}: no such file") from None
-    except PermissionError:
-        raise OperatorsError(f"{path}: permission denied") from None
-    except IsADirectoryError:
-        raise OperatorsError(f"{path}: is a directory, not a public key file") from None
-    if b"PRIVATE KEY" in data:
-        raise OperatorsError(f"{path} holds a private key: only the public key (NAME.pub from operators keygen) "
-                             "leaves the operator's machine")
-    try:
-        return public_identity_from_pem(data)
-    except (ValueError, TypeError) as exc:
-        raise OperatorsError(f"{path}: not an Ed25519 public key PEM ({exc})") from None
+        return public_identity_from_file(path)
+    except ValueError as exc:
+        hint = (": only the public key (NAME.pub from operators keygen) leaves the operator's machine"
+                if "private key" in str(exc) else "")
+        raise OperatorsError(f"{exc}{hint}") from None
 
 
 def format_key(key: Ed25519PublicKey) -> str:
@@ -184,6 +172,7 @@ class OperatorCA:
         self.crl_path = self.directory / CRL
         self.index_path = self.directory / INDEX
         self.issued_dir = self.directory / ISSUED
+        tighten(self.directory, DIR_MODE)  # a CA directory made looser by hand is private again
         if not self.pub_path.is_file():
             raise OperatorsError(f"{self.directory} is not an operator CA (no {CA_PUB}; run: edge-collector "
                                  "operators init --dir DIR)")
@@ -278,14 +267,10 @@ class OperatorCA:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """One issuing or revoking at a time across processes (flock on DIR/.lock); the index is re-read under it."""
-        fd = os.open(private_file(self.directory / LOCK), os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(self.directory / LOCK):
             self.entries, self.crl_number = {}, 0
             self._load_index()
             yield
-        finally:
-            os.close(fd)
 
     def _key(self) -> Ed25519PrivateKey:
         key = _read_private_key(self.key_path)

@@ -24,7 +24,6 @@ import argparse
 import base64
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
@@ -40,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa, x25519
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from wire.files import DIR_MODE, FILE_MODE, private_dir, private_file, sync_batch, tighten, write_private
+from wire.files import DIR_MODE, FILE_MODE, flocked, private_dir, sync_batch, tighten, write_private
 from wire.keys import IDENTITY_PROOF_OID, IDENTITY_URN_PREFIX, identity_fingerprint, verify_identity_proof
 from wire.schema import GATEWAY_ID_PATTERN
 
@@ -480,13 +479,8 @@ class DeviceCA:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """The CA directory's lock (an flock on .lock): one signing or revoking at a time, across processes."""
-        lock = private_file(self.directory / CA_LOCK)
-        fd = os.open(lock, os.O_RDWR)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+        with flocked(self.directory / CA_LOCK):
             yield
-        finally:
-            os.close(fd)  # closing releases the lock
 
     # -- revocation ------------------------------------------------------------------------------------------
 

@@ -169,22 +169,15 @@ def install_operator_ca(directory: Path | str, source: Path | str) -> OperatorCa
     installed key is kept: the same key again changes nothing, another one is refused (whoever replaces it
     decides whose commands this gateway runs)."""
     from wire.control import key_id
-    from wire.keys import public_identity_from_pem, public_identity_to_pem
+    from wire.keys import public_identity_from_file, public_identity_from_pem, public_identity_to_pem
 
     source, directory = Path(source), Path(directory)
     try:
-        data = source.read_bytes()
-    except FileNotFoundError:
-        raise EnrollError(f"{source}: no such file (the operator CA's operator-ca.pub)") from None
-    except IsADirectoryError:
-        raise EnrollError(f"{source}: is a directory, not the operator CA's public key") from None
-    if b"PRIVATE KEY" in data:
-        raise EnrollError(f"{source} holds a private key: a gateway gets only the operator CA's public key "
-                          "(operator-ca.pub)")
-    try:
-        key = public_identity_from_pem(data)
-    except (ValueError, TypeError) as exc:
-        raise EnrollError(f"{source}: not the operator CA's public key (an Ed25519 public key PEM): {exc}") from None
+        key = public_identity_from_file(source)
+    except ValueError as exc:
+        hint = ("a gateway gets only the operator CA's public key" if "private key" in str(exc)
+                else "expected the operator CA's public key, operator-ca.pub from edge-collector operators init")
+        raise EnrollError(f"{exc}: {hint}") from None
     kid = key_id(key).hex()
     target = directory / OPERATOR_CA
     if target.exists() or target.is_symlink():

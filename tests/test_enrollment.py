@@ -173,7 +173,7 @@ def test_enroll_operator_ca_alone_on_an_enrolled_gateway_and_never_replaced(tmp_
     installed = (d / "operator-ca.pub").read_bytes()
     for source, message in ((other / "operator-ca.pub", "already holds another operator CA"),
                             (ca / "operator-ca.key", "holds a private key"),
-                            (d / "identity.pub", "not the operator CA's public key"),
+                            (d / "identity.pub", "not an Ed25519 public key"),
                             (tmp_path / "nope.pub", "no such file")):
         assert agent_cli.main(["enroll", "--gateway-id", "gw-1", "--dir", str(d), "--operator-ca", str(source)]) == 2
         assert message in one_line_error(capsys)

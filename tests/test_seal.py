@@ -698,6 +698,7 @@ def test_confidential_round_trip_for_the_newest_session(fleet):
     assert len(down) == 1 + 16 + 8 + 12 + len(SECRET_COMMAND) + 16
     assert sealer.open_confidential(control("gw-0001"), down) == SECRET_COMMAND
     # a new session with an accepted message becomes the one to seal for; the previous one still opens
+    fleet.clock.t += 1  # sessions are ordered by their start (capped at the collector's clock): a later one
     sealer.new_session()
     newer = opener.open("gw-0001", up("gw-0001"), sealer.seal(up("gw-0001"), b"batch")).session_id
     assert opener.newest_session("gw-0001") == newer != opened.session_id

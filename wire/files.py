@@ -9,6 +9,7 @@ a service manager or a shell may run us with umask 000 or 022.
     write_private(path, data)    a file 0600, written atomically (or exclusively, overwrite=False)
     private_file(path)           a file 0600 that exists (created empty), e.g. before another library opens it
     private_sqlite(path)         the same for an SQLite database, and its -wal, -shm and -journal files
+    flocked(path)                an flock on a private lock file, held for a `with` block (across processes)
 
 An existing file or directory with more permissions than that is tightened with chmod, and a warning names it
 once. Nothing is ever made more permissive (a 0400 key stays 0400).
@@ -17,10 +18,12 @@ once. Nothing is ever made more permissive (a 0400 key stays 0400).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("citynerve.files")
@@ -114,6 +117,19 @@ def private_sqlite(path: Path | str, *, create: bool = True) -> Path:
     for suffix in SQLITE_COMPANIONS:
         tighten(Path(f"{path}{suffix}"), FILE_MODE)
     return path
+
+
+@contextlib.contextmanager
+def flocked(path: Path | str, *, shared: bool = False) -> Iterator[None]:
+    """Hold an flock on `path` (a private file, created if missing) for the `with` block: exclusive, or shared
+    for readers. Other processes, and other opens in this one, wait; closing the file releases it (also when
+    the process dies, so a crash leaves no stale lock)."""
+    fd = os.open(private_file(path), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def write_private(path: Path | str, data: bytes, *, overwrite: bool = True, durable: bool = True) -> Path:

@@ -20,6 +20,7 @@ bytes, hex) into the certificate as the subjectAltName URI `urn:citynerve:identi
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -67,6 +68,27 @@ def operator_ca_from_pem(data: bytes) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ValueError(f"expected the operator CA's Ed25519 public key, got {type(key).__name__}")
     return key
+
+
+def public_identity_from_file(path: Path | str) -> Ed25519PublicKey:
+    """An Ed25519 public key from a PEM file that someone copied here (an operator's NAME.pub, the operator CA's
+    operator-ca.pub). ValueError("<path>: why") for a missing or unreadable file, a private key (which must never
+    travel where a public key goes) or anything that is not an Ed25519 public key."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a public key file") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied") from None
+    if b"PRIVATE KEY" in data:
+        raise ValueError(f"{path} holds a private key, not a public key")
+    try:
+        return public_identity_from_pem(data)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: not an Ed25519 public key PEM ({exc})") from None
 
 
 def collector_key_to_pem(key: CollectorKey) -> bytes:
