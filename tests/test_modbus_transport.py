@@ -7,6 +7,8 @@ import contextlib
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -438,19 +440,20 @@ def test_serial_dead_unit_does_not_disturb_the_others() -> None:
 
 
 def test_serial_babbling_line() -> None:
-    """A line that never goes quiet for t3.5 is not written to; the transport says why."""
+    """A line that never goes quiet for t3.5 is not written to; the transport says why.
+
+    The babbler is another process writing a byte every 0.5 ms, and the line runs at 300 baud, where t3.5 is
+    128 ms: a quiet gap needs the babbler to stall for 128 ms. (At 9600 baud t3.5 is 4 ms, and a babbler thread
+    in this process stalled that long whenever it waited for the GIL, or the machine was loaded: the line was
+    then really quiet, the transport rightly wrote, and the test failed about one run in three.)"""
     with PtyPair() as pair:
-        stop = threading.Event()
-
-        def babble() -> None:
-            while not stop.wait(0.0005):
-                pair.write(b"\x55")
-
-        thread = threading.Thread(target=babble, daemon=True)
+        babbler = subprocess.Popen(
+            [sys.executable, "-c", "import os, sys, time\nfd = int(sys.argv[1])\nwhile True:\n"
+             "    os.write(fd, b'\\x55')\n    time.sleep(0.0005)", str(pair.master)],
+            pass_fds=[pair.master])
 
         async def scenario() -> None:
-            async with SerialTransport(pair.device, 9600, quiet_limit=0.2) as transport:
-                thread.start()
+            async with SerialTransport(pair.device, 300, quiet_limit=0.8) as transport:
                 with pytest.raises(TransportError, match="never goes quiet"):
                     await read(transport, 1, "input", 0, 1)
                 assert transport.stats["transactions"] == 0
@@ -459,8 +462,8 @@ def test_serial_babbling_line() -> None:
         try:
             run(scenario())
         finally:
-            stop.set()
-            thread.join(5)
+            babbler.kill()
+            babbler.wait(5)
         assert pair.read(timeout=0.05) == b""  # no request went out
 
 
