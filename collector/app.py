@@ -245,6 +245,13 @@ class Collector:
 
             metrics = server(self)
             await metrics.start()
+        web = None
+        if self.cfg.web is not None:  # the same for the fleet page
+            from collector.web.server import fleet_page
+
+            web, page = fleet_page(self)
+            await web.start()
+            log.info("fleet page at %s/", web.url)
         await self.writer.start()
         log.info(
             "collector starting: MQTT %s:%d, InfluxDB %s API at %s", self.cfg.mqtt.host, self.cfg.mqtt.port,
@@ -262,9 +269,14 @@ class Collector:
             tasks.append(asyncio.create_task(self.quarantine.run(), name="quarantine"))
         if metrics is not None:
             tasks.append(asyncio.create_task(metrics.serve(), name="metrics"))
+        if web is not None:
+            tasks.append(asyncio.create_task(web.serve(), name="web"))
         try:
             await run_tasks_until(stop, tasks)
         finally:
+            if web is not None:
+                with contextlib.suppress(Exception):
+                    await page.close()
             # Messages still queued are not acknowledged: they stay with the broker's session and come again.
             self.admission.drain()
             # Acknowledge only what is stored: drain the writer, then leave.

@@ -122,6 +122,7 @@ def describe(path: str, cfg: object) -> str:
         f"{m.gateway_mount}{m.topic_prefix}/<gateway>/down/ack",
         _limits_line(cfg),
         _metrics_line(cfg),
+        *([_web_line(cfg.web)] if cfg.web is not None else []),  # type: ignore[attr-defined]
     ])
 
 
@@ -130,6 +131,13 @@ def _metrics_line(cfg: object) -> str:
     if metrics is None:
         return "  metrics off"
     return f"  metrics {metrics.url}{'' if metrics.per_gateway else ' (no per-gateway series)'}"
+
+
+def _web_line(web: object) -> str:
+    auth = [name for name, on in (("token", web.token is not None),  # type: ignore[attr-defined]
+                                  ("client certificates", web.client_ca is not None)) if on]  # type: ignore[attr-defined]
+    tiles = f"tiles {web.tiles}" if web.tiles else "a coordinate grid (no tile server)"  # type: ignore[attr-defined]
+    return f"  fleet page at {web.url} ({' and '.join(auth)}), map on {tiles}"  # type: ignore[attr-defined]
 
 
 def _limits_line(cfg: object) -> str:

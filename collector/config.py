@@ -13,6 +13,7 @@ import msgspec
 from collector.admission import Limits as AdmissionLimits
 from collector.guard import GuardLimits
 from collector.influx.config import InfluxConfig
+from collector.web.config import WebSettings
 from wire import config as wconfig
 from wire.config import Duration, invalid
 from wire.metrics import MetricsSettings
@@ -223,6 +224,13 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     schema: SchemaSection = msgspec.field(default_factory=SchemaSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
     metrics: CollectorMetricsSettings | None = None  # Prometheus /metrics, when configured
+    # The fleet page (collector/web/, docs/dashboards.md): off unless the section is there.
+    web: WebSettings | None = None
+
+    def __post_init__(self) -> None:
+        if self.web is not None and self.influx.api != "v1":
+            raise invalid("web", 'the fleet page reads InfluxDB with InfluxQL: it needs [influx] api = "v1" '
+                          "(InfluxDB 1.x, or 2.x through its 1.x API with a token)")
 
 
 def load(path: str | Path) -> CollectorConfig:

@@ -123,6 +123,14 @@ class Quarantine:
         query += " ORDER BY id DESC LIMIT ?"
         return [Entry(*row) for row in self._db.execute(query, (*args, limit))]
 
+    def by_reason(self, limit: int = 200) -> list[tuple[str, str, int, int, str]]:
+        """(reason, gateway, entries, newest received_ns, newest detail) per reason and gateway, newest first."""
+        return list(self._db.execute(
+            "SELECT reason, gateway, count(*), max(received_ns), "
+            "(SELECT detail FROM quarantine AS newest WHERE newest.reason = q.reason AND newest.gateway = q.gateway "
+            "ORDER BY id DESC LIMIT 1) FROM quarantine AS q GROUP BY reason, gateway "
+            "ORDER BY max(received_ns) DESC LIMIT ?", (limit,)))
+
     def get(self, entry_id: int) -> Entry | None:
         row = self._db.execute(
             "SELECT id, received_ns, gateway, topic, reason, detail, size, payload FROM quarantine WHERE id = ?",

@@ -33,7 +33,7 @@ from labkit import stack
 from labkit.influxd import InfluxdServer
 from labkit.meter_sim import meter_in_thread
 from labkit.mosquitto import MosquittoServer
-from labkit.process import ServerProcess, SilentServer
+from labkit.process import ServerProcess, SilentServer, free_port
 from labkit.serial_devices import StreamingDevice
 from wire.envelope import seal_plain
 from wire.mqttlink import MqttLink, MqttSettings
@@ -45,6 +45,9 @@ NORTH, SOUTH, EAST = "gw.north-1", "gw.south-2", "gw.east-3"
 INJECTED_SEQ = 1 << 40
 # The collector's device budget per gateway in the lab: gw.east-3 has one device more.
 MAX_DEVICES = 3
+# The fleet page's [web] backlog_after in the lab (well below the lab's ~20 s): gw.east-3's backlog shows once
+# its oldest unacknowledged message is older, which the lab waits for.
+BACKLOG_AFTER_S = 5
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,12 @@ class FleetLab:
     broker: MosquittoServer
     influx: InfluxdServer
     database: str
-    # extra sections of collector.toml (e.g. [web]), merged over the lab's
+    # extra sections of collector.toml, merged over the lab's
     collector_sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # serve the fleet page ([web]) on a free loopback port, with a token (web_url, web_token)
+    web: bool = False
+    web_url: str = ""
+    web_token: str = ""
     plans: tuple[GatewayPlan, ...] = PLANS
     agents: dict[str, ServerProcess] = field(default_factory=dict)
     collector: ServerProcess | None = None
@@ -136,6 +143,16 @@ class FleetLab:
             "log": {"stats_interval": "2s"},
             "quarantine": {"path": str(self.quarantine_path)},
         }
+        if self.web:
+            import secrets
+
+            self.web_token = secrets.token_hex(16)
+            token_file = self.work / "web.token"
+            token_file.write_text(self.web_token + "\n")
+            port = free_port()
+            self.web_url = f"http://127.0.0.1:{port}"
+            sections["web"] = {"listen": f"127.0.0.1:{port}", "token": {"file": str(token_file)},
+                               "backlog_after": f"{BACKLOG_AFTER_S}s"}
         for name, body in self.collector_sections.items():
             sections[name] = {**sections.get(name, {}), **body}
         self.collector_config = stack.write_collector_config(
@@ -197,15 +214,15 @@ class FleetLab:
             fixes = counts("SELECT count(latitude) FROM gps")
             dead = self.query(f"SELECT max(errors) FROM citynerve_device_health WHERE gateway = '{NORTH}' "
                               "AND device = 'meter-dead'")
-            backlog = self.query(f"SELECT max(backlog_messages), max(resent_messages) FROM citynerve_gateway_health "
-                                 f"WHERE gateway = '{EAST}'")
+            backlog = self.query(f"SELECT max(backlog_messages), max(resent_messages), last(backlog_age_s) FROM "
+                                 f"citynerve_gateway_health WHERE gateway = '{EAST}'")
             missing[:] = [f"{what} of {g}" for g in self.gateways
                           for what, have, need in (("heartbeats over 10 s", health, 3), ("meter readings", meters, 3),
                                                    ("GPS fixes", fixes, 1)) if have.get(g, 0) < need]
             if not (dead and dead[0]["max"] and grew("citynerve_device_health", "errors",
                                                      f"gateway = '{NORTH}' AND device = 'meter-dead'")):
                 missing.append(f"poll errors of {NORTH}/meter-dead growing from one 10 s interval to another")
-            if not (backlog and backlog[0]["max"] and backlog[0]["max_1"]
+            if not (backlog and backlog[0]["max"] and backlog[0]["max_1"] and backlog[0]["last"] > BACKLOG_AFTER_S
                     and grew("citynerve_gateway_health", "resent_messages", f"gateway = '{EAST}'")):
                 missing.append(f"a backlog of {EAST} and its re-sends growing from one 10 s interval to another")
             return not missing

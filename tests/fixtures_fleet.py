@@ -18,7 +18,7 @@ _last_user = pytest.StashKey[str]()
 
 @pytest.fixture(scope="session")
 def fleet(tmp_path_factory: pytest.TempPathFactory, mosquitto, influxd: InfluxdServer) -> Iterator[FleetLab]:
-    lab = FleetLab(tmp_path_factory.mktemp("fleet"), mosquitto, influxd, "fleet").start()
+    lab = FleetLab(tmp_path_factory.mktemp("fleet"), mosquitto, influxd, "fleet", web=True).start()
     _open.append(lab)
     try:
         yield lab

@@ -11,7 +11,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from wire.config import ConfigError
-from wire.metrics import MetricsError
+from wire.http import HttpError
 from wire.supervise import EXIT_FATAL, TaskDied, run_tasks_until
 
 __all__ = ["EXIT_FATAL", "EXIT_USAGE", "add_log_options", "fail", "iso_ns", "run_tasks_until", "run_until_signal"]
@@ -52,7 +52,7 @@ def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]])
 
     try:
         asyncio.run(runner())
-    except (ConfigError, MetricsError) as exc:
+    except (ConfigError, HttpError) as exc:
         return fail(str(exc))
     except TaskDied as exc:
         log.critical("fatal: %s", exc)

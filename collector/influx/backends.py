@@ -188,9 +188,12 @@ class V1Backend:
             retries=False, redirect=False,
         )
 
-    def query(self, q: str) -> dict[str, Any]:
-        """GET {url}/query (InfluxQL, read-only statements): the parsed JSON answer, or WriteFailure."""
+    def query(self, q: str, epoch: str | None = None) -> dict[str, Any]:
+        """GET {url}/query (InfluxQL, read-only statements): the parsed JSON answer, or WriteFailure. `epoch`
+        ("ns", "ms", ...): times as integers in that unit instead of RFC 3339 text."""
         params = {"db": self.cfg.database, "q": q}
+        if epoch is not None:
+            params["epoch"] = epoch
         if self.cfg.retention_policy:
             params["rp"] = self.cfg.retention_policy
         headers = {k: v for k, v in self._headers.items() if k == "Authorization"}
