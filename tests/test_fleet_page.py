@@ -56,11 +56,31 @@ def test_a_gateway_silent_beyond_the_window_is_listed_as_not_heard() -> None:
         {"series": [series(["time", "latitude", "longitude"], [NOW, 52.5, 13.4], tags={"gateway": "gw-a"})]},
         {},
         {"series": [series(["key", "value"], ["gateway", "gw-a"], ["gateway", "gw-gone"])]},
+        {},
     ]}
     doc = views.fleet_view(answer, NOW, S)
     assert [(g["id"], g["state"], g["last_seen_ns"]) for g in doc["gateways"]] == [
         ("gw-a", "online", NOW - 10**9), ("gw-gone", "stale", None)]
     assert doc["gateways"][0]["location"]["lat"] == 52.5 and doc["gateways"][1]["location"] is None
+
+
+def test_the_inventory_location_and_configuration_come_first() -> None:
+    """citynerve_gateway_info (the fleet inventory): a configured location wins over the gateway's last GPS point,
+    and the table shows the running configuration's version. Both gateways are known only from it and the index."""
+    info = {"name": "citynerve_gateway_info", "columns": ["time", "version", "config_version", "latitude", "longitude",
+                                                          "location_source", "location_time_ns"]}
+    answer = {"results": [
+        {},
+        {"series": [{"name": "gps", "tags": {"gateway": "gw-a"}, "columns": ["time", "latitude", "longitude"],
+                     "values": [[NOW, 1.0, 2.0]]}]},
+        {},
+        {"series": [{"name": "m", "columns": ["key", "value"], "values": [["gateway", "gw-a"], ["gateway", "gw-b"]]}]},
+        {"series": [{**info, "tags": {"gateway": "gw-a"}, "values": [[NOW, "0.3.0", 7, 52.52, 13.40, "config", None]]},
+                    {**info, "tags": {"gateway": "gw-b"}, "values": [[NOW, "0.3.0", 0, None, None, None, None]]}]},
+    ]}
+    a, b = views.fleet_view(answer, NOW, S)["gateways"]
+    assert a["location"] == {"lat": 52.52, "lon": 13.40, "source": "config", "time_ns": NOW}
+    assert (a["config_version"], a["version"], b["config_version"], b["location"]) == (7, "0.3.0", 0, None)
 
 
 def test_a_refused_statement_is_an_error_not_an_empty_fleet() -> None:

@@ -6,7 +6,8 @@ only part of the fleet, InfluxDB all of it. Sources (docs/wire-format.md "Health
 
     citynerve_gateway_health    the last heartbeat of each gateway: online, backlog, backlog age, drops, re-sends
     citynerve_device_health     per device: polls, errors, last error; errors that grew recently make it failing
-    gps                         a gateway's last GPS fix (an NMEA source), where no location is configured
+    citynerve_gateway_info      its location (configured, or its GPS's) and running configuration version
+    gps                         a gateway's last GPS fix (an NMEA source), for gateways whose heartbeat says none
     the readings' measurements  a gateway page's latest values and last-hour charts
 
 A gateway's state, worst first (the map's colours):
@@ -28,6 +29,9 @@ from typing import Any
 
 GATEWAY_HEALTH = "citynerve_gateway_health"
 DEVICE_HEALTH = "citynerve_device_health"
+# The inventory's points (docs/control.md "Fleet inventory"): version, configuration and location as the
+# heartbeat says them, written on a change and every [inventory] info_interval (1 h by default).
+GATEWAY_INFO = "citynerve_gateway_info"
 GPS = "gps"
 # Measurements the collector owns (collector/guard.py reserves the prefix): not a gateway's readings.
 OWN_PREFIX = "citynerve_"
@@ -48,6 +52,7 @@ class ViewSettings:
     # heartbeat a minute: 60 points per gateway). A gateway silent for longer is still listed, from the store's
     # index of gateway tags, as not heard.
     window_s: float = 3600
+    info_window_s: float = 2 * 86400  # inventory points come at least every info_interval: a few per gateway
     stale_after_s: float = 300
     backlog_after_s: float = 120
     errors_window_s: float = 900
@@ -69,9 +74,16 @@ def _seconds(value: float) -> str:
 
 # -- the fleet -----------------------------------------------------------------------------------------------------
 
+def _info_statement(s: ViewSettings, where: str = "") -> str:
+    return ('SELECT last("version") AS "version", "config_version", "latitude", "longitude", "location_source", '
+            f'"location_time_ns" FROM {ident(GATEWAY_INFO)} WHERE {where}time > now() - {_seconds(s.info_window_s)}'
+            + ("" if where else ' GROUP BY "gateway"'))
+
+
 def fleet_query(s: ViewSettings) -> str:
-    """One request, four statements: each gateway's last heartbeat, last GPS fix, recent device errors (all within
-    the window), and every gateway the store knows (its tag index: cheap, however old)."""
+    """One request, five statements: each gateway's last heartbeat, last GPS fix, recent device errors (all within
+    the window), every gateway the store knows (its tag index: cheap, however old), and its inventory point
+    (location, configuration; none before a collector and agents that write it)."""
     window, errors = _seconds(s.window_s), _seconds(s.errors_window_s)
     return ";".join([
         'SELECT last("online") AS "online", "backlog_messages", "backlog_age_s", "backlog_oldest_ns", '
@@ -83,6 +95,7 @@ def fleet_query(s: ViewSettings) -> str:
         f'{ident(DEVICE_HEALTH)} WHERE time > now() - {errors} GROUP BY "gateway", "device") '
         'GROUP BY "gateway", "device"',
         f'SHOW TAG VALUES FROM {ident(GATEWAY_HEALTH)} WITH KEY = "gateway"',
+        _info_statement(s),
     ])
 
 
@@ -117,13 +130,20 @@ def _number(value: Any) -> float | None:
     return value
 
 
-def _location(row: Mapping[str, Any] | None) -> dict[str, Any] | None:
+def _location(row: Mapping[str, Any] | None, source: str = "gps") -> dict[str, Any] | None:
     if row is None:
         return None
     lat, lon = _number(row.get("latitude")), _number(row.get("longitude"))
     if lat is None or lon is None or not (-90 <= lat <= 90 and -180 <= lon <= 180):
         return None
-    return {"lat": lat, "lon": lon, "source": "gps", "time_ns": row.get("time")}
+    given = row.get("location_source")
+    return {"lat": lat, "lon": lon, "source": given if isinstance(given, str) and given else source,
+            "time_ns": row.get("location_time_ns") or row.get("time")}
+
+
+def _where(info: Mapping[str, Any] | None, fix: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The heartbeat's location (configured, or the agent's own GPS fix) first; else the gateway's last fix."""
+    return _location(info, "config") or _location(fix)
 
 
 def gateway_state(health: Mapping[str, Any], failing: int, now_ns: int, s: ViewSettings) -> str:
@@ -145,7 +165,8 @@ def gateway_state(health: Mapping[str, Any], failing: int, now_ns: int, s: ViewS
 
 def fleet_view(answer: Mapping[str, Any], now_ns: int, s: ViewSettings) -> dict[str, Any]:
     """The page's fleet document: every gateway the store knows, its state and location."""
-    health, fixes, errors, known = (_rows(series) for series in _results(answer, 4))
+    health, fixes, errors, known, infos = (_rows(series) for series in _results(answer, 5))
+    info = {row["gateway"]: row for row in infos if "gateway" in row}
     heard = {row.get("gateway") for row in health}
     # known to the store, silent within the window: a row of its own, not heard
     health += [{"gateway": row["value"]} for row in known if row.get("value") and row["value"] not in heard]
@@ -171,8 +192,9 @@ def fleet_view(answer: Mapping[str, Any], now_ns: int, s: ViewSettings) -> dict[
             "resent_messages": row.get("resent_messages"),
             "since_ns": row.get("since_ns"),
             "failing_devices": devices,
-            "location": _location(located.get(gateway)),
-            "config_version": None,  # the inventory's (issue 11), once the heartbeat carries it
+            "location": _where(info.get(gateway), located.get(gateway)),
+            "config_version": (info.get(gateway) or {}).get("config_version"),
+            "version": (info.get(gateway) or {}).get("version"),
         })
     summary = {state: sum(1 for g in gateways if g["state"] == state) for state in STATES}
     return {"generated_ns": now_ns, "gateways": gateways, "summary": summary,
@@ -183,8 +205,8 @@ def fleet_view(answer: Mapping[str, Any], now_ns: int, s: ViewSettings) -> dict[
 # -- one gateway ---------------------------------------------------------------------------------------------------
 
 def gateway_query(gateway: str, s: ViewSettings) -> str:
-    """Its last heartbeat, its devices' health, their recent errors, its GPS fix, and which measurements it
-    writes (the values are asked for in a second request, `values_query`, once these are known)."""
+    """Its last heartbeat, its devices' health, their recent errors, its GPS fix, which measurements it writes
+    (the values are asked for in a second request, `values_query`, once these are known), its inventory point."""
     gw, window, errors = string(gateway), _seconds(s.window_s), _seconds(s.errors_window_s)
     return ";".join([
         'SELECT last("online") AS "online", "backlog_messages", "backlog_readings", "backlog_bytes", '
@@ -198,12 +220,13 @@ def gateway_query(gateway: str, s: ViewSettings) -> str:
         f'SELECT last("latitude") AS "latitude", "longitude" FROM {ident(GPS)} WHERE "gateway" = {gw} '
         f'AND time > now() - {window}',
         f'SHOW MEASUREMENTS WHERE "gateway" = {gw}',
+        _info_statement(s, f'"gateway" = {gw} AND '),
     ])
 
 
 def measurements_of(answer: Mapping[str, Any]) -> list[str]:
     """The readings' measurements in a gateway_query answer (the collector's own left out), bounded."""
-    series = _results(answer, 5)[4]
+    series = _results(answer, 6)[4]
     names = [row.get("name") for row in _rows(series)]
     return sorted(n for n in names if isinstance(n, str) and not n.startswith(OWN_PREFIX))[:MAX_MEASUREMENTS]
 
@@ -229,7 +252,7 @@ def gateway_view(gateway: str, answer: Mapping[str, Any], measurements: list[str
                  ) -> dict[str, Any]:
     """A gateway's page: state, devices with their latest values (and units where known: `unit_of(field, model
     tag)`, collector/web/units.py), a last-hour series per device and field, poll errors."""
-    health_series, device_series, errors_series, fix_series, _ = _results(answer, 5)
+    health_series, device_series, errors_series, fix_series, _, info_series = _results(answer, 6)
     health = _rows(health_series)
     failing = {r.get("device") for r in _rows(errors_series) if (_number(r.get("grew")) or 0) > 0}
     devices: dict[str, dict[str, Any]] = {}
@@ -281,12 +304,15 @@ def gateway_view(gateway: str, answer: Mapping[str, Any], measurements: list[str
                 entry["measurements"][measurement]["series"] = dict(sorted(series.items())[:MAX_FIELDS])
     row = health[0] if health else None
     fix = _rows(fix_series)
+    info = _rows(info_series)
     return {
         "id": gateway,
         "found": row is not None or bool(devices),
         "generated_ns": now_ns,
         "state": gateway_state(row, len(failing & set(devices)), now_ns, s) if row else "stale",
         "health": row,
-        "location": _location(fix[0] if fix else None),
+        "location": _where(info[0] if info else None, fix[0] if fix else None),
+        "version": info[0].get("version") if info else None,
+        "config_version": info[0].get("config_version") if info else None,
         "devices": [devices[name] for name in sorted(devices)],
     }

@@ -278,6 +278,8 @@ async function loadGateway(id) {
     ["readings dropped", value(h.dropped_readings)],
     ["messages re-sent", value(h.resent_messages)],
     ["agent running since", h.since_ns ? when(h.since_ns) : ""],
+    ["agent version", doc.version || ""],
+    ["configuration version", doc.config_version === null || doc.config_version === undefined ? "" : value(doc.config_version)],
     ["location", doc.location ? `${doc.location.lat.toFixed(5)}, ${doc.location.lon.toFixed(5)} (${doc.location.source})` : "unknown"],
   ];
   document.getElementById("gateway-facts").replaceChildren(...facts.map(([k, v]) =>
