@@ -5,6 +5,7 @@ fleet lab's real InfluxDB (labkit/fleet_lab.py), its HTTP answers, and the page 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import msgspec
@@ -143,6 +144,15 @@ def test_web_settings_errors_name_the_key(values: dict, key: str, message: str) 
         _settings(**values)
     assert f"web.{key}" in str(info.value) or key in str(info.value)
     assert message in str(info.value)
+
+
+def test_the_content_security_policy_allows_the_tile_server_and_nothing_else() -> None:
+    from collector.web.page import security_headers
+
+    policy = dict(security_headers(_settings(token=TOKEN, tiles="https://tiles.city.example:8443/{z}/{x}/{y}.png")))
+    csp = policy["Content-Security-Policy"]
+    assert "img-src 'self' https://tiles.city.example:8443;" in csp
+    assert csp.count("http") == 1 and "default-src 'none'" in csp and "frame-ancestors 'none'" in csp
 
 
 def test_the_token_may_come_from_a_file(tmp_path: Path) -> None:
@@ -340,6 +350,30 @@ def test_the_fleet_page_in_a_real_browser(fleet: FleetLab, browser, tmp_path: Pa
     _screenshot(browser, tmp_path, "fleet-page-gateway.png")
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, f"the browser's console: {errors}"
+
+    # with a tile server configured the map's background is its Web Mercator tiles around the gateways (drawn here
+    # by the page's own code with the lab's gateways; the images themselves are not loaded: no tile server here)
+    browser.get(fleet.web_url + "/#/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#map g.gw")) == 3)
+    hrefs = browser.execute_script(
+        "drawMap(fleet.gateways, {...fleet.settings, tiles: 'https://tiles.example/{z}/{x}/{y}.png', "
+        "tiles_max_zoom: 18, attribution: 'lab'});"
+        "return [...document.querySelectorAll('#map .tiles image')].map(i => i.getAttribute('href'));")
+    assert hrefs and not browser.find_elements(By.CSS_SELECTOR, "#map .grid")
+    tiles = {tuple(int(n) for n in re.fullmatch(r"https://tiles\.example/(\d+)/(\d+)/(\d+)\.png", h).groups())
+             for h in hrefs}
+    zoom = {z for z, _, _ in tiles}.pop()
+    for plan in PLANS:  # every gateway's own tile is drawn
+        assert _tile(plan.latitude, plan.longitude, zoom) in {(x, y) for _, x, y in tiles}, plan.id
+
+
+def _tile(lat: float, lon: float, zoom: int) -> tuple[int, int]:
+    """The Web Mercator (slippy map) tile holding a point at a zoom."""
+    import math
+
+    n = 2**zoom
+    y = (1 - math.asinh(math.tan(math.radians(lat))) / math.pi) / 2 * n
+    return int((lon + 180) / 360 * n), int(y)
 
 
 def _screenshot(browser, tmp_path: Path, name: str) -> None:
