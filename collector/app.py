@@ -39,6 +39,7 @@ import paho.mqtt.client as paho
 
 from collector.admission import FairQueue
 from collector.config import CollectorConfig, default_client_id
+from collector.control_relay import ControlLines, ControlRelay
 from collector.guard import SCHEMA_QUERY, Guard, learn_from_show_keys
 from collector.health import health_lines
 from collector.influx.backends import WriteFailure, make_backend
@@ -143,6 +144,14 @@ class Collector:
             log=log,
             max_batch_puts=max(1, cfg.mqtt.receive_maximum // 2),
         )
+        self.control = None
+        self._control_tasks: set[asyncio.Future] = set()
+        if cfg.control is not None and opener is not None:
+            self.control = ControlRelay(
+                cfg.control, self.prefix, cfg.mqtt.gateway_mount, opener,
+                lambda topic, payload: self.link.publish(topic, payload, qos=1, retain=False),
+                lambda lines, token: self.writer.put(lines, token=token, group="control"),
+                self.counters, self._warn)
         self.link = MqttLink(
             cfg.mqtt,
             cfg.mqtt.client_id or default_client_id(),
@@ -154,12 +163,17 @@ class Collector:
             on_message=self._on_message,
         )
 
+    @property
+    def _leaves(self) -> tuple[str, ...]:
+        """The gateways' leaves this collector takes: reports only when it relays control documents."""
+        return (topics.UP, topics.STATUS, topics.REPORT) if self.control else (topics.UP, topics.STATUS)
+
     # -- paho's thread: count, hand over, never block ---------------------------------------------------------
 
     def _on_connected(self, session_present: bool) -> None:
         # The gateways' topics as the broker's gateways' listener mounts them (gw/citynerve/v1/+/up).
         subs = [topics.mount(self.cfg.mqtt.gateway_mount, topics.subscription(self.prefix, leaf))
-                for leaf in (topics.UP, topics.STATUS)]
+                for leaf in self._leaves]
         if self.cfg.mqtt.shared_group:
             subs = [f"$share/{self.cfg.mqtt.shared_group}/{t}" for t in subs]
         self.link.subscribe(subs, qos=1)
@@ -199,9 +213,9 @@ class Collector:
             self._handoff_messages -= 1
             self._handoff_bytes -= size
         parsed = topics.parse(self.prefix, msg.topic)
-        if parsed is None or parsed[1] not in (topics.UP, topics.STATUS):
-            self._reject("?", msg, Rejection.BAD_TOPIC, f"not an uplink or status topic under {self.prefix}/: "
-                         f"{msg.topic!r}", receive_ns)
+        if parsed is None or parsed[1] not in self._leaves:
+            self._reject("?", msg, Rejection.BAD_TOPIC, f"not an uplink, status or report topic under "
+                         f"{self.prefix}/: {msg.topic!r}", receive_ns)
             return
         gateway, kind = parsed
         reason = self.admission.offer(gateway, (msg, receive_ns, kind), size, time.monotonic())
@@ -271,6 +285,9 @@ class Collector:
             tasks.append(asyncio.create_task(metrics.serve(), name="metrics"))
         if web is not None:
             tasks.append(asyncio.create_task(web.serve(), name="web"))
+        if self.control is not None:
+            await self.control.start()
+            tasks.append(asyncio.create_task(self.control.run(), name="control"))
         try:
             await run_tasks_until(stop, tasks)
         finally:
@@ -286,6 +303,9 @@ class Collector:
             with contextlib.suppress(Exception):
                 await self._final_acks()
             self.backend.close()
+            if self.control is not None:
+                with contextlib.suppress(Exception):
+                    await self.control.close()
             if self.quarantine is not None:
                 with contextlib.suppress(Exception):
                     await self.quarantine.close()
@@ -339,6 +359,8 @@ class Collector:
         try:
             if kind == topics.STATUS:
                 await self._status(gateway, msg, receive_ns)
+            elif kind == topics.REPORT:
+                await self._report(gateway, msg)
             else:
                 await self._uplink(gateway, msg, receive_ns)
         except WriterClosed:
@@ -414,6 +436,9 @@ class Collector:
         if self.gateway_state.get(gateway) != doc.state:
             self.gateway_state[gateway] = doc.state
             log.info("gateway %s is %s", gateway, doc.state, extra={"gateway": gateway})
+        version = getattr(doc, "config_version", None)  # the running configuration, once heartbeats carry it
+        if self.control is not None and isinstance(version, int):
+            await self.control.observe_running(gateway, version, str(getattr(doc, "config_sha256", "") or ""))
         if msg.retain and doc.time_ns is None:
             # A retained last will, replayed at each subscription: it carries no time of its own, and writing it
             # at every collector start would add an "offline" point each time. Its live delivery was written.
@@ -435,14 +460,30 @@ class Collector:
         if time_ns > self.last_seen.get(gateway, 0):
             self.last_seen[gateway] = time_ns
 
+    async def _report(self, gateway: str, msg: paho.MQTTMessage) -> None:
+        """A gateway's report on a command or configuration: acknowledged to the broker once the control store
+        has it (its audit entry and InfluxDB point follow from the store)."""
+        assert self.control is not None
+        report = self.control.open_report(msg.topic, msg.payload)
+        await self.control.report(gateway, report)
+        self._ack(msg.mid, msg.qos)
+
     def _on_written(self, result: BatchResult) -> None:
         for token in result.stored:
+            if self.control is not None and isinstance(token, ControlLines):
+                self._control_task(self.control.written(token))
             if not isinstance(token, _Delivery):
                 continue
             self.counters["lines_written"] += token.lines
             self._settle(token, ack_end_to_end=True)
         for refused in result.refused:
             token = refused.token
+            if isinstance(token, ControlLines):
+                # Not retried from here: the events stay in the control store and are written again (unwritten).
+                self._warn.error(("influx_refused", "control"), "InfluxDB refused %d control audit point(s) "
+                                 "(HTTP %s): %s", len(token.seqs), refused.status, refused.reason,
+                                 reason=str(Reason.INFLUX_REFUSED))
+                continue
             if not isinstance(token, _Delivery):
                 continue
             content = refused.status in _CONTENT_REFUSED
@@ -474,6 +515,18 @@ class Collector:
             )
             self._settle(token, ack_end_to_end=acked)
         self._work.set()  # gateways waiting for their lines to be written may go on
+
+    def _control_task(self, coro) -> None:  # type: ignore[no-untyped-def]
+        """Control-store work started from a callback; kept referenced until done, failures logged."""
+        task = asyncio.ensure_future(coro)
+        self._control_tasks.add(task)
+
+        def done(t: asyncio.Future) -> None:
+            self._control_tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self._warn.error(("control_written",), "control store: %s", t.exception(), reason="control_store")
+
+        task.add_done_callback(done)
 
     def _settle(self, token: _Delivery, *, ack_end_to_end: bool) -> None:
         self._ack(token.mid, token.qos)

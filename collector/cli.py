@@ -1,4 +1,4 @@
-"""edge-collector: run | check | quarantine | ca | keys | gateways | operators | audit."""
+"""edge-collector: run | check | quarantine | ca | keys | gateways | operators | audit | config | command | poll-now."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     # operators: the operator CA and certificates (collector/operators.py); audit: the audit log (collector/audit.py)
     operators.register_subcommands(sub)
     audit.register_subcommands(sub)
+    # config / command / poll-now: the operator's side of the control plane (collector/control_cli.py)
+    from collector import control_cli
+
+    control_cli.register_subcommands(sub)
     return p
 
 
@@ -45,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from collector import audit, operators, pki
 
-    # ca / keys / gateways / operators need no collector.toml; audit reads it only for [control] audit_log
-    for module in (pki, operators, audit):
+    from collector import control_cli
+
+    # ca / keys / gateways / operators need no collector.toml; audit reads it only for [control] audit_log;
+    # config / command / poll-now read it with -c/--config FILE (default /etc/citynerve/collector.toml)
+    for module in (pki, operators, audit, control_cli):
         if (code := module.dispatch(args)) is not None:
             return code
     from collector import config as collector_config

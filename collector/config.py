@@ -199,6 +199,36 @@ class SchemaSection(msgspec.Struct, forbid_unknown_fields=True):
         return raw
 
 
+class ControlSection(msgspec.Struct, forbid_unknown_fields=True):
+    """The control plane on the collector's side (docs/control.md): the store of desired configurations and
+    commands, the audit log, and what the relay sends with every downlink. Needs [security]: a downlink is
+    sealed to the gateway's newest verified session (wire/seal.py 0x04)."""
+
+    # desired configurations, commands, reports: written by `edge-collector config|command`, read and updated by
+    # the running collector(s) (SQLite, WAL: several processes may share it)
+    store: str = "/var/lib/citynerve-collector/control.db"
+    # the hash-chained audit log (`edge-collector audit verify`); only running collectors append to it
+    audit_log: str = "/var/lib/citynerve-collector/audit.log"
+    # the current operator revocation list, written by `edge-collector operators revoke|crl` (an armoured
+    # "OPERATOR CRL"); relayed with every downlink, re-read when it changes. Nothing is sent while it is missing.
+    crl: str = "/etc/citynerve/operators/operators.crl"
+    # the operator CA's public key: the CLI refuses early what every gateway would refuse (it decides nothing)
+    operator_ca: str = "/etc/citynerve/operators/ca.pub"
+    # a document not yet final on its gateway is sent again after this long (same id, same signatures)
+    resend_interval: Duration = Duration(30)
+    # how often the store is looked at for work (new commands and configurations, expiry, audit entries)
+    poll_interval: Duration = Duration(1)
+    # per gateway: commands sent and not yet final; further ones wait in the store
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    # downlinks sent per poll, all gateways together
+    max_sends: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 200
+
+    def __post_init__(self) -> None:
+        for key in ("resend_interval", "poll_interval"):
+            if not getattr(self, key) > 0:
+                raise invalid(key, f'expected a duration > 0 such as "30s", got {float(getattr(self, key)):g}')
+
+
 class LogSection(msgspec.Struct, forbid_unknown_fields=True):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -222,6 +252,7 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     acks: AcksSection = msgspec.field(default_factory=AcksSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)
     schema: SchemaSection = msgspec.field(default_factory=SchemaSection)
+    control: ControlSection | None = None
     log: LogSection = msgspec.field(default_factory=LogSection)
     metrics: CollectorMetricsSettings | None = None  # Prometheus /metrics, when configured
     # The fleet page (collector/web/, docs/dashboards.md): off unless the section is there.
@@ -236,6 +267,9 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
 def load(path: str | Path) -> CollectorConfig:
     cfg = wconfig.load(path, CollectorConfig)
     cfg.schema.declared()  # a mistake in the field-types file is a configuration error too, naming that file
+    if cfg.control is not None and cfg.security is None:
+        raise wconfig.ConfigError(str(path), "control", "needs a [security] section: commands and configurations "
+                                  "are sealed to the gateways' verified sessions (docs/control.md)")
     return cfg
 
 
