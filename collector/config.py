@@ -213,7 +213,7 @@ class ControlSection(msgspec.Struct, forbid_unknown_fields=True):
     # "OPERATOR CRL"); relayed with every downlink, re-read when it changes. Nothing is sent while it is missing.
     crl: str = "/etc/citynerve/operators/operators.crl"
     # the operator CA's public key: the CLI refuses early what every gateway would refuse (it decides nothing)
-    operator_ca: str = "/etc/citynerve/operators/ca.pub"
+    operator_ca: str = "/etc/citynerve/operators/operator-ca.pub"
     # a document not yet final on its gateway is sent again after this long (same id, same signatures)
     resend_interval: Duration = Duration(30)
     # how often the store is looked at for work (new commands and configurations, expiry, audit entries)
