@@ -360,7 +360,7 @@ class Collector:
             if kind == topics.STATUS:
                 await self._status(gateway, msg, receive_ns)
             elif kind == topics.REPORT:
-                await self._report(gateway, msg)
+                await self._control_report(gateway, msg)
             else:
                 await self._uplink(gateway, msg, receive_ns)
         except WriterClosed:
@@ -460,7 +460,7 @@ class Collector:
         if time_ns > self.last_seen.get(gateway, 0):
             self.last_seen[gateway] = time_ns
 
-    async def _report(self, gateway: str, msg: paho.MQTTMessage) -> None:
+    async def _control_report(self, gateway: str, msg: paho.MQTTMessage) -> None:
         """A gateway's report on a command or configuration: acknowledged to the broker once the control store
         has it (its audit entry and InfluxDB point follow from the store)."""
         assert self.control is not None
