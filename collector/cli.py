@@ -130,6 +130,7 @@ def describe(path: str, cfg: object) -> str:
         _limits_line(cfg),
         _metrics_line(cfg),
         *([_web_line(cfg.web)] if cfg.web is not None else []),  # type: ignore[attr-defined]
+        *_control_lines(cfg),
     ])
 
 
@@ -145,6 +146,15 @@ def _web_line(web: object) -> str:
                                   ("client certificates", web.client_ca is not None)) if on]  # type: ignore[attr-defined]
     tiles = f"tiles {web.tiles}" if web.tiles else "a coordinate grid (no tile server)"  # type: ignore[attr-defined]
     return f"  fleet page at {web.url} ({' and '.join(auth)}), map on {tiles}"  # type: ignore[attr-defined]
+
+
+def _control_lines(cfg: object) -> list[str]:
+    c, m = cfg.control, cfg.mqtt  # type: ignore[attr-defined]
+    if c is None:
+        return ["  control: off (no [control] section)"]
+    return [f"  control: reports on {m.gateway_mount}{m.topic_prefix}/+/report, documents to "
+            f"{m.gateway_mount}{m.topic_prefix}/<gateway>/down/control (re-sent every {float(c.resend_interval):g}s); "
+            f"store {c.store}, audit log {c.audit_log}, revocation list {c.crl}"]
 
 
 def _limits_line(cfg: object) -> str:
