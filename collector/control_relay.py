@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -229,10 +230,8 @@ class ControlRelay:
     async def run(self) -> None:
         interval = float(self.cfg.poll_interval)
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             try:
                 work: _Poll = await self._call(self._poll, _now_ms())
@@ -287,9 +286,9 @@ class ControlRelay:
             session = self.opener.newest_session(item.gateway)
             if session is None:
                 self.counters["control_waiting_for_session"] += 1
-                self._warn.log(logging.INFO, ("control_session", item.gateway), "gateway %s: %s %s waits for the gateway's next "
-                                "uplink (no verified session here to seal it to)", item.gateway, item.kind, item.ref,
-                                gateway=item.gateway, reason="no_session")
+                self._warn.log(logging.INFO, ("control_session", item.gateway), "gateway %s: %s %s waits for the "
+                               "gateway's next uplink (no verified session here to seal it to)", item.gateway,
+                               item.kind, item.ref, gateway=item.gateway, reason="no_session")
                 continue
             plaintext = control.encode(control.ControlDown(crl, control.decode_signed_doc(item.signed)))
             try:

@@ -73,7 +73,7 @@ def test_config_push_history_diff_status(setup, capsys) -> None:
 def test_group_push_gives_each_gateway_its_own_id(setup, capsys) -> None:
     ca, config, agent, tmp = setup
     alice = ca.add("alice")
-    code, out, err = run(capsys, "config", "push", "gw-1", str(agent), "--group", "gw-2", "gw-3", "-c", str(config),
+    code, _, err = run(capsys, "config", "push", "gw-1", str(agent), "--group", "gw-2", "gw-3", "-c", str(config),
                          "--operator", str(alice))
     assert code == 0, err
     store = ControlStore(tmp / "control.db")
@@ -153,7 +153,7 @@ def test_command_two_person_rule_and_listing(setup, capsys) -> None:
     assert code == 0, err
     cmd_id = out.split()[1].rstrip(":")
     assert "awaiting_approval" in out and f"command approve {cmd_id}" in out
-    code, out, _ = run(capsys, "command", "list", "--pending", "-c", str(config))
+    _, out, _ = run(capsys, "command", "list", "--pending", "-c", str(config))
     assert cmd_id in out and "gw-1/pump-1/run=true" in out
     code, _, err = run(capsys, "command", "approve", cmd_id, "-c", str(config), "--operator", str(alice))
     assert code == 2 and "a second, different operator approves" in err

@@ -160,7 +160,7 @@ def test_command_and_config_through_the_relay(tmp_path: Path, lab, influxd: Infl
 
 
 def test_a_hostile_gateway_cannot_change_another_gateways_rows(tmp_path: Path, lab) -> None:
-    deployment, ca, broker, config, collector = lab
+    deployment, ca, broker, config, _collector = lab
     alice = ca.add("alice")
     good = ControlGateway(broker, deployment, GW, ca)
     evil = ControlGateway(broker, deployment, EVIL, ca)
