@@ -175,20 +175,14 @@ class _Context:
 
 
 def load_operator_key(path: str) -> Any:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from wire.keys import identity_from_pem
 
     try:
-        data = Path(path).read_bytes()
+        return identity_from_pem(Path(path).read_bytes())
     except OSError as exc:
         raise CliError(f"{path}: {exc.strerror}") from None
-    try:
-        key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise CliError(f"{path}: not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, Ed25519PrivateKey):
-        raise CliError(f"{path}: expected an Ed25519 operator key, got {type(key).__name__}")
-    return key
+        raise CliError(f"{path}: not an operator's Ed25519 private key in PEM ({exc})") from None
 
 
 def load_operator_cert(path: Path) -> control.SignedCert:
@@ -204,20 +198,12 @@ def load_operator_cert(path: Path) -> control.SignedCert:
 
 
 def load_ca_public(path: str) -> Any:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+    from wire.keys import public_identity_from_file
 
     try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror} (control.operator_ca: the operator CA's public key)") from None
-    try:
-        key = Ed25519PublicKey.from_public_bytes(data) if len(data) == 32 else load_pem_public_key(data)
+        return public_identity_from_file(path)
     except ValueError as exc:
-        raise CliError(f"{path}: not an Ed25519 public key ({exc})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise CliError(f"{path}: expected the operator CA's Ed25519 public key, got {type(key).__name__}")
-    return key
+        raise CliError(f"{exc} (control.operator_ca: the operator CA's public key)") from None
 
 
 # -- config ----------------------------------------------------------------------------------------------------

@@ -57,6 +57,18 @@ class Operator:
     def cosign(self, signed: SignedDoc) -> SignedDoc:
         return control.cosign(signed, self.key, self.cert)
 
+    def write(self, directory: Path) -> Path:
+        """<name>.key and <name>.cert in `directory`, as `edge-collector operators add` leaves them for the
+        operator: the key file is what `edge-collector command|config --operator` takes."""
+        from wire.files import write_private
+        from wire.keys import identity_to_pem
+
+        directory.mkdir(parents=True, exist_ok=True)
+        key = directory / f"{self.name}.key"
+        write_private(key, identity_to_pem(self.key))
+        (directory / f"{self.name}.cert").write_text(control.armour("OPERATOR CERTIFICATE", control.encode(self.cert)))
+        return key
+
 
 @dataclass
 class OperatorPki:
@@ -97,6 +109,17 @@ class OperatorPki:
 
     def revoke(self, operator: Operator) -> None:
         self.revoked.append(operator.serial)
+
+    @property
+    def crl_path(self) -> Path:
+        return self.directory / "operators.crl"
+
+    def write_crl(self, next_update_ms: int | None = None) -> Path:
+        """A new list (crl()) in <directory>/operators.crl, armoured as `operators revoke|crl` write it: the file
+        collector.toml [control] crl names."""
+        signed = self.crl(next_update_ms)
+        self.crl_path.write_text(control.armour("OPERATOR CRL", control.encode(signed)))
+        return self.crl_path
 
     def crl(self, next_update_ms: int | None = None) -> SignedCrl:
         """A new revocation list (the next number) revoking what revoke() named."""

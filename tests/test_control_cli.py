@@ -13,16 +13,36 @@ import pytest
 from collector.cli import main
 from collector.control_cli import gateway_text, parse_value
 from collector.control_store import ControlStore
-from labkit.control_lab import OperatorCA
+from labkit.control_lab import OperatorPki
 from labkit.stack import to_toml
 from wire import control
+
+class Operators:
+    """The operator CA's files as the CLI reads them (labkit.control_lab.OperatorPki writes them): its public
+    key, the current revocation list, and <name>.key/<name>.cert per operator."""
+
+    def __init__(self, directory: Path) -> None:
+        self.pki = OperatorPki(directory)
+        self.pub = self.pki.ca_pub
+        self.crl = self.pki.write_crl()
+        self.operators: dict = {}
+
+    def add(self, name: str, role: str = "engineer", scope: control.Scope | None = None, **validity: int) -> Path:
+        operator = self.pki.operator(name, role, scope, **validity)  # type: ignore[arg-type]
+        self.operators[name] = operator
+        return operator.write(self.pki.directory)
+
+    def revoke(self, name: str) -> None:
+        self.pki.revoke(self.operators[name])
+        self.pki.write_crl()
+
 
 AGENT_TOML = '[gateway]\nid = "gw-1"\nstate_dir = "/var/lib/citynerve"\n\n[uplink]\npublish_interval = "5s"\n'
 
 
 @pytest.fixture
 def setup(tmp_path: Path):
-    ca = OperatorCA(tmp_path / "operators")
+    ca = Operators(tmp_path / "operators")
     (tmp_path / "keys").mkdir()
     (tmp_path / "gateways.db").write_bytes(b"")
     config = tmp_path / "collector.toml"
@@ -129,11 +149,11 @@ def test_early_refusals_name_the_gateways_reason(setup, capsys, case: str, reaso
         key = ca.add("pat", scope=control.Scope(points=["mode"]))
     elif case == "revoked":
         key = ca.add("rex")
-        ca.write_crl([ca.serial_of("rex")])
+        ca.revoke("rex")
     elif case == "expired":
         key = ca.add("old", not_after_ms=now - 1000)
     elif case == "other CA":
-        key = OperatorCA(tmp / "other").add("eve")
+        key = Operators(tmp / "other").add("eve")
     else:
         key = ca.add("dan")
         argv += ["--deadline", "2d"]
@@ -166,7 +186,7 @@ def test_command_two_person_rule_and_listing(setup, capsys) -> None:
     assert code == 1 and "is pending, not awaiting approval" in err
     store = ControlStore(tmp / "control.db")
     signed = control.decode_signed_doc(store.command(cmd_id).signed)
-    trust = control.Trust(ca.key.public_key(), control.encode(control.decode_signed_crl(
+    trust = control.Trust(ca.pki.ca.public_key(), control.encode(control.decode_signed_crl(
         control.unarmour("OPERATOR CRL", ca.crl.read_text()))))
     doc, operators = trust.verify(signed, gateway="gw-1", now_ms=int(time.time() * 1000), required=2)
     assert [o.name for o in operators] == ["alice", "bob"] and doc.value is True

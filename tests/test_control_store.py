@@ -11,15 +11,15 @@ import pytest
 
 from collector.control_relay import audit_entry, event_line
 from collector.control_store import ControlStore, StoreError, command_transition, config_transition
-from labkit.control_lab import OperatorCA
+from labkit.control_lab import OperatorPki
 from wire import control
 
 RESEND = 30_000
 
 
 @pytest.fixture
-def ca(tmp_path: Path) -> OperatorCA:
-    return OperatorCA(tmp_path / "operators")
+def ca(tmp_path: Path) -> OperatorPki:
+    return OperatorPki(tmp_path / "operators")
 
 
 @pytest.fixture
@@ -29,13 +29,9 @@ def store(tmp_path: Path):
     s.close()
 
 
-def _signer(ca: OperatorCA, name: str = "alice"):
-    from cryptography.hazmat.primitives.serialization import load_pem_private_key
-
-    path = ca.add(name)
-    key = load_pem_private_key(path.read_bytes(), None)
-    cert = control.decode_signed_cert(control.unarmour("OPERATOR CERTIFICATE", path.with_suffix(".cert").read_text()))
-    return key, cert
+def _signer(ca: OperatorPki, name: str = "alice"):
+    operator = ca.operator(name, "engineer")
+    return operator.key, operator.cert
 
 
 def _command(ca, gateway="gw-1", now=None, point="setpoint", value=21.5, deadline_s=300, signer=None):
@@ -77,7 +73,7 @@ def test_config_transitions() -> None:
     assert config_transition("expired", "confirmed") == "confirmed"
 
 
-def test_config_versions_supersede_and_due(store: ControlStore, ca: OperatorCA) -> None:
+def test_config_versions_supersede_and_due(store: ControlStore, ca: OperatorPki) -> None:
     signer = _signer(ca)
     now = int(time.time() * 1000)
     doc1, s1 = _config(ca, version=1, signer=signer)
@@ -110,7 +106,7 @@ def test_config_versions_supersede_and_due(store: ControlStore, ca: OperatorCA) 
     assert [r.state for r in store.config_history("gw-1")] == ["superseded", "confirmed"]
 
 
-def test_a_refused_or_rolled_back_configuration_is_not_sent_again(store: ControlStore, ca: OperatorCA) -> None:
+def test_a_refused_or_rolled_back_configuration_is_not_sent_again(store: ControlStore, ca: OperatorPki) -> None:
     now = int(time.time() * 1000)
     doc, signed = _config(ca)
     store.add_config(doc, signed, now)
@@ -123,7 +119,7 @@ def test_a_refused_or_rolled_back_configuration_is_not_sent_again(store: Control
     assert not status.in_sync
 
 
-def test_commands_in_flight_bound_and_resend(store: ControlStore, ca: OperatorCA) -> None:
+def test_commands_in_flight_bound_and_resend(store: ControlStore, ca: OperatorPki) -> None:
     signer = _signer(ca)
     now = int(time.time() * 1000)
     ids = []
@@ -144,7 +140,7 @@ def test_commands_in_flight_bound_and_resend(store: ControlStore, ca: OperatorCA
     assert (row.state, row.readback, row.final) == ("done", 21.5, True)
 
 
-def test_a_report_changes_only_its_own_gateways_rows(store: ControlStore, ca: OperatorCA) -> None:
+def test_a_report_changes_only_its_own_gateways_rows(store: ControlStore, ca: OperatorPki) -> None:
     now = int(time.time() * 1000)
     cmd, signed = _command(ca, gateway="gw-good", now=now)
     store.add_command(cmd, signed, 1, now)
@@ -162,7 +158,7 @@ def test_a_report_changes_only_its_own_gateways_rows(store: ControlStore, ca: Op
     assert statuses["gw-evil"].running.version == 1 and statuses["gw-evil"].desired is None
 
 
-def test_expiry_and_approval(store: ControlStore, ca: OperatorCA) -> None:
+def test_expiry_and_approval(store: ControlStore, ca: OperatorPki) -> None:
     now = int(time.time() * 1000)
     alice, bob = _signer(ca, "alice"), _signer(ca, "bob")
     cmd, signed = _command(ca, now=now, deadline_s=10, signer=alice)
@@ -183,7 +179,7 @@ def test_expiry_and_approval(store: ControlStore, ca: OperatorCA) -> None:
     assert store.apply_report("gw-1", control.Report("command", cmd.id, "done", now, value=21.5), now + 12_000) == "done"
 
 
-def test_events_feed_audit_then_influx_exactly_once(store: ControlStore, ca: OperatorCA) -> None:
+def test_events_feed_audit_then_influx_exactly_once(store: ControlStore, ca: OperatorPki) -> None:
     now = int(time.time() * 1000)
     cmd, signed = _command(ca, now=now, value=True, point="relay")
     store.add_command(cmd, signed, 1, now)
@@ -211,7 +207,7 @@ def test_events_feed_audit_then_influx_exactly_once(store: ControlStore, ca: Ope
     assert entry["reason"] == "out_of_range" and entry["detail"] == "max 1"
 
 
-def test_a_failing_audit_append_keeps_the_events(store: ControlStore, ca: OperatorCA) -> None:
+def test_a_failing_audit_append_keeps_the_events(store: ControlStore, ca: OperatorPki) -> None:
     now = int(time.time() * 1000)
     doc, signed = _config(ca)
     store.add_config(doc, signed, now)
