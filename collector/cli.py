@@ -47,9 +47,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from collector import audit, operators, pki
-
-    from collector import control_cli
+    from collector import audit, control_cli, operators, pki
 
     # ca / keys / gateways / operators need no collector.toml; audit reads it only for [control] audit_log;
     # config / command / poll-now read it with -c/--config FILE (default /etc/citynerve/collector.toml)

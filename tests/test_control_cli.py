@@ -1,6 +1,6 @@
 """edge-collector config push|history|diff|status and command ...: what the operator types, what is stored, and
 the early refusals (the same wire.control.Trust check and reason codes a gateway applies). No broker: the relay
-and the gateways are tests/test_control_e2e.py's."""
+and the gateways are tests/test_control_relay.py's."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from collector.control_store import ControlStore
 from labkit.control_lab import OperatorPki
 from labkit.stack import to_toml
 from wire import control
+
 
 class Operators:
     """The operator CA's files as the CLI reads them (labkit.control_lab.OperatorPki writes them): its public

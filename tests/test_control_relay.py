@@ -1,9 +1,11 @@
 """The collector's control relay with real parts: the SHIPPED mosquitto configuration, a real `edge-collector run`
-with [control], real influxd, the real `edge-collector config|command` CLI, and gateways enrolled with the real
-CLIs. The gateways' control side here is labkit.control_lab.ControlGateway (the gateway's own certificate and
-identity key, sealing like the agent, verifying with wire.control.Trust): the relay's contract, including what
-a hostile gateway tries. The real agent executing commands and applying configurations is tested in the agent's
-own end-to-end tests."""
+with [control], real influxd, the real `edge-collector operators|config|command|audit` CLIs, and gateways enrolled
+with the real CLIs.
+
+- the real `edge-agent run` with a pymodbus simulator: a command stored while the gateway is offline runs once
+  when it comes online, --wait prints the read-back, a critical point waits for a second operator;
+- labkit.control_gateway.ControlGateway where the real agent cannot be used: a downlink lost on purpose (re-sent),
+  configurations (until the agent applies them), and a hostile gateway's reports."""
 
 from __future__ import annotations
 
@@ -224,3 +226,71 @@ def test_a_hostile_gateway_cannot_change_another_gateways_rows(tmp_path: Path, l
         good.close()
         evil.close()
         store.close()
+
+
+LAB_PROFILE = Path(__file__).resolve().parent.parent / "labkit" / "profiles" / "lab_meter.toml"
+
+
+def test_the_real_agent_runs_a_command_stored_while_it_was_offline_once(tmp_path: Path, lab, influxd: InfluxdServer,
+                                                                          influx_db: str) -> None:
+    """The whole path with real processes: the CLI signs and stores while the gateway is offline; `edge-agent run`
+    starts, its first uplink gives the collector a session, the relay sends, the agent writes the simulator's
+    register once and reads it back, its sealed report reaches the store, --wait prints the read-back, and the
+    points and audit entries follow. Then a critical point with the two-person rule: held until a second
+    operator approves, run once."""
+    from labkit.meter_sim import LAB_HOLDING, meter_in_thread
+
+    deployment, ca, broker, config, _collector = lab
+    alice, bob = add_operator(ca, "alice"), add_operator(ca, "bob")
+    waiting = subprocess.Popen([sys.executable, "-m", "collector.cli", "command", GW, "meter", "setpoint=21.5",
+                                "--wait", "40s", "-c", str(config), "--operator", str(alice)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = ControlStore(tmp_path / "control.db")
+    agent = None
+    try:
+        with meter_in_thread(seed=5, update_interval=0.05) as sim:
+            wait_until(lambda: store.commands(gateway=GW), 15, "the command stored")
+            gw = deployment.gateways[GW]
+            agent = stack.agent_process(stack.write_agent_config(
+                tmp_path / "agent.toml", GW, broker.gateway_mqtt(gw.tls_cert, gw.tls_key, reconnect_max="1s"),
+                [stack.modbus_tcp_device("meter", sim.port, interval="1s", profile=str(LAB_PROFILE), timeout="5s",
+                                         writable=["setpoint", "system_type"])],
+                security={"identity_key": str(gw.identity_key), "collector_key": str(deployment.collector_pub),
+                          "operator_ca": str(ca / "operator-ca.pub")},
+            )).start()
+            out, err = waiting.communicate(timeout=60)
+            assert waiting.returncode == 0, (out, err, agent.tail_log())
+            assert out.splitlines()[-1] == "done: setpoint = 21.5"
+            setpoint = LAB_HOLDING["setpoint"]
+            assert [w.values for w in sim.writes if (w.table, w.address) == ("holding", setpoint)] == [(215,)]
+
+            # critical: alice alone is held back, bob's approval releases it, the agent accepts two signatures
+            result = cli(config, "command", GW, "meter", "system_type=1", "--critical", "--deadline", "10m",
+                         operator=alice)
+            assert result.returncode == 0 and "awaiting_approval" in result.stdout, result.stderr
+            critical_id = result.stdout.split()[1].rstrip(":")
+            assert cli(config, "command", "list", "--pending").stdout.startswith(critical_id)
+            result = cli(config, "command", "approve", critical_id, operator=bob)
+            assert result.returncode == 0, result.stderr
+            row = wait_until(lambda: (r := store.command(critical_id)).final and r, 20, "the critical command final")
+            assert (row.state, row.readback, row.operators) == ("done", 1, "alice+bob"), (row, agent.tail_log())
+            system_type = [w.values for w in sim.writes if (w.table, w.address) == ("holding", 0x000A)]
+            assert system_type == [(0x3F80, 0x0000)]  # float32 1.0 over FC 16, once
+
+            # audit: the real agent's read-back in InfluxDB, the chain intact
+            def done_points():  # type: ignore[no-untyped-def]
+                rows = influxd.query('SELECT * FROM "citynerve_command" WHERE "state" = \'done\'', influx_db)
+                return len(rows) == 2 and rows
+
+            points = wait_until(done_points, 10, "both commands' done points")
+            assert sorted((p["point"], p["readback"], p["operator"]) for p in points) == [
+                ("setpoint", 21.5, "alice"), ("system_type", 1.0, "alice+bob")]
+            result = subprocess.run([sys.executable, "-m", "collector.cli", "audit", "verify", "-c", str(config)],
+                                    capture_output=True, text=True, timeout=30)
+            assert result.returncode == 0 and "chain intact" in result.stdout, result.stderr
+    finally:
+        if agent is not None:
+            agent.stop()
+        store.close()
+        if waiting.poll() is None:
+            waiting.kill()
