@@ -11,6 +11,10 @@ except
 - the "commands" thread (edge_agent/control.py): the command store and the operator revocation list's file;
 - the "mqtt-stop" thread, for the blocking disconnect at the end.
 The tasks run under wire/supervise.py: one that dies ends the process (after the clean-shutdown commit).
+
+`reconfigure(cfg)` applies a new configuration live (SIGHUP, a pushed remote configuration: edge_agent/
+remote_config.py): what edge_agent/reconfig.py `plan` names is stopped and started, the rest keeps running, and
+the outbox is not touched.
 """
 
 from __future__ import annotations
@@ -30,12 +34,14 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from edge_agent.config import AgentConfig
+from edge_agent import reconfig
+from edge_agent.config import AgentConfig, LogSection
 from edge_agent.control import ControlPlane
 from edge_agent.delivery import Publish, ReadBodies, ScanBacklog, Sender
 from edge_agent.modbus.bus import BusEngine, PolledDevice, PollOutcome
-from edge_agent.modbus.devices import bus_engines
+from edge_agent.modbus.devices import SUNSPEC_DISCOVERY, bus_engines
 from edge_agent.outbox import Backlog, Dropped, NewMessage, Outbox
+from edge_agent.profiles import load_profile
 from edge_agent.schedule import next_aligned
 from edge_agent.sequence import migrate_legacy
 from edge_agent.serial.port import PortError
@@ -43,6 +49,7 @@ from edge_agent.serial.source import SerialSource
 from edge_agent.uplink import UplinkBuffer
 from wire import ack, control, topics
 from wire.cli import iso_ns, run_tasks_until
+from wire.config import ConfigError
 from wire.envelope import frame_plain
 from wire.files import private_dir
 from wire.keys import collector_key_from_pem, identity_from_pem, operator_ca_from_pem
@@ -51,6 +58,7 @@ from wire.mqttlink import MqttLink, Will
 from wire.schema import Batch, Reading, encode_batch
 from wire.seal import GatewaySealer, SealError
 from wire.status import OFFLINE, ONLINE, encode_status
+from wire.supervise import TaskSet
 
 log = logging.getLogger("citynerve.agent")
 
@@ -84,10 +92,24 @@ class OutboxView:
         return cls(replace(outbox.backlog), outbox.dropped_readings_total, outbox.resets, outbox.next_seq)
 
 
+def _profile_content(profile: str) -> Any:
+    """What a device's profile is, for comparing configurations (edge_agent/reconfig.py `shape`)."""
+    return None if profile == SUNSPEC_DISCOVERY else load_profile(profile)
+
+
+MAX_HELD_REPORTS = 16  # reports made while the link is down, sent when it is back (the oldest dropped beyond)
+
+
 class Agent:
     def __init__(self, cfg: AgentConfig) -> None:
         self.cfg = cfg
         self.gateway_id = cfg.gateway.id
+        # The configuration that runs (docs/control.md "Remote configuration"): 0 = the local file. Set by
+        # edge_agent/remote_config.py `RemoteConfig`, which owns every change of configuration.
+        self.running_config_version = 0
+        self.running_config_sha256 = ""
+        self.config_control: Any = None  # the RemoteConfig, if any: told of acknowledgements and the link
+        self.on_log_settings: Callable[[LogSection], None] | None = None  # the CLI's, honouring its overrides
         self.stats = AgentStats()
         up = cfg.uplink
         self.buffer = UplinkBuffer(up.max_buffered_readings, up.max_message_readings)
@@ -97,15 +119,12 @@ class Agent:
         self.outbox: Outbox | None = None  # opened by run() on the outbox thread (its quick_check reads every page)
         self.box = OutboxView()  # the loop's copy of what the outbox holds
         self.sender = Sender(up.max_unacked_messages, float(up.ack_timeout), float(up.ack_timeout_max))
+        self.shape = reconfig.shape(cfg, _profile_content)  # what runs, for the next reconfigure's plan
         self.buses = bus_engines(cfg)
         self.serial_sources = [SerialSource(d) for d in cfg.serial_devices]
         self.sealer = make_sealer(cfg)
-        prefix = cfg.mqtt.topic_prefix
-        self.up_topic = topics.up(prefix, self.gateway_id)
-        self.status_topic = topics.status(prefix, self.gateway_id)
-        self.ack_topic = topics.down(prefix, self.gateway_id, ack.KIND)
-        self.report_topic = topics.report(prefix, self.gateway_id)
-        self.control_topic = topics.down(prefix, self.gateway_id, control.KIND)
+        self.control: ControlPlane | None = None
+        self._set_topics(cfg)
         # Commands and configurations travel only sealed (the confidential downlink needs the gateway's session)
         self.control = make_control(cfg, self) if self.sealer is not None else None
         self._errors = RateLimitedLog(log, interval=300)
@@ -113,17 +132,54 @@ class Agent:
         self._wake = asyncio.Event()  # set by every event the sender must see
         self._loop: asyncio.AbstractEventLoop | None = None
         self.started_ns = time.time_ns()
-        self.link = MqttLink(
+        self.tasks = TaskSet()  # supervised (wire/supervise.py); buses and sources come and go with reconfigure
+        self._source_tasks: dict[str, asyncio.Task[Any]] = {}  # "bus:<id>" / "serial:<id>" -> its task
+        self._reconfiguring = asyncio.Lock()
+        self._probe_wanted = False  # commit a message at the next cycle even without readings (edge_agent/confirm.py)
+        self._connections = 0
+        self._held_reports: list[control.Report] = []  # bound: MAX_HELD_REPORTS
+        self.link = self._make_link(cfg)
+
+    def _set_topics(self, cfg: AgentConfig) -> None:
+        prefix = cfg.mqtt.topic_prefix
+        self.up_topic = topics.up(prefix, self.gateway_id)
+        self.status_topic = topics.status(prefix, self.gateway_id)
+        self.ack_topic = topics.down(prefix, self.gateway_id, ack.KIND)
+        self.report_topic = topics.report(prefix, self.gateway_id)
+        self.control_topic = topics.down(prefix, self.gateway_id, control.KIND)
+        if self.control is not None:
+            self.control.topic = self.control_topic  # a new topic prefix (live reconfiguration)
+
+    def _make_link(self, cfg: AgentConfig) -> MqttLink:
+        """A link whose events reach the loop tagged with it: after a reconfiguration replaced it, a late event
+        of the old one (paho's thread does not stop at once) is ignored."""
+        link: MqttLink | None = None
+
+        def on_connected(_session_present: bool) -> None:
+            assert link is not None
+            self._hand_over(self._link_up, link, link.broker_receive_maximum)
+
+        def on_disconnected(_reason: str) -> None:
+            self._hand_over(self._link_down, link)
+
+        def on_published(mid: int) -> None:
+            self._hand_over(self._pubacked, link, mid)
+
+        def on_message(msg: paho.MQTTMessage) -> None:
+            self._hand_over(self._message, link, msg.topic, bytes(msg.payload))
+
+        link = MqttLink(
             cfg.mqtt,
             cfg.mqtt.client_id or f"citynerve-agent-{self.gateway_id}",
             will=Will(self.status_topic, encode_status(OFFLINE, gateway=self.gateway_id)),
             clean_start=True,
-            on_connected=self._on_connected,
-            on_disconnected=self._on_disconnected,
-            on_published=self._on_published,
-            on_message=self._on_message,
+            on_connected=on_connected,
+            on_disconnected=on_disconnected,
+            on_published=on_published,
+            on_message=on_message,
             max_inflight=0,  # no limit in paho: the sender paces the hand-over (edge_agent/delivery.py)
         )
+        return link
 
     # -- MQTT callbacks (paho's thread): hand the event to the loop, nothing else ---------------------------------
 
@@ -134,35 +190,39 @@ class Agent:
         with contextlib.suppress(RuntimeError):  # the loop closed under a late callback: nothing left to tell
             loop.call_soon_threadsafe(handler, *args)
 
-    def _on_connected(self, _session_present: bool) -> None:
-        self._hand_over(self._link_up, self.link.broker_receive_maximum)
-
-    def _on_disconnected(self, _reason: str) -> None:
-        self._hand_over(self._link_down)
-
-    def _on_published(self, mid: int) -> None:
-        self._hand_over(self._pubacked, mid)
-
-    def _on_message(self, msg: paho.MQTTMessage) -> None:
-        self._hand_over(self._downlink, msg.topic, bytes(msg.payload))
-
     # -- event loop: the link and acknowledgements ----------------------------------------------------------------
 
-    def _link_up(self, receive_maximum: int | None) -> None:
+    def _link_up(self, link: MqttLink, receive_maximum: int | None) -> None:
+        if link is not self.link:
+            return  # a link replaced by reconfigure
         self.link.subscribe([self.ack_topic] + ([self.control_topic] if self.control else []), qos=1)
         self.sender.link_changed(True, receive_maximum)
         self._publish_status()
+        self._connections += 1
+        held, self._held_reports = self._held_reports, []
+        for report in held:
+            self._publish_report(report)
         if self.control is not None:
             self.control.link_up()
+        if self.config_control is not None:
+            self.config_control.link_up(self._connections == 1)
         self._wake.set()
 
-    def _link_down(self) -> None:
+    def _link_down(self, link: MqttLink) -> None:
+        if link is not self.link:
+            return
         self.sender.link_changed(False)
         self._wake.set()
 
-    def _pubacked(self, mid: int) -> None:
+    def _pubacked(self, link: MqttLink, mid: int) -> None:
+        if link is not self.link:
+            return
         self.sender.pubacked(mid)
         self._wake.set()
+
+    def _message(self, link: MqttLink, topic: str, payload: bytes) -> None:
+        if link is self.link:
+            self._downlink(topic, payload)
 
     def _downlink(self, topic: str, payload: bytes) -> None:
         if self.control is not None and topics.is_own_topic(self.control_topic, topic):
@@ -189,7 +249,30 @@ class Agent:
             return
         self.stats.acked_messages += self.sender.acked(ranges, time.monotonic())
         self.stats.last_ack_ns = time.time_ns()
+        if self.config_control is not None:
+            self.config_control.acked(ranges)
         self._wake.set()
+
+    # -- reports (docs/control.md "Messages") ---------------------------------------------------------------------
+
+    def send_report(self, report: control.Report) -> None:
+        """A report on a command or configuration (wire/control.py), sealed like the uplink and published at QoS 1
+        on <prefix>/<gw>/report. On the event loop. Made while the link is down, it is held (the newest
+        MAX_HELD_REPORTS) and sent when the link is back - not left to paho, whose queue goes with a link that a
+        live reconfiguration replaces; a report lost with the process is sent again when its document comes
+        again."""
+        if self.sender.link_up:
+            self._publish_report(report)
+            return
+        self._held_reports.append(report)
+        del self._held_reports[:-MAX_HELD_REPORTS]
+
+    def _publish_report(self, report: control.Report) -> None:
+        body = control.encode(report)
+        payload = self.sealer.seal(self.report_topic, body) if self.sealer else frame_plain(body)
+        info = self.link.publish(self.report_topic, payload, qos=1)
+        mid = info.mid if info.rc == paho.MQTT_ERR_SUCCESS else None
+        self.sender.published(None, mid, len(payload), time.monotonic())
 
     # -- tasks --------------------------------------------------------------------------------------------------
 
@@ -212,18 +295,119 @@ class Agent:
             f" since {iso_ns(b.oldest_ns)}" if b.oldest_ns else "",
         )
         self.link.start()
-        tasks = [asyncio.create_task(bus.run(self._enqueue), name=f"bus:{bus.bus.id}") for bus in self.buses]
-        tasks += [asyncio.create_task(src.run(self._enqueue), name=f"serial:{src.device.id}")
-                  for src in self.serial_sources]
-        tasks += [asyncio.create_task(self._cycle_loop(), name="cycle"),
-                  asyncio.create_task(self._send_loop(), name="send"),
-                  asyncio.create_task(self._heartbeat_loop(), name="heartbeat")]
+        for bus in self.buses:
+            self._start_source(f"bus:{bus.bus.id}", bus.run(self._enqueue))
+        for src in self.serial_sources:
+            self._start_source(f"serial:{src.device.id}", src.run(self._enqueue))
+        self.tasks.add(self._cycle_loop(), "cycle")
+        self.tasks.add(self._send_loop(), "send")
+        self.tasks.add(self._heartbeat_loop(), "heartbeat")
+        if self.config_control is not None:
+            self.tasks.add(self.config_control.run(), "config")
         if metrics is not None:
-            tasks.append(asyncio.create_task(metrics.serve(), name="metrics"))
+            self.tasks.add(metrics.serve(), "metrics")
         try:
-            await run_tasks_until(stop, tasks)
+            await run_tasks_until(stop, self.tasks)
         finally:
             await self._shut_down()
+
+    def _start_source(self, name: str, coro: Any) -> None:
+        self._source_tasks[name] = self.tasks.add(coro, name)
+
+    # -- live reconfiguration -----------------------------------------------------------------------------------
+
+    async def reconfigure(self, new: AgentConfig) -> reconfig.Plan:
+        """Apply `new` while running, without touching the outbox (edge_agent/reconfig.py decides what changes).
+
+        Buses and serial sources whose configuration is unchanged keep running untouched; changed and removed
+        ones are stopped (their transport closed) before new ones start; changed MQTT settings restart the link
+        (the outbox and the send window stay; what was unacknowledged is sent again as after a reconnect);
+        bounds are applied. Everything new is built before anything running is touched: ReconfigureFailed means
+        nothing changed. Keys in reconfig.FIXED_KEYS need a restart (ReconfigureFailed)."""
+        async with self._reconfiguring:
+            key = reconfig.fixed_change(self.cfg, new)
+            if key is not None:
+                raise reconfig.ReconfigureFailed(f"{key}: changing it needs a restart of the agent")
+            try:
+                wanted = reconfig.shape(new, _profile_content)
+                plan = reconfig.plan(self.shape, wanted)
+                new_buses = bus_engines(new, only=set(plan.start_buses))
+                new_sources = [SerialSource(d) for d in new.serial_devices if d.id in set(plan.start_serial)]
+                link = self._make_link(new) if plan.restart_link else None
+            except (ConfigError, LookupError, ValueError, OSError) as exc:
+                raise reconfig.ReconfigureFailed(str(exc)) from None
+            # From here on nothing is expected to fail; what does is a bug and ends the process (the supervisor),
+            # which then starts on the last confirmed configuration.
+            stop_buses, stop_serial = set(plan.stop_buses), set(plan.stop_serial)
+            for engine in [e for e in self.buses if e.bus.id in stop_buses]:
+                await self.tasks.retire(self._source_tasks.pop(f"bus:{engine.bus.id}"))  # closes its transport
+            for source in [s for s in self.serial_sources if s.device.id in stop_serial]:
+                await self.tasks.retire(self._source_tasks.pop(f"serial:{source.device.id}"))
+                await source.stream.aclose()  # the port is really closed before another may open it
+            self.buses = [e for e in self.buses if e.bus.id not in stop_buses]
+            self.serial_sources = [s for s in self.serial_sources if s.device.id not in stop_serial]
+            if link is not None:
+                await self._replace_link(link, new)
+            if plan.uplink:
+                up = new.uplink
+                self.buffer.max_readings, self.buffer.max_message_readings = (up.max_buffered_readings,
+                                                                              up.max_message_readings)
+                self.sender.set_limits(up.max_unacked_messages, float(up.ack_timeout), float(up.ack_timeout_max))
+            if plan.outbox_bounds and self.outbox is not None:
+                await self._db_call(self.outbox.set_bounds, int(new.outbox.max_size), float(new.outbox.max_age))
+            if plan.log and self.on_log_settings is not None:
+                self.on_log_settings(new.log)
+            self.cfg, self.shape = new, wanted
+            for engine in new_buses:
+                self.buses.append(engine)
+                self._start_source(f"bus:{engine.bus.id}", engine.run(self._enqueue))
+            for source in new_sources:
+                self.serial_sources.append(source)
+                self._start_source(f"serial:{source.device.id}", source.run(self._enqueue))
+            if self.control is not None:
+                self.control.devices_changed(self.buses, [s.device.id for s in self.serial_sources])
+            if self.sender.link_up:
+                self._publish_status()  # the device list may have changed
+            self._wake.set()
+            log.info("configuration applied live: %s", plan.describe())
+            return plan
+
+    async def _replace_link(self, link: MqttLink, cfg: AgentConfig) -> None:
+        """The old connection ends cleanly (its status says offline); the new one starts. Sequence numbers,
+        outbox and window are the sender's and stay; paho's in-flight messages are sent again from the outbox."""
+        old, old_status = self.link, self.status_topic
+        self.link = link  # from now on the old link's events are ignored
+        self._set_topics(cfg)
+        self.sender.link_changed(False)
+        await self._stop_link(old, (old_status, encode_status(OFFLINE, gateway=self.gateway_id), 1, True))
+        link.start()
+        log.info("MQTT link restarted for the new settings: %s:%d", cfg.mqtt.host, cfg.mqtt.port)
+
+    async def _stop_link(self, link: MqttLink, final: tuple[str, bytes, int, bool] | None) -> None:
+        stopper = ThreadPoolExecutor(1, thread_name_prefix="mqtt-stop")  # a blocking disconnect (≤ 2 s)
+        try:
+            await asyncio.get_running_loop().run_in_executor(stopper, functools.partial(link.stop, final_message=final))
+        finally:
+            stopper.shutdown(wait=False)
+
+    def fresh_seq(self) -> int:
+        """The sequence number of the next message committed: an acknowledgement of it or a later one proves the
+        uplink as configured now (edge_agent/confirm.py)."""
+        return self.box.next_seq
+
+    def request_probe(self) -> None:
+        """Commit a message at the next cycle even if no device delivered anything (an empty batch, which the
+        collector stores as its per-message record and acknowledges): confirming a configuration must not
+        depend on a device answering."""
+        self._probe_wanted = True
+
+    def uplink_problem(self) -> str:
+        """Why nothing is acknowledged, as far as the agent can tell (for a rollback's report)."""
+        m = self.cfg.mqtt
+        if not self.link.connected.is_set():
+            return f"MQTT broker {m.host}:{m.port}: {self.link.last_error or 'not connected'}"
+        return (f"connected to MQTT broker {m.host}:{m.port}, but no collector acknowledged (collector, its "
+                f"InfluxDB or the gateway's registration?)")
 
     async def _open_outbox(self) -> None:
         def open_outbox() -> Outbox:  # the outbox thread
@@ -254,12 +438,10 @@ class Agent:
                 await loop.run_in_executor(self._db, self.outbox.close)
         finally:
             self._db.shutdown(wait=False)  # idle by now: its thread ends by itself
-            stopper = ThreadPoolExecutor(1, thread_name_prefix="mqtt-stop")
-            final = (self.status_topic, encode_status(OFFLINE, gateway=self.gateway_id), 1, True)
-            try:
-                await loop.run_in_executor(stopper, functools.partial(self.link.stop, final_message=final))
-            finally:
-                stopper.shutdown(wait=False)
+            if self.config_control is not None:
+                self.config_control.close()
+            await self._stop_link(self.link, (self.status_topic, encode_status(OFFLINE, gateway=self.gateway_id),
+                                              1, True))
             self._loop = None
             b = self.box.backlog
             log.info(
@@ -299,8 +481,8 @@ class Agent:
             )
 
     async def _cycle_loop(self) -> None:
-        interval = float(self.cfg.uplink.publish_interval)
         while True:
+            interval = float(self.cfg.uplink.publish_interval)  # read each time: reconfigure may change it
             await asyncio.sleep(max(0.0, next_aligned(time.time(), interval) - time.time()))
             await self._commit_cycle()
 
@@ -313,6 +495,8 @@ class Agent:
         while len(self.buffer):
             batches.append(self.buffer.take())
         acked = self.sender.take_acked()
+        if not batches and self._probe_wanted:
+            batches.append([])
         if not batches and not acked:
             return
         try:
@@ -329,6 +513,8 @@ class Agent:
             for readings in reversed(batches):  # clean-shutdown commit
                 self.buffer.put_back(readings)
             raise
+        if batches:
+            self._probe_wanted = False
         self.sender.deleted(acked, dropped.seqs)
         if dropped.messages:
             self._errors.warning(
@@ -372,16 +558,6 @@ class Agent:
         self.stats.published_messages += 1
         self.stats.last_publish_ns = time.time_ns()
 
-    def send_report(self, report: control.Report) -> None:
-        """A report on a command or configuration (wire/control.py), sealed like the uplink and published at QoS 1
-        on <prefix>/<gw>/report. On the event loop. While the link is down paho keeps it for the next
-        connection; a report lost with the process is sent again when its command comes again."""
-        body = control.encode(report)
-        payload = self.sealer.seal(self.report_topic, body) if self.sealer else frame_plain(body)
-        info = self.link.publish(self.report_topic, payload, qos=1)
-        mid = info.mid if info.rc == paho.MQTT_ERR_SUCCESS else None
-        self.sender.published(None, mid, len(payload), time.monotonic())
-
     def _publish_status(self) -> None:
         payload = self.status()
         info = self.link.publish(self.status_topic, payload, qos=1, retain=True)
@@ -389,8 +565,8 @@ class Agent:
         self.sender.published(None, mid, len(payload), time.monotonic())
 
     async def _heartbeat_loop(self) -> None:
-        interval = float(self.cfg.uplink.heartbeat_interval)
         while True:
+            interval = float(self.cfg.uplink.heartbeat_interval)
             await asyncio.sleep(max(0.0, next_aligned(time.time(), interval) - time.time()))
             if self.sender.link_up:
                 self._publish_status()

@@ -1,4 +1,4 @@
-"""edge-agent: run | check | poll-once | outbox | profiles | read | scan | decode | enroll."""
+"""edge-agent: run | check | poll-once | outbox | config | profiles | read | scan | decode | enroll."""
 
 from __future__ import annotations
 
@@ -30,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("profiles", help="list the bundled firmware profiles")
     outbox = sub.add_parser("outbox", help="what the durable outbox holds: messages not yet acknowledged as stored")
     outbox.add_argument("config", metavar="FILE")
+    conf = sub.add_parser("config", help="the remote configuration that runs instead of the local file "
+                                         "(docs/control.md \"Remote configuration\")")
+    conf_sub = conf.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    conf_status = conf_sub.add_parser("status", help="which configuration the agent runs at its next start")
+    conf_status.add_argument("config", metavar="FILE", help="the local agent.toml")
+    conf_reset = conf_sub.add_parser("reset", help="forget the pushed configuration: the local file runs from the "
+                                                   "next start or reload (SIGHUP)")
+    conf_reset.add_argument("config", metavar="FILE", help="the local agent.toml")
     from edge_agent import enroll  # enroll: keys and certificate request (edge_agent/enroll.py)
 
     enroll.register_subcommands(sub)
@@ -103,6 +111,18 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "decode":
         return _decode(args)
 
+    if args.command == "config":
+        from edge_agent import remote_config
+
+        setup_logging(args.log_format or "text", args.log_level or "warning")
+        if args.config_command == "reset":
+            print(remote_config.reset(args.config))
+        else:
+            print(remote_config.status(args.config))
+        return 0
+    if args.command == "run":
+        return _run(args)
+
     cfg = agent_config.load(args.config)
     setup_logging(args.log_format or cfg.log.format, args.log_level or cfg.log.level)
 
@@ -111,19 +131,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "poll-once":
         return _poll_once(cfg)
-    if args.command == "outbox":
-        return _outbox(cfg)
+    assert args.command == "outbox", args.command
+    return _outbox(cfg)
 
+
+def _run(args: argparse.Namespace) -> int:
+    from edge_agent import remote_config
     from edge_agent.app import Agent, state_dir_problem
 
-    problem = state_dir_problem(cfg.gateway.state_dir)
+    local = remote_config.local_running(args.config)  # the local file must pass the check, whatever runs
+    setup_logging(args.log_format or local.cfg.log.format, args.log_level or local.cfg.log.level)
+    problem = state_dir_problem(local.cfg.gateway.state_dir)
     if problem:
         return fail(f"{args.config}: gateway.state_dir: {problem}")
-
-    async def run(stop: asyncio.Event) -> None:
-        await Agent(cfg).run(stop)
-
-    return run_until_signal(run)
+    # The last confirmed remote configuration runs instead of the local file, if there is one.
+    start = remote_config.what_to_run(args.config, local)
+    cfg = start.running.cfg
+    setup_logging(args.log_format or cfg.log.format, args.log_level or cfg.log.level)
+    agent = Agent(cfg)
+    agent.on_log_settings = lambda section: setup_logging(args.log_format or section.format,
+                                                          args.log_level or section.level)
+    control = remote_config.RemoteConfig(agent, args.config, start)
+    return run_until_signal(agent.run, on_hangup=control.reload)
 
 
 def _outbox(cfg: AgentConfig) -> int:

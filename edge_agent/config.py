@@ -177,11 +177,19 @@ def _unique_ids(key: str, items: list) -> None:
 
 def load(path: str | Path) -> AgentConfig:
     """Parse and validate agent.toml, then resolve every device's firmware profile (also validated)."""
-    cfg = wconfig.load(path, AgentConfig)
+    # A profile given as a relative path is relative to the config file, not to wherever the agent starts.
+    return _resolve(wconfig.load(path, AgentConfig), str(path), Path(path).resolve().parent)
+
+
+def load_text(text: str, source: str, base: Path) -> AgentConfig:
+    """The same checks as load() (and `edge-agent check`) for a configuration given as text (a pushed remote
+    configuration, docs/control.md); `source` names it in errors, relative profile paths are relative to `base`."""
+    return _resolve(wconfig.convert(wconfig.parse_toml(text, source), AgentConfig, source), source, base)
+
+
+def _resolve(cfg: AgentConfig, source: str, base: Path) -> AgentConfig:
     from edge_agent.profiles import load_profile
 
-    # A profile given as a relative path is relative to the config file, not to wherever the agent starts.
-    base = Path(path).resolve().parent
     cfg.devices = [
         msgspec.structs.replace(d, profile=str(base / d.profile))
         if not isinstance(d, SerialDevice) and _is_relative_path(d.profile) else d
@@ -197,22 +205,22 @@ def load(path: str | Path) -> AgentConfig:
             try:
                 read(Path(getattr(cfg.security, key)).read_bytes())
             except (ValueError, TypeError) as exc:
-                raise wconfig.ConfigError(str(path), f"security.{key}", f"not a usable key file: {exc}") from None
+                raise wconfig.ConfigError(source, f"security.{key}", f"not a usable key file: {exc}") from None
     for index, device in enumerate(cfg.devices):
         if isinstance(device, SerialDevice):
             continue
         if device.profile == "sunspec":  # discovered on the device itself at start-up
             if device.writable:
-                raise wconfig.ConfigError(str(path), f"devices[{index}].writable[0]", f'device "{device.id}": a '
+                raise wconfig.ConfigError(source, f"devices[{index}].writable[0]", f'device "{device.id}": a '
                                           "SunSpec device's points are discovered at start-up; none can be written")
             continue
         try:
             profile = load_profile(device.profile)
         except wconfig.ConfigError as exc:
-            raise wconfig.ConfigError(str(path), f"devices[{index}].profile", str(exc)) from None
+            raise wconfig.ConfigError(source, f"devices[{index}].profile", str(exc)) from None
         except LookupError as exc:
-            raise wconfig.ConfigError(str(path), f"devices[{index}].profile", str(exc)) from None
-        _check_writable(str(path), index, device, profile)
+            raise wconfig.ConfigError(source, f"devices[{index}].profile", str(exc)) from None
+        _check_writable(source, index, device, profile)
     return cfg
 
 

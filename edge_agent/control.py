@@ -242,6 +242,12 @@ class ControlPlane:
         self._start_reports: list[Report] = []  # interrupted commands found at start, sent once the link is up
         self._log = RateLimitedLog(log, interval=60)
 
+    def devices_changed(self, engines: Iterable[BusEngine], serial_ids: Iterable[str]) -> None:
+        """A live reconfiguration (edge_agent/app.py `Agent.reconfigure`) rebuilt buses: commands from now on go
+        to the engines that run. One running on a stopped bus ends `failed: interrupted` (BusEngine)."""
+        self.devices = devices_of(engines)
+        self.serial_ids = frozenset(serial_ids)
+
     # -- life cycle -------------------------------------------------------------------------------------------
 
     async def open(self) -> None:

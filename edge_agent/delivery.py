@@ -292,6 +292,16 @@ class Sender:
         self._io: ScanBacklog | ReadBodies | None = None  # the outbox read the shell is performing
         self._scan_needed = True  # the outbox may hold messages after the cursor that nobody took
 
+    def set_limits(self, window: int, ack_timeout: float, ack_timeout_max: float) -> None:
+        """New uplink settings (a live reconfiguration). What is outstanding stays outstanding; a smaller window
+        only stops new sends until enough is acknowledged."""
+        rules = self.rules
+        rules.window = window
+        rules.cwnd = min(rules.cwnd, window)
+        rules.base_timeout = ack_timeout
+        rules.timeout_max = ack_timeout_max
+        rules.timeout = min(max(rules.timeout, ack_timeout), ack_timeout_max)
+
     # -- events -------------------------------------------------------------------------------------------------
 
     def link_changed(self, up: bool, receive_maximum: int | None = None) -> None:

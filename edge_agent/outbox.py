@@ -196,6 +196,11 @@ class Outbox:
 
     # -- the one write path ---------------------------------------------------------------------------------------
 
+    def set_bounds(self, max_bytes: int, max_age_s: float) -> None:
+        """New bounds (a live reconfiguration); applied at the next commit, like every bound."""
+        self.max_bytes = max_bytes
+        self.max_age_ns = int(max_age_s * 1e9)
+
     def commit(self, messages: list[NewMessage], acked: Iterable[tuple[int, int]] = ()) -> Dropped:
         """One transaction: insert this cycle's messages, advance `next_seq` past them, delete acknowledged
         ranges, apply the bounds.

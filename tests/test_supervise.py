@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from wire.cli import EXIT_FATAL, run_until_signal
-from wire.supervise import TaskDied, run_tasks_until
+from wire.supervise import TaskDied, TaskSet, run_tasks_until
 
 
 async def _forever(cleaned: list[str], name: str) -> None:
@@ -92,3 +92,77 @@ def test_run_until_signal_runs_the_programs_clean_up_then_logs_one_fatal_line_an
     assert cleaned == ["final commit"]
     fatal = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [r.getMessage() for r in fatal] == ["fatal: task heartbeat died: KeyError: 'devices'"]
+
+
+def test_a_task_set_grows_and_shrinks_while_supervised_and_a_retired_task_is_not_a_death() -> None:
+    async def scenario() -> None:
+        cleaned: list[str] = []
+        stop = asyncio.Event()
+        tasks = TaskSet([asyncio.create_task(_forever(cleaned, "cycle"), name="cycle")])
+        runner = asyncio.create_task(run_tasks_until(stop, tasks))
+        old_bus = tasks.add(_forever(cleaned, "bus-old"), "bus:a")
+        await asyncio.sleep(0)
+        await tasks.retire(old_bus)  # a bus whose configuration changed: stopped on purpose
+        assert cleaned == ["bus-old"] and old_bus not in tasks and not runner.done()
+        new_bus = tasks.add(_forever(cleaned, "bus-new"), "bus:a")
+        await asyncio.sleep(0)
+        assert not runner.done() and new_bus in tasks and len(tasks) == 2
+        stop.set()
+        await runner  # no TaskDied: the retired task's cancellation was wanted
+        assert sorted(cleaned) == ["bus-new", "bus-old", "cycle"]
+        with pytest.raises(RuntimeError, match="cannot start task bus:b: the program is stopping"):
+            tasks.add(_forever(cleaned, "late"), "bus:b")
+
+    asyncio.run(scenario())
+
+
+def test_a_task_added_at_run_time_that_dies_still_ends_the_run() -> None:
+    async def scenario() -> None:
+        cleaned: list[str] = []
+        tasks = TaskSet([asyncio.create_task(_forever(cleaned, "send"), name="send")])
+        runner = asyncio.create_task(run_tasks_until(asyncio.Event(), tasks))
+        await asyncio.sleep(0)
+
+        async def broken_bus() -> None:
+            raise ValueError("plan for unit 3")
+
+        tasks.add(broken_bus(), "bus:rs485-2")
+        with pytest.raises(TaskDied, match=r"^task bus:rs485-2 died: ValueError: plan for unit 3$"):
+            await runner
+        assert cleaned == ["send"]
+
+    asyncio.run(scenario())
+
+
+def test_retiring_a_task_that_already_died_leaves_its_death_to_the_supervisor() -> None:
+    async def scenario() -> None:
+        async def dies() -> None:
+            raise OSError("port gone")
+
+        tasks = TaskSet()
+        task = tasks.add(dies(), "serial:p1")
+        await asyncio.sleep(0)
+        assert task.done()
+        await tasks.retire(task)  # too late to be wanted: still in the set
+        with pytest.raises(TaskDied, match="task serial:p1 died: OSError: port gone"):
+            await run_tasks_until(asyncio.Event(), tasks)
+
+    asyncio.run(scenario())
+
+
+def test_a_clean_up_that_raises_while_retired_is_raised_to_whoever_retired_it() -> None:
+    async def scenario() -> None:
+        async def messy() -> None:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                raise RuntimeError("close failed")
+
+        tasks = TaskSet()
+        task = tasks.add(messy(), "bus:x")
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="close failed"):
+            await tasks.retire(task)
+        assert task not in tasks
+
+    asyncio.run(scenario())

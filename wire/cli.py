@@ -30,8 +30,13 @@ def add_log_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
 
 
-def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]]) -> int:
+def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], *,
+                     on_hangup: Callable[[], None] | None = None) -> int:
     """Run `main(stop)` until SIGINT/SIGTERM sets `stop`; a second signal ends at once.
+
+    `on_hangup`: called on the event loop for each SIGHUP (reload the configuration; `systemctl reload`). It
+    must only note the request and return. Without it SIGHUP is ignored rather than ending the process (its
+    default action), so that a reload sent to a program that cannot reload costs nothing.
 
     A task that died (wire/supervise.py TaskDied, raised by run_tasks_until after `main`'s own clean-up ran)
     is logged as one line, `fatal: task <name> died: <exception>`, and ends the process with EXIT_FATAL.
@@ -48,6 +53,7 @@ def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]])
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal)
+        loop.add_signal_handler(signal.SIGHUP, on_hangup or (lambda: log.info("SIGHUP ignored: nothing to reload")))
         await main(stop)
 
     try:

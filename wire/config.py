@@ -205,6 +205,14 @@ def read_toml(path: Path | str) -> dict[str, Any]:
         raise ConfigError(str(path), "", f"not UTF-8 text at byte offset {exc.start}") from None
 
 
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """TOML text that did not come from a file of its own (a pushed configuration); `source` names it in errors."""
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "", f"not valid TOML: {exc}") from None
+
+
 def load(path: Path | str, schema: type[T]) -> T:
     return convert(read_toml(path), schema, str(path))
 

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import ssl
+import sys
 import threading
 import traceback
 from collections import Counter
@@ -276,10 +277,13 @@ class MqttLink:
                 self.start()
 
     def _handle_connect_fail(self, _c: paho.Client, _u: Any) -> None:
-        self.last_error = "connection failed"
+        # paho calls this inside its `except OSError` around the connect: the exception is still the current one
+        # (paho does not pass it). It says what an operator needs: refused, unreachable, TLS, DNS.
+        exc = sys.exc_info()[1]
+        self.last_error = f"connection failed: {exc}" if exc is not None and str(exc) else "connection failed"
         self._failures.warning(
-            "connect", "cannot reach MQTT broker %s:%d; retrying with backoff up to %ss",
-            self.settings.host, self.settings.port, int(self.settings.reconnect_max),
+            "connect", "cannot reach MQTT broker %s:%d (%s); retrying with backoff up to %ss",
+            self.settings.host, self.settings.port, self.last_error, int(self.settings.reconnect_max),
         )
 
     def _handle_disconnect(self, _c: paho.Client, _u: Any, _flags: Any, reason: Any, _props: Any) -> None:

@@ -189,6 +189,15 @@ class BusEngine:
             return
         try:
             result = await self._command_result(command)
+        except asyncio.CancelledError:
+            # The bus is stopped in the middle of it (a live reconfiguration rebuilds this bus, or the agent
+            # stops): its waiter must not wait for ever, and the write may or may not have reached the device.
+            if not command.result.done():
+                command.result.set_result(CommandResult(
+                    "failed", reason=CommandFailure.INTERRUPTED,
+                    detail="the bus was stopped while running it: the write may or may not have happened, read "
+                           "the point"))
+            raise
         except Exception as exc:  # a bug must not stop the bus; the command ends as failed
             log.exception("command on device %s failed", command.device.id, extra={"device": command.device.id})
             result = CommandResult("failed", reason=CommandFailure.ERROR, detail=f"internal error: {exc}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from edge_agent.config import AgentConfig, Device
 from edge_agent.modbus.bus import BusEngine, PolledDevice
 from edge_agent.modbus.config import ModbusBus, ModbusDevice
@@ -45,11 +47,14 @@ def polled_device(device: Device, profile: Profile | None) -> PolledDevice:
     )
 
 
-def bus_engines(cfg: AgentConfig) -> list[BusEngine]:
-    """One engine per bus; devices sharing a serial port or TCP endpoint share its engine."""
+def bus_engines(cfg: AgentConfig, only: Collection[str] | None = None) -> list[BusEngine]:
+    """One engine per bus; devices sharing a serial port or TCP endpoint share its engine. `only`: the engines
+    of these bus ids (a live reconfiguration builds what it starts)."""
     grouped: dict[str, tuple[ModbusBus, list[PolledDevice]]] = {}
     for device in cfg.modbus_devices:
         bus = cfg.bus_of(device)
+        if only is not None and bus.id not in only:
+            continue
         profile = None if device.profile == SUNSPEC_DISCOVERY else load_profile(device.profile)
         grouped.setdefault(bus.id, (bus, []))[1].append(polled_device(device, profile))
     return [BusEngine(bus, devices) for bus, devices in grouped.values()]
