@@ -50,19 +50,19 @@ protocol = "dsmr"
 """
 
 
-def cfg(text: str = BASE, **replace: str):  # noqa: ANN201
+def cfg(text: str = BASE, **replace: str):
     for old, new in replace.items():
         text = text.replace(old.replace("__", " "), new)
     return load_text(textwrap.dedent(text), "test.toml", Path("."))
 
 
-def profiles(content: dict[str, Any] | None = None):  # noqa: ANN201
+def profiles(content: dict[str, Any] | None = None):
     """Profiles by name as the shell would load them; here any comparable value."""
     content = content or {}
     return lambda name: content.get(name, f"content of {name}")
 
 
-def diff(old, new, old_profiles=None, new_profiles=None) -> Plan:  # noqa: ANN001
+def diff(old, new, old_profiles=None, new_profiles=None) -> Plan:
     return plan(shape(old, old_profiles or profiles()), shape(new, new_profiles or profiles()))
 
 

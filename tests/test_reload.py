@@ -6,6 +6,7 @@ its error line and the running configuration kept."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -27,7 +28,7 @@ def sample_times(influxd: InfluxdServer, db: str, device: str, after_ns: int = 0
 
 
 def largest_gap_s(times: list[int]) -> float:
-    return max((b - a for a, b in zip(times, times[1:], strict=False)), default=0) / 1e9
+    return max((b - a for a, b in itertools.pairwise(times)), default=0) / 1e9
 
 
 def log_line(path: Path, text: str, after: int = 0) -> str | None:
