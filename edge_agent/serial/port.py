@@ -223,7 +223,10 @@ class SerialStream:
             executor.submit(close_port)
 
     async def aclose(self) -> None:
-        """close(), and wait until the port is really closed (its thread has written what it had)."""
+        """close(), and wait until the port is really closed (its thread has written what it had); the thread
+        then ends (a source stopped for good, e.g. by a live reconfiguration)."""
         self.close()
-        if self._tx is not None:
-            await asyncio.get_running_loop().run_in_executor(self._tx, lambda: None)
+        tx, self._tx = self._tx, None
+        if tx is not None:
+            await asyncio.get_running_loop().run_in_executor(tx, lambda: None)
+            tx.shutdown(wait=False)  # idle: its thread ends (a later open() starts another)
