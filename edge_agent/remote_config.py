@@ -58,6 +58,7 @@ ROLLED_BACK_INTERRUPTED = "interrupted"  # the agent stopped (crash, kill -9, po
 ROLLED_BACK_APPLY_FAILED = "apply_failed"  # the live apply itself failed
 
 MAX_INBOX = 8  # documents received and not yet looked at (each is handled in milliseconds unless applied)
+MAX_FINALS = 16  # final reports kept to answer a redelivery of their version with the same report
 
 _HEADER = re.compile(r"\A# citynerve remote configuration version (\d+) sha256 ([0-9a-f]{64})\n# [^\n]*\n")
 
@@ -271,6 +272,10 @@ class RemoteConfig:
             start.running.version, start.running.sha256, start.floor)
         self._previous: Running | None = None  # what ran before the trial: applied again on rollback
         self._interrupted = start.interrupted
+        # The final report of recent versions (refused, confirmed, rolled back): the collector re-sends a document
+        # until it has a final report, so a redelivery that crossed that report gets the same answer again, not
+        # "replayed". In memory: after a restart a redelivery of an older version is answered "replayed".
+        self._finals: dict[int, Report] = {}
         self._files = ThreadPoolExecutor(1, thread_name_prefix="config")
         self._wake = asyncio.Event()
         self._inbox: deque[tuple[ConfigDoc, list[OperatorCert]]] = deque()  # bound: MAX_INBOX
@@ -325,6 +330,10 @@ class RemoteConfig:
             self._report(config_report(decision.state, version, self.running))
             return
         if isinstance(decision, Refuse):
+            final = self._finals.get(version)
+            if final is not None and decision.reason == ControlReason.REPLAYED:
+                self._report(final)  # a redelivery crossed the final report: the same answer again
+                return
             self._refuse(version, decision.reason, decision.detail)
             return
         if isinstance(decision, Queued):
@@ -429,8 +438,8 @@ class RemoteConfig:
     async def _roll_back(self, reason: str, why: str, *, apply_previous: bool = True) -> None:
         trial, previous = self.confirmer.trial, self._previous
         assert trial is not None and previous is not None
-        log.warning("configuration version %d rolled back: %s; %s %s", trial.version, why,
-                    "applying again" if apply_previous else "still running", previous.origin)
+        log.warning("configuration version %d rolled back: %s; %s", trial.version, why,
+                    f"applying {previous.origin} again" if apply_previous else f"{previous.origin} still runs")
         if apply_previous:
             await self.agent.reconfigure(previous.cfg)
         await self._in_thread(self.store.drop_pending, self.confirmer.floor)
@@ -464,6 +473,11 @@ class RemoteConfig:
         self.agent.running_config_sha256 = running.sha256
 
     def _report(self, report: Report) -> None:
+        if report.state in ("refused", "confirmed", "rolled_back") and report.reason != ControlReason.REPLAYED:
+            self._finals.pop(int(report.id), None)
+            self._finals[int(report.id)] = report
+            while len(self._finals) > MAX_FINALS:
+                del self._finals[next(iter(self._finals))]
         self.agent.send_report(report)
 
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
