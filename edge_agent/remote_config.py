@@ -44,7 +44,7 @@ from edge_agent.confirm import Accept, Confirmer, Queued, Refuse, Repeat, Saved,
 from edge_agent.reconfig import ReconfigureFailed, fixed_change
 from wire.config import ConfigError
 from wire.control import ConfigDoc, ControlReason, OperatorCert, Report, config_sha256
-from wire.files import private_dir, write_private
+from wire.files import fsync_dir, private_dir, write_private
 
 if TYPE_CHECKING:
     from edge_agent.app import Agent
@@ -147,13 +147,13 @@ class ConfigStore:
     def confirm(self, version: int) -> None:
         """pending.toml becomes confirmed.toml in one rename; then the trial is over in the state file."""
         os.replace(self.pending_path, self.confirmed_path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._write_state(version, None)
 
     def drop_pending(self, floor: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.pending_path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         self._write_state(floor, None)
 
     def reset(self) -> tuple[int | None, int]:
@@ -164,17 +164,9 @@ class ConfigStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
         if self.dir.exists():
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             self._write_state(saved.floor, None)
         return (confirmed.version if confirmed else None), saved.floor
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- start-up ---------------------------------------------------------------------------------------------------

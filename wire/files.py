@@ -10,6 +10,7 @@ a service manager or a shell may run us with umask 000 or 022.
     private_file(path)           a file 0600 that exists (created empty), e.g. before another library opens it
     private_sqlite(path)         the same for an SQLite database, and its -wal, -shm and -journal files
     flocked(path)                an flock on a private lock file, held for a `with` block (across processes)
+    fsync_dir(path)              make a rename or removal in a directory durable
 
 An existing file or directory with more permissions than that is tightened with chmod, and a warning names it
 once. Nothing is ever made more permissive (a 0400 key stays 0400).
@@ -156,7 +157,7 @@ def write_private(path: Path | str, data: bytes, *, overwrite: bool = True, dura
         if overwrite:
             os.replace(target, path)
         if durable:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(target)
@@ -169,11 +170,11 @@ def sync_batch(*directories: Path | str) -> None:
     the directories holding the new names."""
     os.sync()
     for directory in directories:
-        _fsync_dir(Path(directory))
+        fsync_dir(Path(directory))
 
 
-def _fsync_dir(directory: Path) -> None:
-    # The rename (or the new name) is durable only once the directory is.
+def fsync_dir(directory: Path) -> None:
+    """A rename, a new name or a removal in `directory` is durable only once the directory is."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

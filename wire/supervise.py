@@ -42,6 +42,17 @@ class TaskDied(Exception):
         return f"task {self.name} died: {what}"
 
 
+async def wait_ended(task: asyncio.Future[Any]) -> None:
+    """Wait until `task` (perhaps cancelled by the caller) has ended. Its own CancelledError is not the caller's
+    and is swallowed, unless the caller is being cancelled too; any other exception it ended with is raised."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # the caller itself is being cancelled, not only `task`
+
+
 class TaskSet:
     """The tasks a program runs until it stops, which may change meanwhile (event loop only).
 
@@ -83,12 +94,7 @@ class TaskSet:
         del self._tasks[task]
         self._changed.set()
         task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # the caller itself is being cancelled, not only the retired task
+        await wait_ended(task)
 
     def _cancel_all(self) -> list[asyncio.Task[Any]]:
         self.closed = True

@@ -129,6 +129,7 @@ from typing import Any, NamedTuple
 
 from collector.influx.backends import WriteFailure
 from wire.metrics import Histogram
+from wire.supervise import wait_ended
 
 __all__ = ["CONTENT_REFUSALS", "BatchResult", "BatchWriter", "Refused", "WriterClosed", "WriterStats"]
 
@@ -341,12 +342,7 @@ class BatchWriter:
         self._wake.set()
         if not drain:
             task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise  # we ourselves are being cancelled
+        await wait_ended(task)
 
     @property
     def stats(self) -> WriterStats:
