@@ -589,3 +589,19 @@ def test_a_full_disk_keeps_the_outbox_and_the_cycle_can_be_retried(tmp_path: Pat
     box._db.execute("PRAGMA max_page_count=1000000")
     box.commit([message(s, size=20_000) for s in range(5, 10)])
     assert box.backlog.messages == 10 and not [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
+
+
+def test_new_uplink_limits_apply_to_what_is_sent_next_and_keep_what_is_outstanding() -> None:
+    """A live reconfiguration (edge_agent/app.py Agent.reconfigure) changes the window and the timeouts: messages
+    already sent stay outstanding, a smaller window only holds back new sends, a larger one opens at once."""
+    s = Sender(window=8, ack_timeout=10, ack_timeout_max=40)
+    d = s.rules
+    d.sent(range(6), now=0)
+    s.set_limits(window=4, ack_timeout=5, ack_timeout_max=20)
+    assert len(d.outstanding) == 6 and d.budget == 0 and d.cwnd == 4
+    assert (d.base_timeout, d.timeout, d.timeout_max) == (5, 10, 20)  # the round in progress keeps its timeout
+    d.acked([(0, 3)], now=1)
+    assert d.timeout == 5 and d.budget == 2  # 4 - the 2 still outstanding
+    s.set_limits(window=50, ack_timeout=5, ack_timeout_max=20)
+    d.acked([(4, 4)], now=2)
+    assert d.cwnd == 8 and d.budget == 7  # doubles back up towards the new window

@@ -166,3 +166,33 @@ def test_a_clean_up_that_raises_while_retired_is_raised_to_whoever_retired_it() 
         assert task not in tasks
 
     asyncio.run(scenario())
+
+
+def test_sighup_calls_the_reload_hook_on_the_loop_and_without_one_is_not_fatal(caplog) -> None:
+    import os
+    import signal
+
+    calls: list[str] = []
+    reloaded = asyncio.Event()
+
+    def on_hangup() -> None:
+        asyncio.get_running_loop()  # called on the event loop (add_signal_handler), not in a signal frame
+        calls.append("reload")
+        reloaded.set()
+
+    async def with_hook(stop: asyncio.Event) -> None:
+        for _ in range(2):
+            reloaded.clear()
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.wait_for(reloaded.wait(), 5)
+
+    assert run_until_signal(with_hook, on_hangup=on_hangup) == 0
+    assert calls == ["reload", "reload"]
+
+    async def without_hook(stop: asyncio.Event) -> None:
+        os.kill(os.getpid(), signal.SIGHUP)
+        while "SIGHUP ignored" not in caplog.text:  # SIGHUP's default action would end this process instead
+            await asyncio.sleep(0.01)
+
+    with caplog.at_level(logging.INFO):
+        assert run_until_signal(without_hook) == 0
