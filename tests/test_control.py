@@ -521,3 +521,30 @@ def test_a_failing_store_never_runs_a_command(tmp_path: Path, sim: MeterSimulato
 
     asyncio.run(main())
     assert sim.writes == []
+
+
+def test_a_bus_stopped_while_it_writes_reports_the_command_interrupted(sim: MeterSimulator) -> None:
+    """A live reconfiguration retires a bus (edge_agent/app.py Agent.reconfigure): a write in progress on it ends
+    `failed: interrupted` (it may or may not have reached the device) instead of leaving its waiter for ever."""
+    from edge_agent.modbus.bus import BusCommand
+
+    async def main() -> None:
+        engine = lab_engine(sim.port, timeout=5.0)
+        task = asyncio.create_task(engine.run(lambda readings: None))
+        device = engine.devices[0]
+        point = device.writes["setpoint"]
+        sim.write_delay[("holding", SETPOINT)] = 2.0  # the device takes its time to answer the write
+        write = BusCommand(device, now_ms() + 10_000, point, point.registers_for(7.5), 7.5)
+        assert engine.submit(write)
+        while not sim.writes:  # the write reached the device: the bus is inside the transaction
+            await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        result = await asyncio.wait_for(write.result, 1)
+        assert (result.state, result.reason) == ("failed", "interrupted")
+        assert "may or may not have happened" in result.detail
+
+    try:
+        asyncio.run(main())
+    finally:
+        sim.write_delay.clear()

@@ -176,9 +176,13 @@ def test_what_the_gateway_refuses(lab_stack: Stack) -> None:
 
     config = ConfigDoc(gateway=GW, version=1, toml="", sha256=config_sha256(""), issued_ms=now_ms(),
                        deadline_ms=now_ms() + 60_000)
+    # a configuration goes to the remote configuration (edge_agent/remote_config.py): received, then checked as
+    # `edge-agent check` does - an empty file is refused with the line it prints
     report = s.run(pki.operator("erin", role="engineer").sign(config))
-    assert (report.kind, report.id, report.state, report.reason) == ("config", "1", "refused", "malformed")
-    assert report.detail == "this agent does not take configurations yet"
+    assert (report.kind, report.id, report.state) == ("config", "1", "received")
+    report = s.lab.wait_report("1", 10, count=2)
+    assert (report.state, report.reason) == ("refused", "invalid_config")
+    assert report.detail == "error: config version 1: gateway: required key is missing: expected a table"
     log = s.agent.log_path.read_text()
     assert "refused command" in log and "Traceback" not in log
 
