@@ -267,7 +267,7 @@ class RemoteConfig:
         # The final report of recent versions (refused, confirmed, rolled back): the collector re-sends a document
         # until it has a final report, so a redelivery that crossed that report gets the same answer again, not
         # "replayed". In memory: after a restart a redelivery of an older version is answered "replayed".
-        self._finals: dict[int, Report] = {}
+        self._finals: dict[int, tuple[str, Report]] = {}  # version -> (the document's sha256, its final report)
         self._files = ThreadPoolExecutor(1, thread_name_prefix="config")
         self._wake = asyncio.Event()
         self._inbox: deque[tuple[ConfigDoc, list[OperatorCert]]] = deque()  # bound: MAX_INBOX
@@ -323,8 +323,8 @@ class RemoteConfig:
             return
         if isinstance(decision, Refuse):
             final = self._finals.get(version)
-            if final is not None and decision.reason == ControlReason.REPLAYED:
-                self._report(final)  # a redelivery crossed the final report: the same answer again
+            if final is not None and final[0] == doc.sha256 and decision.reason == ControlReason.REPLAYED:
+                self._report(final[1])  # a redelivery crossed the final report: the same answer again
                 return
             self._refuse(version, decision.reason, decision.detail)
             return
@@ -340,20 +340,22 @@ class RemoteConfig:
             return
         assert isinstance(decision, Accept)
         if config_sha256(doc.toml) != doc.sha256:
-            self._refuse(version, ControlReason.MALFORMED, "the sha256 in the document is not that of its text")
+            self._refuse(version, ControlReason.MALFORMED, "the sha256 in the document is not that of its text",
+                         doc.sha256)
             return
         self._report(config_report("received", version, self.running))
         source = f"config version {version}"
         try:
             cfg = await self._in_thread(agent_config.load_text, doc.toml, source, self.local_path.resolve().parent)
         except ConfigError as exc:
-            self._refuse(version, ControlReason.INVALID_CONFIG, f"error: {exc}")  # the line `edge-agent check` prints
+            # the line `edge-agent check` prints
+            self._refuse(version, ControlReason.INVALID_CONFIG, f"error: {exc}", doc.sha256)
             return
         key = fixed_change(self.running.cfg, cfg)
         if key is not None:
             self._refuse(version, ControlReason.PROTECTED_KEY,
                          f"{key}: a pushed configuration may not change it (the gateway's identity, state or trust "
-                         f"anchors: change it in the local file, on the gateway)")
+                         f"anchors: change it in the local file, on the gateway)", doc.sha256)
             return
         approved_by = ", ".join(f"{o.name} ({o.role})" for o in operators) or "-"
         self.confirmer.begin(version, doc.sha256, doc.confirm_timeout_s)
@@ -374,9 +376,9 @@ class RemoteConfig:
         self._wake.set()
         self._report(config_report("applied", version, trial, detail=plan.describe()))
 
-    def _refuse(self, version: int, reason: ControlReason, detail: str) -> None:
+    def _refuse(self, version: int, reason: ControlReason, detail: str, sha256: str = "") -> None:
         log.warning("configuration version %d refused: %s: %s", version, reason, detail)
-        self._report(config_report("refused", version, self.running, reason=reason, detail=detail))
+        self._report(config_report("refused", version, self.running, reason=reason, detail=detail), sha256)
 
     def _trial_version(self) -> int:
         return self.confirmer.trial.version if self.confirmer.trial else 0
@@ -425,7 +427,7 @@ class RemoteConfig:
                                   f"remote configuration version {trial.version} ({self.store.confirmed_path})"))
         log.info("configuration version %d confirmed: a message sent after the apply was acknowledged end to end; "
                  "it is %s and runs after a restart", trial.version, self.store.confirmed_path)
-        self._report(config_report("confirmed", trial.version, self.running))
+        self._report(config_report("confirmed", trial.version, self.running), trial.sha256)
 
     async def _roll_back(self, reason: str, why: str, *, apply_previous: bool = True) -> None:
         trial, previous = self.confirmer.trial, self._previous
@@ -438,7 +440,7 @@ class RemoteConfig:
         self.confirmer.rolled_back()
         self._previous = None
         self._set_running(previous)
-        self._report(config_report("rolled_back", trial.version, previous, reason=reason, detail=why))
+        self._report(config_report("rolled_back", trial.version, previous, reason=reason, detail=why), trial.sha256)
 
     async def _reload(self) -> None:
         """SIGHUP: what would run at start, applied live; a file that fails the check changes nothing."""
@@ -464,10 +466,11 @@ class RemoteConfig:
         self.agent.running_config_version = running.version
         self.agent.running_config_sha256 = running.sha256
 
-    def _report(self, report: Report) -> None:
-        if report.state in ("refused", "confirmed", "rolled_back") and report.reason != ControlReason.REPLAYED:
+    def _report(self, report: Report, final_for_sha256: str = "") -> None:
+        """Send `report`; a final one about a document (its sha256 given) is kept to answer redeliveries."""
+        if final_for_sha256:
             self._finals.pop(int(report.id), None)
-            self._finals[int(report.id)] = report
+            self._finals[int(report.id)] = (final_for_sha256, report)
             while len(self._finals) > MAX_FINALS:
                 del self._finals[next(iter(self._finals))]
         self.agent.send_report(report)
