@@ -130,6 +130,7 @@ def test_stops_are_named_before_starts_so_a_port_can_pass_from_a_source_to_a_bus
     ({'id = "gw-1"': 'id = "gw-2"'}, "gateway.id"),
     ({'state_dir = "/var/lib/citynerve"': 'state_dir = "/srv/x"'}, "gateway.state_dir"),
     ({"[mqtt]": '[outbox]\npath = "/srv/outbox.sqlite3"\n[mqtt]'}, "outbox.path"),
+    ({"[mqtt]": '[metrics]\nlisten = 9108\n[mqtt]'}, "metrics"),  # a push must not open a listening socket
 ])
 def test_keys_a_live_reconfiguration_cannot_change(replace: dict[str, str], key: str) -> None:
     assert fixed_change(cfg(), cfg(**replace)) == key
@@ -152,6 +153,8 @@ def test_the_security_section_is_fixed_and_named_to_the_key(tmp_path: Path) -> N
     assert fixed_change(secured, cfg(BASE + section.replace("id1.key", "id2.key"))) == "security.identity_key"
     assert fixed_change(secured, cfg(BASE + section + "rotate_after = 60\n")) == "security.rotate_after"
     assert fixed_change(secured, cfg(BASE + section)) is None
+    listening = cfg(BASE + "[metrics]\nlisten = 9108\n")
+    assert fixed_change(listening, cfg(BASE + "[metrics]\nlisten = 9109\n")) == "metrics.listen"
 
 
 def test_a_configuration_given_as_text_is_checked_like_a_file() -> None:
