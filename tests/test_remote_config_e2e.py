@@ -231,3 +231,61 @@ def test_killed_during_a_trial_the_agent_comes_back_on_the_confirmed_configurati
     restarted = time.time_ns()
     wait_until(lambda: lab.influxd.query(f"SELECT voltage_l1 FROM electricity WHERE phase = 'v1' AND "
                                          f"time > {restarted}", lab.db), 20, "the confirmed configuration running")
+
+
+def test_pushed_with_edge_collector_config_push_through_the_real_relay(tmp_path: Path, influxd: InfluxdServer,
+                                                                      influx_db: str) -> None:
+    """The operator's way: `edge-collector operators` makes the CA and an engineer, `edge-collector config push`
+    stores a version, the running collector's relay sends (and re-sends) it, the agent's reports come back, and
+    `config status` shows running = desired - or the rollback and its cause."""
+    from tests.test_control_relay import add_operator, cli, operators
+
+    deployment = enrolled.create(tmp_path / "deployment", [GW])
+    ca = tmp_path / "operator-ca"
+    operators(ca, "init", "--dir", str(ca))
+    erin = add_operator(ca, "erin")
+    gw = deployment.gateways[GW]
+    with SecureBroker(tmp_path / "broker", device_ca_dir=deployment.ca_dir, collector_ca_dir=deployment.collector_ca_dir,
+                      server_ca=LabCA(tmp_path / "server-ca")) as broker, \
+            meter_in_thread(unit=1, seed=4, update_interval=0.05) as meter:
+        config = stack.write_collector_config(
+            tmp_path / "collector.toml",
+            broker.collector_mqtt(deployment.collector_cert, deployment.collector_key, reconnect_max="2s"),
+            {"api": "v1", "url": influxd.url, "database": influx_db},
+            security={"keys_dir": str(deployment.keys_dir), "registry": str(deployment.registry)},
+            control={"store": str(tmp_path / "control.db"), "audit_log": str(tmp_path / "audit.log"),
+                     "crl": str(ca / "operators.crl"), "operator_ca": str(ca / "operator-ca.pub"),
+                     "resend_interval": "2s", "poll_interval": "250ms"},
+        )
+        mqtt = broker.gateway_mqtt(gw.tls_cert, gw.tls_key, reconnect_min="1s", reconnect_max="2s")
+        security = {"identity_key": str(gw.identity_key), "collector_key": str(deployment.collector_pub),
+                    "operator_ca": str(ca / "operator-ca.pub")}
+
+        def agent_toml(name: str, **mqtt_extra: Any) -> Path:
+            return stack.write_agent_config(tmp_path / name, GW, {**mqtt, **mqtt_extra},
+                                            [stack.modbus_tcp_device("meter", meter.port, interval="1s")],
+                                            security=security)
+
+        def status() -> dict[str, Any]:
+            return json.loads(cli(config, "config", "status", GW, "--json").stdout)[0]
+
+        collector = stack.collector_process(config).start()
+        agent = stack.agent_process(agent_toml("agent.toml")).start()
+        try:
+            good = agent_toml("v1.toml", keepalive="20s")
+            assert cli(config, "config", "push", GW, str(good), operator=erin).returncode == 0
+            synced = wait_until(lambda: (s := status())["in_sync"] and s["desired"]["state"] == "confirmed" and s, 40,
+                                "version 1 confirmed and running")
+            assert synced["running"]["version"] == 1 and synced["running"]["sha256"] == config_sha256(good.read_text())
+
+            cut = agent_toml("v2.toml", port=free_port())
+            pushed = cli(config, "config", "push", GW, str(cut), "--confirm-timeout", "10s", operator=erin)
+            assert pushed.returncode == 0, pushed.stderr
+            back = wait_until(lambda: (s := status())["desired"]["state"] == "rolled_back" and s, 40,
+                              "version 2 rolled back")
+            assert back["desired"]["reason"] == "no_ack" and "Connection refused" in back["desired"]["detail"]
+            assert back["running"]["version"] == 1
+        finally:
+            agent.stop()
+            collector.stop()
+    assert "Traceback" not in agent.log_path.read_text()
