@@ -76,12 +76,13 @@ def lab_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         )
         agent = stack.agent_process(config).start()
         lab = ControlLab(broker, deployment, GW)
-        try:
-            yield Stack(root, deployment, broker, sim, pki, config, agent, lab, pki.operator("alice"),
+        current = Stack(root, deployment, broker, sim, pki, config, agent, lab, pki.operator("alice"),
                         pki.operator("bob"), pki.crl())
+        try:
+            yield current
         finally:
             lab.close()
-            agent.stop()
+            current.agent.stop()  # a test may have restarted it: the one running now (it outlived the tests before)
 
 
 def writes_to(sim: MeterSimulator, table: str, address: int) -> list[tuple[int, ...]]:
