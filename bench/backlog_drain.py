@@ -85,7 +85,7 @@ def direct_write(influx: InfluxdServer, state: Path, last_seq: int) -> tuple[flo
 
 
 def count_points(influx: InfluxdServer, db: str, where: str = "") -> int:
-    rows = influx.query(f'SELECT count(power_total) FROM "electricity" {where}', db)
+    rows = influx.query(f'SELECT count(power) FROM "electricity" {where}', db)
     return int(rows[0]["count"]) if rows else 0
 
 
@@ -110,7 +110,7 @@ class LiveWatch:
 
     def poll(self) -> None:
         now = time.time()
-        rows = self.influx.query(f"SELECT power_total, device FROM electricity WHERE time > {self.watermark - 30 * 10**9}"
+        rows = self.influx.query(f"SELECT power, device FROM electricity WHERE time > {self.watermark - 30 * 10**9}"
                                  f" AND device =~ /^live-/", self.db)
         for row in rows:
             key = (row["device"], row["time"])

@@ -34,8 +34,8 @@ from wire.mqttlink import MqttLink, MqttSettings
 from wire.schema import Batch, Reading
 
 FIELDS = ("voltage_l1", "voltage_l2", "voltage_l3", "current_l1", "current_l2", "current_l3", "power_l1",
-          "power_l2", "power_l3", "power_total", "power_factor_total", "frequency", "energy_import",
-          "energy_export", "reactive_power_total")
+          "power_l2", "power_l3", "power", "power_factor", "frequency", "energy_import",
+          "energy_export", "reactive_power")
 BATCH_SIZE = 5000
 
 

@@ -30,8 +30,8 @@ from wire.seal import CollectorKey, GatewaySealer, Opener, sealed_overhead
 GATEWAY = "gw-0001"
 TOPIC = topics.up("citynerve/v1", GATEWAY)
 FIELDS = ("voltage_l1", "voltage_l2", "voltage_l3", "current_l1", "current_l2", "current_l3", "power_l1",
-          "power_l2", "power_l3", "power_total", "power_factor_total", "frequency", "energy_import",
-          "energy_export", "reactive_power_total")
+          "power_l2", "power_l3", "power", "power_factor", "frequency", "energy_import",
+          "energy_export", "reactive_power")
 
 
 def batch_of(target_bytes: int) -> bytes:

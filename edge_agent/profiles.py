@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
@@ -33,6 +34,7 @@ from edge_agent.modbus.decode import (
     SIGNED_TYPES,
     Decoder,
     Encoding,
+    Missing,
     NotRepresentable,
     Order,
     PointType,
@@ -68,6 +70,15 @@ WORKAROUNDS: dict[str, str] = {
     "(devices that answer exception 2 for any unmapped register inside a block)",
 }
 Workaround = Literal["one_request_per_point", "no_gap_reads"]
+
+#: Conversions a point's decoded value can go through (docs/profiles.md "Transforms"), so that every profile emits
+#: the shared vocabulary (wire/vocabulary.toml) in its type and unit.
+TRANSFORMS: dict[str, str] = {
+    "text": "an integer sent as its decimal digits, a string field (serial numbers that devices hold as integers)",
+    "pf_four_quadrant": "Schneider Electric's four-quadrant power factor (-2..2: above 1 it is 2 - value, below -1 it "
+    "is -2 - value) into the signed power factor -1..1, the sign that of the active power",
+}
+Transform = Literal["text", "pf_four_quadrant"]
 WRITABLE_TABLES = frozenset({"holding", "coil"})  # input registers and discrete inputs are read-only in Modbus
 Number = int | float
 
@@ -116,6 +127,7 @@ class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     bits: dict[str, Name] | None = None  # bit index (as a TOML key) -> field name
     scale_factor: Name | None = None  # name of the point holding this one's power-of-ten exponent
     internal: bool = False  # read (e.g. a scale factor) but not emitted as a field
+    transform: Transform | None = None  # TRANSFORMS: a conversion of the decoded value
     # Commands (docs/control.md "Commands to devices"): an operator may write this point where a device opts in.
     writable: bool = False
     min: Number | None = None  # engineering units (after scale and offset); required for a writable register
@@ -166,12 +178,37 @@ class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
                 raise invalid("scale_factor", f"only plain numbers take a scale factor, not {self._kind_name()}")
             if self.scale_factor == self.name:
                 raise invalid("scale_factor", "a point cannot be its own scale factor")
+        if self.transform is not None:
+            self._check_transform(plain)
         if self.writable:
             self._check_writable()
         else:
             for key in ("min", "max", "step", "critical", "write_function"):
                 if getattr(self, key) is not None and getattr(self, key) is not False:
                     raise invalid(key, "only a writable point takes it (writable = true)")
+
+    def _check_transform(self, plain: bool) -> None:
+        wants = INTEGER_TYPES if self.transform == "text" else FLOAT_TYPES
+        if self.type not in wants or self.enum is not None or self.bits is not None:
+            what = "an integer" if self.transform == "text" else "a float"
+            raise invalid("transform", f'"{self.transform}" takes {what} point, not {self._kind_name()}')
+        if not plain or self.scale_factor is not None:
+            raise invalid("transform", f'"{self.transform}" takes the value as the device sends it: no scale, offset '
+                                       "or scale_factor")
+        if self.writable:
+            raise invalid("transform", "a transformed point cannot be written (its encoder would need the inverse)")
+
+    def value_type(self) -> str:
+        """The type of this point's field as the vocabulary names it (wire/vocabulary.py TYPES): a bitfield's
+        fields are "bool" each; a number with a fractional scale or offset, or a scale factor, is a "float"."""
+        if self.bits is not None or self.type == "bool" and self.enum is None:
+            return "bool"
+        if self.type == "string" or self.enum is not None or self.transform == "text":
+            return "string"
+        plain = self.scale == 1 and self.offset == 0 and type(self.scale) is int and type(self.offset) is int
+        if self.type in FLOAT_TYPES or self.scale_factor is not None or not plain:
+            return "float"
+        return "int"
 
     def _check_writable(self) -> None:
         if self.table not in WRITABLE_TABLES:
@@ -454,7 +491,7 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 def _decoder(point: Point, default_order: str) -> Decoder:
-    return make_decoder(
+    decode = make_decoder(
         point.type,
         point.order or default_order,
         point.scale,
@@ -465,6 +502,28 @@ def _decoder(point: Point, default_order: str) -> Decoder:
         length=point.length,
         encoding=point.encoding or "ascii",
     )
+    if point.transform is None:
+        return decode
+    convert = _TRANSFORM_FUNCTIONS[point.transform]
+
+    def transformed(words: Sequence[int]) -> object:
+        value = decode(words)
+        return value if value is None or isinstance(value, Missing) else convert(value)
+
+    return transformed  # type: ignore[return-value]
+
+
+def _pf_four_quadrant(value: float) -> float:
+    # Schneider's "4Q FP PF": 0 deg = 1, 90 deg = 0, 180 deg = -1, 270 deg = 2 (and -2); the part beyond +-1 is the
+    # leading half of quadrants 4 and 2. Folded back, the magnitude is the power factor and the sign that of P.
+    if value > 1:
+        return 2.0 - value
+    if value < -1:
+        return -2.0 - value
+    return value
+
+
+_TRANSFORM_FUNCTIONS = {"text": str, "pf_four_quadrant": _pf_four_quadrant}
 
 
 def _span(point: Point) -> str:
@@ -508,6 +567,7 @@ def load_profile(name_or_path: str | Path) -> Profile:
 __all__ = [
     "BIT_TABLES",
     "FLOAT_TYPES",
+    "TRANSFORMS",
     "WORKAROUNDS",
     "Point",
     "Profile",

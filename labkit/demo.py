@@ -28,7 +28,7 @@ GATEWAY = "gw-demo-01"
 DEVICE = "main-meter"
 DATABASE = "citynerve"
 MEASUREMENT = "electricity"
-SHOWN_FIELDS = ("voltage_l1", "current_l1", "power_total", "frequency", "energy_import")
+SHOWN_FIELDS = ("voltage_l1", "current_l1", "power", "frequency", "energy_import")
 
 
 def write_configs(work: Path, dep: enrolled.Deployment, broker: SecureBroker, influx_url: str,

@@ -90,7 +90,7 @@ def test_sdm630_profile(sdm630_profile: Profile) -> None:
         "voltage_l2": 0x0002,
         "voltage_l3": 0x0004,
         "current_l1": 0x0006,
-        "power_total": 0x0034,
+        "power": 0x0034,
         "frequency": 0x0046,
         "energy_import": 0x0048,
         "reactive_energy_export": 0x004E,

@@ -98,7 +98,7 @@ def fleet() -> Fleet:
 
 
 def sample_batch(gw: str = "gw-0001", seq: int = 7, readings: int = 3) -> Batch:
-    fields = ("voltage_l1", "voltage_l2", "current_l1", "power_total", "energy_import", "frequency")
+    fields = ("voltage_l1", "voltage_l2", "current_l1", "power", "energy_import", "frequency")
     return Batch(gw, seq, 1_700_000_000_123_456_789, [
         Reading(f"meter-ACME-{4200 + i}", "electricity", 1_700_000_000_000_000_000 + i,
                 {f: 231.4567 + 17.125 * i + k for k, f in enumerate(fields)} | {"phase_ok": True, "errors": 1234567 + i},
