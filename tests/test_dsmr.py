@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from edge_agent.serial import obis
 from edge_agent.serial.base import Rejected, Sample
 from edge_agent.serial.dsmr import MAX_BUFFER, DsmrDecoder, crc16_arc, eu_summer_time, timestamp_ns
+from wire import vocabulary
 
 GOLDEN = Path(__file__).parent / "golden" / "dsmr"
 WRITE = os.environ.get("CITYNERVE_WRITE_GOLDEN") == "1"
@@ -125,68 +126,70 @@ def test_dsmr42_kaifa_by_hand():
     assert e.measurement is None and e.time_ns == utc("2016-11-13T19:57:57")  # 161113205757W: CET = UTC+1
     assert e.tags == {"dsmr_version": "42", "equipment_id": "3960221976967177082151037881335713"}
     f = e.fields
-    assert (f["energy_import_t1_kwh"], f["energy_import_t2_kwh"], f["energy_export_t1_kwh"]) == (1581.123, 1435.706, 0.0)
-    assert (f["tariff"], f["power_import_kw"], f["power_export_kw"]) == (2, 2.027, 0.0)
-    assert (f["power_failures"], f["long_power_failures"], f["voltage_sags_l1"], f["voltage_swells_l3"]) == (15, 7, 0, 0)
-    assert (f["current_l1_a"], f["current_l2_a"], f["current_l3_a"]) == (0.0, 6.0, 2.0)
-    assert (f["power_import_l1_kw"], f["power_import_l2_kw"], f["power_import_l3_kw"]) == (0.17, 1.247, 0.209)
-    assert isinstance(f["current_l1_a"], float) and isinstance(f["power_failures"], int)
-    assert e.units["energy_import_t1_kwh"] == "kWh" and e.units["current_l2_a"] == "A" and "tariff" not in e.units
+    assert (f["energy_import_t1"], f["energy_import_t2"], f["energy_export_t1"]) == (1581.123, 1435.706, 0.0)
+    assert (f["tariff"], f["power_import"], f["power_export"]) == (2, 2027.0, 0.0)  # 02.027*kW: the vocabulary's W
+    assert (f["power_failures"], f["power_failures_long"], f["voltage_sags_l1"], f["voltage_swells_l3"]) == (15, 7, 0, 0)
+    assert (f["current_l1"], f["current_l2"], f["current_l3"]) == (0.0, 6.0, 2.0)
+    assert (f["power_import_l1"], f["power_import_l2"], f["power_import_l3"]) == (170.0, 1247.0, 209.0)
+    assert isinstance(f["current_l1"], float) and isinstance(f["power_failures"], int)
+    assert e.units["energy_import_t1"] == "kWh" and e.units["current_l2"] == "A" and "tariff" not in e.units
+    assert e.units["power_import"] == "W"
     assert gas.measurement == "gas" and gas.time_ns == utc("2016-11-29T19:00:00")  # 161129200000W
-    assert gas.fields == {"volume_m3": 981.443} and gas.units == {"volume_m3": "m3"}
-    assert gas.tags == {"channel": "1", "equipment_id": "4819243993373755377509728609491464"}
+    assert gas.fields == {"volume": 981.443} and gas.units == {"volume": "m³"}
+    assert gas.tags == {"channel": "1", "device_type": "3", "equipment_id": "4819243993373755377509728609491464"}
 
 
 def test_dsmr22_gas_value_on_the_next_line_and_no_telegram_time():
     [e, gas] = decode(fixture("dsmr22_iskra_mt382.txt"))
     assert e.time_ns is None  # DSMR 2.2 has no 0-0:1.0.0: the gateway stamps it
-    assert e.fields["limiter_threshold_kw"] == 999.0 and e.fields["breaker_state"] == 1
-    assert gas.fields == {"volume_m3": 1.001, "valve_position": 1}
+    assert e.fields["limiter_threshold"] == 999000.0 and e.fields["breaker_state"] == 1  # 0999.00*kW
+    assert gas.fields == {"volume": 1.001, "valve_position": 1}
     assert gas.time_ns == utc("2016-11-07T18:00:00")  # 161107190000, no S/W: November is winter time
     [_, gas3] = decode(fixture("dsmr30_iskra_mt382.txt"))
-    assert gas3.time_ns == utc("2009-02-12T15:00:00") and gas3.fields["volume_m3"] == 1.001
+    assert gas3.time_ns == utc("2009-02-12T15:00:00") and gas3.fields["volume"] == 1.001
 
 
 def test_dsmr30_limiter_in_amperes():
     [e, _] = decode(fixture("dsmr30_iskra_mt382.txt"))
-    assert e.fields["limiter_threshold_a"] == 16.0 and e.units["limiter_threshold_a"] == "A"
-    assert "limiter_threshold_kw" not in e.fields
+    assert e.fields["current_threshold"] == 16.0 and e.units["current_threshold"] == "A"
+    assert "limiter_threshold" not in e.fields
 
 
 def test_fluvius_demand_water_and_uncorrected_gas():
     [e, gas, water] = decode(fixture("fluvius_emucs_v171.txt"))
     assert e.time_ns == utc("2020-05-12T11:54:09")  # 200512135409S: CEST = UTC+2
     assert e.tags == {"emucs_version": "50217", "equipment_id": "3153414733313031303231363035"}
-    assert (e.fields["demand_average_kw"], e.fields["demand_max_month_kw"]) == (2.351, 2.589)
-    assert e.fields["demand_max_month_time"] == "2020-05-09T11:45:58Z"  # 200509134558S
-    assert e.fields["current_threshold_l1_a"] == 999.0 and e.fields["limiter_threshold_kw"] == 999.9
+    assert (e.fields["demand_power"], e.fields["demand_power_max"]) == (2351.0, 2589.0)
+    assert e.fields["demand_power_max_time"] == "2020-05-09T11:45:58Z"  # 200509134558S
+    assert e.fields["current_threshold_l1"] == 999.0 and e.fields["limiter_threshold"] == 999900.0
     assert gas.measurement == "gas" and gas.time_ns == utc("2020-05-12T11:45:58")
-    assert gas.fields == {"volume_uncorrected_m3": 112.384, "valve_position": 1}
-    assert gas.tags == {"channel": "1", "equipment_id": "37464C4F32313139303333373333"}
-    assert water.measurement == "water" and water.fields == {"volume_m3": 872.234}
+    assert gas.fields == {"volume_uncorrected": 112.384, "valve_position": 1}
+    assert gas.tags == {"channel": "1", "device_type": "3", "equipment_id": "37464C4F32313139303333373333"}
+    assert water.measurement == "water" and water.fields == {"volume": 872.234}
     assert water.tags["channel"] == "2" and water.time_ns == utc("2020-05-12T11:45:58")
 
 
 def test_sagemcom_wh_and_w_are_converted_exactly():
     [e] = decode(fixture("sagemcom_t210_d_r.txt"))
-    assert e.fields["energy_import_kwh"] == 6545.766  # 006545766*Wh
-    assert e.fields["energy_import_t1_kwh"] == 5017.12 and e.fields["power_import_kw"] == 0.286  # 000000286*W
-    assert e.fields["reactive_energy_export_kvarh"] == 3897.726 and e.fields["reactive_power_export_kvar"] == 0.166
-    assert e.units["energy_import_kwh"] == "kWh" and e.units["reactive_power_export_kvar"] == "kvar"
+    assert e.fields["energy_import"] == 6545.766  # 006545766*Wh
+    assert e.fields["energy_import_t1"] == 5017.12 and e.fields["power_import"] == 286.0  # 000000286*W
+    assert e.fields["reactive_energy_export"] == 3897.726 and e.fields["reactive_power_export"] == 166.0
+    assert e.units["energy_import"] == "kWh" and e.units["reactive_power_export"] == "var"
     assert e.time_ns == utc("2022-10-06T13:50:14")
 
 
 def test_warmtelink_heat_from_a_gateway_without_electricity():
     [heat] = decode(fixture("dsmr50_warmtelink_unpadded_crc.txt"))  # no electricity sample: nothing to report
-    assert heat.measurement == "heat" and heat.fields == {"energy_gj": 240.86} and heat.units == {"energy_gj": "GJ"}
+    # 240.86 GJ = 240.86e9 J / 3.6e6 J per kWh, the vocabulary's unit
+    assert heat.measurement == "heat" and heat.fields == {"energy": 66905.55555555556} and heat.units == {"energy": "kWh"}
     assert heat.time_ns == utc("2026-02-15T19:05:23")
-    assert heat.tags == {"channel": "1", "equipment_id": "621848012D2C0B0C"}
+    assert heat.tags == {"channel": "1", "device_type": "4", "equipment_id": "621848012D2C0B0C"}
 
 
 def test_empty_and_placeholder_mbus_channels_give_no_sample():
     decoder = DsmrDecoder()
     [_, gas] = decoder.feed(fixture("dsmr50_iskra_am550_two_mbus.txt"))
-    assert gas.tags["channel"] == "2" and gas.fields == {"volume_m3": 246.138}
+    assert gas.tags["channel"] == "2" and gas.fields == {"volume": 246.138}
     assert gas.time_ns == utc("2020-04-26T20:30:01")
     assert decoder.stats["mbus_no_reading"] == 1  # channel 1: (700101010000W)(00000000)
     events = decode(fixture("dsmr50_iskra_mt382.txt"))  # channel 2: type and empty id, no reading
@@ -197,9 +200,9 @@ def test_easymeter_f255_codes_watts_and_unknown_codes():
     decoder = DsmrDecoder()
     data = fixture("easymeter_q3d_via_com1_gateway_trailing_garbage.txt")
     [e, garbage] = decoder.feed(data) + decoder.flush()
-    assert e.fields == {"energy_import_kwh": 52185.7825309, "energy_export_kwh": 19949.3221493,
-                        "power_import_l1_kw": 0.74785, "power_import_l2_kw": 0.73728, "power_import_l3_kw": 0.63973,
-                        "power_import_kw": 2.12486}
+    assert e.fields == {"energy_import": 52185.7825309, "energy_export": 19949.3221493,
+                        "power_import_l1": 747.85, "power_import_l2": 737.28, "power_import_l3": 639.73,
+                        "power_import": 2124.86}
     assert decoder.unknown == {"1-0:0.0.0": 1, "1-0:96.5.5": 1, "0-0:96.1.255": 1}
     assert decoder.stats["unknown_lines"] == 3
     assert garbage.reason == "garbage"
@@ -321,7 +324,7 @@ def test_lf_only_line_ends_are_accepted():
     lf = telegram("1-3:0.2.8(50)", "0-0:1.0.0(240101120000W)", "1-0:1.8.1(000001.500*kWh)", eol="\n")
     assert samples(decode(lf)) == samples(decode(crlf))
     [s] = samples(decode(lf))
-    assert s.fields == {"energy_import_t1_kwh": 1.5} and s.time_ns == utc("2024-01-01T11:00:00")
+    assert s.fields == {"energy_import_t1": 1.5} and s.time_ns == utc("2024-01-01T11:00:00")
 
 
 def test_telegram_without_line_end_at_the_end_of_a_capture_is_decoded():
@@ -376,12 +379,12 @@ def test_malformed_values_are_left_out_with_quality_never_a_number():
         "1-0:99.1.0(1)(2)",  # unknown code
         "hello",  # not a data line
     ))
-    assert s.fields == {"energy_export_t2_kwh": 2.0}
+    assert s.fields == {"energy_export_t2": 2.0}
     assert s.time_ns is None
-    assert s.quality == {"timestamp": "malformed", "energy_import_t1_kwh": "malformed",
-                         "energy_import_t2_kwh": "malformed", "energy_export_t1_kwh": "malformed",
-                         "tariff": "malformed", "power_export_kw": "not_available", "voltage_l1_v": "malformed",
-                         "voltage_l2_v": "malformed", "power_failures": "malformed"}
+    assert s.quality == {"timestamp": "malformed", "energy_import_t1": "malformed",
+                         "energy_import_t2": "malformed", "energy_export_t1": "malformed",
+                         "tariff": "malformed", "power_export": "not_available", "voltage_l1": "malformed",
+                         "voltage_l2": "malformed", "power_failures": "malformed"}
     assert decoder.unknown == {"1-0:99.1.0": 1} and decoder.stats["malformed_lines"] == 1
 
 
@@ -426,15 +429,16 @@ def test_mbus_device_types_readings_and_units():
     ))
     by_channel = {s.tags["channel"]: s for s in samples(events) if s.measurement}
     water = by_channel["1"]
-    assert water.measurement == "water" and water.fields == {"volume_m3": 123.456}
-    assert water.tags == {"channel": "1", "equipment_id": "AB"} and water.time_ns == utc("2024-01-01T10:55:00")
+    assert water.measurement == "water" and water.fields == {"volume": 123.456} and water.units == {"volume": "m³"}
+    assert water.tags == {"channel": "1", "device_type": "7", "equipment_id": "AB"}
+    assert water.time_ns == utc("2024-01-01T10:55:00")
     heat = by_channel["2"]
-    assert heat.measurement == "heat" and heat.fields == {"energy_kwh": 12500.0} and heat.units == {"energy_kwh": "kWh"}
+    assert heat.measurement == "heat" and heat.fields == {"energy": 12500.0} and heat.units == {"energy": "kWh"}
     other = by_channel["3"]
-    assert other.measurement == "mbus" and other.tags == {"channel": "3", "device_type": "99"}
+    assert other.measurement == "meter" and other.tags == {"channel": "3", "device_type": "99"}
     gas = [s for s in samples(events) if s.tags.get("channel") == "4"]
-    assert [(s.time_ns, s.fields) for s in gas] == [(utc("2024-01-01T10:00:00"), {"volume_m3": 1.0}),
-                                                   (utc("2024-01-01T09:00:00"), {"volume_uncorrected_m3": 2.0})]
+    assert [(s.time_ns, s.fields) for s in gas] == [(utc("2024-01-01T10:00:00"), {"volume": 1.0}),
+                                                   (utc("2024-01-01T09:00:00"), {"volume_uncorrected": 2.0})]
     bad_time = by_channel["5"]
     assert bad_time.time_ns is None and bad_time.fields == {"valve_position": 0}
     assert bad_time.quality == {"capture_time": "malformed"}
@@ -495,10 +499,12 @@ def test_obis_map_names_are_valid_and_unique():
     names = [e.name for e in obis.ELECTRICITY.values() if e.kind in ("float", "int", "max_demand")]
     names += [e.alternative[1] for e in obis.ELECTRICITY.values() if e.alternative]
     assert len(names) == len(set(names))
+    units = {u for u, _ in obis.UNITS.values()}
     for entry in obis.ELECTRICITY.values():
-        assert entry.unit == "" or obis.UNITS[entry.unit][0] == entry.unit
-        if entry.kind == "float" and entry.unit:
-            assert entry.name.endswith("_" + entry.unit.lower()), entry
+        assert entry.unit == "" or entry.unit in units, entry  # a unit some spelling converts into
+        if entry.kind in ("float", "max_demand"):  # the vocabulary's name, unit and type (tests/test_vocabulary.py)
+            match = vocabulary.lookup(entry.name)
+            assert match is not None and match.unit == entry.unit and match.type == "float", entry
     assert all(n.isascii() and n.isidentifier() and len(n) <= 128 for n in names)
 
 
@@ -543,4 +549,4 @@ def test_edge_agent_decode_dsmr():
     assert result.returncode == 0, result.stderr
     out = [json.loads(line) for line in result.stdout.splitlines()]
     assert [o["measurement"] for o in out] == ["electricity", "gas", "water"]
-    assert out[0]["time"].startswith("2020-05-12T11:54:09") and out[1]["fields"]["volume_uncorrected_m3"] == 112.384
+    assert out[0]["time"].startswith("2020-05-12T11:54:09") and out[1]["fields"]["volume_uncorrected"] == 112.384

@@ -116,7 +116,7 @@ def test_nmea_gps_from_a_pty_into_influxdb(tmp_path: Path, mosquitto, influxd: I
     assert stored_rmc, "the RMC fix is stored at its own UTC time (1994-11-19 22:54:46)"
     assert stored_rmc[0]["latitude"] == pytest.approx(rmc.fields["latitude"])
     gga = next(e for e in expected if not e.time_ns)
-    assert any(r.get("altitude_m") == gga.fields["altitude_m"] and r["latitude"] == pytest.approx(gga.fields["latitude"])
+    assert any(r.get("altitude") == gga.fields["altitude"] and r["latitude"] == pytest.approx(gga.fields["latitude"])
                for r in rows)
 
 

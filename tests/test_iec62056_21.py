@@ -54,10 +54,10 @@ READOUT = (b"0.0.0(71234567)\r\n0.9.1(134512)\r\n0.9.2(230105)\r\n"
            b"32.7.0(231.4*V)\r\n52.7.0(229.8*V)\r\n72.7.0(230.9*V)\r\n31.7.0(1.25*A)\r\n51.7.0(0.50*A)\r\n71.7.0(3.75*A)\r\n"
            b"F.F(0000000)\r\n")
 READOUT_FIELDS = {
-    "device_address": "71234567", "meter_time": "134512", "meter_date": "230105",
-    "energy_import_kwh": 12345.678, "energy_import_t1_kwh": 10000.0, "energy_import_t2_kwh": 2345.678,
-    "energy_export_kwh": 1.234, "voltage_l1_v": 231.4, "voltage_l2_v": 229.8, "voltage_l3_v": 230.9,
-    "current_l1_a": 1.25, "current_l2_a": 0.5, "current_l3_a": 3.75, "error_register": "0000000"}
+    "address": "71234567", "meter_time": "134512", "meter_date": "230105",
+    "energy_import": 12345.678, "energy_import_t1": 10000.0, "energy_import_t2": 2345.678,
+    "energy_export": 1.234, "voltage_l1": 231.4, "voltage_l2": 229.8, "voltage_l3": 230.9,
+    "current_l1": 1.25, "current_l2": 0.5, "current_l3": 3.75, "error_register": "0000000"}
 
 
 # -- BCC, identification, readout --------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_identification_malformed(line):
 def test_parse_readout_fields_units_and_the_meters_time():
     sample = parse_readout(block(READOUT), parse_identification(b"/ISk5MT174-0001\r\n"))
     assert sample.fields == READOUT_FIELDS
-    assert sample.units["energy_import_kwh"] == "kWh" and sample.units["voltage_l1_v"] == "V"
+    assert sample.units["energy_import"] == "kWh" and sample.units["voltage_l1"] == "V"
     assert "meter_time" not in sample.units
     assert sample.time_ns is None and sample.measurement is None  # the gateway's time, the source's measurement
     assert sample.tags == {"manufacturer": "ISk", "identification": "MT174-0001"}
@@ -150,19 +150,19 @@ def test_parse_readout_codes_units_and_values():
              b"1.8.1(n/a*kWh)\r\n")
     sample = parse_readout(block(lines))
     assert sample.fields == {
-        "energy_import_kwh": 1234.567, "energy_export_kwh": 12500.0, "obis_1_8_0_f3": 1000.5, "obis_1_7_0": 0.5,
-        "power_export_kw": 1.5, "obis_1_6_0": 1.234, "obis_1_6_0__2": "2301051015", "meter_serial": "00112233",
+        "energy_import": 1234.567, "energy_export": 12500.0, "obis_1_8_0_f3": 1000.5, "obis_1_7_0": 0.5,
+        "power_export": 1500.0, "obis_1_6_0": 1.234, "obis_1_6_0__2": "2301051015", "serial_number": "00112233",
         "obis_0_1_24_2_1": 12.345, "obis_96_90_1__text": "TEXT VALUE", "obis_1_8_1__text": "n/a"}
-    assert sample.units == {"energy_import_kwh": "kWh", "energy_export_kwh": "kWh", "obis_1_8_0_f3": "kWh",
-                            "obis_1_7_0": "kVA", "power_export_kw": "kW", "obis_1_6_0": "kW",
+    assert sample.units == {"energy_import": "kWh", "energy_export": "kWh", "obis_1_8_0_f3": "kWh",
+                            "obis_1_7_0": "kVA", "power_export": "W", "obis_1_6_0": "kW",
                             "obis_0_1_24_2_1": "m3", "obis_1_8_1__text": "kWh"}
     assert sample.quality == {"obis_99_1_0": "not_available"}
 
 
 def test_field_names():
-    assert field_name("1.8.0", "kWh") == "energy_import_kwh" == field_name("1-0:1.8.0*255", "Wh")
+    assert field_name("1.8.0", "kWh") == "energy_import" == field_name("1-0:1.8.0*255", "Wh")
     assert field_name("1.8.0", "kVA") == "obis_1_8_0"
-    assert field_name("C.1.0") == field_name("0-0:96.1.0") == "meter_serial"
+    assert field_name("C.1.0") == field_name("0-0:96.1.0") == "serial_number"
     assert field_name("F.F") == "error_register"
     assert field_name("2-0:1.8.0", "kWh") == "obis_2_0_1_8_0"
     assert field_name("nonsense!") is None and field_name("") is None
@@ -195,11 +195,11 @@ def test_the_end_character_may_follow_the_last_data_set():
     # several data sets on that line, and no CR LF between "!" and ETX
     body = b"1.8.0(1.5*kWh)\r\n2.8.0(2.5*kWh)32.7.0(230.1*V)!" + bytes([ETX])
     sample = parse_readout(bytes([STX]) + body + bytes([bcc(body)]))
-    assert sample.fields == {"energy_import_kwh": 1.5, "energy_export_kwh": 2.5, "voltage_l1_v": 230.1}
+    assert sample.fields == {"energy_import": 1.5, "energy_export": 2.5, "voltage_l1": 230.1}
 
 
 @pytest.mark.parametrize(("line", "kept"), [
-    (b"1.8.0(1.5*kWh)!2.8.0(2.5*kWh)", {"energy_import_kwh": 1.5}),  # "!2.8.0" is no address; the set before is
+    (b"1.8.0(1.5*kWh)!2.8.0(2.5*kWh)", {"energy_import": 1.5}),  # "!2.8.0" is no address; the set before is
     (b"1.8.0(1.5*kWh)!!", {}),
     (b"not data!", {}),
 ])
@@ -275,10 +275,10 @@ def test_a_code_keeps_its_field_type_when_its_value_is_not_a_number():
     under its generic name and a string under `<generic name>__text`, never both types under one name."""
     numeric = parse_readout(block(b"C.5.0(0400)\r\n1.7.0(0.5*kVA)\r\n1.8.1(0.5*kWh)\r\n"))
     text = parse_readout(block(b"C.5.0(04A0)\r\n1.7.0(----*kVA)\r\n1.8.1(n/a*kWh)\r\n"))
-    assert numeric.fields == {"obis_96_5_0": 400.0, "obis_1_7_0": 0.5, "energy_import_t1_kwh": 0.5}
+    assert numeric.fields == {"obis_96_5_0": 400.0, "obis_1_7_0": 0.5, "energy_import_t1": 0.5}
     assert text.fields == {"obis_96_5_0__text": "04A0", "obis_1_7_0__text": "----", "obis_1_8_1__text": "n/a"}
     # the well-known text codes stay strings under their name, whatever they hold
-    assert parse_readout(block(b"C.1.0(12345678)\r\n")).fields == {"meter_serial": "12345678"}
+    assert parse_readout(block(b"C.1.0(12345678)\r\n")).fields == {"serial_number": "12345678"}
 
 
 _CODE = st.tuples(st.integers(100, 199), st.lists(st.integers(0, 255), min_size=1, max_size=3)).map(
@@ -357,8 +357,8 @@ def test_golden_capture():
     assert got == json.loads(path.read_text())
     assert [e.get("rejected", "sample") for e in got] == ["sample", "garbage", "bcc", "malformed", "sample", "incomplete"]
     assert got[0]["fields"] == READOUT_FIELDS
-    assert got[4]["fields"] == {"energy_import_kwh": 12346.001, "obis_1_6_0": 3.21, "obis_1_6_0__2": "2301041830",
-                                "meter_serial": "71234567"}
+    assert got[4]["fields"] == {"energy_import": 12346.001, "obis_1_6_0": 3.21, "obis_1_6_0__2": "2301041830",
+                                "serial_number": "71234567"}
     assert decoder.stats["requests"] == 4 and decoder.stats["option_selects"] == 4
 
 

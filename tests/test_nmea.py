@@ -100,27 +100,27 @@ def test_examples_log_negative_cases():
 def test_gga_values():
     [s] = decode(b"$GPGGA,184353.07,1929.045,S,02410.506,E,1,04,2.6,100.00,M,-33.9,M,,0000*6D\r\n")
     assert s.fields == {"fix_quality": 1, "satellites": 4, "hdop": 2.6, "latitude": pytest.approx(-(19 + 29.045 / 60)),
-                        "longitude": pytest.approx(24 + 10.506 / 60), "altitude_m": 100.0, "geoid_separation_m": -33.9,
+                        "longitude": pytest.approx(24 + 10.506 / 60), "altitude": 100.0, "geoid_separation": -33.9,
                         "dgps_station": "0000"}
     assert s.time_ns is None  # a time of day without a date (no RMC yet): the gateway stamps it
-    assert s.units["altitude_m"] == "m" and s.units["latitude"] == "deg" and s.quality == {}
+    assert s.units["altitude"] == "m" and s.units["latitude"] == "°" and s.quality == {}
 
 
 def test_rmc_values_and_time():
     [s] = decode(b"$GPRMC,225446,A,4916.45,N,12311.12,W,000.5,054.7,191194,020.3,E*68\r\n")
-    assert s.fields == {"status": "A", "latitude": pytest.approx(49 + 16.45 / 60),
-                        "longitude": pytest.approx(-(123 + 11.12 / 60)), "speed_m_s": pytest.approx(0.5 * 1852 / 3600),
-                        "course_deg": 54.7, "magnetic_variation_deg": 20.3}
+    assert s.fields == {"fix_status": "A", "latitude": pytest.approx(49 + 16.45 / 60),
+                        "longitude": pytest.approx(-(123 + 11.12 / 60)), "speed": pytest.approx(0.5 * 1852 / 3600),
+                        "course": 54.7, "magnetic_variation": 20.3}
     assert s.time_ns == ns("1994-11-19T22:54:46")
-    assert s.units["speed_m_s"] == "m/s"
+    assert s.units["speed"] == "m/s"
 
 
 def test_rmc_fraction_of_a_second_and_west_variation():
     [s] = decode(sentence("GNRMC,010203.125,A,0000.000,N,00000.000,E,1.0,359.9,290224,1.5,W,D"))
     assert s.time_ns == ns("2024-02-29T01:02:03.125000")
     assert s.fields["latitude"] == 0.0 and s.fields["longitude"] == 0.0  # a real fix on the equator is kept
-    assert s.fields["magnetic_variation_deg"] == -1.5 and s.fields["mode"] == "D"
-    assert s.fields["speed_m_s"] == KNOT_M_S and s.tags == {"talker": "GN"}
+    assert s.fields["magnetic_variation"] == -1.5 and s.fields["fix_mode"] == "D"
+    assert s.fields["speed"] == KNOT_M_S and s.tags == {"talker": "GN"}
 
 
 def test_gga_is_dated_by_the_last_rmc_across_midnight():
@@ -143,17 +143,17 @@ def test_no_fix_leaves_the_position_out_never_zero():
         assert s.quality["latitude"] == s.quality["longitude"] == "no_fix"
         assert s.time_ns is None  # the receiver's clock is not trusted without a fix
     assert events[0].fields == {"fix_quality": 0, "satellites": 0}
-    assert events[2].fields == {"status": "V"}
+    assert events[2].fields == {"fix_status": "V"}
 
 
 def test_rmc_mode_n_overrides_status_a():
     [s] = decode(b"$GPRMC,123519.00,A,4807.038,N,01131.000,E,,,230394,,,N*51\r\n")
-    assert s.fields == {"status": "A", "mode": "N"} and s.quality["latitude"] == "no_fix"
+    assert s.fields == {"fix_status": "A", "fix_mode": "N"} and s.quality["latitude"] == "no_fix"
 
 
 def test_fix_with_empty_fields_says_not_available():
     [s] = decode(b"$GPRMC,123519.00,A,4807.038,N,01131.000,E,,,230394,,*33\r\n")
-    assert s.quality == {"speed_m_s": "not_available", "course_deg": "not_available"}
+    assert s.quality == {"speed": "not_available", "course": "not_available"}
     assert s.time_ns == ns("1994-03-23T12:35:19")
 
 

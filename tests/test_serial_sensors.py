@@ -90,9 +90,10 @@ def test_first_frames_by_hand():
 
     (pms,) = samples(PmsX003Decoder().feed(frames("pmsx003")[0]))
     assert pms.fields == {"pm1_0_cf1": 0.0, "pm2_5_cf1": 8.0, "pm10_cf1": 8.0, "pm1_0": 0.0, "pm2_5": 8.0, "pm10": 8.0,
-                          "n0_3": 210, "n0_5": 70, "n1_0": 45, "n2_5": 30, "n5_0": 0, "n10": 0, "error_code": 0}
+                          "particles_0_3": 2100.0, "particles_0_5": 700.0, "particles_1_0": 450.0,
+                          "particles_2_5": 300.0, "particles_5_0": 0.0, "particles_10": 0.0, "error_code": 0}
     assert pms.tags == {"version": "97"}
-    assert pms.units["n0_3"] == "1/0.1L" and pms.units["pm2_5"] == "µg/m³"
+    assert pms.units["particles_0_3"] == "1/L" and pms.units["pm2_5"] == "µg/m³"
 
     (co2,) = samples(Mhz19bDecoder().feed(bytes.fromhex("ff 86 02 7c 42 00 00 00 ba")))
     assert co2.fields == {"co2": 636.0, "temperature": 26.0}  # 2*256+0x7c ppm; 0x42-40 °C

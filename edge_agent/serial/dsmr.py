@@ -45,17 +45,18 @@ Samples, per telegram, in this order:
   equipment_id (values as sent; for each tag the first line that gives it wins); `time_ns` from the telegram's
   timestamp 0-0:1.0.0. It is left out when it would have no field and no quality (a heat-meter gateway's
   telegram carries only identification);
-- one per M-Bus sub-meter channel n (0-n:...), measurement by the M-Bus device type 0-n:24.1.0 (3 gas, 7/22
-  water, 6/21 hot_water, 4/12/13 heat, 10/11 cooling, anything else "mbus" with the tag device_type); tags channel
-  and equipment_id (0-n:96.1.0, e-MUCS 0-n:96.1.1); `time_ns` = the reading's capture time; the field named by
-  what the reading is: `volume_m3`, `energy_gj`, `energy_kwh` (0-n:24.2.1, and DSMR 2.2/3.0 0-n:24.3.0 with the
-  value on the next line), `volume_uncorrected_m3` (e-MUCS 0-n:24.2.3, gas not temperature corrected);
-  valve_position (0-n:24.4.0). A reading whose capture time is empty or before 2001 is the meter's "no device /
+- one per M-Bus sub-meter channel n (0-n:...), measurement by the M-Bus device type 0-n:24.1.0 as the M-Bus
+  decoder names them (3 gas, 6/7/21/22 water, 4/12/13 heat, 10/11 cooling, anything else or none "meter"); tags
+  channel, device_type (the type as sent) and equipment_id (0-n:96.1.0, e-MUCS 0-n:96.1.1); `time_ns` = the
+  reading's capture time; the field named by what the reading is (the shared vocabulary): `volume` in m³, `energy`
+  in kWh (heat meters' GJ converted: 1 GJ = 277.78 kWh) (0-n:24.2.1, and DSMR 2.2/3.0 0-n:24.3.0 with the value on
+  the next line), `volume_uncorrected` (e-MUCS 0-n:24.2.3, gas not temperature corrected); valve_position
+  (0-n:24.4.0). A reading whose capture time is empty or before 2001 is the meter's "no device /
   never read" placeholder (the Iskra AM550 sends `(700101010000W)(00000000)`): no sample, counted in
   `stats["mbus_no_reading"]`. Readings of one channel with different capture times become separate samples.
 
-Values: numbers become floats in the unit of the field's name (converted from Wh, W, varh, var, MJ, dm3 in
-decimal); counts and states (tariff, failures, sags, swells, breaker and valve state) become ints; an empty
+Values: numbers become floats in the vocabulary's unit of the field (wire/vocabulary.toml: kWh, W, kvarh, var, V,
+A, Hz, m³; converted from Wh, kW, varh, kvar, GJ, MJ, dm3 in decimal); counts and states (tariff, failures, sags, swells, breaker and valve state) become ints; an empty
 value `()` is left out with quality "not_available"; a value that does not parse, has no unit or the unit of
 another quantity, or an int with a unit, is left out with quality "malformed" under the field's name: never a
 made-up number. A timestamp that does not parse leaves `time_ns` None (the gateway's clock) with quality
@@ -174,12 +175,13 @@ def _number(value: str) -> tuple[str, str] | None:
     return (number, unit) if _NUMBER.fullmatch(number) else None
 
 
-def _scaled(number: str, exponent: int) -> float:
-    return float(Decimal(number).scaleb(exponent)) if exponent else float(number)
+def _scaled(number: str, factor: Decimal) -> float:
+    """The number times the factor into the vocabulary's unit, computed in decimal (0.123 kW is exactly 123 W)."""
+    return float(Decimal(number) * factor) if factor != 1 else float(number)
 
 
-def _canonical(unit: str) -> tuple[str, int] | None:
-    return ("", 0) if unit == "" else obis.UNITS.get(unit)
+def _canonical(unit: str) -> tuple[str, Decimal] | None:
+    return ("", Decimal(1)) if unit == "" else obis.UNITS.get(unit)
 
 
 @dataclass
@@ -448,7 +450,7 @@ class DsmrDecoder:
         if canonical is None or quantity is None or not _NUMBER.fullmatch(value):
             ch.readings.append((time_ns, "", None, "", {"value": "malformed"}))
             return
-        name = f"{quantity}{infix}_{canonical[0].lower()}"
+        name = f"{quantity}{infix}"
         ch.readings.append((time_ns, name, _scaled(value, canonical[1]), canonical[0], {}))
 
 
@@ -471,7 +473,7 @@ class _Electricity:
                 self.quality[entry.name] = "malformed"
                 return
             self._float(entry, values[1])
-            time_name = entry.name.removesuffix("_kw") + "_time"
+            time_name = entry.name + "_time"
             try:
                 when = timestamp_ns(values[0])
             except ValueError:
@@ -515,7 +517,7 @@ class _Electricity:
         if parsed is None or canonical is None:
             self.quality[entry.name] = "malformed"
             return
-        unit, exponent = canonical
+        unit, factor = canonical
         if unit == entry.unit:
             name = entry.name
         elif entry.alternative and unit == entry.alternative[0]:
@@ -523,7 +525,7 @@ class _Electricity:
         else:
             self.quality[entry.name] = "malformed"
             return
-        self.fields[name] = _scaled(parsed[0], exponent)
+        self.fields[name] = _scaled(parsed[0], factor)
         if unit:
             self.units[name] = unit
 
@@ -543,7 +545,7 @@ def _channel_samples(number: int, ch: _Channel) -> list[Event]:
     measurement = obis.MBUS_MEASUREMENT.get(ch.device_type, obis.MBUS_OTHER) if ch.device_type is not None \
         else obis.MBUS_OTHER
     tags = {"channel": str(number), **ch.tags}
-    if measurement == obis.MBUS_OTHER and ch.device_type is not None:
+    if ch.device_type is not None:  # which of the types a measurement gathers (warm or cold water, heat inlet ...)
         tags["device_type"] = str(ch.device_type)
     samples: list[Event] = []
     by_time: dict[int, tuple[dict[str, FieldValue], dict[str, str], dict[str, str]]] = {}

@@ -49,9 +49,10 @@ block limit), "garbage" (too many bytes that are neither identification nor read
 baud rate above max_baud, or a reserved baud character).
 
 Decoding: `parse_readout(block)` turns `STX ... ETX BCC` into a Sample, `parse_identification(line)` reads the
-identification, `bcc(data)` is the block check. Field names: a few well-known OBIS codes get names with their
-unit (energy_import_kwh, voltage_l1_v, ...; values converted from Wh/MWh, W, kV when the meter uses those;
-a unit that does not fit keeps the generic name), every other code becomes `obis_` + its digits
+identification, `bcc(data)` is the block check. Field names: a few well-known OBIS codes get the shared
+vocabulary's names (wire/vocabulary.toml: energy_import, power_import, voltage_l1, ...) in its units (kWh, kvarh,
+W, V, A, Hz; converted from Wh/MWh, kW/MW, kV when the meter uses those; a unit that does not fit keeps the generic
+name), every other code becomes `obis_` + its digits
 (`1.8.0*03` -> obis_1_8_0_f3; the letters C F L P of short codes are 96 97 98 99, so `C.1.0` and `0-0:96.1.0`
 name the same field; `1-0:` is the default of an electricity meter's short codes and is dropped). Numbers
 become floats with their unit in `Sample.units`; an empty value `()` is left out with quality "not_available".
@@ -62,7 +63,7 @@ Every field has one type, whatever a reading holds (InfluxDB refuses a field tha
 values of one readout can get one name. Suffixes start with "__" (SEPARATOR), which no code's name contains:
 a well-known name is fixed, a generic one is "obis_" and non-empty groups joined by single underscores. So:
 - `<name>`: the first value of a data set; a float, except for the well-known text codes (meter_time,
-  meter_date, device_address, meter_serial, error_register: always strings);
+  meter_date, address, serial_number, error_register: always strings);
 - `<generic name>__text`: a first value that is not a number where a number would go (`C.90.1(TEXT)`,
   `1.8.1(n/a*kWh)` -> obis_96_90_1__text, obis_1_8_1__text): a string;
 - `<generic name>__2`, `__3` ...: the further values of a data set, always strings, always after the code's
@@ -198,7 +199,7 @@ def option_select(baud: int, protocol: str = "0", mode: str = "0") -> bytes:
 # (A-B prefixes this name applies to, name, {unit (lower case): factor to the name's unit}, unit, kind)
 _ENERGY = {"kwh": Fraction(1), "wh": Fraction(1, 1000), "mwh": Fraction(1000)}
 _REACTIVE = {"kvarh": Fraction(1), "varh": Fraction(1, 1000), "mvarh": Fraction(1000)}
-_POWER = {"kw": Fraction(1), "w": Fraction(1, 1000), "mw": Fraction(1000)}
+_POWER = {"kw": Fraction(1000), "w": Fraction(1), "mw": Fraction(1_000_000)}
 _VOLT = {"v": Fraction(1), "kv": Fraction(1000)}
 _AMP = {"a": Fraction(1)}
 _HZ = {"hz": Fraction(1)}
@@ -215,25 +216,25 @@ class _Known:
 
 
 _KNOWN: dict[str, _Known] = {
-    "1.8.0": _Known("energy_import_kwh", _ELECTRICITY, _ENERGY, "kWh"),
-    "2.8.0": _Known("energy_export_kwh", _ELECTRICITY, _ENERGY, "kWh"),
-    **{f"1.8.{t}": _Known(f"energy_import_t{t}_kwh", _ELECTRICITY, _ENERGY, "kWh") for t in range(1, 5)},
-    **{f"2.8.{t}": _Known(f"energy_export_t{t}_kwh", _ELECTRICITY, _ENERGY, "kWh") for t in range(1, 5)},
-    "3.8.0": _Known("reactive_energy_import_kvarh", _ELECTRICITY, _REACTIVE, "kvarh"),
-    "4.8.0": _Known("reactive_energy_export_kvarh", _ELECTRICITY, _REACTIVE, "kvarh"),
-    "1.7.0": _Known("power_import_kw", _ELECTRICITY, _POWER, "kW"),
-    "2.7.0": _Known("power_export_kw", _ELECTRICITY, _POWER, "kW"),
-    "32.7.0": _Known("voltage_l1_v", _ELECTRICITY, _VOLT, "V"),
-    "52.7.0": _Known("voltage_l2_v", _ELECTRICITY, _VOLT, "V"),
-    "72.7.0": _Known("voltage_l3_v", _ELECTRICITY, _VOLT, "V"),
-    "31.7.0": _Known("current_l1_a", _ELECTRICITY, _AMP, "A"),
-    "51.7.0": _Known("current_l2_a", _ELECTRICITY, _AMP, "A"),
-    "71.7.0": _Known("current_l3_a", _ELECTRICITY, _AMP, "A"),
-    "14.7.0": _Known("frequency_hz", _ELECTRICITY, _HZ, "Hz"),
+    "1.8.0": _Known("energy_import", _ELECTRICITY, _ENERGY, "kWh"),
+    "2.8.0": _Known("energy_export", _ELECTRICITY, _ENERGY, "kWh"),
+    **{f"1.8.{t}": _Known(f"energy_import_t{t}", _ELECTRICITY, _ENERGY, "kWh") for t in range(1, 5)},
+    **{f"2.8.{t}": _Known(f"energy_export_t{t}", _ELECTRICITY, _ENERGY, "kWh") for t in range(1, 5)},
+    "3.8.0": _Known("reactive_energy_import", _ELECTRICITY, _REACTIVE, "kvarh"),
+    "4.8.0": _Known("reactive_energy_export", _ELECTRICITY, _REACTIVE, "kvarh"),
+    "1.7.0": _Known("power_import", _ELECTRICITY, _POWER, "W"),
+    "2.7.0": _Known("power_export", _ELECTRICITY, _POWER, "W"),
+    "32.7.0": _Known("voltage_l1", _ELECTRICITY, _VOLT, "V"),
+    "52.7.0": _Known("voltage_l2", _ELECTRICITY, _VOLT, "V"),
+    "72.7.0": _Known("voltage_l3", _ELECTRICITY, _VOLT, "V"),
+    "31.7.0": _Known("current_l1", _ELECTRICITY, _AMP, "A"),
+    "51.7.0": _Known("current_l2", _ELECTRICITY, _AMP, "A"),
+    "71.7.0": _Known("current_l3", _ELECTRICITY, _AMP, "A"),
+    "14.7.0": _Known("frequency", _ELECTRICITY, _HZ, "Hz"),
     "0.9.1": _Known("meter_time", _ABSTRACT),
     "0.9.2": _Known("meter_date", _ABSTRACT),
-    "0.0.0": _Known("device_address", _ABSTRACT),
-    "96.1.0": _Known("meter_serial", _ABSTRACT),
+    "0.0.0": _Known("address", _ABSTRACT),
+    "96.1.0": _Known("serial_number", _ABSTRACT),
     "97.97.0": _Known("error_register", _ABSTRACT),
     "97.97": _Known("error_register", _ABSTRACT),
 }

@@ -26,11 +26,12 @@ Sentences. Only GGA and RMC (any talker: GP, GN, GL, GA, GB, BD, ...) produce sa
 `NmeaDecoder.ignored` by type, not rejected.
 
 - GGA: fix_quality (0 = none, 1 = GPS, 2 = DGPS, 4 = RTK fixed, 5 = RTK float, 6 = estimated, ...),
-  satellites (in use), hdop, latitude, longitude (signed decimal degrees, north/east positive), altitude_m
-  (above mean sea level), geoid_separation_m, dgps_age_s and dgps_station when present.
+  satellites (in use), hdop, latitude, longitude (signed decimal degrees, north/east positive), altitude (m above
+  mean sea level), geoid_separation (m), dgps_age (s) and dgps_station when present.
 - RMC: status ("A" valid, "V" warning), mode (NMEA 2.3+: A autonomous, D differential, E estimated, N not
-  valid, ...), latitude, longitude, speed_m_s (from knots, 1 kn = 1852/3600 m/s), course_deg (true),
-  magnetic_variation_deg (east positive) when present.
+  valid, ...), latitude, longitude, speed (m/s, from knots, 1 kn = 1852/3600 m/s), course (°, true),
+  magnetic_variation (°, east positive) when present. RMC's status and mode are the fields fix_status and fix_mode.
+  Names and units are the shared vocabulary's (wire/vocabulary.toml).
 
 No fix (GGA quality 0; RMC status other than "A" or mode "N"): the position fields are left out, even when the
 receiver repeats a stale position, and `quality` says "no_fix" for them; a coordinate is never 0.0 for "none".
@@ -218,18 +219,18 @@ class NmeaDecoder:
         tod_ns = _time_of_day(f[1])
         time_ns = None
         if quality == 0:
-            for name in ("latitude", "longitude", "altitude_m"):
+            for name in ("latitude", "longitude", "altitude"):
                 flags[name] = "no_fix"
         else:
             _position(f[2], f[3], f[4], f[5], fields, flags, units)
             _number(f[8], "hdop", fields, flags, units, "")
             if f[10] not in ("M", ""):
                 raise _Malformed(f"altitude unit {f[10]!r}, expected M")
-            _number(f[9], "altitude_m", fields, flags, units, "m")
+            _number(f[9], "altitude", fields, flags, units, "m")
             if f[11]:
-                _number(f[11], "geoid_separation_m", fields, flags, units, "m")
+                _number(f[11], "geoid_separation", fields, flags, units, "m")
             if f[13]:
-                _number(f[13], "dgps_age_s", fields, flags, units, "s")
+                _number(f[13], "dgps_age", fields, flags, units, "s")
             if f[14]:
                 fields["dgps_station"] = f[14]
             if tod_ns is not None and self._rmc_instant_ns is not None:
@@ -243,30 +244,30 @@ class NmeaDecoder:
             raise _Malformed(f"RMC status {status!r} / mode {mode!r}")
         fields: dict[str, FieldValue] = {}
         if status:
-            fields["status"] = status
+            fields["fix_status"] = status
         if mode:
-            fields["mode"] = mode
+            fields["fix_mode"] = mode
         flags: dict[str, str] = {}
         units: dict[str, str] = {}
         tod_ns = _time_of_day(f[1])
         day = _date(f[9])
         time_ns = None
         if status != "A" or mode == "N":
-            for name in ("latitude", "longitude", "speed_m_s", "course_deg"):
+            for name in ("latitude", "longitude", "speed", "course"):
                 flags[name] = "no_fix"
         else:
             _position(f[3], f[4], f[5], f[6], fields, flags, units)
             knots = _float(f[7], "speed")
             if knots is None:
-                flags["speed_m_s"] = "not_available"
+                flags["speed"] = "not_available"
             else:
-                fields["speed_m_s"] = knots * KNOT_M_S
-                units["speed_m_s"] = "m/s"
-            _number(f[8], "course_deg", fields, flags, units, "deg")
+                fields["speed"] = knots * KNOT_M_S
+                units["speed"] = "m/s"
+            _number(f[8], "course", fields, flags, units, "°")
             variation = _float(f[10], "magnetic variation")
             if variation is not None and f[11] in ("E", "W"):
-                fields["magnetic_variation_deg"] = -variation if f[11] == "W" else variation
-                units["magnetic_variation_deg"] = "deg"
+                fields["magnetic_variation"] = -variation if f[11] == "W" else variation
+                units["magnetic_variation"] = "°"
             if tod_ns is not None and day is not None:
                 time_ns = day * 86_400_000_000_000 + tod_ns
                 self._rmc_instant_ns = time_ns
@@ -333,7 +334,7 @@ def _position(lat: str, ns: str, lon: str, ew: str, fields: dict, flags: dict, u
         return
     fields["latitude"] = _coordinate(lat, ns, _LAT, 90, "NS")
     fields["longitude"] = _coordinate(lon, ew, _LON, 180, "EW")
-    units["latitude"] = units["longitude"] = "deg"
+    units["latitude"] = units["longitude"] = "°"
 
 
 def _coordinate(text: str, hemisphere: str, pattern: re.Pattern[str], limit: int, sides: str) -> float:

@@ -13,7 +13,8 @@ Each is a fixed-layout frame that starts with a sync byte and carries a checksum
 Events depend only on the bytes, never on how they were split into feeds.
 
 Physical quantities are floats for every model (PM2.5 of an SDS011 is 0.1 µg/m³ resolution, of a PMS 1 µg/m³),
-so a field never changes type inside the shared "air_quality" measurement; counts and codes are integers.
+so a field never changes type inside the shared "air_quality" measurement; codes are integers. Names and units are
+the shared vocabulary's (wire/vocabulary.toml); particle counts are per litre (the PMS counts per 0.1 L, x 10).
 """
 
 from __future__ import annotations
@@ -173,11 +174,12 @@ PMSX003_FRAME: Final = 32
 _PMS_LENGTH: Final = 0x1C  # 13 data words + the checksum word
 _PMS_MAX_LENGTH: Final = 0x40  # longer "frames" are noise: do not wait for them
 _PMS_FIELDS: Final = (
-    # (field, unit) of data words 1..12, big-endian uint16
-    ("pm1_0_cf1", "µg/m³"), ("pm2_5_cf1", "µg/m³"), ("pm10_cf1", "µg/m³"),  # CF=1, "standard particle"
-    ("pm1_0", "µg/m³"), ("pm2_5", "µg/m³"), ("pm10", "µg/m³"),  # atmospheric environment
-    ("n0_3", "1/0.1L"), ("n0_5", "1/0.1L"), ("n1_0", "1/0.1L"),  # particles larger than x µm in 0.1 L of air
-    ("n2_5", "1/0.1L"), ("n5_0", "1/0.1L"), ("n10", "1/0.1L"),
+    # (field, unit, factor into the vocabulary's unit) of data words 1..12, big-endian uint16
+    ("pm1_0_cf1", "µg/m³", 1), ("pm2_5_cf1", "µg/m³", 1), ("pm10_cf1", "µg/m³", 1),  # CF=1, "standard particle"
+    ("pm1_0", "µg/m³", 1), ("pm2_5", "µg/m³", 1), ("pm10", "µg/m³", 1),  # atmospheric environment
+    # particles larger than x µm: the sensor counts them in 0.1 L of air, the vocabulary per litre
+    ("particles_0_3", "1/L", 10), ("particles_0_5", "1/L", 10), ("particles_1_0", "1/L", 10),
+    ("particles_2_5", "1/L", 10), ("particles_5_0", "1/L", 10), ("particles_10", "1/L", 10),
 )
 
 
@@ -216,13 +218,13 @@ class PmsX003Decoder(_FrameDecoder):
                                   "only the 32-byte PMS x003 frame is decoded", size)
         words = [frame[i] << 8 | frame[i + 1] for i in range(4, 30, 2)]
         fields: dict[str, float | int] = {}
-        for (name, _unit), word in zip(_PMS_FIELDS, words, strict=False):
-            fields[name] = float(word) if name.startswith("pm") else word
+        for (name, _unit, factor), word in zip(_PMS_FIELDS, words, strict=False):
+            fields[name] = float(word * factor)
         fields["error_code"] = words[12] & 0xFF
         return size, Sample(
             fields=fields,
             tags={"version": f"{words[12] >> 8:02X}"},
-            units={name: unit for name, unit in _PMS_FIELDS},
+            units={name: unit for name, unit, _ in _PMS_FIELDS},
         )
 
 
