@@ -163,7 +163,7 @@ def test_sunspec_device_is_polled_by_discovery(base: int) -> None:
     assert not outcome.error
     fields = {r.measurement: r.fields for r in outcome.readings}
     assert fields["sunspec_inverter"] == pytest.approx(expected["sunspec_inverter"])
-    assert fields["sunspec_common"]["common_Md"] == "TestInverter-1"
+    assert fields["sunspec_common"]["model_name"] == "TestInverter-1"
     quality = {r.measurement: r.quality for r in outcome.readings if r.quality}
     assert quality == golden["quality"]  # 0xFFFF "not implemented" is missing, never a number
     assert engine.devices[0].tags["model"] == "TestInverter-1"

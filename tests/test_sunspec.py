@@ -266,7 +266,7 @@ def test_invalid_length_of_a_known_model_stops_the_walk():
     assert [(m.model_id, m.known) for m in smap.models] == [(1, True), (103, False)]
     assert "model 103 declares length 49" in smap.models[1].note
     assert smap.end_reason.startswith("invalid length")
-    assert [p.field for p in mapped_points(smap)][:2] == ["common_Mn", "common_Md"]  # model 1 is still mapped
+    assert [p.field for p in mapped_points(smap)][:2] == ["manufacturer", "model_name"]  # model 1 is still mapped
     assert not any(p.model.model_id == 103 for p in mapped_points(smap))
 
 
@@ -398,17 +398,20 @@ def settings_by_field(smap, prefix="sunspec", **kwargs) -> dict[str, dict]:
 
 def test_points_of_the_fixture():
     points = settings_by_field(fixture_map())
-    w = points["inverter_W"]
-    assert w == {"name": "inverter_W", "address": 40084, "type": "int16", "table": "holding",
+    w = points["power"]  # W: the vocabulary's name (edge_agent/sunspec/vocabulary.py)
+    assert w == {"name": "power", "address": 40084, "type": "int16", "table": "holding",
                  "measurement": "sunspec_inverter", "unit": "W", "sentinel": "auto",
                  "scale_factor": "inverter_W_SF", "description": "SunSpec model 103 W: Watts"}
-    assert points["inverter_W_SF"]["internal"] and points["inverter_W_SF"]["sentinel"] == "auto"
-    assert points["inverter_WH"]["type"] == "uint32" and points["inverter_WH"]["sentinel"] == [0]  # acc32
-    assert points["common_SN"]["type"] == "string" and points["common_SN"]["length"] == 16
-    assert "sentinel" not in points["common_SN"]
-    assert points["inverter_St"]["enum"]["4"] == "MPPT"
-    assert points["inverter_Evt1"]["bits"]["0"] == "inverter_Evt1_GROUND_FAULT"
-    assert "bits" not in points["inverter_EvtVnd1"] and "enum" not in points["inverter_StVnd"]
+    assert points["inverter_W_SF"]["internal"] and points["inverter_W_SF"]["sentinel"] == "auto"  # native names
+    energy = points["energy"]  # WH, acc32 in Wh: x 0.001 into kWh before the scale factor
+    assert (energy["type"], energy["sentinel"], energy["unit"], energy["scale"]) == ("uint32", [0], "kWh", 0.001)
+    assert (points["power_factor"]["unit"], points["power_factor"]["scale"]) == ("", 0.01)  # Pct -> ratio
+    assert points["temperature_cabinet"]["unit"] == "°C"
+    assert points["serial_number"]["type"] == "string" and points["serial_number"]["length"] == 16
+    assert "sentinel" not in points["serial_number"]
+    assert points["state"]["enum"]["4"] == "MPPT"
+    assert points["event"]["bits"]["0"] == "event_ground_fault"
+    assert "bits" not in points["inverter_EvtVnd1"] and "enum" not in points["status"]
     assert points["common_DA"]["description"] == "SunSpec model 1 DA: Device Address (writable setting)"
     assert "common_ID" not in points and "common_Pad" not in points and "inverter_L" not in points
 
@@ -416,8 +419,8 @@ def test_points_of_the_fixture():
 @needs_profile_fields
 def test_points_are_profile_points():
     points = {p.name: p for p in points_for(fixture_map())}
-    assert points["inverter_W"].scale_factor == "inverter_W_SF" and points["inverter_W_SF"].internal
-    assert points["common_SN"].length == 16 and points["inverter_St"].enum["4"] == "MPPT"
+    assert points["power"].scale_factor == "inverter_W_SF" and points["inverter_W_SF"].internal
+    assert points["serial_number"].length == 16 and points["state"].enum["4"] == "MPPT"
     profile = profile_for(fixture_map())
     assert (profile.vendor, profile.model, profile.measurement) == ("SunSpecTest", "TestInverter-1", "sunspec")
     assert profile.description == "SunSpec discovery at 40000: models 1 (common, L=66), 103 (inverter, L=50)"
@@ -455,10 +458,10 @@ def test_not_implemented_scale_factor_and_values():
     regs = fixture() | {40085: 0x8000, 40072: 0xFFFF, 40094: 0, 40095: 0}  # W_SF, A, WH
     values = _poll(point_specs_for(fixture_map()), regs)
     quality = values.quality["sunspec_inverter"]
-    assert quality["inverter_W"] == "no_scale_factor"
-    assert quality["inverter_A"] == "not_available" and quality["inverter_WH"] == "not_available"
-    assert "inverter_W" not in values.fields["sunspec_inverter"]
-    assert values.fields["sunspec_inverter"]["inverter_AphA"] == pytest.approx(4.1)
+    assert quality["power"] == "no_scale_factor"
+    assert quality["current"] == "not_available" and quality["energy"] == "not_available"
+    assert "power" not in values.fields["sunspec_inverter"]
+    assert values.fields["sunspec_inverter"]["current_l1"] == pytest.approx(4.1)
 
 
 @needs_profile_fields
@@ -483,12 +486,13 @@ def repeated_map():
 
 def test_models_filter_and_repeated_models():
     smap = repeated_map()
+    meters = [s for s in (point_settings(mp) for mp in mapped_points(smap, "pv")) if s["name"] == "power"]
+    assert [(s["measurement"], s["address"]) for s in meters] == [("pv_ac_meter", 40000 + 2 + 68 + 2 + 16),
+                                                                 ("pv_ac_meter_2", 40000 + 2 + 68 + 107 + 2 + 16)]
     names = settings_by_field(smap, "pv")
-    assert names["ac_meter_W"]["measurement"] == "pv_ac_meter"
-    assert names["ac_meter_2_W"]["measurement"] == "pv_ac_meter_2"
-    assert names["ac_meter_2_W"]["address"] == 40000 + 2 + 68 + 107 + 2 + 16
-    assert names["mppt_module_2_DCA"]["scale_factor"] == "mppt_DCA_SF"
-    assert names["mppt_module_2_IDStr"]["type"] == "string"
+    assert names["dc_current_pv2"]["scale_factor"] == "mppt_DCA_SF"  # module 2's DCA, the model-level DCA_SF
+    assert names["dc_energy_pv1"]["unit"] == "kWh" and names["mppt_module_2_IDStr"]["type"] == "string"
+    assert names["ac_meter_2_TotVArhImpQ1PhA"]["unit"] == "varh"  # no vocabulary name: SunSpec's name and unit
     assert {p.model.model_id for p in mapped_points(smap, models={160})} == {160}
 
 
@@ -511,17 +515,17 @@ def test_every_shipped_model_is_polled():
     assert smap.complete and all(m.known for m in smap.models)
     values = _poll(point_specs_for(smap), regs)
     # an all-zero image: plain integers read 0; accumulators and strings say "not available"
-    assert values.quality["sunspec_inverter"]["inverter_WH"] == "not_available"
-    assert values.fields["sunspec_inverter"]["inverter_W"] == 0
-    assert values.fields["sunspec_inverter_6"]["inverter_6_W"] == 0  # 101, 102, 103, 111-113 are all "inverter"
-    assert "ac_meter_4_TotWhImp" in values.quality["sunspec_ac_meter_4"]
+    assert values.quality["sunspec_inverter"]["energy"] == "not_available"
+    assert values.fields["sunspec_inverter"]["power"] == 0
+    assert values.fields["sunspec_inverter_6"]["power"] == 0  # 101, 102, 103, 111-113 are all "inverter"
+    assert "energy_import" in values.quality["sunspec_ac_meter_4"]
 
 
 @needs_profile_fields
 def test_every_shipped_model_makes_a_valid_profile():
     smap = walk(register_reader(every_model_image()), read_common=False).result
     profile = profile_for(smap)  # the profile validator checks names, scale factors, overlaps, enums, bits
-    assert "inverter_6_W" in profile.fields()["sunspec_inverter_6"]
+    assert "power" in profile.fields()["sunspec_inverter_6"] and "inverter_6_W_SF" not in profile.fields()["sunspec_inverter_6"]
 
 
 # -- discovery over Modbus TCP -----------------------------------------------------------------------------------
@@ -559,7 +563,7 @@ def test_discovery_over_tcp(base):
     assert served == [(base, 2), (base + 2, 2), (base + 70, 2), (base + 122, 2), (base + 4, 66)]
     assert all(p.answer == "exception: exception code 2" for p in smap.probes[:-1])
     values = _poll(point_specs_for(smap), fixture_image(base))
-    assert values.fields["sunspec_inverter"]["inverter_W"] == 2970
+    assert values.fields["sunspec_inverter"]["power"] == 2970
 
 
 @pytest.mark.integration

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from edge_agent.modbus.decode import make_decoder, width_of
 from edge_agent.modbus.plan import PointSpec
+from edge_agent.sunspec import vocabulary as sunspec_vocabulary
 from edge_agent.sunspec.models import (
     ModelDef,
     ModelLayoutError,
@@ -381,8 +382,12 @@ def register_reader(registers: Mapping[int, int]) -> Callable[[int, int], list[i
 class MappedPoint:
     """One SunSpec point placed on the device: what the profile point is built from.
 
-    `field` is unique on the device ("inverter_W", "mppt_module_2_DCA"); `sf_field` is the field of the
-    point holding this one's scale factor exponent, `sf_exponent` a constant exponent from the model file.
+    `native` is the point's SunSpec name, unique on the device ("inverter_W", "mppt_module_2_DCA"); `field` is
+    the name it is stored under: the vocabulary's where it has one (edge_agent/sunspec/vocabulary.py: "power",
+    "dc_current_pv2"), unique within the measurement, else `native`. `unit` is the stored value's unit and `factor`
+    the conversion from the model file's (Wh -> kWh: 0.001). `sf_field` is the field of the point holding this
+    one's scale factor exponent (scale factors keep their native names), `sf_exponent` a constant exponent from
+    the model file.
     """
 
     field: str
@@ -392,6 +397,9 @@ class MappedPoint:
     model: ModelInstance
     sf_field: str | None = None
     sf_exponent: int | None = None
+    native: str = ""
+    unit: str = ""
+    factor: float = 1.0
 
     @property
     def internal(self) -> bool:
@@ -443,15 +451,21 @@ def mapped_points(
                 continue
             if point.profile_type is None or point.key in dangling:
                 continue
+            standard = None if point.type == "sunssf" else sunspec_vocabulary.standard_field(
+                definition.name, point.key, point.units)
+            name, unit, factor = standard if standard is not None else (fields[point.key], point.units, 1.0)
             out.append(
                 MappedPoint(
-                    field=fields[point.key],
+                    field=name,
                     measurement=measurement,
                     address=instance.address + point.offset,
                     point=point,
                     model=instance,
                     sf_field=fields.get(point.sf) if isinstance(point.sf, str) else None,
                     sf_exponent=point.sf if isinstance(point.sf, int) else None,
+                    native=fields[point.key],
+                    unit=unit,
+                    factor=factor,
                 )
             )
     return out
@@ -478,7 +492,7 @@ def point_settings(mp: MappedPoint) -> dict[str, object]:
         "type": p.profile_type,
         "table": "holding",
         "measurement": mp.measurement,
-        "unit": p.units,
+        "unit": mp.unit,
         "description": _description(mp),
     }
     if p.type == "string":
@@ -490,13 +504,22 @@ def point_settings(mp: MappedPoint) -> dict[str, object]:
         settings["internal"] = True
     if mp.sf_field is not None:
         settings["scale_factor"] = mp.sf_field
+        if mp.factor != 1:  # applied before the exponent: raw Wh x 0.001 x 10^sf = kWh
+            settings["scale"] = mp.factor
     elif mp.sf_exponent is not None:
-        settings["scale"] = 10**mp.sf_exponent if mp.sf_exponent >= 0 else 10.0**mp.sf_exponent
+        exponent = 10**mp.sf_exponent if mp.sf_exponent >= 0 else 10.0**mp.sf_exponent
+        settings["scale"] = exponent * mp.factor if mp.factor != 1 else exponent
+    elif mp.factor != 1:
+        settings["scale"] = mp.factor
     if p.symbols and p.type.startswith("enum"):
         settings["enum"] = {str(value): name for name, value in p.symbols}
     elif p.symbols and p.type.startswith("bitfield"):
         bits = {value: name for name, value in p.symbols if 0 <= value < 16 * p.size}
-        settings["bits"] = {str(bit): f"{mp.field}_{name}" for bit, name in sorted(bits.items())}
+        native = mp.native or mp.field
+        settings["bits"] = {
+            str(bit): (mp.field != native and sunspec_vocabulary.event_field(mp.model.name, name)) or f"{native}_{name}"
+            for bit, name in sorted(bits.items())
+        }
     return settings
 
 
