@@ -18,12 +18,23 @@ from wire.config import ConfigError
 GOLDEN = Path(__file__).parent / "golden" / "profiles"
 SHIPPED = {
     "abb_b2x",
+    "acrel_adl400",
     "carlo_gavazzi_em24",
     "carlo_gavazzi_em340",
+    "chint_ddsu666",
+    "chint_dtsu666",
     "eastron_sdm120",
+    "eastron_sdm230",
     "eastron_sdm630",
+    "eastron_sdm72d",
+    "eastron_sdm72dm_v2",
     "growatt_tlx",
+    "huawei_sun2000",
+    "janitza_umg604",
+    "janitza_umg96rm",
     "schneider_iem3000",
+    "schneider_pm5000",
+    "siemens_pac3200",
     "sunspec_generic",
     "xy_md02",
 }
