@@ -283,16 +283,44 @@ def describe(path: str, cfg: AgentConfig) -> str:
 
             baud, bits, parity, stop = protocol_info(d.protocol).line_settings(d)
             lines.append(f"  device {d.id}: serial {d.protocol} on {d.port} {baud} {bits}{parity}{stop}")
-            continue
-        writable = f"; operators may write {', '.join(d.writable)}" if d.writable else ""
-        lines.append(f"  device {d.id}: {kind} on {cfg.bus_of(d).target} unit {d.unit}, profile {d.profile}, "
-                     f"every {float(d.interval):g}s{writable}")
+        else:
+            writable = f"; operators may write {', '.join(d.writable)}" if d.writable else ""
+            lines.append(f"  device {d.id}: {kind} on {cfg.bus_of(d).target} unit {d.unit}, profile {d.profile}, "
+                         f"every {float(d.interval):g}s{writable}")
+        note = _vocabulary_note(d)
+        if note:
+            lines.append(note)
     sec = cfg.security
     if sec is not None and sec.operator_ca:
         lines.append(f"  commands: signed by operators of the CA in {sec.operator_ca} (docs/control.md)")
     else:
         lines.append("  commands: none accepted (no [security] operator_ca)")
     return "\n".join(lines)
+
+
+def _vocabulary_note(device: object) -> str | None:
+    """One line naming the fields of a device that are not the shared vocabulary's (docs/vocabulary.md), or None.
+    Not an error: custom points may have names of their own. Known statically for Modbus profiles and ASCII lines;
+    the other decoders emit the vocabulary by construction (tests/test_vocabulary.py), SunSpec devices name their
+    fields at discovery."""
+    from wire import vocabulary
+
+    fields: dict[str, dict[str, str | None]] = {}
+    if getattr(device, "protocol", None) == "ascii" and getattr(device, "ascii", None) is not None:
+        from edge_agent.serial.ascii_line import AsciiLineDecoder
+        from edge_agent.serial.protocols import protocol_info
+
+        units = AsciiLineDecoder(device.ascii).field_units()  # type: ignore[attr-defined]
+        measurement = device.measurement or protocol_info("ascii").measurement  # type: ignore[attr-defined]
+        fields[measurement] = {name: unit or None for name, unit in units.items()}  # "": no unit given
+    elif isinstance(getattr(device, "profile", None), str) and device.profile != "sunspec":  # type: ignore[attr-defined]
+        from edge_agent.profiles import load_profile
+
+        fields = load_profile(device.profile).field_units(device.measurement)  # type: ignore[attr-defined]
+    found = [p for measurement, names in fields.items() for p in vocabulary.problems(measurement, names)]
+    if not found:
+        return None
+    return f"    names outside the vocabulary (docs/vocabulary.md): {', '.join(found)}"
 
 
 def _poll_once(cfg: AgentConfig) -> int:

@@ -201,7 +201,7 @@ class Point(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     def value_type(self) -> str:
         """The type of this point's field as the vocabulary names it (wire/vocabulary.py TYPES): a bitfield's
         fields are "bool" each; a number with a fractional scale or offset, or a scale factor, is a "float"."""
-        if self.bits is not None or self.type == "bool" and self.enum is None:
+        if self.bits is not None or (self.type == "bool" and self.enum is None):
             return "bool"
         if self.type == "string" or self.enum is not None or self.transform == "text":
             return "string"
@@ -479,6 +479,16 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             decode=_decoder(point, self.order), minimum=point.min, maximum=point.max, step=point.step,
             critical=point.critical, unit=point.unit,
         )
+
+    def field_units(self, measurement: str | None = None) -> dict[str, dict[str, str | None]]:
+        """{measurement: {field: unit}} of every field a full poll can emit; a bitfield's flags have None (no unit
+        applies). What `edge-agent check` holds against the vocabulary (wire/vocabulary.py `problems`)."""
+        default = measurement or self.measurement
+        out: dict[str, dict[str, str | None]] = {}
+        for point in self.points:
+            for field in point.fields():
+                out.setdefault(point.measurement or default, {})[field] = None if point.bits else point.unit
+        return out
 
     def fields(self, measurement: str | None = None) -> dict[str, list[str]]:
         """{measurement: [field, ...]}: every field a full poll of this profile can emit."""

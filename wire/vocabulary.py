@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -94,6 +95,28 @@ def lookup(name: str) -> Match | None:
 def is_standard(name: str, measurement: str | None = None) -> bool:
     m = lookup(name)
     return m is not None and (measurement is None or measurement in m.entry.measurements)
+
+
+@cache
+def measurements() -> frozenset[str]:
+    """Every measurement the table names a field of."""
+    return frozenset(m for entry in entries().values() for m in entry.measurements)
+
+
+def problems(measurement: str, fields: Mapping[str, str | None]) -> list[str]:
+    """What is not standard about the fields of one measurement, {name: unit, or None where the unit is not known}:
+    one short text per such field - "x" (not in the table), "x (not a field of gps)" (only for a measurement the
+    table knows: a device may name its own), "x (in kW, the table's W)". Standard fields give nothing."""
+    out: list[str] = []
+    for name, unit in fields.items():
+        m = lookup(name)
+        if m is None:
+            out.append(name)
+        elif measurement in measurements() and measurement not in m.entry.measurements:
+            out.append(f"{name} (not a field of {measurement})")
+        elif unit is not None and unit != m.unit:
+            out.append(f"{name} (in {unit or 'no unit'}, the table's {m.unit or 'no unit'})")
+    return out
 
 
 def value_type(value: object) -> str:

@@ -331,6 +331,10 @@ class AsciiLineDecoder:
         self._scan = 0  # where in _buf the terminator search resumes
         self._skipping = False  # inside a line already reported as too long
 
+    def field_units(self) -> dict[str, str]:
+        """{field: unit} of the fields a line can give (what `edge-agent check` holds against the vocabulary)."""
+        return {name: unit for _, name, _, unit in self._fields}
+
     def feed(self, data: bytes) -> list[Event]:
         out: list[Event] = []
         buf = self._buf

@@ -81,10 +81,7 @@ def standard_field(model: str, key: str, units: str) -> tuple[str, str, float] |
     """(vocabulary field, its unit, factor from the model file's unit) for point `key` of a model whose group name
     is `model`, or None for a point the vocabulary has no name for."""
     match = _MPPT_MODULE.fullmatch(key) if model == "mppt" else None
-    if match is not None:
-        name = f"{_MPPT[match[2]]}_pv{int(match[1])}"
-    else:
-        name = MAPS.get(model, {}).get(key, "")
+    name = f"{_MPPT[match[2]]}_pv{int(match[1])}" if match is not None else MAPS.get(model, {}).get(key, "")
     entry = vocabulary.lookup(name) if name else None
     if entry is None:
         return None
