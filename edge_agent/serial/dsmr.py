@@ -59,8 +59,9 @@ Values: numbers become floats in the vocabulary's unit of the field (wire/vocabu
 A, Hz, m³; converted from Wh, kW, varh, kvar, GJ, MJ, dm3 in decimal); counts and states (tariff, failures, sags,
 swells, breaker and valve state) become ints; an empty value `()` is left out with quality "not_available"; a
 value that does not parse, has no unit or the unit of another quantity, or an int with a unit, is left out with
-quality "malformed" under the field's name: never a made-up number. A timestamp that does not parse leaves `time_ns` None (the gateway's clock) with quality
-{"timestamp": "malformed"}; a timestamp before 2001 gives {"timestamp": "not_available"}.
+quality "malformed" under the field's name: never a made-up number. A timestamp that does not parse leaves
+`time_ns` None (the gateway's clock) with quality {"timestamp": "malformed"}; a timestamp before 2001 gives
+{"timestamp": "not_available"}.
 
 Times: DSMR timestamps YYMMDDhhmmssX are Dutch/Belgian local time (CET/CEST), X = S (summer, UTC+2) or W
 (winter, UTC+1); they become UTC by subtracting 2 or 1 hours, so the repeated hour in October is unambiguous.
