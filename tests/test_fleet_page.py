@@ -89,10 +89,13 @@ def test_a_refused_statement_is_an_error_not_an_empty_fleet() -> None:
         views.fleet_view({"results": [{"statement_id": 0, "error": "database not found: x"}]}, NOW, S)
 
 
-def test_units_come_from_the_vocabulary_then_the_bundled_profiles_by_model() -> None:
+def test_units_come_from_the_vocabulary_then_the_bundled_profiles_by_model(tmp_path) -> None:
     assert unit_of("voltage_l1") == "V" and unit_of("energy_import", "SDM630") == "kWh"
-    assert unit_of("power_total") == "" and unit_of("power_total", "SDM630") == "W"  # not (yet) a standard name
+    assert unit_of("power_total") == "" and unit_of("power_total", "SDM630") == ""  # not a standard name
     assert units_by_model()["SDM120"]["frequency"] == "Hz"
+    # every bundled profile names its points from the vocabulary; a profile's own name keeps the profile's unit
+    (tmp_path / "custom.toml").write_text('model = "X1"\n[[points]]\nname = "power_total"\nunit = "W"\n')
+    assert units_by_model(tmp_path) == {"X1": {"power_total": "W"}}
     assert unit_of("no_such_field", "SDM630") == ""
 
 
