@@ -14,6 +14,10 @@ from wire.http import HttpError, HttpServer
 if TYPE_CHECKING:
     from collector.app import Collector
 
+# Connections at once: a control room's screens each load four files at a time and refresh every 10 s; the reads
+# behind them are one at a time on the "web" thread whatever this is (collector/web/page.py).
+MAX_CONNECTIONS = 16
+
 
 def tls_context(settings: WebSettings) -> ssl.SSLContext | None:
     """HTTPS when tls_cert is set; with client_ca, the handshake demands a client certificate of that CA."""
@@ -50,5 +54,5 @@ def fleet_page(collector: Collector) -> tuple[HttpServer, FleetPage]:
                      Path(cfg.quarantine.path) if cfg.quarantine.max_entries else None)
     host, port = settings.address
     server = HttpServer(host, port, page.handle, name="web", ssl_context=tls_context(settings),
-                        max_body=MAX_LOGIN_BODY, listen_text=str(settings.listen))
+                        max_body=MAX_LOGIN_BODY, max_connections=MAX_CONNECTIONS, listen_text=str(settings.listen))
     return server, page
