@@ -65,7 +65,7 @@ log = logging.getLogger("citynerve.agent")
 AGENT_VERSION = "0.2.0"
 
 # Per-device counters that mean "this poll (or part of it) failed".
-_POLL_ERRORS = ("no_answer", "rejected", "decode_errors", "open_failures", "lost")
+_POLL_ERRORS = ("no_answer", "rejected", "decode_errors", "open_failures", "lost", "answer_errors")
 
 
 @dataclass

@@ -59,10 +59,23 @@ def _parser() -> argparse.ArgumentParser:
     decode.add_argument("--config", help="ascii: the agent.toml holding the device's [devices.ascii] settings")
     decode.add_argument("--device", help="ascii: the id of that device")
 
-    scan = sub.add_parser("scan", help="find the unit ids that answer on a bus, and which profile fits")
+    scan = sub.add_parser("scan", help="find what answers on a bus: Modbus units (and which profile fits), "
+                                       "DL/T 645, CJ/T 188 or M-Bus meters")
     _line_options(scan, several=True)
-    scan.add_argument("--units", default="1-247", help='unit ids to try, e.g. "1-247" or "1,2,10-20"')
-    scan.add_argument("--profile", action="append", help="only try these profiles (repeatable)")
+    scan.add_argument("--protocol", choices=["modbus", "dlt645", "cjt188", "mbus"], default="modbus",
+                      help="what to look for (default modbus); meters: one line setting, 2400 8E1 by default")
+    scan.add_argument("--units", default="1-247", help='modbus: unit ids to try, e.g. "1-247" or "1,2,10-20"')
+    scan.add_argument("--profile", action="append", help="modbus: only try these profiles (repeatable)")
+    scan.add_argument("--addresses", help='dlt645: 12-digit addresses to probe, comma-separated; mbus: primary '
+                                          'addresses to try (default "0-250")')
+    scan.add_argument("--config", metavar="FILE", help="dlt645: also probe the addresses of the DL/T 645 meters "
+                                                       "this agent.toml configures on --target")
+    scan.add_argument("--secondary", action="store_true",
+                      help="mbus: search secondary addresses by wildcard narrowing (EN 13757-3) instead")
+    scan.add_argument("--max-probes", type=int, default=400, help="mbus --secondary: at most this many selections")
+    scan.add_argument("--meter-type", action="append",
+                      help="cjt188: meter types to try (cold_water, hot_water, drinking_water, reclaimed_water, heat, "
+                           "cooling, gas; default all)")
     return p
 
 
@@ -70,8 +83,9 @@ def _line_options(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--target", required=True,
                    help="tcp://HOST:PORT, rtu-over-tcp://HOST:PORT or a serial port such as /dev/ttyUSB0")
     if several:
-        p.add_argument("--baud", default="9600", help="serial baud rate(s) to try, comma-separated")
-        p.add_argument("--parity", default="N", help="serial parity/parities to try: N, E, O, comma-separated")
+        p.add_argument("--baud", help="serial baud rate(s) to try, comma-separated (default 9600; meters 2400)")
+        p.add_argument("--parity", help="serial parity/parities to try: N, E, O, comma-separated (default N; "
+                                        "meters E)")
     else:
         p.add_argument("--baud", type=int, default=9600)
         p.add_argument("--parity", choices=["N", "E", "O"], default="N")
@@ -238,9 +252,11 @@ def _technician(args: argparse.Namespace) -> int:
                 registers = asyncio.run(tech.read_raw(line, args.unit, args.table, args.address, args.count))
                 tech.print_raw(args.table, args.address, registers, args.json)
             return 0
+        if args.protocol != "modbus":
+            return _scan_meters(args, tech, common)
         units = tech.parse_units(args.units)
-        bauds = [int(b) for b in args.baud.split(",")]
-        parities = [p.strip().upper() for p in args.parity.split(",")]
+        bauds = [int(b) for b in (args.baud or "9600").split(",")]
+        parities = [p.strip().upper() for p in (args.parity or "N").split(",")]
         lines = tech.line_settings(args.target, bauds, parities, timeout=args.timeout or 0.3, **common)
         for line in lines:
             line.bus()
@@ -265,6 +281,73 @@ def _technician(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan_meters(args: argparse.Namespace, tech, common: dict) -> int:  # type: ignore[no-untyped-def]
+    """`scan --protocol dlt645|cjt188|mbus`: one line setting, bounded probes, what was tried on stderr."""
+    from edge_agent.cjt188.frames import TYPE_NAMES
+
+    protocol = args.protocol
+    try:
+        if "," in (args.baud or "") or "," in (args.parity or ""):
+            raise ValueError(f"--protocol {protocol} scans one line setting: give one --baud and one --parity")
+        line = tech.LineSettings(args.target, baud=int(args.baud or 2400), parity=(args.parity or "E").upper(),
+                                 timeout=args.timeout or 1.0, **common)
+        line.bus()  # validates the target and settings
+        addresses: list[str] = []
+        if args.addresses and protocol == "dlt645":
+            addresses = [a.strip() for a in args.addresses.split(",") if a.strip()]
+            for a in addresses:
+                if not (a.isdigit() and len(a) == 12):
+                    raise ValueError(f'--addresses: "{a}" is not a DL/T 645 address (12 digits, e.g. 000102030425)')
+        elif args.addresses and protocol == "mbus":
+            addresses = [str(u) for u in tech.parse_units(args.addresses)]
+            if int(addresses[-1]) > 250:
+                raise ValueError("--addresses: M-Bus primary addresses are 0..250")
+        elif args.addresses:
+            raise ValueError("--addresses: for dlt645 and mbus scans")
+        if args.config:
+            if protocol != "dlt645":
+                raise ValueError("--config: for dlt645 scans (the configured addresses are probed)")
+            from edge_agent import config as agent_config
+            from edge_agent.meters.config import Dlt645Device
+
+            cfg = agent_config.load(args.config)
+            targets = {b.id: b.target for b in cfg.buses}
+            addresses += [d.address for d in cfg.meter_devices if isinstance(d, Dlt645Device)
+                          and targets.get(d.bus) == args.target and d.address not in addresses]
+        types = None
+        if args.meter_type:
+            if protocol != "cjt188":
+                raise ValueError("--meter-type: for cjt188 scans")
+            unknown = [t for t in args.meter_type if t not in TYPE_NAMES]
+            if unknown:
+                raise ValueError(f"--meter-type {unknown[0]}: expected one of {', '.join(TYPE_NAMES)}")
+            types = [TYPE_NAMES[t] for t in args.meter_type]
+        if args.secondary and protocol != "mbus":
+            raise ValueError("--secondary: for mbus scans")
+        progress = tech.Progress(args.max_probes if args.secondary else
+                                 (251 if protocol == "mbus" and not addresses else len(addresses) * 2 + 2))
+        try:
+            result = asyncio.run(tech.scan_meters(protocol, line, addresses=addresses, meter_types=types,
+                                                  secondary=args.secondary, max_probes=args.max_probes,
+                                                  answer_s=args.timeout, progress=progress))
+        finally:
+            progress.close()
+    except tech.TechnicianError as exc:
+        return fail(str(exc), 1)
+    except ValueError as exc:
+        return fail(str(exc))
+    for item in result.found:
+        note = f"  [{item.note}]" if item.note else ""
+        print(f"{item.protocol} {item.address}  {item.line.describe(protocol)}{note}")
+    for tried in result.tried:
+        print(f"tried: {tried}", file=sys.stderr)
+    print(f"scan: {result.requests} request(s) in {result.seconds:.1f} s", file=sys.stderr)
+    if not result.found:
+        print(f"no {protocol} meter answered on {args.target}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def describe(path: str, cfg: AgentConfig) -> str:
     lines = [f"{path}: OK", f"  gateway {cfg.gateway.id}, state in {cfg.gateway.state_dir}"]
     m = cfg.mqtt
@@ -283,6 +366,10 @@ def describe(path: str, cfg: AgentConfig) -> str:
 
             baud, bits, parity, stop = protocol_info(d.protocol).line_settings(d)
             lines.append(f"  device {d.id}: serial {d.protocol} on {d.port} {baud} {bits}{parity}{stop}")
+        elif kind in ("dlt645", "cjt188", "mbus"):  # their decoders emit the vocabulary (tests/test_vocabulary.py)
+            from edge_agent.meters.config import describe as describe_meter
+
+            lines.append(f"  device {d.id}: {kind} on {cfg.bus_of(d).describe_line()}, {describe_meter(d)}")
         else:
             writable = f"; operators may write {', '.join(d.writable)}" if d.writable else ""
             lines.append(f"  device {d.id}: {kind} on {cfg.bus_of(d).target} unit {d.unit}, profile {d.profile}, "

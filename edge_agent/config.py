@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 import msgspec
 
+from edge_agent.meters.config import METER_KINDS, Cjt188Device, Dlt645Device, MbusDevice, MeterDevice, bus_key
 from edge_agent.modbus.config import ModbusBus, ModbusDevice, ModbusTcpDevice
 from edge_agent.serial.config import SerialDevice
 from wire import config as wconfig
@@ -25,8 +26,9 @@ GatewayId = Annotated[
 ]
 
 # Every device kind, selected by `kind = "..."`.
-Device = ModbusDevice | ModbusTcpDevice | SerialDevice
+Device = ModbusDevice | ModbusTcpDevice | SerialDevice | Dlt645Device | Cjt188Device | MbusDevice
 ModbusKind = ModbusDevice | ModbusTcpDevice
+BusDevice = ModbusDevice | MeterDevice  # attached to a [[buses]] entry
 
 
 class GatewaySection(msgspec.Struct, forbid_unknown_fields=True):
@@ -119,14 +121,21 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         _unique_ids("devices", self.devices)
         buses = {bus.id: bus for bus in self.buses}
         for index, device in enumerate(self.devices):
-            if isinstance(device, ModbusDevice):
+            if isinstance(device, ModbusDevice | METER_KINDS):
                 bus = buses.get(device.bus)
                 if bus is None:
                     known = ", ".join(f'"{b}"' for b in buses) or "none configured"
                     raise invalid(f"devices[{index}].bus", f'no bus "{device.bus}" in [[buses]] (known: {known})')
+            if isinstance(device, ModbusDevice):
                 if bus.where.kind == "serial" and not 1 <= device.unit <= 247:
                     raise invalid(f"devices[{index}].unit", f"expected a unit id 1..247 on serial bus {bus.id}, "
                                                             f"got {device.unit}")
+            elif isinstance(device, METER_KINDS) and bus.where.kind != "serial":
+                kind = type(device).__struct_config__.tag
+                raise invalid(f"devices[{index}].bus", f'device "{device.id}" (kind "{kind}") needs a serial bus: '
+                                                       f'bus "{bus.id}" is {bus.target}')
+        self._check_meter_addresses()
+        self._resolve_lines()
         serial_ports = {b.where.path: f"buses[{i}]" for i, b in enumerate(self.buses) if b.where.kind == "serial"}
         for index, device in enumerate(self.devices):
             if isinstance(device, SerialDevice):
@@ -135,7 +144,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
                 serial_ports[device.port] = f"devices[{index}]"
         on_bus: dict[tuple[str, int], int] = {}
         for index, device in enumerate(self.devices):
-            if isinstance(device, SerialDevice):
+            if not isinstance(device, ModbusDevice | ModbusTcpDevice):
                 continue
             key = (device.bus if isinstance(device, ModbusDevice) else f"tcp://{device.host}:{device.port}",
                    device.unit)
@@ -144,9 +153,42 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
                                                         f"devices[{on_bus[key]}]")
             on_bus[key] = index
 
+    def _check_meter_addresses(self) -> None:
+        """Two meters of one protocol on one bus cannot share an address: both would answer."""
+        seen: dict[tuple[str, str, str], int] = {}
+        for index, device in enumerate(self.devices):
+            if not isinstance(device, METER_KINDS):
+                continue
+            what, address = bus_key(device)
+            key = (device.bus, what, address)
+            if key in seen:
+                field = "secondary" if isinstance(device, MbusDevice) and device.secondary else "address"
+                raise invalid(f"devices[{index}].{field}", f'device "{device.id}": {what} {address} on bus '
+                                                           f'{device.bus} is already devices[{seen[key]}]')
+            seen[key] = index
+
+    def _resolve_lines(self) -> None:
+        """A bus's baud rate and parity when not given: the usual line of what it carries (ModbusBus.resolved).
+        A line shared by Modbus units and meters has no common default: it must say."""
+        for index, bus in enumerate(self.buses):
+            on_it = [d for d in self.devices if isinstance(d, ModbusDevice | METER_KINDS) and d.bus == bus.id]
+            meters = sorted({type(d).__struct_config__.tag for d in on_it if isinstance(d, METER_KINDS)})
+            modbus = any(isinstance(d, ModbusDevice) for d in on_it)
+            if meters and modbus:
+                for key in ("baud", "parity"):
+                    if getattr(bus, key) is None:
+                        raise invalid(f"buses[{index}].{key}", f'bus "{bus.id}" carries Modbus units and '
+                                      f"{', '.join(meters)} meters: give its {key} (every device on a line uses "
+                                      f"the same; Modbus meters usually come set to 9600 8N1, DL/T 645 to 2400 8E1)")
+            self.buses[index] = bus.resolved(meters_only=bool(meters) and not modbus)
+
     @property
     def modbus_devices(self) -> list[ModbusKind]:
-        return [d for d in self.devices if not isinstance(d, SerialDevice)]
+        return [d for d in self.devices if isinstance(d, ModbusDevice | ModbusTcpDevice)]
+
+    @property
+    def meter_devices(self) -> list[MeterDevice]:
+        return [d for d in self.devices if isinstance(d, METER_KINDS)]
 
     @property
     def serial_devices(self) -> list[SerialDevice]:
@@ -156,10 +198,10 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     def outbox_path(self) -> Path:
         return Path(self.outbox.path) if self.outbox.path else Path(self.gateway.state_dir) / "outbox.sqlite3"
 
-    def bus_of(self, device: ModbusKind) -> ModbusBus:
+    def bus_of(self, device: ModbusKind | MeterDevice) -> ModbusBus:
         """The bus a device is polled on; a `modbus-tcp` device's endpoint is a bus of its own, shared by
         every device with the same host and port (one TCP connection, one transaction at a time)."""
-        if isinstance(device, ModbusDevice):
+        if isinstance(device, ModbusDevice | METER_KINDS):
             return next(b for b in self.buses if b.id == device.bus)
         return ModbusBus(id=f"tcp://{device.host}:{device.port}", target=f"tcp://{device.host}:{device.port}",
                          timeout=device.timeout)
@@ -192,7 +234,7 @@ def _resolve(cfg: AgentConfig, source: str, base: Path) -> AgentConfig:
 
     cfg.devices = [
         msgspec.structs.replace(d, profile=str(base / d.profile))
-        if not isinstance(d, SerialDevice) and _is_relative_path(d.profile) else d
+        if isinstance(d, ModbusDevice | ModbusTcpDevice) and _is_relative_path(d.profile) else d
         for d in cfg.devices
     ]
     if cfg.security is not None:
@@ -207,7 +249,7 @@ def _resolve(cfg: AgentConfig, source: str, base: Path) -> AgentConfig:
             except (ValueError, TypeError) as exc:
                 raise wconfig.ConfigError(source, f"security.{key}", f"not a usable key file: {exc}") from None
     for index, device in enumerate(cfg.devices):
-        if isinstance(device, SerialDevice):
+        if not isinstance(device, ModbusDevice | ModbusTcpDevice):
             continue
         if device.profile == "sunspec":  # discovered on the device itself at start-up
             if device.writable:

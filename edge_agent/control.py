@@ -189,17 +189,21 @@ def approvals_needed(command: Command, devices: Devices) -> int:
 
 def plan_command(command: Command, devices: Devices, serial_ids: frozenset[str] = frozenset()) -> Job:
     """The job of a command whose signatures verified, or ControlRefused with the agent's reason: the device
-    must be a Modbus device of this gateway; a write needs a point its profile declares writable AND the device
-    opted in to (agent.toml `writable`), and a value in range and on step."""
+    must be a device on a bus of this gateway (a DL/T 645, CJ/T 188 or M-Bus meter can only be polled now); a
+    write needs a point its profile declares writable AND the device opted in to (agent.toml `writable`), and a
+    value in range and on step."""
     entry = devices.get(command.device)
     if entry is None:
         if command.device in serial_ids:
             raise ControlRefused(ControlReason.UNKNOWN_DEVICE, f"{command.device} is a serial device: commands reach "
-                                                               f"Modbus devices only")
-        raise ControlRefused(ControlReason.UNKNOWN_DEVICE, f"no Modbus device {command.device!r} on this gateway")
+                                                               f"the devices of [[buses]] only")
+        raise ControlRefused(ControlReason.UNKNOWN_DEVICE, f"no device {command.device!r} on the buses of this gateway")
     engine, device = entry
     if command.action == "poll_now":
         return Job(engine, device)
+    if device.meter is not None:
+        raise ControlRefused(ControlReason.NOT_WRITABLE, f"{command.device} is a {device.meter.describe()}: read "
+                                                         f"only (it can be polled now)")
     if command.point is None or command.value is None:
         raise ControlRefused(ControlReason.MALFORMED, "a write names a point and a value")
     point = device.writes.get(command.point)

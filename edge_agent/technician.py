@@ -9,17 +9,29 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from edge_agent.cjt188 import frames as cjt188_frames
+from edge_agent.dlt645 import frames as dlt645_frames
+from edge_agent.mbus import frames as mbus_frames
+from edge_agent.meters import scan as probes
 from edge_agent.modbus.bus import BusEngine, PolledDevice, read_registers
 from edge_agent.modbus.config import ModbusBus, ModbusDevice
 from edge_agent.modbus.devices import polled_device
 from edge_agent.modbus.inspect import format_table, pair_rows, register_rows
 from edge_agent.modbus.plan import ReadRequest
-from edge_agent.modbus.transport import FrameRejected, ModbusExceptionResponse, NoAnswer, TransportError
+from edge_agent.modbus.transport import (
+    FrameRejected,
+    ModbusExceptionResponse,
+    NoAnswer,
+    SerialTransport,
+    TransportError,
+)
 from edge_agent.profiles import available_profiles, load_profile
+from edge_agent.serial.dialogue import run_session
 
 
 class TechnicianError(Exception):
@@ -45,9 +57,10 @@ class LineSettings:
             key, _, message = str(exc).strip("@").partition("@")
             raise TechnicianError(f"--{key.replace('_', '-')}: {message}") from None
 
-    def describe(self) -> str:
+    def describe(self, protocol: str = "modbus") -> str:
         if self.target.startswith("/"):
-            return f"{self.target} {self.baud} {self.data_bits}{self.parity}{self.stop_bits} {self.framing.upper()}"
+            framing = f" {self.framing.upper()}" if protocol == "modbus" else ""
+            return f"{self.target} {self.baud} {self.data_bits}{self.parity}{self.stop_bits}{framing}"
         return self.target
 
 
@@ -239,6 +252,199 @@ async def _answers_all(engine: BusEngine, device: PolledDevice) -> bool:
         except (NoAnswer, FrameRejected, ModbusExceptionResponse, TransportError):
             return False
     return True
+
+
+# -- scan: DL/T 645, CJ/T 188, M-Bus -------------------------------------------------------------------------------
+
+METER_PROTOCOLS = ("dlt645", "cjt188", "mbus")
+
+
+@dataclass
+class MeterFound:
+    protocol: str
+    address: str
+    line: LineSettings
+    note: str = ""
+
+
+@dataclass
+class MeterScan:
+    found: list[MeterFound]
+    tried: list[str]  # what was tried and what came of it, one line each
+    requests: int
+    seconds: float
+
+
+class _MeterPort:
+    """The port a meter scan talks through: the agent's own serial transport (edge_agent/modbus/transport.py),
+    its raw line for each probe, so what a scan sees is what the bus owner will see."""
+
+    def __init__(self, line: LineSettings, progress: Progress | None) -> None:
+        self.transport = SerialTransport(line.target, line.baud, line.data_bits, line.parity, line.stop_bits)
+        self.progress = progress
+        self.requests = 0
+
+    async def probe(self, probe: probes.OneShot, label: str) -> probes.Probe:
+        if self.progress:
+            self.progress.step(label)
+        try:
+            async with self.transport.line() as raw:
+                result = await run_session(probe, raw)
+        except TransportError as exc:
+            raise TechnicianError(str(exc)) from None
+        self.requests += 1
+        return result
+
+
+async def scan_meters(protocol: str, line: LineSettings, *, addresses: list[str] | None = None,
+                      meter_types: list[int] | None = None, secondary: bool = False, max_probes: int = 400,
+                      answer_s: float | None = None, progress: Progress | None = None) -> MeterScan:
+    """Look for meters of `protocol` on a serial line (edge_agent/meters/scan.py says how). `addresses`: DL/T 645
+    addresses to probe, or M-Bus primary addresses (default 0..250); `answer_s`: the reaction time allowed (the
+    protocol's by default)."""
+    if not line.target.startswith("/"):
+        raise TechnicianError(f"--protocol {protocol}: scans a serial port (a TCP target speaks Modbus)")
+    port = _MeterPort(line, progress)
+    try:
+        await port.transport.open()
+    except TransportError as exc:
+        raise TechnicianError(str(exc)) from None
+    started = time.monotonic()
+    extra = {} if answer_s is None else {"answer_s": answer_s}
+    try:
+        if protocol == "dlt645":
+            found, tried = await _scan_dlt645(port, line, addresses or [], extra)
+        elif protocol == "cjt188":
+            found, tried = await _scan_cjt188(port, line, meter_types or list(cjt188_frames.TYPE_NAMES.values()),
+                                              extra)
+        elif secondary:
+            found, tried = await _scan_mbus_secondary(port, line, max_probes, extra)
+        else:
+            primaries = [int(a) for a in addresses] if addresses else list(range(251))
+            found, tried = await _scan_mbus_primary(port, line, primaries, extra)
+    finally:
+        await port.transport.close()
+    return MeterScan(found, tried, port.requests, time.monotonic() - started)
+
+
+def _heard(probe: probes.Probe) -> str:
+    kinds = sorted({r.reason for r in probe.garbled})
+    return f"garbled answers ({len(probe.garbled)} rejected: {', '.join(kinds)})"
+
+
+async def _scan_dlt645(port: _MeterPort, line: LineSettings, addresses: list[str],
+                       extra: dict[str, float]) -> tuple[list[MeterFound], list[str]]:
+    found: list[MeterFound] = []
+    tried: list[str] = []
+    several = ("several meters on the line (or a wrong baud rate or parity): probe their addresses "
+               "(--addresses, --config)")
+
+    def add(address: str, note: str) -> None:
+        if all(f.address != address for f in found):
+            found.append(MeterFound("dlt645", address, line, note))
+
+    p = await port.probe(probes.dlt645_read_address(line.baud, **extra), "DL/T 645 read address")
+    what = "read-address request (13H) to AAAAAAAAAAAA, DL/T 645-2007 §7.1"
+    if p.answer:
+        add(p.answer, "DL/T 645-2007, answered the read-address request")
+        tried.append(f"{what}: answered by {p.answer}")
+    else:
+        tried.append(f"{what}: {_heard(p) + ': ' + several if p.collision else 'no answer'}")
+    p = await port.probe(probes.dlt645_read(dlt645_frames.WILDCARD_ADDRESS, "1997", line.baud, **extra),
+                         "DL/T 645-1997 wildcard read")
+    what = "DL/T 645-1997 read of 9010 (total energy) to the wildcard address AAAAAAAAAAAA"
+    if p.answer:
+        add(p.answer, "DL/T 645-1997, answered a read to the wildcard address")
+        tried.append(f"{what}: answered by {p.answer}")
+    else:
+        silent = "no answer (not every 1997 meter answers it)"
+        tried.append(f"{what}: {_heard(p) + ': ' + several if p.collision else silent}")
+    answered = 0
+    for address in addresses:
+        for edition in ("2007", "1997"):
+            p = await port.probe(probes.dlt645_read(address, edition, line.baud, **extra), f"DL/T 645 {address}")
+            if p.answer:
+                add(p.answer, f"DL/T 645-{edition}, answered a read of the total energy")
+                answered += 1
+                break
+            if p.collision:
+                add(address, f"garbled answers to a DL/T 645-{edition} read: two meters with this address?")
+                break
+    if addresses:
+        tried.append(f"{len(addresses)} address(es) probed with a read of the total energy (2007, then 1997): "
+                     f"{answered} answered")
+    return found, tried
+
+
+async def _scan_cjt188(port: _MeterPort, line: LineSettings, meter_types: list[int],
+                       extra: dict[str, float]) -> tuple[list[MeterFound], list[str]]:
+    found: list[MeterFound] = []
+    outcome: list[str] = []
+    names = {b: n for n, b in cjt188_frames.TYPE_NAMES.items()}
+    for meter_type in meter_types:
+        p = await port.probe(probes.cjt188_wildcard(meter_type, line.baud, **extra), f"CJ/T 188 {meter_type:02X}H")
+        label = f"{meter_type:02X}H"
+        if p.answer:
+            address, _ = p.answer
+            found.append(MeterFound("cjt188", address, line, f"{names.get(meter_type, '?')} ({label}), answered the "
+                                                             f"wildcard address"))
+            outcome.append(f"{label} answered by {address}")
+        elif p.collision:
+            outcome.append(f"{label} {_heard(p)}: several meters of this type?")
+    tried = [f"read of 901F at the wildcard address AAAAAAAAAAAAAA for meter types "
+             f"{', '.join(f'{t:02X}H' for t in meter_types)}: {'; '.join(outcome) or 'no answer'} (meters that do "
+             f"not answer the wildcard address are not found this way)"]
+    return found, tried
+
+
+async def _scan_mbus_primary(port: _MeterPort, line: LineSettings, primaries: list[int],
+                             extra: dict[str, float]) -> tuple[list[MeterFound], list[str]]:
+    found: list[MeterFound] = []
+    for address in primaries:
+        p = await port.probe(probes.mbus_ack(mbus_frames.snd_nke(address), line.baud, **extra), f"M-Bus {address}")
+        if p.answer is None and not p.collision:
+            continue
+        q = await port.probe(probes.mbus_identify(address, line.baud, **extra), f"M-Bus {address} REQ_UD2")
+        if q.answer:
+            m = q.answer
+            note = f"secondary address {m.secondary}, {m.manufacturer}, {m.medium}" if m.secondary else m.medium
+        elif q.collision:
+            note = f"{_heard(q)} to REQ_UD2: several meters with this primary address?"
+        else:
+            note = "acknowledged SND_NKE, no answer to REQ_UD2"
+        found.append(MeterFound("mbus", str(address), line, note))
+    span = f"{primaries[0]}..{primaries[-1]}" if primaries == list(range(primaries[0], primaries[-1] + 1)) else \
+        ", ".join(map(str, primaries))
+    tried = [f"SND_NKE to primary address(es) {span} ({len(primaries)}), REQ_UD2 where acknowledged: "
+             f"{len(found)} answered (a meter that does not acknowledge SND_NKE is found by --secondary)"]
+    return found, tried
+
+
+async def _scan_mbus_secondary(port: _MeterPort, line: LineSettings, max_probes: int,
+                               extra: dict[str, float]) -> tuple[list[MeterFound], list[str]]:
+    search = probes.SecondarySearch(max_probes=max_probes)
+    # SND_NKE to 253 deselects whatever meter a previous master left selected (EN 13757-3 secondary addressing)
+    await port.probe(probes.mbus_ack(mbus_frames.snd_nke(mbus_frames.SELECTED), line.baud, **extra), "M-Bus deselect")
+    while (mask := search.next_mask()) is not None:
+        p = await port.probe(probes.mbus_ack(mbus_frames.select_secondary(mask), line.baud, **extra), f"select {mask}")
+        if p.answer is None and not p.collision:
+            search.nothing(mask)
+            continue
+        q = await port.probe(probes.mbus_identify(mbus_frames.SELECTED, line.baud, **extra), f"REQ_UD2 {mask}")
+        if q.answer is not None and q.answer.secondary:
+            search.single(mask, q.answer)
+        else:
+            search.collision(mask)
+    found = [MeterFound("mbus", m.secondary, line, f"{m.manufacturer}, {m.medium}, primary address {m.primary}")
+             for m in search.found]
+    tried = [f"secondary search by wildcard narrowing (EN 13757-3 §11.3): {search.probes} selection(s), "
+             f"{len(found)} meter(s) found"]
+    if search.left:
+        tried.append(f"stopped at --max-probes {max_probes}: {len(search.left)} mask(s) not tried, from "
+                     f"{search.left[0]}")
+    for mask in search.unresolved:
+        tried.append(f"{mask}: meters with the same identification number collide; read them by primary address")
+    return found, tried
 
 
 def line_settings(target: str, bauds: list[int], parities: list[str], **common: Any) -> list[LineSettings]:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from edge_agent.cjt188 import frames
-from labkit.serial_devices import QueryDevice
+from labkit.serial_devices import QueryDevice, collide
 
 
 def _bcd(value: int, n: int) -> bytes:
@@ -58,14 +58,22 @@ class MeterLine:
         self.deframer = frames.Deframer()
 
     def answer(self, data: bytes) -> bytes | None:
+        """Meters answer their own address, and (as many do) the wildcard address AAAAAAAAAAAAAA with their type;
+        several answering the wildcard at once collide."""
         out = b""
         for event in self.deframer.feed(data):
-            if isinstance(event, frames.Frame) and not event.from_meter:
-                meter = self.meters.get(event.address)
-                if meter is None or event.meter_type != meter.meter_type or event.function != frames.READ_DATA:
-                    continue
-                meter.requests += 1
-                out += frames.build(meter.meter_type, meter.address, 0x81, meter.metering(self.now()))
+            if isinstance(event, frames.Frame) and not event.from_meter and event.function == frames.READ_DATA:
+                if event.address == frames.WILDCARD_ADDRESS:
+                    targets = list(self.meters.values())
+                else:
+                    targets = [self.meters[event.address]] if event.address in self.meters else []
+                answers = []
+                for meter in targets:
+                    if event.meter_type != meter.meter_type:
+                        continue
+                    meter.requests += 1
+                    answers.append(frames.build(meter.meter_type, meter.address, 0x81, meter.metering(self.now())))
+                out += collide(answers)
         return out or None
 
 

@@ -4,7 +4,9 @@ tables with values that move, an abnormal "no such data" answer for the others, 
 when it is alone on the line.
 
 `MeterBank.answer(request)` is pure (bytes in, bytes out); `Dlt645Line` puts a bank on a pty through
-labkit.serial_devices.QueryDevice.
+labkit.serial_devices.QueryDevice. Meters that answer a wildcard request at once collide (labkit.serial_devices
+collide); a meter can misbehave for the bus owner's torture tests: `fault = "late"` answers `late_s` late,
+`"garbage"` answers noise and a frame with a wrong checksum.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 from edge_agent.dlt645 import frames
 from edge_agent.dlt645.identifiers import Identifier, encode_value, table
-from labkit.serial_devices import QueryDevice
+from labkit.serial_devices import Delayed, QueryDevice, collide
 
 NO_SUCH_DATA = {"2007": 0x02, "1997": 0x02}  # 2007 ERR bit 1 "无请求数据"; 1997 bit 1 "数据标识错"
 
@@ -27,6 +29,8 @@ class SimMeter:
     start_kwh: float = 1206.42
     clock: float = field(default_factory=time.time)  # fixed start: values derive from elapsed time
     omit: set[str] = field(default_factory=set)  # identifier names this meter does not have (abnormal answer)
+    fault: str = ""  # "late": answers late_s late; "garbage": noise and a frame with a wrong checksum instead
+    late_s: float = 0.9
     requests: int = 0
 
     def value(self, ident: Identifier, now: float) -> float | int | str:
@@ -66,22 +70,41 @@ class MeterBank:
         self.now = now
         self.deframer = frames.Deframer()
 
-    def answer(self, data: bytes) -> bytes | None:
+    def answer(self, data: bytes) -> bytes | Delayed | None:
         out = b""
+        late = 0.0
         for event in self.deframer.feed(data):
             if isinstance(event, frames.Frame) and not event.from_meter:
-                out += self._one(event) or b""
-        return out or None
-
-    def _one(self, request: frames.Frame) -> bytes | None:
-        if request.control == frames.READ_ADDRESS and request.address == frames.WILDCARD_ADDRESS:
-            if len(self.meters) != 1:
-                return None  # several meters answering at once garble each other: a real line says nothing useful
-            meter = next(iter(self.meters.values()))
-            return frames.build(meter.address, 0x93, frames.encode_address(meter.address))
-        meter = self.meters.get(request.address)
-        if meter is None:
+                answers = []
+                for meter, answer in self._answers(event):
+                    if meter.fault == "garbage":
+                        bad = bytearray(answer)
+                        bad[-2] ^= 0x55  # the checksum
+                        answer = b"\x00\x13\x37" * 4 + bytes(bad)
+                    late = max(late, meter.late_s if meter.fault == "late" else 0.0)
+                    answers.append(answer)
+                out += collide(answers)
+        if not out:
             return None
+        return Delayed(out, late) if late else out
+
+    def _answers(self, request: frames.Frame) -> list[tuple[SimMeter, bytes]]:
+        """Every meter's answer to `request`: one for an address, all that take a wildcard request."""
+        if request.address == frames.WILDCARD_ADDRESS:
+            if request.control == frames.READ_ADDRESS:  # 2007 §7.1; a 1997 meter does not know 13H
+                return [(m, frames.build(m.address, 0x93, frames.encode_address(m.address)))
+                        for m in self.meters.values() if m.edition == "2007"]
+            targets = list(self.meters.values())
+        else:
+            targets = [self.meters[request.address]] if request.address in self.meters else []
+        out = []
+        for meter in targets:
+            answer = self._one(meter, request)
+            if answer is not None:
+                out.append((meter, answer))
+        return out
+
+    def _one(self, meter: SimMeter, request: frames.Frame) -> bytes | None:
         meter.requests += 1
         edition = meter.edition
         if request.function != frames.READ[edition]:

@@ -1,6 +1,8 @@
 """A simulated wired M-Bus meter (EN 13757-2/-3) answering with real telegrams (the libmbus suite,
 labkit/mbus_suite.py): E5 to SND_NKE and to its secondary address selection, RSP_UD to REQ_UD2, a multi-telegram
-answer when given several telegrams (the FCB toggles to get the next; an unchanged FCB repeats the last).
+answer when given several telegrams (the FCB toggles to get the next; an unchanged FCB repeats the last). Meters
+that answer at once collide as on a real bus (labkit.serial_devices.collide): several selected by a wildcard all
+acknowledge (one E5 is heard), their RSP_UDs garble each other.
 `MbusMeters.answer(request)` is pure; `MbusLine` puts it on a pty."""
 
 from __future__ import annotations
@@ -8,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from edge_agent.mbus import frames, records
-from labkit.serial_devices import QueryDevice
+from labkit.serial_devices import QueryDevice, collide
 
 
 @dataclass
@@ -69,22 +71,25 @@ class MbusMeters:
             hits = [m for m in self.meters if _matches(f.data, m.secondary)]
             for m in self.meters:
                 m.selected = m in hits
-            return bytes([frames.ACK]) if len(hits) == 1 else None
+            # every selected meter acknowledges: identical E5s on the bus are heard as one E5
+            return bytes([frames.ACK]) if hits else None
         if f.kind == "short" and f.control & 0xDF == frames.REQ_UD2:
-            meter = next((m for m in self.meters if m.primary == f.address or
-                          (f.address == frames.SELECTED and m.selected)), None)
-            if meter is None:
-                return None
-            fcb = bool(f.control & frames.FCB)
-            meter.requests.append(f.control)
-            if meter.last_fcb is not None and fcb == meter.last_fcb:
-                index = max(0, meter.next_index - 1)  # the master did not get the last one: repeat it
-            else:
-                index = meter.next_index
-                meter.next_index = (meter.next_index + 1) % len(meter.telegrams)
-            meter.last_fcb = fcb
-            return _readdressed(meter.telegrams[index], meter.primary)
+            meters = [m for m in self.meters if m.primary == f.address or
+                      (f.address == frames.SELECTED and m.selected)]
+            return collide([self._telegram(m, f.control) for m in meters]) or None
         return None
+
+    @staticmethod
+    def _telegram(meter: SimMeter, control: int) -> bytes:
+        fcb = bool(control & frames.FCB)
+        meter.requests.append(control)
+        if meter.last_fcb is not None and fcb == meter.last_fcb:
+            index = max(0, meter.next_index - 1)  # the master did not get the last one: repeat it
+        else:
+            index = meter.next_index
+            meter.next_index = (meter.next_index + 1) % len(meter.telegrams)
+        meter.last_fcb = fcb
+        return _readdressed(meter.telegrams[index], meter.primary)
 
 
 class MbusLine:

@@ -9,6 +9,7 @@ import select
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from labkit.serial_lab import PtyPair
 
@@ -55,11 +56,33 @@ class StreamingDevice:
         self.pty.close()
 
 
-class QueryDevice:
-    """Answers each request it recognises (`answer(request) -> bytes | None`): an MH-Z19B, a meter's optical
-    head. Requests are whatever arrived within `quiet` seconds of silence."""
+@dataclass(frozen=True)
+class Delayed:
+    """An answer that leaves `seconds` late (a slow meter): the device says nothing else meanwhile."""
 
-    def __init__(self, answer: Callable[[bytes], bytes | None], quiet: float = 0.02) -> None:
+    data: bytes
+    seconds: float
+
+
+def collide(answers: Sequence[bytes]) -> bytes:
+    """What a master hears when several devices answer at once: on M-Bus a 0 bit is the slave drawing more
+    current, so overlapping bytes read as their AND (EN 13757-2: a space is a current increase); on RS-485 the
+    drivers fight and the result is no better. One answer alone is heard as it is."""
+    if not answers:
+        return b""
+    size = max(len(a) for a in answers)
+    out = bytearray(b"\xff" * size)
+    for answer in answers:
+        for i, byte in enumerate(answer):
+            out[i] &= byte
+    return bytes(out)
+
+
+class QueryDevice:
+    """Answers each request it recognises (`answer(request) -> bytes | Delayed | None`): an MH-Z19B, a meter's
+    optical head, meters on a bus. Requests are whatever arrived within `quiet` seconds of silence."""
+
+    def __init__(self, answer: Callable[[bytes], bytes | Delayed | None], quiet: float = 0.02) -> None:
         self.pty = PtyPair()
         self.answer = answer
         self.quiet = quiet
@@ -89,6 +112,10 @@ class QueryDevice:
                 self.requests.append(buf)
                 reply = self.answer(buf)
                 buf = b""
+                if isinstance(reply, Delayed):
+                    if self._stop.wait(reply.seconds):
+                        return
+                    reply = reply.data
                 if reply:
                     try:
                         self.pty.write(reply)

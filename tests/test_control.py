@@ -76,7 +76,7 @@ def test_plan_command_follows_the_profile_and_the_opt_in() -> None:
     assert refusal(plan_command, command(GW, "meter", "nope", 1), devices) == (
         "unknown_point", "device meter has no point 'nope'")
     assert refusal(plan_command, command(GW, "p1", "x", 1), devices, frozenset({"p1"})) == (
-        "unknown_device", "p1 is a serial device: commands reach Modbus devices only")
+        "unknown_device", "p1 is a serial device: commands reach the devices of [[buses]] only")
     assert refusal(plan_command, command(GW, "meter", "setpoint", None), devices)[0] == "malformed"
     assert refusal(plan_command, command(GW, "meter", "setpoint", 40.5), devices) == (
         "out_of_range", "40.5 °C is outside setpoint's range -10..40")

@@ -320,6 +320,10 @@ def _unwrap(info: Any) -> Any:
 
 
 def _describe(info: Any) -> str:
+    if isinstance(info, msgspec.inspect.UnionType):  # an optional key: describe what it takes when given
+        options = [t for t in info.types if not isinstance(t, msgspec.inspect.NoneType)]
+        if len(options) == 1:
+            return _describe(options[0])
     if isinstance(info, msgspec.inspect.Metadata) and info.extra and "expect" in info.extra:
         return info.extra["expect"]
     info = _unwrap(info)

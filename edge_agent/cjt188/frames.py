@@ -51,6 +51,9 @@ METER_TYPES = {
     0x20: ("heat", "heat meter (heat)"), 0x21: ("cooling", "heat meter (cooling)"),
     0x30: ("gas", "gas meter"), 0x40: ("electricity", "electricity meter"),
 }
+# The names agent.toml gives the meter types whose metering data (901F) is decoded (40H is not: DL/T 645).
+TYPE_NAMES = {"cold_water": 0x10, "hot_water": 0x11, "drinking_water": 0x12, "reclaimed_water": 0x13,
+              "heat": 0x20, "cooling": 0x21, "gas": 0x30}
 
 # CJ/T 188-2004 Appendix "单位代码": unit byte -> (the vocabulary's unit, factor into it).
 UNITS: dict[int, tuple[str, str, float]] = {

@@ -57,6 +57,12 @@ class Identifier(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
         return (len(self.format.replace(".", "")) + 1) // 2  # "XXX" is two bytes, the top digit 0
 
     @property
+    def numeric(self) -> bool:
+        """A number (a quantity to read every poll), not a text such as the address, a serial number or the
+        meter's date and time."""
+        return self.format not in _SPECIAL
+
+    @property
     def decimals(self) -> int:
         return len(self.format.partition(".")[2]) if self.format not in _SPECIAL else 0
 

@@ -7,6 +7,11 @@ exceptions and rejected frames cost the points of that one request (reported wit
 connection or vanished serial port is reopened with backoff. When the bus cannot keep its intervals, it
 says so: utilisation and overrun counters, one log line per report period.
 
+DL/T 645, CJ/T 188 and M-Bus meters on a serial bus (docs/dlt645.md, docs/cjt188.md, docs/mbus.md) are devices of
+the same engine with the same rules: their poll is one dialogue (edge_agent/meters/readers.py) on the bus's own
+port (SerialTransport.line()), one transaction of the bus at a time, scheduled earliest deadline first among the
+Modbus units, backed off on its own when silent.
+
 Commands (docs/control.md "Commands to devices"): `submit` queues a write or a poll-now (at most
 MAX_QUEUED_COMMANDS per bus); the run loop wakes for it instead of sleeping until the next deadline and runs it
 ahead of the next poll, as one transaction (FC 5/6/15/16) followed by a read of the point, on the same
@@ -24,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
+from edge_agent.meters.readers import MeterReader
 from edge_agent.modbus import frames
 from edge_agent.modbus.config import ModbusBus
 from edge_agent.modbus.decode import Missing, Value
@@ -32,6 +38,7 @@ from edge_agent.modbus.transport import (
     FrameRejected,
     ModbusExceptionResponse,
     NoAnswer,
+    RawLine,
     SerialTransport,
     TcpTransport,
     Transport,
@@ -39,6 +46,7 @@ from edge_agent.modbus.transport import (
 )
 from edge_agent.modbus.write import WritePoint
 from edge_agent.schedule import next_aligned, skipped_deadlines
+from edge_agent.serial.dialogue import run_session
 from wire.control import CommandFailure, ControlReason, modbus_exception
 from wire.logs import RateLimitedLog
 from wire.metrics import Histogram
@@ -71,6 +79,8 @@ class PolledDevice:
     writes: dict[str, WritePoint] = field(default_factory=dict)
     points: frozenset[str] = frozenset()
     profile_writable: frozenset[str] = frozenset()
+    # A DL/T 645, CJ/T 188 or M-Bus meter: polled by a dialogue of its protocol instead of a register plan.
+    meter: MeterReader | None = None
     # runtime state
     next_due: float = 0.0
     failures: int = 0
@@ -121,9 +131,13 @@ class BusCommand:
     result: asyncio.Future[CommandResult] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
-def make_transport(bus: ModbusBus) -> Transport:
+def make_transport(bus: ModbusBus, meters_only: bool = False) -> Transport:
+    """The bus's port or connection; line settings the bus does not give are its usual ones (ModbusBus.resolved:
+    a configuration's buses are resolved already)."""
+    bus = bus.resolved(meters_only)
     where = bus.where
     if where.kind == "serial":
+        assert bus.baud is not None and bus.parity is not None
         return SerialTransport(where.path, bus.baud, bus.data_bits, bus.parity, bus.stop_bits, framing=bus.framing)
     return TcpTransport(where.host, where.port, framing="tcp" if where.kind == "tcp" else "rtu")
 
@@ -147,7 +161,7 @@ class BusEngine:
                  report_interval: float = 60.0) -> None:
         self.bus = bus
         self.devices = devices
-        self.transport = transport or make_transport(bus)
+        self.transport = transport or make_transport(bus, meters_only=bool(devices) and all(d.meter for d in devices))
         self.report_interval = report_interval
         self.stats: Counter[str] = Counter()
         self._warn = RateLimitedLog(log, interval=300)
@@ -368,6 +382,8 @@ class BusEngine:
 
     async def poll(self, device: PolledDevice) -> PollOutcome:
         """Run a device's plan once. Never raises for a device's or a line's failure."""
+        if device.meter is not None:
+            return await self._poll_meter(device, device.meter)
         if not device.plan and device.discover is not None:
             problem = await self._discover(device)
             if problem:
@@ -431,6 +447,60 @@ class BusEngine:
         self._busy_seconds += spent
         self.busy_seconds_total += spent
 
+    async def _poll_meter(self, device: PolledDevice, reader: MeterReader) -> PollOutcome:
+        """One dialogue of a DL/T 645, CJ/T 188 or M-Bus meter on the bus's port, holding the bus for its length.
+        Never raises for a meter's or a line's failure."""
+        if not isinstance(self.transport, SerialTransport):  # the configuration refuses it (edge-agent check)
+            return PollOutcome(device, [], f"{reader.describe()}: bus {self.bus.id} is not a serial port")
+        session = reader.session()
+        started = time.monotonic()
+        answered_ns = 0
+        try:
+            async with self.transport.line() as line:
+                paced = _PacedLine(line, self)
+                await run_session(session, paced)
+                answered_ns = line.last_rx_ns
+        except TransportError as exc:
+            await self.transport.close()
+            self.stats["connection_lost"] += 1
+            device.last_error = str(exc)
+            self._warn.warning(("lost", self.bus.id), "bus %s: %s; reopening", self.bus.id, exc, bus=self.bus.id)
+            return PollOutcome(device, [], str(exc))
+        finally:
+            self._busy(started)
+            self._last_transaction_end = time.monotonic()
+        try:
+            result = reader.result(session)
+        except Exception:  # a decoder bug must not stop the bus
+            log.exception("decoding device %s failed", device.id, extra={"device": device.id})
+            device.stats["decode_errors"] += 1
+            return PollOutcome(device, [], "decode error")
+        for rejected in result.rejected:
+            device.stats[f"rejected.{rejected.reason}"] += 1
+        if result.silent:
+            device.failures += 1
+            device.stats["no_answer"] += 1
+            device.last_error = f"{reader.describe()} on {self.bus.target}: {'; '.join(result.errors)}"
+            self._warn.warning(("silent", self.bus.id, device.id), "device %s: %s; backing off", device.id,
+                               device.last_error, device=device.id, bus=self.bus.id)
+            return PollOutcome(device, [], device.last_error)
+        device.stats["polls"] += 1
+        if result.failed:
+            device.stats["answer_errors"] += result.failed
+        error = "; ".join(result.errors)
+        if error:
+            device.last_error = error
+            self._warn.warning(("answers", device.id), "device %s: %s", device.id, error, device=device.id,
+                               bus=self.bus.id)
+        sample = result.sample
+        if sample is None or not (sample.fields or sample.quality):  # nothing usable: an error, not a reading
+            device.failures += 1
+            return PollOutcome(device, [], error or f"{reader.describe()}: no values")
+        device.failures = 0
+        reading = Reading(device.id, sample.measurement or "meter", sample.time_ns or answered_ns or time.time_ns(),
+                          dict(sample.fields), {**sample.tags, **device.tags}, dict(sample.quality))
+        return PollOutcome(device, [reading], error)
+
     async def _discover(self, device: PolledDevice) -> str:
         """Run the device's discovery; '' when its plan is ready, else why not (retried with backoff)."""
         from edge_agent.sunspec.discovery import SunSpecNotFound
@@ -481,6 +551,11 @@ class BusEngine:
                 self._last_transaction_end = time.monotonic()
         raise AssertionError("unreachable")
 
+    async def _pause_before_request(self) -> None:
+        wait = self._last_transaction_end + float(self.bus.pause_between_requests) - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+
     # -- saying when the bus cannot keep up -------------------------------------------------------------------
 
     def utilisation(self) -> float:
@@ -502,3 +577,21 @@ class BusEngine:
         self._busy_seconds = 0.0
         self._window_start = time.monotonic()
         self._window_overruns.clear()
+
+
+class _PacedLine:
+    """The bus's port for a meter's dialogue, with the bus's `pause_between_requests` before every request (as
+    between Modbus transactions: some converters and meters need it)."""
+
+    def __init__(self, line: RawLine, engine: BusEngine) -> None:
+        self._line = line
+        self._engine = engine
+
+    async def send(self, data: bytes) -> None:
+        await self._engine._pause_before_request()
+        await self._line.send(data)
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        data = await self._line.read(timeout)
+        self._engine._last_transaction_end = time.monotonic()
+        return data

@@ -110,9 +110,11 @@ class ModbusBus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     id: DeviceId
     target: str
-    framing: Literal["rtu", "ascii"] = "rtu"
-    baud: int = 9600
-    parity: Literal["N", "E", "O"] = "N"
+    framing: Literal["rtu", "ascii"] = "rtu"  # Modbus devices' framing; the meters' protocols bring their own
+    # Not given: 9600 8N1 (Modbus's usual line), or 2400 8E1 on a bus of DL/T 645, CJ/T 188 and M-Bus meters only
+    # (see `resolved`); a bus shared by both must say (edge_agent/config.py).
+    baud: int | None = None
+    parity: Literal["N", "E", "O"] | None = None
     data_bits: Literal[7, 8] = 8
     stop_bits: Literal[1, 2] = 1
     timeout: Duration = Duration(1.0)
@@ -128,7 +130,7 @@ class ModbusBus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             where = BusTarget.parse(self.target)
         except ValueError as exc:
             raise invalid("target", str(exc)) from None
-        if self.baud not in BAUD_RATES:
+        if self.baud is not None and self.baud not in BAUD_RATES:
             raise invalid("baud", f"expected one of {', '.join(map(str, BAUD_RATES))}, got {self.baud}")
         if where.kind != "serial" and self.framing == "ascii":
             raise invalid("framing", 'ASCII framing needs a serial port; for RTU frames over TCP use '
@@ -139,6 +141,21 @@ class ModbusBus(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     @property
     def where(self) -> BusTarget:
         return BusTarget.parse(self.target)
+
+    def resolved(self, meters_only: bool = False) -> ModbusBus:
+        """This bus with the line settings it does not give filled in: Modbus's usual 9600 8N1, or on a bus that
+        carries only DL/T 645, CJ/T 188 and M-Bus meters their standards' 2400 8E1 (DL/T 645-2007 §4.1: 2400
+        baud is the default rate, even parity; CJ/T 188 and EN 13757-2 meters usually come set to 2400 8E1)."""
+        if self.baud is not None and self.parity is not None:
+            return self
+        baud, parity = (2400, "E") if meters_only else (9600, "N")
+        return msgspec.structs.replace(self, baud=self.baud or baud, parity=self.parity or parity)
+
+    def describe_line(self) -> str:
+        """"/dev/ttyUSB0 2400 8E1", or the TCP target."""
+        if self.where.kind != "serial":
+            return self.target
+        return f"{self.target} {self.baud} {self.data_bits}{self.parity}{self.stop_bits}"
 
 
 class ModbusDevice(msgspec.Struct, forbid_unknown_fields=True, frozen=True, tag="modbus", tag_field="kind"):

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Collection
 
 from edge_agent.config import AgentConfig, Device
+from edge_agent.meters.config import METER_KINDS, MeterDevice
+from edge_agent.meters.readers import reader_for
 from edge_agent.modbus.bus import BusEngine, PolledDevice
-from edge_agent.modbus.config import ModbusBus, ModbusDevice
+from edge_agent.modbus.config import ModbusBus, ModbusDevice, ModbusTcpDevice
 from edge_agent.modbus.plan import Unreadable, plan_reads
 from edge_agent.profiles import Profile, load_profile
 
@@ -47,16 +49,31 @@ def polled_device(device: Device, profile: Profile | None) -> PolledDevice:
     )
 
 
+def polled_meter(device: MeterDevice, bus: ModbusBus) -> PolledDevice:
+    """A DL/T 645, CJ/T 188 or M-Bus meter as the engine polls it: by its protocol's dialogue at the bus's baud."""
+    assert bus.baud is not None  # a configuration's buses are resolved (AgentConfig._resolve_lines)
+    reader = reader_for(device, bus.baud)
+    return PolledDevice(id=device.id, unit=0, interval=float(device.interval), plan=[],
+                        tags={"protocol": reader.protocol, **device.tags}, meter=reader)
+
+
 def bus_engines(cfg: AgentConfig, only: Collection[str] | None = None) -> list[BusEngine]:
-    """One engine per bus; devices sharing a serial port or TCP endpoint share its engine. `only`: the engines
+    """One engine per bus; devices sharing a serial port or TCP endpoint share its engine, whatever their
+    protocol (Modbus units and DL/T 645, CJ/T 188, M-Bus meters), in configuration order. `only`: the engines
     of these bus ids (a live reconfiguration builds what it starts)."""
     grouped: dict[str, tuple[ModbusBus, list[PolledDevice]]] = {}
-    for device in cfg.modbus_devices:
+    for device in cfg.devices:
+        if not isinstance(device, ModbusDevice | ModbusTcpDevice | METER_KINDS):
+            continue
         bus = cfg.bus_of(device)
         if only is not None and bus.id not in only:
             continue
-        profile = None if device.profile == SUNSPEC_DISCOVERY else load_profile(device.profile)
-        grouped.setdefault(bus.id, (bus, []))[1].append(polled_device(device, profile))
+        if isinstance(device, METER_KINDS):
+            polled = polled_meter(device, bus)
+        else:
+            profile = None if device.profile == SUNSPEC_DISCOVERY else load_profile(device.profile)
+            polled = polled_device(device, profile)
+        grouped.setdefault(bus.id, (bus, []))[1].append(polled)
     return [BusEngine(bus, devices) for bus, devices in grouped.values()]
 
 
@@ -71,4 +88,4 @@ def _sunspec_discovery(device: Device):
     return discover
 
 
-__all__ = ["ModbusDevice", "bus_engines", "plan_for", "polled_device"]
+__all__ = ["ModbusDevice", "bus_engines", "plan_for", "polled_device", "polled_meter"]

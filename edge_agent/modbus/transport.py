@@ -31,6 +31,10 @@ device between two slow polls cannot grow the agent's memory.
 The timeout of a serial transaction counts from the end of the request on the wire and is extended by the
 expected response's own time on the wire.
 
+Query protocols that share a serial bus with Modbus units (DL/T 645, CJ/T 188, M-Bus: edge_agent/meters/) get
+the port between two transactions with `SerialTransport.line()`: raw requests and answers under the same lock,
+after the same silence, through the same writer thread, so the port keeps one owner.
+
 TCP (`TcpTransport`): with MBAP framing every request has a new transaction id, so after a timeout the
 connection is kept and a late answer is skipped by its transaction id (counted as "rejected.transaction").
 With RTU frames over TCP (serial device servers) there is no such protection: after a timeout the socket is
@@ -51,6 +55,7 @@ import termios
 import threading
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from typing import Literal
 
 import serial  # pyserial
@@ -132,8 +137,8 @@ class _Inbox:
             self.lost = why
         self._event.set()
 
-    async def wait(self, timeout: float) -> None:
-        """Until something arrives (or the link is lost), at most `timeout` seconds."""
+    async def wait(self, timeout: float | None) -> None:
+        """Until something arrives (or the link is lost), at most `timeout` seconds (None: no limit)."""
         if self.data or self.lost is not None:
             return
         with contextlib.suppress(TimeoutError):
@@ -422,6 +427,21 @@ class SerialTransport(Transport):
             self.stats["rejected.garbage"] += 1
         return self._finish(answer)
 
+    @contextlib.asynccontextmanager
+    async def line(self) -> AsyncIterator[RawLine]:
+        """The port for one dialogue of a query protocol (DL/T 645, CJ/T 188, M-Bus), between two transactions.
+        The transaction lock is held throughout: the dialogue is one transaction of the bus, whoever else uses
+        it. Each request waits for the line's silence as a Modbus request does (bytes that arrived meanwhile - a
+        late answer to an earlier request - are discarded and counted as "rejected.garbage") and is written by
+        the writer thread. TransportError as for a transaction."""
+        async with self._lock:
+            inbox = self._inbox
+            if inbox is None or self._fd < 0:
+                raise TransportError(f"serial port {self.port} is not open")
+            if inbox.lost is not None:
+                raise TransportError(inbox.lost)
+            yield RawLine(self, inbox)
+
     def _quiet_at(self, inbox: _Inbox) -> float:
         return max(inbox.last_rx, self._tx_end) + self.silence
 
@@ -496,6 +516,32 @@ class SerialTransport(Transport):
                                 f"{exc.strerror}") from None
             view = view[written:]
         return started
+
+
+class RawLine:
+    """SerialTransport.line()'s view of the port: what edge_agent/serial/dialogue.py's driver needs (send, read).
+    `last_rx_ns`: the wall-clock time the last bytes arrived (a poll is stamped with its last answer)."""
+
+    def __init__(self, transport: SerialTransport, inbox: _Inbox) -> None:
+        self._transport = transport
+        self._inbox = inbox
+        self.last_rx_ns = 0
+
+    async def send(self, data: bytes) -> None:
+        await self._transport._send(self._inbox, data)
+        self._transport.stats["transactions"] += 1
+
+    async def read(self, timeout: float | None = None) -> bytes:
+        """What arrived since the last read; b"" when `timeout` seconds pass in silence."""
+        inbox = self._inbox
+        await inbox.wait(timeout)
+        if inbox.lost is not None:
+            raise TransportError(inbox.lost)
+        data = inbox.take()
+        if data:
+            self._transport.stats["bytes_in"] += len(data)
+            self.last_rx_ns = time.time_ns()
+        return data
 
 
 def _input_waiting(fd: int) -> bool:

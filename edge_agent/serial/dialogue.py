@@ -1,5 +1,5 @@
 """The steps of a request/answer dialogue on a serial line, and their driver: shared by the query protocols whose
-session is one request and one answer at a time (DL/T 645, CJ/T 188). Everything but `run_session` is pure.
+session is one request and one answer at a time (DL/T 645, CJ/T 188, M-Bus). Everything but `run_session` is pure.
 
 A session says what to do next with `next_step()`:
 
@@ -52,18 +52,21 @@ class Session(Protocol):
 
 
 class LinePort(Protocol):
-    def write(self, data: bytes) -> None: ...
+    """What the driver needs of a line: edge_agent/serial/port.py SerialStream (a port of its own), or the bus
+    owner's port between two transactions (edge_agent/modbus/transport.py SerialTransport.line())."""
+
+    async def send(self, data: bytes) -> None: ...
 
     async def read(self, timeout: float | None = None) -> bytes: ...  # b"" when the timeout passed
 
 
 async def run_session(session: Session, port: LinePort) -> Any:
-    """Drive `session` over `port` (edge_agent/serial/port.py SerialStream) until Done; returns its result. The
-    port's errors propagate (the bus owner reopens the port)."""
+    """Drive `session` over `port` until Done; returns its result. The port's errors propagate (the bus owner
+    reopens the port)."""
     while True:
         step = session.next_step()
         if isinstance(step, Send):
-            port.write(step.data)
+            await port.send(step.data)
         elif isinstance(step, Expect):
             data = await port.read(step.timeout_s)
             if data:

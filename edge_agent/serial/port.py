@@ -174,6 +174,10 @@ class SerialStream:
         wire (tcdrain), so a baud change asked for afterwards happens after the last bit."""
         self._submit("write", lambda ser: (ser.write(data), ser.flush()))
 
+    async def send(self, data: bytes) -> None:
+        """write(), for the dialogue driver (edge_agent/serial/dialogue.py): queued, returns at once."""
+        self.write(data)
+
     def set_baud(self, baud: int) -> None:
         """Change the rate once everything written before has left. A port that refuses is lost."""
         self._submit("set_baud", lambda ser: setattr(ser, "baudrate", baud))
