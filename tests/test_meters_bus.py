@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -134,7 +135,7 @@ interval = "2s"
     assert set(by_device) == names, by_device.keys()
     for device, got in by_device.items():
         seconds = [r.time_ns / 1e9 for r in got]
-        assert all(b - a > 1.5 for a, b in zip(seconds, seconds[1:], strict=False)), (device, seconds)
+        assert all(b - a > 1.5 for a, b in itertools.pairwise(seconds)), (device, seconds)
     assert all(r.fields == pytest.approx(expected(7)) for r in by_device["th-7"])
     e07 = by_device["e-2007"][0]
     assert e07.measurement == "electricity" and e07.tags == {"protocol": "dlt645-2007"} and not e07.quality
