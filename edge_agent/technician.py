@@ -343,19 +343,28 @@ async def _scan_dlt645(port: _MeterPort, line: LineSettings, addresses: list[str
         if all(f.address != address for f in found):
             found.append(MeterFound("dlt645", address, line, note))
 
+    async def confirmed(address: str, edition: dlt645_frames.Version) -> bool:
+        """An address named by an answer to a wildcard: does it answer on its own?"""
+        return (await port.probe(probes.dlt645_read(address, edition, line.baud, **extra), f"DL/T 645 {address}")
+                ).answer is not None
+
     p = await port.probe(probes.dlt645_read_address(line.baud, **extra), "DL/T 645 read address")
     what = "read-address request (13H) to AAAAAAAAAAAA, DL/T 645-2007 §7.1"
-    if p.answer:
+    if p.answer and await confirmed(p.answer, "2007"):
         add(p.answer, "DL/T 645-2007, answered the read-address request")
         tried.append(f"{what}: answered by {p.answer}")
+    elif p.answer:
+        tried.append(f"{what}: an answer named {p.answer}, which does not answer on its own: {several}")
     else:
         tried.append(f"{what}: {_heard(p) + ': ' + several if p.collision else 'no answer'}")
     p = await port.probe(probes.dlt645_read(dlt645_frames.WILDCARD_ADDRESS, "1997", line.baud, **extra),
                          "DL/T 645-1997 wildcard read")
     what = "DL/T 645-1997 read of 9010 (total energy) to the wildcard address AAAAAAAAAAAA"
-    if p.answer:
+    if p.answer and await confirmed(p.answer, "1997"):
         add(p.answer, "DL/T 645-1997, answered a read to the wildcard address")
         tried.append(f"{what}: answered by {p.answer}")
+    elif p.answer:
+        tried.append(f"{what}: an answer named {p.answer}, which does not answer on its own: {several}")
     else:
         silent = "no answer (not every 1997 meter answers it)"
         tried.append(f"{what}: {_heard(p) + ': ' + several if p.collision else silent}")
@@ -382,10 +391,15 @@ async def _scan_cjt188(port: _MeterPort, line: LineSettings, meter_types: list[i
     outcome: list[str] = []
     names = {b: n for n, b in cjt188_frames.TYPE_NAMES.items()}
     for meter_type in meter_types:
-        p = await port.probe(probes.cjt188_wildcard(meter_type, line.baud, **extra), f"CJ/T 188 {meter_type:02X}H")
+        p = await port.probe(probes.cjt188_read(meter_type, line.baud, **extra), f"CJ/T 188 {meter_type:02X}H")
         label = f"{meter_type:02X}H"
         if p.answer:
             address, _ = p.answer
+            alone = await port.probe(probes.cjt188_read(meter_type, line.baud, address, **extra), f"CJ/T 188 {address}")
+            if alone.answer is None:
+                outcome.append(f"{label} an answer named {address}, which does not answer on its own: several "
+                               f"meters of this type?")
+                continue
             found.append(MeterFound("cjt188", address, line, f"{names.get(meter_type, '?')} ({label}), answered the "
                                                              f"wildcard address"))
             outcome.append(f"{label} answered by {address}")
@@ -431,8 +445,17 @@ async def _scan_mbus_secondary(port: _MeterPort, line: LineSettings, max_probes:
             search.nothing(mask)
             continue
         q = await port.probe(probes.mbus_identify(mbus_frames.SELECTED, line.baud, **extra), f"REQ_UD2 {mask}")
-        if q.answer is not None and q.answer.secondary:
-            search.single(mask, q.answer)
+        meter = q.answer if q.answer is not None and q.answer.secondary else None
+        if meter is not None and mask != meter.secondary:  # confirm: the full address it named, alone
+            again = await port.probe(probes.mbus_ack(mbus_frames.select_secondary(meter.secondary), line.baud,
+                                                     **extra), f"select {meter.secondary}")
+            check = None
+            if again.answer is not None:
+                check = (await port.probe(probes.mbus_identify(mbus_frames.SELECTED, line.baud, **extra),
+                                          f"REQ_UD2 {meter.secondary}")).answer
+            meter = meter if check is not None and check.secondary == meter.secondary else None
+        if meter is not None:
+            search.single(mask, meter)
         else:
             search.collision(mask)
     found = [MeterFound("mbus", m.secondary, line, f"{m.manufacturer}, {m.medium}, primary address {m.primary}")

@@ -4,7 +4,9 @@ M-Bus secondary search, pure (steps of edge_agent/serial/dialogue.py; the driver
 Every probe is one request and the first frame that answers it (`OneShot`), with what else came on the line:
 bytes that frame nothing are a collision (several meters answering at once) or a wrong line setting, never a
 meter. Each probe waits one answer time at most, so a scan's length is bounded by the number of probes, which
-the caller chooses and reports.
+the caller chooses and reports. An address learnt from an answer to a wildcard is confirmed by asking that
+address alone before it is reported: the answers of colliding meters can merge into a frame whose checksum
+happens to fit, naming a meter that does not exist.
 
 - DL/T 645: the read-address request to the wildcard address (DL/T 645-2007 §7.1, control 13H; only when one
   meter is on the line: several garble each other), a DL/T 645-1997 read of the total energy (9010) to the
@@ -129,14 +131,21 @@ def dlt645_read(address: str, edition: dlt.Version, baud: int, answer_s: float =
 # -- CJ/T 188 -----------------------------------------------------------------------------------------------------
 
 
-def cjt188_wildcard(meter_type: int, baud: int, answer_s: float = CJT188_ANSWER_S) -> OneShot:
-    """Read the metering data (901F) at the wildcard address: a meter of this type that answers it names its
-    address (tuple: address, type)."""
-    def accept(frame: cjt.Frame) -> tuple[str, int] | None:
-        return (frame.address, frame.meter_type) if frame.from_meter and frame.meter_type == meter_type else None
+def cjt188_read(meter_type: int, baud: int, address: str = cjt.WILDCARD_ADDRESS,
+                answer_s: float = CJT188_ANSWER_S) -> OneShot:
+    """Read the metering data (901F) at `address`, by default the wildcard address: a meter of this type that
+    answers it names its address (tuple: address, type)."""
+    wanted = cjt.decode_address(cjt.encode_address(address))
 
-    return OneShot(cjt.read_request(meter_type, cjt.WILDCARD_ADDRESS), cjt.Deframer(), accept, answer_bytes=63,
-                   baud=baud, answer_s=answer_s)
+    def accept(frame: cjt.Frame) -> tuple[str, int] | None:
+        if not frame.from_meter or frame.meter_type != meter_type:
+            return None
+        if wanted != cjt.WILDCARD_ADDRESS and frame.address != wanted:
+            return None
+        return frame.address, frame.meter_type
+
+    return OneShot(cjt.read_request(meter_type, address), cjt.Deframer(), accept, answer_bytes=63, baud=baud,
+                   answer_s=answer_s)
 
 
 # -- M-Bus ----------------------------------------------------------------------------------------------------------
@@ -183,7 +192,8 @@ class SecondarySearch:
     RSP_UD to the REQ_UD2 that follows) gives that meter's full address; a collision (several acknowledge and
     their RSP_UDs garble each other) is split on the first wildcard digit of the identification number into the
     ten masks with 0..9 there. The search starts with every digit a wildcard, so a line with one meter takes one
-    probe. At most `max_probes` selections: what was left is reported (`left`)."""
+    probe. At most `max_probes` selections: what was left is reported (`left`). The driver confirms a single
+    answer by selecting the full address it names (the module docstring says why) before calling `single`."""
 
     def __init__(self, start: str = "F" * 16, max_probes: int = 400) -> None:
         mbus.select_secondary(start)  # ValueError for a malformed mask

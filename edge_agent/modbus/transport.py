@@ -333,10 +333,11 @@ class SerialTransport(Transport):
             raise TransportError(f"serial port {self.port}: unsupported settings ({exc})") from None
         try:
             ser.open()
-        except serial.SerialException as exc:
+        except (serial.SerialException, OSError) as exc:
             raise TransportError(self._open_error(exc)) from None
-        except OSError as exc:
-            raise TransportError(self._open_error(exc)) from None
+        except termios.error as exc:  # the port refuses the line settings (not an OSError)
+            raise TransportError(f"serial port {self.port} refuses the settings {self.baud} {self.data_bits}"
+                                 f"{self.parity}{self.stop_bits}: {exc.args[-1]}") from None
         self._serial = ser
         self._fd = ser.fileno()
         os.set_blocking(self._fd, False)

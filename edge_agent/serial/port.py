@@ -128,6 +128,9 @@ class SerialStream:
             await loop.run_in_executor(self._executor(), ser.open)
         except (serial.SerialException, OSError) as exc:
             raise PortError(serial_open_error(self.path, exc)) from None
+        except termios.error as exc:  # the port refuses the line settings (not an OSError)
+            raise PortError(f"serial port {self.path} refuses the settings {self.baud} {self.data_bits}{self.parity}"
+                            f"{self.stop_bits}: {exc.args[-1]}") from None
         os.set_blocking(ser.fileno(), False)
         self._serial = ser
         self._rx = _Received(self.max_buffered, self.on_overrun)
