@@ -6,6 +6,7 @@ from bench import (
     agent_rss,
     backlog_drain,
     collector_ingest,
+    dlt645_wire,
     flood,
     mbus_parsers,
     modbus_engine,
@@ -30,6 +31,8 @@ def main() -> None:
     modbus_engine.main([])
     print("== modbus wire efficiency: engine transactions/s on a timed serial line vs the line's limit ==")
     modbus_wire.main([])
+    print("== DL/T 645 wire efficiency: engine transactions/s on the timed line at 2400 8E1 vs the line's limit ==")
+    dlt645_wire.main([])
     print("== outbox fsyncs per poll cycle: the agent under strace vs a naive one-transaction-per-reading outbox ==")
     outbox_fsync.main([])
     print("== agent peak RSS with a 10,000-message backlog vs an empty outbox and the bare imports ==")

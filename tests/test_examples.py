@@ -35,3 +35,6 @@ def test_example_passes_check(tmp_path: Path, name: str, program: str) -> None:
                             timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{path}: OK")
+    if name == "agent.toml":  # an example of every device kind
+        for kind in ("modbus", "modbus-tcp", "serial", "dlt645", "cjt188", "mbus"):
+            assert f": {kind} " in result.stdout, kind

@@ -10,7 +10,7 @@ happens to fit, naming a meter that does not exist.
 
 - DL/T 645: the read-address request to the wildcard address (DL/T 645-2007 §7.1, control 13H; only when one
   meter is on the line: several garble each other), a DL/T 645-1997 read of the total energy (9010) to the
-  wildcard address (answered by many 1997 meters when alone on the line; the standard has no read-address
+  wildcard address (answered by some 1997 meters when alone on the line; the standard has no read-address
   command), and a read of the total energy at each address to try (2007 first, then 1997): an abnormal answer
   is an answer too.
 - CJ/T 188: a read of the metering data (901F) to the wildcard address AAAAAAAAAAAAAA, per meter type; meters
