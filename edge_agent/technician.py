@@ -348,26 +348,23 @@ async def _scan_dlt645(port: _MeterPort, line: LineSettings, addresses: list[str
         return (await port.probe(probes.dlt645_read(address, edition, line.baud, **extra), f"DL/T 645 {address}")
                 ).answer is not None
 
-    p = await port.probe(probes.dlt645_read_address(line.baud, **extra), "DL/T 645 read address")
-    what = "read-address request (13H) to AAAAAAAAAAAA, DL/T 645-2007 §7.1"
-    if p.answer and await confirmed(p.answer, "2007"):
-        add(p.answer, "DL/T 645-2007, answered the read-address request")
-        tried.append(f"{what}: answered by {p.answer}")
-    elif p.answer:
-        tried.append(f"{what}: an answer named {p.answer}, which does not answer on its own: {several}")
-    else:
-        tried.append(f"{what}: {_heard(p) + ': ' + several if p.collision else 'no answer'}")
-    p = await port.probe(probes.dlt645_read(dlt645_frames.WILDCARD_ADDRESS, "1997", line.baud, **extra),
-                         "DL/T 645-1997 wildcard read")
-    what = "DL/T 645-1997 read of 9010 (total energy) to the wildcard address AAAAAAAAAAAA"
-    if p.answer and await confirmed(p.answer, "1997"):
-        add(p.answer, "DL/T 645-1997, answered a read to the wildcard address")
-        tried.append(f"{what}: answered by {p.answer}")
-    elif p.answer:
-        tried.append(f"{what}: an answer named {p.answer}, which does not answer on its own: {several}")
-    else:
-        silent = "no answer (not every 1997 meter answers it)"
-        tried.append(f"{what}: {_heard(p) + ': ' + several if p.collision else silent}")
+    wildcards: list[tuple[probes.OneShot, dlt645_frames.Version, str, str, str]] = [
+        (probes.dlt645_read_address(line.baud, **extra), "2007",
+         "read-address request (13H) to AAAAAAAAAAAA, DL/T 645-2007 §7.1",
+         "DL/T 645-2007, answered the read-address request", "no answer"),
+        (probes.dlt645_read(dlt645_frames.WILDCARD_ADDRESS, "1997", line.baud, **extra), "1997",
+         "DL/T 645-1997 read of 9010 (total energy) to the wildcard address AAAAAAAAAAAA",
+         "DL/T 645-1997, answered a read to the wildcard address", "no answer (not every 1997 meter answers it)"),
+    ]
+    for probe, edition, what, note, silent in wildcards:
+        p = await port.probe(probe, f"DL/T 645-{edition} wildcard")
+        if p.answer and await confirmed(p.answer, edition):
+            add(p.answer, note)
+            tried.append(f"{what}: answered by {p.answer}")
+        elif p.answer:
+            tried.append(f"{what}: an answer named {p.answer}, which does not answer on its own: {several}")
+        else:
+            tried.append(f"{what}: {_heard(p) + ': ' + several if p.collision else silent}")
     answered = 0
     for address in addresses:
         for edition in ("2007", "1997"):

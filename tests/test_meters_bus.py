@@ -213,6 +213,11 @@ def test_late_answers_and_garbage_never_reach_another_meters_reading() -> None:
     assert good_dev.stats["rejected.wrong_address"] >= 1, good_dev.stats  # the late answer, refused
     assert noisy_dev.stats["rejected.checksum"] == 2 and noisy_dev.stats["rejected.garbage"] >= 2, noisy_dev.stats
     assert late_dev.failures == 2 and noisy_dev.failures == 2 and good_dev.failures == 0
+    from edge_agent.app import _health  # what the heartbeat reports of each device
+
+    noisy_health = _health(noisy_dev.stats, noisy_dev.stats["polls"], noisy_dev.last_error)
+    assert noisy_health["polls"] == 0 and noisy_health["errors"] >= 6 and "000000000003" in noisy_health["last_error"]
+    assert _health(good_dev.stats, good_dev.stats["polls"], "")["polls"] == 2
 
 
 def test_an_mbus_meter_with_a_multi_telegram_answer_on_its_own_bus() -> None:
