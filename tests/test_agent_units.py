@@ -113,7 +113,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
         (("port = 5020", "port = 70000"), "devices[0].port: expected an integer 1..65535, got 70000"),
         (('id = "gw-test"', 'id = "gw/test"'), "gateway.id: expected 1-64 letters, digits"),
         (("port = 5020", "prot = 5020"), 'devices[0].prot: unknown key (did you mean "port"?)'),
-        (('kind = "modbus-tcp"', 'kind = "modbus-tpc"'), 'devices[0].kind: expected one of "modbus", "modbus-tcp", "serial", got "modbus-tpc"'),
+        (('kind = "modbus-tcp"', 'kind = "modbus-tpc"'), 'devices[0].kind: expected one of "modbus", "modbus-tcp", "serial", "dlt645", "cjt188", "mbus", got "modbus-tpc"'),
         (('profile = "eastron_sdm630"', 'profile = "no_such_meter"'), "devices[0].profile"),
         (("[mqtt]", "[mqtt]\nca_file = \"/nonexistent/ca.crt\""), "mqtt.ca_file: /nonexistent/ca.crt does not exist"),
         (("[mqtt]", '[mqtt]\nkeepalive = "often"'), 'mqtt.keepalive: expected a duration such as "10s"'),
