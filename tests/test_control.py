@@ -82,6 +82,19 @@ def test_plan_command_follows_the_profile_and_the_opt_in() -> None:
         "out_of_range", "40.5 °C is outside setpoint's range -10..40")
 
 
+def test_a_meter_on_a_bus_can_be_polled_now_and_not_written() -> None:
+    from edge_agent.meters.config import Dlt645Device
+    from edge_agent.modbus.devices import polled_meter
+
+    bus = ModbusBus(id="rs485", target="/dev/ttyUSB0", baud=2400, parity="E")
+    meter = polled_meter(Dlt645Device(id="flat-1", bus="rs485", address="000102030425"), bus)
+    engine = BusEngine(bus, [meter])
+    devices = devices_of([engine])
+    assert plan_command(command(GW, "flat-1", action="poll_now"), devices).device is meter
+    assert refusal(plan_command, command(GW, "flat-1", "energy_import", 1.0), devices) == (
+        "not_writable", "flat-1 is a DL/T 645-2007 meter 000102030425: read only (it can be polled now)")
+
+
 def test_a_critical_point_needs_two_operators_only_where_it_can_be_written() -> None:
     devices = devices_of([lab_engine()])
     assert approvals_needed(command(GW, "meter", "system_type", 1), devices) == 2
