@@ -46,16 +46,20 @@ def collect(agent: Agent) -> Iterator[Metric]:
 
 
 def _devices(agent: Agent, f: Families) -> None:
-    polls = f.counter(_P + "device_polls_total", "Polls that produced values (Modbus), or samples decoded (serial)",
+    polls = f.counter(_P + "device_polls_total", "Polls that produced values (Modbus units and meters on buses), or "
+                      "samples decoded (serial)",
                       ("device",))
     errors = f.counter(_P + "device_errors_total", "Failed polls or parts of polls, by kind: no_answer, exception_<code> "
-                       "(Modbus exception), rejected[.<reason>] (bad frame), decode_errors, open_failures, lost",
+                       "(Modbus exception), rejected[.<reason>] (bad frame), answer_errors (a meter's fields that "
+                       "failed), decode_errors, open_failures, lost",
                        ("device", "kind"))
-    failing = f.gauge(_P + "device_consecutive_failures", "Polls in a row that produced nothing (Modbus; the unit "
-                      "backs off while this is above 0)", ("device",))
-    overruns = f.counter(_P + "device_overruns_total", "Poll deadlines skipped because the bus was busy (Modbus)",
+    failing = f.gauge(_P + "device_consecutive_failures", "Polls in a row that produced nothing (devices on buses; "
+                      "the device backs off while this is above 0)", ("device",))
+    overruns = f.counter(_P + "device_overruns_total", "Poll deadlines skipped because the bus was busy (devices "
+                         "on buses)",
                          ("device",))
-    answer = f.histogram(_P + "device_answer_seconds", "Time from a Modbus request to its validated answer",
+    answer = f.histogram(_P + "device_answer_seconds", "Time from a request to its answer (a Modbus unit's "
+                         "validated answer; a meter's answer, to its last byte)",
                          ("device",))
 
     def polled(device_id: str, stats: Counter[str], polls_key: str) -> None:

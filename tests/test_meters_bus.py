@@ -218,6 +218,10 @@ def test_late_answers_and_garbage_never_reach_another_meters_reading() -> None:
     noisy_health = _health(noisy_dev.stats, noisy_dev.stats["polls"], noisy_dev.last_error)
     assert noisy_health["polls"] == 0 and noisy_health["errors"] >= 6 and "000000000003" in noisy_health["last_error"]
     assert _health(good_dev.stats, good_dev.stats["polls"], "")["polls"] == 2
+    # the metrics' view: one answered transaction per good poll, none for the late and the noisy meter
+    assert good_dev.answer_seconds.cumulative()[-1][1] == 2 and 0 < good_dev.answer_seconds.sum < 1
+    assert late_dev.answer_seconds.cumulative()[-1][1] == noisy_dev.answer_seconds.cumulative()[-1][1] == 0
+    assert engine.transport.stats["timeouts"] == 4 and engine.transport.stats["rejected.checksum"] == 2
 
 
 def test_an_mbus_meter_with_a_multi_telegram_answer_on_its_own_bus() -> None:

@@ -457,8 +457,9 @@ class BusEngine:
         answered_ns = 0
         try:
             async with self.transport.line() as line:
-                paced = _PacedLine(line, self)
+                paced = _PacedLine(line, self, device)
                 await run_session(session, paced)
+                paced.finish()
                 answered_ns = line.last_rx_ns
         except TransportError as exc:
             await self.transport.close()
@@ -475,8 +476,9 @@ class BusEngine:
             log.exception("decoding device %s failed", device.id, extra={"device": device.id})
             device.stats["decode_errors"] += 1
             return PollOutcome(device, [], "decode error")
-        for rejected in result.rejected:
+        for rejected in result.rejected:  # counted for the device and for the bus, as a Modbus answer's
             device.stats[f"rejected.{rejected.reason}"] += 1
+            self.transport.stats[f"rejected.{rejected.reason}"] += 1
         if result.silent:
             device.failures += 1
             device.stats["no_answer"] += 1
@@ -581,17 +583,36 @@ class BusEngine:
 
 class _PacedLine:
     """The bus's port for a meter's dialogue, with the bus's `pause_between_requests` before every request (as
-    between Modbus transactions: some converters and meters need it)."""
+    between Modbus transactions: some converters and meters need it), and the transactions' numbers the metrics
+    show for Modbus units: each request's answer time (request sent -> the last bytes of its answer) in the
+    device's `answer_seconds`, a request the session gave up on (silence) in the bus's "timeouts"."""
 
-    def __init__(self, line: RawLine, engine: BusEngine) -> None:
+    def __init__(self, line: RawLine, engine: BusEngine, device: PolledDevice) -> None:
         self._line = line
         self._engine = engine
+        self._device = device
+        self._sent = 0.0
+        self._answered = 0.0  # when the last bytes after the current request arrived; 0: none yet
 
     async def send(self, data: bytes) -> None:
+        self.finish()
         await self._engine._pause_before_request()
         await self._line.send(data)
+        self._sent = time.monotonic()
 
     async def read(self, timeout: float | None = None) -> bytes:
         data = await self._line.read(timeout)
-        self._engine._last_transaction_end = time.monotonic()
+        now = time.monotonic()
+        self._engine._last_transaction_end = now
+        if data:
+            self._answered = now
+        else:  # the session gives this request up (dialogue.py: silence -> session.timeout()): not answered,
+            self._engine.transport.stats["timeouts"] += 1  # whatever bytes came before the silence
+            self._answered = 0.0
         return data
+
+    def finish(self) -> None:
+        """The current request's answer, if any, is complete: observe its time."""
+        if self._sent and self._answered:
+            self._device.answer_seconds.observe(self._answered - self._sent)
+        self._sent = self._answered = 0.0
