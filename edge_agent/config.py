@@ -187,6 +187,12 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
         return [d for d in self.devices if isinstance(d, ModbusDevice | ModbusTcpDevice)]
 
     @property
+    def bus_devices(self) -> list[ModbusKind | MeterDevice]:
+        """Every device polled by a bus engine: Modbus units (a `modbus-tcp` device's endpoint is a bus of its own)
+        and DL/T 645, CJ/T 188, M-Bus meters, in configuration order."""
+        return [d for d in self.devices if not isinstance(d, SerialDevice)]
+
+    @property
     def meter_devices(self) -> list[MeterDevice]:
         return [d for d in self.devices if isinstance(d, METER_KINDS)]
 

@@ -11,8 +11,8 @@ source whose configuration did not change keeps running (no gap in its polling).
     fixed_change(old, new) -> key      a key that no live reconfiguration may change (FIXED_KEYS), or None
 
 A bus is known by its id (a `modbus-tcp` device's endpoint is a bus of its own, `tcp://host:port`) and is
-unchanged only if its settings, its devices (in order) and the content of their profiles are all equal: a
-profile file edited on disk rebuilds the buses that use it.
+unchanged only if its settings, its devices (in order: Modbus units and DL/T 645, CJ/T 188, M-Bus meters) and the
+content of their profiles are all equal: a profile file edited on disk rebuilds the buses that use it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import msgspec
 
 from edge_agent.config import AgentConfig
+from edge_agent.meters.config import METER_KINDS
 from wire.config import Secret
 
 # Keys a running agent cannot change without a restart, and that a pushed configuration may not change at all:
@@ -90,10 +91,12 @@ def shape(cfg: AgentConfig, profile_of: Callable[[str], Any]) -> Shape:
     """`profile_of(name_or_path)`: the profile's content (any comparable value; None for SunSpec discovery).
     The shell passes edge_agent/profiles.py `load_profile`; tests pass what they like."""
     buses: dict[str, list[Any]] = {}
-    for device in cfg.modbus_devices:
+    for device in cfg.bus_devices:
         bus = cfg.bus_of(device)
         entry = buses.setdefault(bus.id, [canonical(bus)])
-        entry.append((canonical(device), canonical(profile_of(device.profile))))
+        # a DL/T 645, CJ/T 188 or M-Bus meter has no profile file: its identifier tables ship with the agent
+        content = None if isinstance(device, METER_KINDS) else canonical(profile_of(device.profile))
+        entry.append((canonical(device), content))
     return Shape(
         buses={bus_id: tuple(entry) for bus_id, entry in buses.items()},
         serial={d.id: canonical(d) for d in cfg.serial_devices},

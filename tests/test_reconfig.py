@@ -97,6 +97,30 @@ def test_bus_settings_a_device_interval_and_a_serial_device_each_rebuild_what_th
     assert p.stop_serial == p.start_serial == ("p1",) and not p.stop_buses
 
 
+def test_a_bus_of_meters_is_kept_started_and_rebuilt_like_any_bus() -> None:
+    meters = BASE + textwrap.dedent("""
+        [[buses]]
+        id = "rs485-2"
+        target = "/dev/ttyUSB2"
+        [[devices]]
+        kind = "dlt645"
+        id = "flat-1"
+        bus = "rs485-2"
+        address = "000102030425"
+        [[devices]]
+        kind = "mbus"
+        id = "heat-1"
+        bus = "rs485-2"
+        address = 5
+        """)
+    started = diff(cfg(), cfg(meters))
+    assert started.start_buses == ("rs485-2",) and started.keep_buses == ("rs485-1", "tcp://10.0.0.5:502")
+    assert diff(cfg(meters), cfg(meters)).changes_nothing
+    edited = diff(cfg(meters), cfg(meters, **{'address = "000102030425"': 'address = "000102030426"'}))
+    assert edited.stop_buses == edited.start_buses == ("rs485-2",) and "rs485-1" in edited.keep_buses
+    assert diff(cfg(meters), cfg()).stop_buses == ("rs485-2",)
+
+
 def test_a_profile_whose_content_changed_on_disk_rebuilds_the_buses_using_it() -> None:
     p = diff(cfg(), cfg(), new_profiles=profiles({"eastron_sdm630": "edited"}))
     assert p.start_buses == ("tcp://10.0.0.5:502",) and p.keep_buses == ("rs485-1",)

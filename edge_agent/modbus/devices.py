@@ -8,7 +8,7 @@ from edge_agent.config import AgentConfig, Device
 from edge_agent.meters.config import METER_KINDS, MeterDevice
 from edge_agent.meters.readers import reader_for
 from edge_agent.modbus.bus import BusEngine, PolledDevice
-from edge_agent.modbus.config import ModbusBus, ModbusDevice, ModbusTcpDevice
+from edge_agent.modbus.config import ModbusBus, ModbusDevice
 from edge_agent.modbus.plan import Unreadable, plan_reads
 from edge_agent.profiles import Profile, load_profile
 
@@ -62,9 +62,7 @@ def bus_engines(cfg: AgentConfig, only: Collection[str] | None = None) -> list[B
     protocol (Modbus units and DL/T 645, CJ/T 188, M-Bus meters), in configuration order. `only`: the engines
     of these bus ids (a live reconfiguration builds what it starts)."""
     grouped: dict[str, tuple[ModbusBus, list[PolledDevice]]] = {}
-    for device in cfg.devices:
-        if not isinstance(device, ModbusDevice | ModbusTcpDevice | METER_KINDS):
-            continue
+    for device in cfg.bus_devices:
         bus = cfg.bus_of(device)
         if only is not None and bus.id not in only:
             continue
