@@ -105,7 +105,7 @@ class PrometheusServer(LabServer):
 
     # -- waiting for what a test expects, with a deadline ---------------------------------------------------
 
-    def wait_targets_up(self, timeout: float = 20.0) -> list[dict[str, Any]]:
+    def wait_targets_up(self, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Until every configured target was scraped successfully (health "up")."""
         wanted = sum(len(t) for t in self.jobs.values())
 
@@ -116,11 +116,11 @@ class PrometheusServer(LabServer):
         return self._poll(all_up, timeout, lambda: "targets up: " + ", ".join(
             f"{t['scrapeUrl']} {t['health']} {t['lastError']}" for t in self.targets()))
 
-    def wait_for(self, promql: str, timeout: float = 20.0) -> list[tuple[dict[str, str], float]]:
+    def wait_for(self, promql: str, timeout: float = 60.0) -> list[tuple[dict[str, str], float]]:
         """Until the query yields at least one series (a comparison such as `x > 0` yields none while false)."""
         return self._poll(lambda: self.query(promql), timeout, lambda: f"{promql} (now: {self.query(promql)})")
 
-    def wait_for_rules(self, predicate: Any, timeout: float = 20.0) -> list[dict[str, Any]]:
+    def wait_for_rules(self, predicate: Any, timeout: float = 60.0) -> list[dict[str, Any]]:
         """Until predicate(rules) holds for the loaded rules (e.g. all evaluated without an error)."""
         return self._poll(lambda: (lambda rules: rules if rules and predicate(rules) else None)(self.rules()),
                           timeout, lambda: f"rules: {[(r['name'], r['health'], r.get('lastError')) for r in self.rules()]}")
