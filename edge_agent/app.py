@@ -59,10 +59,12 @@ from wire.schema import Batch, Reading, encode_batch
 from wire.seal import GatewaySealer, SealError
 from wire.status import OFFLINE, ONLINE, encode_status
 from wire.supervise import TaskSet
+from wire.systemd import Service
+from wire.version import VERSION
 
 log = logging.getLogger("citynerve.agent")
 
-AGENT_VERSION = "0.2.0"
+AGENT_VERSION = VERSION  # the status heartbeat's `version`: the installed distribution's (wire/version.py)
 
 # Per-device counters that mean "this poll (or part of it) failed".
 _POLL_ERRORS = ("no_answer", "rejected", "decode_errors", "open_failures", "lost", "answer_errors")
@@ -130,7 +132,9 @@ class Agent:
         self._errors = RateLimitedLog(log, interval=300)
         self._db = ThreadPoolExecutor(1, thread_name_prefix="outbox")
         self._wake = asyncio.Event()  # set by every event the sender must see
+        self.service = Service.from_env()  # READY, STATUS, STOPPING and the watchdog (wire/systemd.py)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._cycle_beat: Callable[[], None] = _nothing
         self.started_ns = time.time_ns()
         self.tasks = TaskSet()  # supervised (wire/supervise.py); buses and sources come and go with reconfigure
         self._source_tasks: dict[str, asyncio.Task[Any]] = {}  # "bus:<id>" / "serial:<id>" -> its task
@@ -306,9 +310,18 @@ class Agent:
             self.tasks.add(self.config_control.run(), "config")
         if metrics is not None:
             self.tasks.add(metrics.serve(), "metrics")
+        # Ready: the outbox is open and every bus and serial source polls; connected or not (wire/systemd.py).
+        # The watchdog's pings stop if the outbox thread does not answer for 2 minutes (an SD card that hangs
+        # in fsync), or the cycle misses 3 rounds.
+        self.service.watch_executor("outbox thread", self._db, allowed=120.0)
+        self._cycle_beat = self.service.beacon("cycle", allowed=max(60.0, 3 * float(self.cfg.uplink.publish_interval)))
+        if self.service.active:
+            self.tasks.add(self.service.run(self.service_status), "systemd")
+        self.service.ready(self.service_status())
         try:
             await run_tasks_until(stop, self.tasks)
         finally:
+            self.service.stopping("stopping: committing what the cycle holds to the outbox")
             await self._shut_down()
 
     def _start_source(self, name: str, coro: Any) -> None:
@@ -485,6 +498,7 @@ class Agent:
             interval = float(self.cfg.uplink.publish_interval)  # read each time: reconfigure may change it
             await asyncio.sleep(max(0.0, next_aligned(time.time(), interval) - time.time()))
             await self._commit_cycle()
+            self._cycle_beat()
 
     async def _commit_cycle(self) -> None:
         """The cycle's readings become messages, committed with the deletions acknowledged since the last cycle in
@@ -573,6 +587,15 @@ class Agent:
 
     # -- health -------------------------------------------------------------------------------------------------
 
+    def service_status(self) -> str:
+        """The line `systemctl status` shows (systemd STATUS=)."""
+        b = self.box.backlog
+        devices = sum(len(engine.devices) for engine in self.buses) + len(self.serial_sources)
+        why = f" ({self.link.last_error})" if self.link.last_error else ""
+        uplink = "connected" if self.sender.link_up else f"not connected{why}"
+        return (f"polling {devices} device(s); uplink {uplink}; outbox: {b.messages} message(s) waiting for "
+                f"an acknowledgement")
+
     def status(self) -> bytes:
         """The retained status with the health fields of wire/status.py (event loop: from the loop's own state)."""
         b = self.box.backlog
@@ -594,6 +617,10 @@ class Agent:
         for source in self.serial_sources:
             health[source.device.id] = _health(source.stats, source.stats["samples"], source.last_error)
         return health
+
+
+def _nothing() -> None:
+    return None
 
 
 def _commit_job(outbox: Outbox, gateway: str, batches: list[list[Reading]], created_ns: int,

@@ -112,6 +112,7 @@ class MqttLink:
         on_disconnected: Callable[[str], None] | None = None,
         on_message: Callable[[paho.MQTTMessage], None] | None = None,
         on_published: Callable[[int], None] | None = None,
+        on_subscribed: Callable[[list[int]], None] | None = None,
         max_inflight: int = 20,
     ) -> None:
         self.settings = settings
@@ -126,6 +127,7 @@ class MqttLink:
         self._on_disconnected = on_disconnected
         self._on_message = on_message
         self._on_published = on_published
+        self._on_subscribed = on_subscribed
         self.protocol = paho.MQTTv311 if settings.protocol == "3.1.1" else paho.MQTTv5
         self.connected = threading.Event()
         self._lock = threading.Lock()
@@ -222,6 +224,11 @@ class MqttLink:
         if self._on_published:
             on_published = self._on_published
             client.on_publish = self._guard("on_publish", lambda _c, _u, mid, _rc, _p: on_published(mid))
+        if self._on_subscribed:
+            on_subscribed = self._on_subscribed
+            # SUBACK: one reason code per topic filter; 0x80 and above is a refusal (MQTT 5.0 §3.9.3).
+            client.on_subscribe = self._guard("on_subscribe", lambda _c, _u, _mid, codes, _p: on_subscribed(
+                [code.value if hasattr(code, "value") else int(code) for code in codes]))
         return client
 
     def _guard(self, name: str, callback: Callable[..., None]) -> Callable[..., None]:
