@@ -84,6 +84,17 @@ class FairQueue:
         self.bytes = 0
         self.pending_bytes = 0  # every gateway's bytes waiting for the writer
 
+    def set_limits(self, limits: Limits, now: float) -> None:
+        """New limits (a configuration reload, SIGHUP). Gateways already known keep the tokens they have, up to the
+        new burst, and refill at the new rates from now on; queued messages stay even above a lower bound."""
+        self.limits = limits
+        for g in self._gateways.values():
+            for bucket, rate, burst in ((g.messages, limits.rate, limits.burst),
+                                        (g.bytes, limits.byte_rate, limits.byte_burst)):
+                bucket.refill(now)  # at the old rate up to now
+                bucket.rate, bucket.burst = rate, burst
+                bucket.tokens = min(bucket.tokens, burst)
+
     # -- the door ---------------------------------------------------------------------------------------------
 
     def offer(self, gateway: str, item: Any, size: int, now: float) -> Reason | None:

@@ -14,7 +14,7 @@ The path of a message, and who owns each step:
     event loop              _on_written: PUBACK, and the seq acknowledged end to end (wire/ack.py) when stored
                             or refused for the gateway's own content.
     "quarantine" thread     rejected payloads, from a bounded queue (collector/quarantine.py QuarantineSink).
-    "registry" thread       the gateway registry re-read once a second.
+    "registry" thread       the gateway registry re-read once a second (and re-opened on SIGHUP).
 
 An uplink message is acknowledged to the broker (manual PUBACK) once its fate is decided: stored, refused for
 its content, or declined (then not end to end, so the gateway sends it again). The bounds in code are the
@@ -22,6 +22,10 @@ hand-over bound, the admission queues, the writer's max_pending_lines and the qu
 bounded whatever the broker sends (mosquitto 2.0.11 was seen to exceed a client's Receive Maximum by
 thousands). A status heartbeat becomes health points (collector/health.py) written the same way, without an
 end-to-end ack.
+
+SIGHUP reloads collector.toml: what can change safely takes effect at once, the rest is named as waiting for a
+restart (collector/reload.py), and the registry is re-opened. systemd hears READY once the broker acknowledged
+the subscriptions, STATUS, RELOADING, STOPPING and the watchdog's pings (wire/systemd.py).
 """
 
 from __future__ import annotations
@@ -30,15 +34,19 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
+import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
 
+from collector import reload as reloading
 from collector.admission import FairQueue
-from collector.config import CollectorConfig, default_client_id
+from collector.config import CollectorConfig, ValidationSection, default_client_id
+from collector.config import load as load_config
 from collector.control_relay import ControlLines, ControlRelay
 from collector.guard import SCHEMA_QUERY, Guard, learn_from_show_keys
 from collector.health import health_lines
@@ -51,11 +59,13 @@ from collector.reasons import RETRY_LATER, Reason
 from collector.registry import GatewayRegistry
 from wire import ack, topics
 from wire.cli import run_tasks_until
+from wire.config import ConfigError
 from wire.envelope import Rejection, WireError
-from wire.logs import RateLimitedLog
+from wire.logs import RateLimitedLog, setup_logging
 from wire.mqttlink import MqttLink
 from wire.seal import Opener, SealError
 from wire.status import StatusError, decode_status
+from wire.systemd import Service
 
 log = logging.getLogger("citynerve.collector")
 
@@ -89,8 +99,18 @@ class _Delivery:
 
 
 class Collector:
-    def __init__(self, cfg: CollectorConfig) -> None:
+    def __init__(self, cfg: CollectorConfig, config_path: str | None = None,
+                 log_override: tuple[str | None, str | None] = (None, None)) -> None:
+        """`config_path`: the file SIGHUP reloads (None: no reload); `log_override`: --log-format and --log-level,
+        which win over the file at a reload as at the start."""
         self.cfg = cfg
+        self.config_path = config_path
+        self.log_override = log_override
+        self.service = Service.from_env()  # READY, STATUS, RELOADING, STOPPING and the watchdog (wire/systemd.py)
+        self._subscribed = False
+        self._subscribing: tuple[list[str], bool] = ([], False)
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
         self.prefix = cfg.mqtt.topic_prefix
         v = cfg.validation
         lim = cfg.limits
@@ -103,7 +123,7 @@ class Collector:
         self.ingest = Ingest(
             self.prefix,
             v.max_payload_bytes,
-            TimePolicy(int(v.max_future * 1e9), int(v.min_time.timestamp()) * 1_000_000_000, int(v.max_past * 1e9)),
+            _time_policy(v),
             v.suspect_measurement,
             opener,
             accept_plain=cfg.security is None or cfg.security.accept_plain,
@@ -122,6 +142,7 @@ class Collector:
         self._handoff_bytes = 0
         self._handoff_declined = 0
         self._work = asyncio.Event()
+        self._housekeeping_beat: Callable[[], None] = _nothing  # the watchdog's beacon, from run() on
         self._files = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry")
         self.gateway_state: dict[str, str] = {}
         # gateway -> the newest time (ns) it was heard from: an authentic uplink's or a heartbeat's receive time (a
@@ -161,6 +182,7 @@ class Collector:
             manual_ack=True,
             on_connected=self._on_connected,
             on_message=self._on_message,
+            on_subscribed=self._on_subscribed,
         )
 
     @property
@@ -176,8 +198,14 @@ class Collector:
                 for leaf in self._leaves]
         if self.cfg.mqtt.shared_group:
             subs = [f"$share/{self.cfg.mqtt.shared_group}/{t}" for t in subs]
+        self._subscribing = (subs, session_present)  # logged when the broker acknowledges (_subscribed_now)
         self.link.subscribe(subs, qos=1)
-        log.info("subscribed to %s (session present: %s)", ", ".join(subs), session_present)
+
+    def _on_subscribed(self, codes: list[int]) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed under a late callback
+                loop.call_soon_threadsafe(self._subscribed_now, codes)
 
     def _on_message(self, msg: paho.MQTTMessage) -> None:
         receive_ns = time.time_ns()
@@ -207,6 +235,19 @@ class Collector:
         self._loop.call_soon_threadsafe(self._admit, msg, receive_ns, size)
 
     # -- event loop: admission ------------------------------------------------------------------------------------
+
+    def _subscribed_now(self, codes: list[int]) -> None:
+        refused = [code for code in codes if code >= 0x80]
+        if refused:  # e.g. 0x87 not authorized: the broker's ACL does not let this collector read the gateways
+            log.error("the broker refused the subscription (reason codes %s): nothing will arrive; check the "
+                      "broker's ACL for this collector's certificate", ", ".join(f"0x{c:02x}" for c in refused),
+                      extra={"reason": "subscribe_refused"})
+            return
+        subs, session_present = self._subscribing
+        log.info("subscribed to %s (session present: %s)", ", ".join(subs), session_present)
+        if not self._subscribed:
+            self._subscribed = True
+            self.service.ready(self.service_status())
 
     def _admit(self, msg: paho.MQTTMessage, receive_ns: int, size: int) -> None:
         with self._handoff_lock:
@@ -288,9 +329,22 @@ class Collector:
         if self.control is not None:
             await self.control.start()
             tasks.append(asyncio.create_task(self.control.run(), name="control"))
+        # The watchdog's pings stop if the registry thread does not answer for a minute or the housekeeping
+        # round (once a second, through that thread) misses a minute.
+        self.service.watch_executor("registry thread", self._files, allowed=60.0)
+        self._housekeeping_beat = self.service.beacon("housekeeping", allowed=60.0)
+        tasks += self.service.tasks(self.service_status)
+        if self.config_path is not None:
+            self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await run_tasks_until(stop, tasks)
         finally:
+            self.service.stopping("stopping: writing what is pending, acknowledging what is stored")
+            if self.config_path is not None:
+                self._loop.remove_signal_handler(signal.SIGHUP)
+            if self._reload_task is not None:
+                self._reload_task.cancel()
+                await asyncio.gather(self._reload_task, return_exceptions=True)
             if web is not None:
                 with contextlib.suppress(Exception):
                     await page.close()
@@ -335,7 +389,7 @@ class Collector:
 
     async def _schema_refresh(self) -> None:
         while True:
-            await asyncio.sleep(float(self.cfg.schema.refresh))
+            await asyncio.sleep(float(self.cfg.schema.refresh))  # read each round: a reload may change it
             await self._learn_schema(first=False)
 
     async def _worker(self) -> None:
@@ -542,9 +596,8 @@ class Collector:
     # -- end-to-end acknowledgements ---------------------------------------------------------------------------
 
     async def _send_acks(self) -> None:
-        interval = float(self.cfg.acks.interval)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(float(self.cfg.acks.interval))  # read each round: a reload may change it
             if self.acks:
                 self._publish_acks()
 
@@ -611,12 +664,75 @@ class Collector:
                                    "the hand-over bound (the gateways send them again)", declined,
                                    reason=str(Reason.OVERLOAD))
             self.admission.forget_idle(time.monotonic(), _IDLE_GATEWAY)
+            self._housekeeping_beat()
 
     async def _report(self) -> None:
-        interval = float(self.cfg.log.stats_interval)
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(float(self.cfg.log.stats_interval))  # read each round: a reload may change it
             log.info("stats: %s", self._summary())
+
+    # -- systemd and SIGHUP -------------------------------------------------------------------------------------
+
+    def service_status(self) -> str:
+        """The line `systemctl status` shows (systemd STATUS=)."""
+        online = sum(1 for state in self.gateway_state.values() if state == "online")
+        link = "subscribed" if self._subscribed and self.link.connected.is_set() else "not connected to the broker"
+        return (f"{link}; {self.counters['messages']} message(s), {self.counters['readings']} reading(s) so far; "
+                f"{online} gateway(s) online; {self.writer.stats.pending_lines} line(s) waiting for InfluxDB")
+
+    def _on_sighup(self) -> None:
+        """(the loop, add_signal_handler) One reload at a time; a SIGHUP during one makes one more afterwards."""
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(self.reload(), name="reload")
+
+    async def reload(self) -> None:
+        """Re-read collector.toml and apply what can change safely (collector/reload.py); re-open the registry.
+        A file that does not load leaves everything as it was, and says why in one line."""
+        assert self.config_path is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            self._reload_again = False
+            self.service.reloading(f"reloading {self.config_path}")
+            try:
+                new = await loop.run_in_executor(self._files, load_config, self.config_path)
+            except ConfigError as exc:
+                log.error("reload refused, carrying on as before: %s", exc, extra={"reason": "config_invalid"})
+            else:
+                self._apply(reloading.plan(self.cfg, new))
+            if self.registry is not None:
+                try:
+                    await loop.run_in_executor(self._files, self.registry.reopen)
+                except Exception as exc:  # a file that cannot be opened now: the registry read before stays
+                    log.error("reload: cannot re-open the gateway registry %s (%s); the one read before stays",
+                              self.registry.path, exc, extra={"reason": "registry_unreadable"})
+                else:
+                    log.info("reload: gateway registry %s re-read, %d gateway(s) enrolled", self.registry.path,
+                             len(self.registry.list()))
+            self.service.ready(self.service_status())
+            if not self._reload_again:
+                return
+
+    def _apply(self, plan: reloading.ReloadPlan) -> None:
+        cfg = plan.config
+        self.cfg = cfg  # one attribute: paho's thread sees the old or the new limits, never a mix
+        self.admission.set_limits(cfg.limits.admission(), time.monotonic())
+        self.guard.limits = cfg.limits.guard()
+        for measurement, fields in cfg.schema.declared().items():
+            for name, kind in fields.items():
+                self.guard.declare(measurement, name, kind)
+        v = cfg.validation
+        self.ingest.max_payload_bytes = v.max_payload_bytes
+        self.ingest.time_policy = _time_policy(v)
+        self.ingest.suspect_measurement = v.suspect_measurement
+        self.ingest.accept_plain = cfg.security is None or cfg.security.accept_plain
+        fmt, level = self.log_override
+        setup_logging(fmt or cfg.log.format, level or cfg.log.level)
+        log.info("reloaded %s: %s%s", self.config_path,
+                 f"applied {', '.join(plan.applied)}" if plan.applied else "no change to apply",
+                 f"; changed but waiting for a restart: {', '.join(plan.restart)}" if plan.restart else "",
+                 extra={"applied": len(plan.applied), "restart": len(plan.restart)})
 
     def _summary(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.counters.items())]
@@ -627,6 +743,14 @@ class Collector:
             if self.quarantine.sampled_out:
                 parts.append(f"quarantine_sampled_out={self.quarantine.sampled_out}")
         return " ".join(parts) or "no messages"
+
+
+def _time_policy(v: ValidationSection) -> TimePolicy:
+    return TimePolicy(int(v.max_future * 1e9), int(v.min_time.timestamp()) * 1_000_000_000, int(v.max_past * 1e9))
+
+
+def _nothing() -> None:
+    return None
 
 
 def _wait_published(sent: list[paho.MQTTMessageInfo], timeout: float) -> None:

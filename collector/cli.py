@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import sys
 
-from wire.cli import add_log_options, fail, run_until_signal
+from wire.cli import add_log_options, add_version_option, fail, reports_missing_dependencies, run_until_signal
 from wire.config import ConfigError
 from wire.logs import setup_logging
 
@@ -15,6 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: `audit ... --log FILE` must not be taken for an abbreviation of --log-format/--log-level
     p = argparse.ArgumentParser(prog="edge-collector", description="citynerve central collector", allow_abbrev=False)
     add_log_options(p)
+    add_version_option(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="subscribe, validate and write to InfluxDB until stopped")
     run.add_argument("config", metavar="FILE", help="collector.toml")
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_missing_dependencies("edge-collector")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from collector import audit, control_cli, operators, pki
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from collector.registry import RegistryError
 
     try:
-        collector = Collector(cfg)
+        collector = Collector(cfg, config_path=args.config, log_override=(args.log_format, args.log_level))
     except (PkiError, RegistryError) as exc:  # a key or registry file that cannot be used: say which
         return fail(f"{args.config}: security: {exc}")
 

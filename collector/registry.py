@@ -248,6 +248,16 @@ class GatewayRegistry:
         self._reload_own_write()
         return True
 
+    def reopen(self) -> None:
+        """Open the file again and read it whole (the collector's SIGHUP): unlike refresh_if_changed() this also
+        sees a registry deleted and made anew (the old connection keeps reading the old file). On failure
+        (RegistryError) what was read before stays."""
+        with self._lock:
+            old = self._conn
+            self._open(create=False)  # sets the connection and entries only once the new file has been read
+            if old is not None:
+                old.close()
+
     def close(self) -> None:
         with self._lock:
             self._close()
