@@ -2,14 +2,20 @@
 
 Events carry their subject as `extra` fields (gateway, device, reason, ...): the text format prints them as
 key=value after the message, the JSON format as top-level keys, so a log pipeline can filter on them.
+
+Under systemd, stderr is a stream to the journal ($JOURNAL_STREAM names its device and inode, systemd.exec(5)):
+each line then starts with its syslog priority, "<3>" for an error (sd-daemon(3)), which journald strips and
+stores, so `journalctl -p err -u edge-agent` shows the errors and nothing else.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 LogFormat = Literal["text", "json"]
@@ -52,9 +58,51 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str, ensure_ascii=False)
 
 
-def setup_logging(fmt: LogFormat = "text", level: str = "info", stream: Any = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+# sd-daemon(3) SD_CRIT .. SD_DEBUG: the syslog severities of RFC 5424 §6.2.1 (Python has no NOTICE level).
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+def priority(level: int) -> int:
+    """The syslog priority of a logging level (a custom level takes the next standard one at or below it)."""
+    for threshold in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
+        if level >= threshold:
+            return _PRIORITY[threshold]
+    return _PRIORITY[logging.DEBUG]
+
+
+class JournalPriority(logging.Formatter):
+    """Another formatter's lines, each prefixed with the record's syslog priority: journald takes every line of a
+    stream as an entry of its own, so a traceback's lines carry the priority of the record too."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
+
+
+def is_journal(stream: Any, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether `stream` is the journal stream systemd connected (its device:inode equals $JOURNAL_STREAM). Not
+    merely "JOURNAL_STREAM is set": a program started from a service and writing elsewhere inherits it."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    dev, _, ino = value.partition(":")
+    if not (dev.isdigit() and ino.isdigit()):
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a StringIO), or closed
+        return False
+    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+
+
+def setup_logging(fmt: LogFormat = "text", level: str = "info", stream: Any = None,
+                  environ: Mapping[str, str] | None = None) -> None:
+    stream = stream or sys.stderr
+    handler = logging.StreamHandler(stream)
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(JournalPriority(formatter) if is_journal(stream, environ) else formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
