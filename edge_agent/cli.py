@@ -9,7 +9,15 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
-from wire.cli import EXIT_USAGE, add_log_options, fail, iso_ns, run_until_signal
+from wire.cli import (
+    EXIT_USAGE,
+    add_log_options,
+    add_version_option,
+    fail,
+    iso_ns,
+    reports_missing_dependencies,
+    run_until_signal,
+)
 from wire.config import ConfigError
 from wire.logs import setup_logging
 
@@ -20,6 +28,7 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="citynerve edge gateway agent")
     add_log_options(p)
+    add_version_option(p)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="poll devices and publish readings until stopped")
     run.add_argument("config", metavar="FILE", help="agent.toml")
@@ -95,6 +104,7 @@ def _line_options(p: argparse.ArgumentParser, several: bool = False) -> None:
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for an answer")
 
 
+@reports_missing_dependencies("edge-agent")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from edge_agent import enroll

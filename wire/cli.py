@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -14,9 +15,17 @@ from wire.config import ConfigError
 from wire.http import HttpError
 from wire.supervise import EXIT_FATAL, TaskDied, run_tasks_until
 
-__all__ = ["EXIT_FATAL", "EXIT_USAGE", "add_log_options", "fail", "iso_ns", "run_tasks_until", "run_until_signal"]
+__all__ = ["EXIT_FATAL", "EXIT_USAGE", "add_log_options", "add_version_option", "fail", "iso_ns",
+           "reports_missing_dependencies", "run_tasks_until", "run_until_signal"]
 
 EXIT_USAGE = 2
+# An installation without a program's extra lacks these (pyproject.toml [project.optional-dependencies]):
+# import name -> (distribution, extra).
+OPTIONAL_DEPENDENCIES = {
+    "serial": ("pyserial", "agent"),
+    "influxdb_client": ("influxdb-client", "collector"),
+    "urllib3": ("urllib3", "collector"),
+}
 log = logging.getLogger("citynerve")
 
 
@@ -25,9 +34,38 @@ def fail(message: str, code: int = EXIT_USAGE) -> int:
     return code
 
 
+def reports_missing_dependencies(program: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """A command's `main` that says in one line which optional dependency is missing and how to install it,
+    instead of an ImportError's traceback: "error: edge-collector needs influxdb-client: pip install
+    'citynerve[collector]'". Only for the modules an extra provides; any other import error is a bug."""
+
+    def decorate(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def checked(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except ModuleNotFoundError as exc:
+                missing = OPTIONAL_DEPENDENCIES.get((exc.name or "").partition(".")[0])
+                if missing is None:
+                    raise
+                distribution, extra = missing
+                return fail(f"{program} needs {distribution}: pip install 'citynerve[{extra}]'")
+
+        return checked
+
+    return decorate
+
+
 def add_log_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=["text", "json"], help="overrides [log] format in the config")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="overrides [log] level")
+
+
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    from wire.version import VERSION
+
+    python = ".".join(map(str, sys.version_info[:3]))
+    parser.add_argument("--version", action="version", version=f"{parser.prog} {VERSION} (citynerve, Python {python})")
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], *,
