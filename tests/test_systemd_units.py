@@ -35,11 +35,24 @@ def test_hardening(name: str) -> None:
     assert "check" in svc["ExecStartPre"]
 
 
+@pytest.mark.parametrize("name", ["edge-agent.service", "edge-collector.service"])
+def test_notify_and_watchdog(name: str) -> None:
+    svc = _service(name)
+    assert svc["Type"] == "notify" and svc["NotifyAccess"] == "main"
+    assert svc["WatchdogSec"].endswith("s") and int(svc["WatchdogSec"][:-1]) >= 30
+    assert "AF_UNIX" in svc["RestrictAddressFamilies"]  # the notification socket
+
+
+def test_collector_reloads_on_sighup() -> None:
+    assert _service("edge-collector.service")["ExecReload"] == "/bin/kill -HUP $MAINPID"
+
+
 def test_agent_may_open_serial_ports() -> None:
     assert "dialout" in _service("edge-agent.service")["SupplementaryGroups"]
 
 
 CRL_SERVICE, CRL_TIMER = "edge-collector-operators-crl.service", "edge-collector-operators-crl.timer"
+TLS_CRL_SERVICE, TLS_CRL_TIMER = "edge-collector-tls-crl.service", "edge-collector-tls-crl.timer"
 
 
 def test_operator_crl_is_re_signed_daily_well_before_it_expires() -> None:
@@ -70,7 +83,8 @@ def test_operator_crl_runs_as_the_cas_own_user_sandboxed() -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
-@pytest.mark.parametrize("names", [["edge-agent.service"], ["edge-collector.service"], [CRL_SERVICE, CRL_TIMER]])
+@pytest.mark.parametrize("names", [["edge-agent.service"], ["edge-collector.service"], [CRL_SERVICE, CRL_TIMER],
+                                   [TLS_CRL_SERVICE, TLS_CRL_TIMER]])
 def test_systemd_analyze_verify(tmp_path: Path, names: list[str]) -> None:
     bindir = Path(sys.executable).parent
     units = []
@@ -81,3 +95,37 @@ def test_systemd_analyze_verify(tmp_path: Path, names: list[str]) -> None:
     result = subprocess.run(["systemd-analyze", "verify", *units], capture_output=True, text=True, timeout=60)
     problems = [line for line in result.stderr.splitlines() if any(name in line for name in names)]
     assert not problems, problems
+
+
+def test_the_tls_crl_timer_runs_monthly_and_catches_up() -> None:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.read(UNITS / TLS_CRL_TIMER)
+    assert parser["Timer"]["OnCalendar"] == "monthly" and parser["Timer"]["Persistent"] == "true"
+    assert parser["Install"]["WantedBy"] == "timers.target"
+
+
+def test_the_tls_crl_service_re_signs_each_ca_and_hands_the_lists_to_the_broker(tmp_path: Path) -> None:
+    """Its `edge-collector ca crl` lines run as written (paths moved to a scratch CA): the list gets a fresh
+    next-update date; then each list is installed where the broker reads it, and the broker reloaded."""
+    from cryptography import x509
+
+    text = (UNITS / TLS_CRL_SERVICE).read_text()
+    starts = [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ExecStart=")]
+    crl_lines = [line for line in starts if " ca crl " in line]
+    assert [line.split("--dir ")[1] for line in crl_lines] == ["/etc/citynerve/device-ca", "/etc/citynerve/collector-ca"]
+    conf = (UNITS.parent / "deploy" / "mosquitto" / "citynerve.conf").read_text()
+    for ca in ("device-ca", "collector-ca"):  # installed at the broker's crlfile paths, then mosquitto reloaded
+        assert f"/usr/bin/install -m 0644 /etc/citynerve/{ca}/ca.crl /etc/mosquitto/citynerve/{ca}.crl" in starts
+        assert f"crlfile /etc/mosquitto/citynerve/{ca}.crl" in conf
+    assert starts[-1] == "-/bin/systemctl reload mosquitto.service"
+
+    bindir = Path(sys.executable).parent
+    ca = tmp_path / "device-ca"
+    run = [str(bindir / "edge-collector"), "ca"]
+    subprocess.run([*run, "init", "--dir", str(ca)], check=True, capture_output=True, timeout=60)
+    subprocess.run([*run, "crl", "--dir", str(ca), "--crl-days", "1"], check=True, capture_output=True, timeout=60)
+    before = x509.load_pem_x509_crl((ca / "ca.crl").read_bytes()).next_update_utc
+    command = crl_lines[0].replace("/opt/citynerve/bin", str(bindir)).replace("/etc/citynerve/device-ca", str(ca))
+    subprocess.run(command.split(), check=True, capture_output=True, timeout=60)
+    after = x509.load_pem_x509_crl((ca / "ca.crl").read_bytes()).next_update_utc
+    assert before is not None and after is not None and (after - before).days >= 363
