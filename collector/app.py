@@ -111,6 +111,7 @@ class Collector:
         self._subscribing: tuple[list[str], bool] = ([], False)
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
+        self._stopping = False
         self.prefix = cfg.mqtt.topic_prefix
         v = cfg.validation
         lim = cfg.limits
@@ -340,8 +341,7 @@ class Collector:
             await run_tasks_until(stop, tasks)
         finally:
             self.service.stopping("stopping: writing what is pending, acknowledging what is stored")
-            if self.config_path is not None:
-                self._loop.remove_signal_handler(signal.SIGHUP)
+            self._stopping = True  # a SIGHUP from now on is ignored (its handler stays: its default would kill)
             if self._reload_task is not None:
                 self._reload_task.cancel()
                 await asyncio.gather(self._reload_task, return_exceptions=True)
@@ -682,6 +682,8 @@ class Collector:
 
     def _on_sighup(self) -> None:
         """(the loop, add_signal_handler) One reload at a time; a SIGHUP during one makes one more afterwards."""
+        if self._stopping:
+            return
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_again = True
             return
