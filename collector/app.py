@@ -45,7 +45,7 @@ import paho.mqtt.client as paho
 
 from collector import reload as reloading
 from collector.admission import FairQueue
-from collector.config import CollectorConfig, ValidationSection, default_client_id
+from collector.config import CollectorConfig, FieldTypes, ValidationSection, default_client_id
 from collector.config import load as load_config
 from collector.control_relay import ControlLines, ControlRelay
 from collector.guard import SCHEMA_QUERY, Guard, learn_from_show_keys
@@ -691,37 +691,46 @@ class Collector:
 
     async def reload(self) -> None:
         """Re-read collector.toml and apply what can change safely (collector/reload.py); re-open the registry.
-        A file that does not load leaves everything as it was, and says why in one line."""
-        assert self.config_path is not None
-        loop = asyncio.get_running_loop()
+        A file that does not load leaves everything as it was, and says why in one line. systemd hears RELOADING,
+        then READY whatever happened (until READY it shows the unit as reloading)."""
         while True:
             self._reload_again = False
             self.service.reloading(f"reloading {self.config_path}")
             try:
-                new = await loop.run_in_executor(self._files, load_config, self.config_path)
-            except ConfigError as exc:
-                log.error("reload refused, carrying on as before: %s", exc, extra={"reason": "config_invalid"})
-            else:
-                self._apply(reloading.plan(self.cfg, new))
-            if self.registry is not None:
-                try:
-                    await loop.run_in_executor(self._files, self.registry.reopen)
-                except Exception as exc:  # a file that cannot be opened now: the registry read before stays
-                    log.error("reload: cannot re-open the gateway registry %s (%s); the one read before stays",
-                              self.registry.path, exc, extra={"reason": "registry_unreadable"})
-                else:
-                    log.info("reload: gateway registry %s re-read, %d gateway(s) enrolled", self.registry.path,
-                             len(self.registry.list()))
-            self.service.ready(self.service_status())
+                await self._reload_once()
+            except Exception as exc:  # a bug: one line (the traceback at debug level); the collector goes on as it was
+                log.error("reload failed: %s: %s", type(exc).__name__, exc, extra={"reason": "internal"})
+                log.debug("the traceback of the failed reload", exc_info=True)
+            finally:
+                self.service.ready(self.service_status())
             if not self._reload_again:
                 return
 
-    def _apply(self, plan: reloading.ReloadPlan) -> None:
+    async def _reload_once(self) -> None:
+        assert self.config_path is not None
+        loop = asyncio.get_running_loop()
+        try:
+            new, declared = await loop.run_in_executor(self._files, _load_for_reload, self.config_path)
+        except ConfigError as exc:
+            log.error("reload refused, carrying on as before: %s", exc, extra={"reason": "config_invalid"})
+        else:
+            self._apply(reloading.plan(self.cfg, new), declared)
+        if self.registry is not None:
+            try:
+                await loop.run_in_executor(self._files, self.registry.reopen)
+            except Exception as exc:  # a file that cannot be opened now: the registry read before stays
+                log.error("reload: cannot re-open the gateway registry %s (%s); the one read before stays",
+                          self.registry.path, exc, extra={"reason": "registry_unreadable"})
+            else:
+                log.info("reload: gateway registry %s re-read, %d gateway(s) enrolled", self.registry.path,
+                         len(self.registry.list()))
+
+    def _apply(self, plan: reloading.ReloadPlan, declared: FieldTypes) -> None:
         cfg = plan.config
         self.cfg = cfg  # one attribute: paho's thread sees the old or the new limits, never a mix
         self.admission.set_limits(cfg.limits.admission(), time.monotonic())
         self.guard.limits = cfg.limits.guard()
-        for measurement, fields in cfg.schema.declared().items():
+        for measurement, fields in declared.items():
             for name, kind in fields.items():
                 self.guard.declare(measurement, name, kind)
         v = cfg.validation
@@ -745,6 +754,12 @@ class Collector:
             if self.quarantine.sampled_out:
                 parts.append(f"quarantine_sampled_out={self.quarantine.sampled_out}")
         return " ".join(parts) or "no messages"
+
+
+def _load_for_reload(path: str) -> tuple[CollectorConfig, FieldTypes]:
+    """(the registry thread) The file and the field types it declares: both read off the loop."""
+    cfg = load_config(path)
+    return cfg, cfg.schema.declared()
 
 
 def _time_policy(v: ValidationSection) -> TimePolicy:
