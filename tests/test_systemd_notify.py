@@ -220,10 +220,10 @@ def test_pings_stop_while_a_watched_thread_is_stuck_and_the_loop_is_blocked(noti
     assert len(before) >= 6 and 0.05 < statistics.median(b - a for a, b in itertools.pairwise(before)) < 0.2
     # A stuck thread: pings go on until its no-op is late by its allowance, then stop until it answers again.
     assert notify_socket.pings(marks["stuck"] + 0.5 + 2 * interval, marks["released"]) == []
-    assert notify_socket.pings(marks["released"], marks["released"] + 3 * interval)
+    assert notify_socket.pings(marks["released"], marks["released"] + 1.0)  # (slack for a loaded machine)
     # A blocked loop sends nothing.
     assert notify_socket.pings(marks["blocked"] + 0.01, marks["unblocked"]) == []
-    assert notify_socket.pings(marks["unblocked"], marks["unblocked"] + 3 * interval)
+    assert notify_socket.pings(marks["unblocked"], marks["unblocked"] + 1.0)
 
 
 # -- the real programs --------------------------------------------------------------------------------------
@@ -301,11 +301,11 @@ def test_the_agent_is_ready_without_a_broker_and_pings_only_while_healthy(tmp_pa
     at = {n.fields["TEST_FAULT"]: n.at for n in notify_socket.notes if "TEST_FAULT" in n.fields}
     interval = 0.2
     regular = notify_socket.pings(ready.at, at["loop-blocked"])
-    assert len(regular) >= 3 and all(b - a < 3 * interval for a, b in itertools.pairwise(regular)), regular
+    assert len(regular) >= 3 and all(b - a < 1.0 for a, b in itertools.pairwise(regular)), regular  # < the 1.5 s block
     assert notify_socket.pings(at["loop-blocked"], at["loop-free"]) == []
-    assert notify_socket.pings(at["loop-free"], at["loop-free"] + 2 * interval)
+    assert notify_socket.pings(at["loop-free"], at["loop-free"] + 1.0)
     assert notify_socket.pings(at["outbox-stuck"] + 1.0 + 2 * interval, at["outbox-free"]) == []
-    assert resumed.at - free.at < 3 * interval
+    assert resumed.at - free.at < 1.0
     assert not notify_socket.pings(stopping.at + 0.5)
     # Every line carries its syslog priority for the journal (sd-daemon(3)): `journalctl -p err` finds the error.
     lines = log.splitlines()
