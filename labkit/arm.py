@@ -15,7 +15,8 @@ as Raspberry Pi OS bookworm). The gateway then installs offline with `pip instal
 `check` proves it the way docs/install.md says: a clean bookworm root (debootstrap, minbase, python3-venv; no
 compiler in it: checked), run under qemu-user-static through binfmt_misc, gets the bundle, installs with the
 documented commands, and `edge-agent poll-once` reads a simulated SDM630 (labkit/meter_sim.py, a pymodbus server
-on this host: a chroot shares the host's network); the values it prints must be ones the simulator served. For
+on this host: a chroot shares the host's network); the values it prints must be ones the simulator served. Then
+`edge-agent enroll` makes the gateway's keys and CSR (cryptography and cffi at work). For
 arm64 it also installs straight from PyPI with `--only-binary=:all:` (no compilation possible); for armhf it
 records that the same command fails, and on which package. Times and versions go to dist/arm-check.json.
 
@@ -229,6 +230,15 @@ class Lab:
         report["poll_once"] = {k: round(fields[k], 2) for k in ("voltage_l1", "current_l1", "power_total")
                                if k in fields}
         report["poll_once_fields"] = len(fields)
+        # The wheels with C in them at work: enroll makes Ed25519/X25519 keys and a CSR (cryptography, which loads
+        # cffi's backend); poll-once above decoded through msgspec.
+        started = time.monotonic()
+        self.chroot(root, "/opt/citynerve/bin/edge-agent enroll --gateway-id gw-arm-check --dir /etc/citynerve/pki",
+                    log)
+        report["enroll_s"] = round(time.monotonic() - started, 1)
+        report["enroll"] = sorted(p.name for p in (root / "etc" / "citynerve" / "pki").iterdir())
+        if "tls.csr" not in report["enroll"] or "identity.key" not in report["enroll"]:
+            raise Failed(f"edge-agent enroll made {report['enroll']}")
         # The other path: PyPI, binary wheels only (what a Pi gets without a compiler and without the bundle).
         pypi = self.chroot(root, f"python3 -m venv /opt/pypi && /opt/pypi/bin/pip install --only-binary=:all: "
                                  f"'/root/{name}/wheels/{self.wheel().name}[agent]'", f"{log}-pypi", check=False)
