@@ -251,12 +251,24 @@ class GatewayRegistry:
     def reopen(self) -> None:
         """Open the file again and read it whole (the collector's SIGHUP): unlike refresh_if_changed() this also
         sees a registry deleted and made anew (the old connection keeps reading the old file). On failure
-        (RegistryError) what was read before stays."""
+        (RegistryError) what was read before stays. A gateway whose key did not change keeps its key object, so
+        the Opener's sessions of it stay (wire/seal.py keys its state on that object)."""
         with self._lock:
-            old = self._conn
-            self._open(create=False)  # sets the connection and entries only once the new file has been read
-            if old is not None:
-                old.close()
+            old_conn, old_entries, old_keys = self._conn, self._entries, self._keys
+            self._open(create=False)  # the connection is replaced only once the new file opened as a registry
+            try:
+                self._load()
+            except sqlite3.DatabaseError as exc:
+                if self._conn is not None:
+                    self._conn.close()
+                self._conn, self._entries, self._keys = old_conn, old_entries, old_keys
+                raise RegistryError(f"{self.path}: not a gateway registry ({exc})") from None
+            if old_entries is not None and self._entries is not None:
+                new = self._entries
+                self._keys = {gid: key for gid, key in old_keys.items()
+                              if gid in new and gid in old_entries and new[gid].raw_key == old_entries[gid].raw_key}
+            if old_conn is not None:
+                old_conn.close()
 
     def close(self) -> None:
         with self._lock:

@@ -101,6 +101,9 @@ def test_a_reopened_registry_is_read_whole(tmp_path: Path, way: str) -> None:
         writer.add("gw-1", _key())
     reader = GatewayRegistry(path)
     assert reader.status("gw-1") == "active"
+    key = reader.lookup("gw-1")
+    reader.reopen()
+    assert reader.lookup("gw-1") is key  # unchanged: the same object, so the opener's sessions of it stay
     if way == "revoked":
         with GatewayRegistry(path) as writer:
             writer.revoke("gw-1")
