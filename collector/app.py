@@ -34,7 +34,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-import signal
 import threading
 import time
 from collections import Counter
@@ -335,13 +334,11 @@ class Collector:
         self.service.watch_executor("registry thread", self._files, allowed=60.0)
         self._housekeeping_beat = self.service.beacon("housekeeping", allowed=60.0)
         tasks += self.service.tasks(self.service_status)
-        if self.config_path is not None:
-            self._loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await run_tasks_until(stop, tasks)
         finally:
             self.service.stopping("stopping: writing what is pending, acknowledging what is stored")
-            self._stopping = True  # a SIGHUP from now on is ignored (its handler stays: its default would kill)
+            self._stopping = True  # a SIGHUP from now on is ignored
             if self._reload_task is not None:
                 self._reload_task.cancel()
                 await asyncio.gather(self._reload_task, return_exceptions=True)
@@ -680,9 +677,11 @@ class Collector:
         return (f"{link}; {self.counters['messages']} message(s), {self.counters['readings']} reading(s) so far; "
                 f"{online} gateway(s) online; {self.writer.stats.pending_lines} line(s) waiting for InfluxDB")
 
-    def _on_sighup(self) -> None:
-        """(the loop, add_signal_handler) One reload at a time; a SIGHUP during one makes one more afterwards."""
-        if self._stopping:
+    def request_reload(self) -> None:
+        """SIGHUP (wire/cli.py run_until_signal's on_hangup, on the loop): one reload at a time; a SIGHUP during one
+        makes one more afterwards."""
+        if self._stopping or self._loop is None or self.config_path is None:
+            log.info("SIGHUP ignored: %s", "stopping" if self._stopping else "nothing to reload")
             return
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_again = True

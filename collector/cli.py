@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     async def run(stop: asyncio.Event) -> None:
         await collector.run(stop)
 
-    return run_until_signal(run)
+    return run_until_signal(run, on_hangup=collector.request_reload)
 
 
 def _quarantine(args: argparse.Namespace, cfg: object) -> int:

@@ -443,7 +443,16 @@ class RemoteConfig:
         self._report(config_report("rolled_back", trial.version, previous, reason=reason, detail=why), trial.sha256)
 
     async def _reload(self) -> None:
-        """SIGHUP: what would run at start, applied live; a file that fails the check changes nothing."""
+        """SIGHUP: what would run at start, applied live; a file that fails the check changes nothing. systemd
+        hears RELOADING, then READY with the new status whatever happened (wire/systemd.py)."""
+        service = self.agent.service
+        service.reloading(f"reloading {self.local_path}")
+        try:
+            await self._reload_now()
+        finally:
+            service.ready(self.agent.service_status())
+
+    async def _reload_now(self) -> None:
         try:
             start = await self._in_thread(what_to_run, self.local_path)
             key = fixed_change(self.running.cfg, start.running.cfg)

@@ -292,6 +292,11 @@ def test_the_agent_is_ready_without_a_broker_and_pings_only_while_healthy(tmp_pa
         assert ready.fields["STATUS"].startswith("polling 1 device(s); uplink not connected")
         free = notify_socket.wait_for(has("TEST_FAULT", "outbox-free"), timeout=15)
         resumed = notify_socket.wait_for(has("WATCHDOG", "1"), after=free.at, timeout=5)
+        # systemctl reload: RELOADING, then READY once the configuration runs again (edge_agent/remote_config.py)
+        os.kill(agent.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        reloading = notify_socket.wait_for(has("RELOADING", "1"), after=resumed.at)
+        reloaded = notify_socket.wait_for(has("READY", "1"), after=reloading.at)
+        assert reloaded.fields["STATUS"].startswith("polling 1 device(s)")
         agent.stop()
         stopping = notify_socket.wait_for(has("STOPPING", "1"), timeout=10)
     finally:
