@@ -227,7 +227,7 @@ class Lab:
         fields = {k: v for r in readings if r.get("device") == "meter-1" for k, v in r.get("fields", {}).items()}
         if "voltage_l1" not in fields or round(fields["voltage_l1"], 3) not in served:
             raise Failed(f"poll-once did not print what the simulator served: {polled.stdout[-800:]}")
-        report["poll_once"] = {k: round(fields[k], 2) for k in ("voltage_l1", "current_l1", "power_total")
+        report["poll_once"] = {k: round(fields[k], 2) for k in ("voltage_l1", "current_l1", "power", "power_total")
                                if k in fields}
         report["poll_once_fields"] = len(fields)
         # The wheels with C in them at work: enroll makes Ed25519/X25519 keys and a CSR (cryptography, which loads
