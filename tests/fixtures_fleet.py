@@ -26,8 +26,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory, mosquitto, influxd: InfluxdS
         lab.close()
 
 
+def _uses_the_fleet_lab(item: pytest.Item) -> bool:
+    """Whether the item's `fleet` is this session fixture (a test module may define a `fleet` of its own, as
+    tests/test_seal.py does: counted as a user, it kept the lab running through the tests after it)."""
+    info = getattr(item, "_fixtureinfo", None)
+    defs = info.name2fixturedefs.get("fleet", ()) if info is not None else ()
+    return bool(defs) and defs[-1].func is fleet.__wrapped__  # type: ignore[attr-defined]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    users = [item.nodeid for item in items if "fleet" in getattr(item, "fixturenames", ())]
+    users = [item.nodeid for item in items if _uses_the_fleet_lab(item)]
     if users:
         config.stash[_last_user] = users[-1]
 
