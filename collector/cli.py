@@ -1,4 +1,4 @@
-"""edge-collector: run | check | quarantine | ca | keys | gateways | operators | audit | config | command | poll-now."""
+"""edge-collector: run | check | quarantine | ca | keys | gateways | operators | audit | config | command | poll-now | catalog."""
 
 from __future__ import annotations
 
@@ -43,17 +43,21 @@ def _parser() -> argparse.ArgumentParser:
     from collector import control_cli
 
     control_cli.register_subcommands(sub)
+    # catalog: the fleet's data catalogue (collector/catalog.py)
+    from collector import catalog
+
+    catalog.register_subcommands(sub)
     return p
 
 
 @reports_missing_dependencies("edge-collector")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from collector import audit, control_cli, operators, pki
+    from collector import audit, catalog, control_cli, operators, pki
 
     # ca / keys / gateways / operators need no collector.toml; audit reads it only for [control] audit_log;
-    # config / command / poll-now read it with -c/--config FILE (default /etc/citynerve/collector.toml)
-    for module in (pki, operators, audit, control_cli):
+    # config / command / poll-now / catalog read it with -c/--config FILE (default /etc/citynerve/collector.toml)
+    for module in (pki, operators, audit, control_cli, catalog):
         if (code := module.dispatch(args)) is not None:
             return code
     from collector import config as collector_config

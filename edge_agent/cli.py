@@ -1,4 +1,4 @@
-"""edge-agent: run | check | poll-once | outbox | config | profiles | read | scan | decode | enroll."""
+"""edge-agent: run | check | catalog | poll-once | outbox | config | profiles | read | scan | decode | enroll."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from wire.cli import (
     EXIT_USAGE,
+    add_catalog_format,
     add_log_options,
     add_version_option,
     fail,
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     once = sub.add_parser("poll-once", help="poll every device once, print readings as JSON lines, publish nothing")
     once.add_argument("config", metavar="FILE")
     sub.add_parser("profiles", help="list the bundled firmware profiles")
+    cat = sub.add_parser("catalog", help="the data catalogue of this gateway: every device, measurement, field, unit, "
+                                         "type and description, from the configuration (docs/catalog.md)")
+    cat.add_argument("config", metavar="FILE")
+    add_catalog_format(cat)
     outbox = sub.add_parser("outbox", help="what the durable outbox holds: messages not yet acknowledged as stored")
     outbox.add_argument("config", metavar="FILE")
     conf = sub.add_parser("config", help="the remote configuration that runs instead of the local file "
@@ -152,6 +157,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "check":
         print(describe(args.config, cfg))
+        return 0
+    if args.command == "catalog":
+        from edge_agent.catalog import rows
+        from wire.catalog import render
+
+        sys.stdout.write(render(rows(cfg), args.format))
         return 0
     if args.command == "poll-once":
         return _poll_once(cfg)

@@ -11,8 +11,8 @@ import pytest
 EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
-@pytest.mark.parametrize("name, program", [("agent.toml", "edge_agent.cli"), ("collector.toml", "collector.cli")])
-def test_example_passes_check(tmp_path: Path, name: str, program: str) -> None:
+def lab_copy(tmp_path: Path, name: str) -> Path:
+    """examples/<name> with its production paths replaced by a lab deployment's files (the loader reads them)."""
     from labkit import enrolled
 
     dep = enrolled.create(tmp_path / "dep", ["gw-0001"])
@@ -31,6 +31,12 @@ def test_example_passes_check(tmp_path: Path, name: str, program: str) -> None:
     text = text.replace("/var/lib/citynerve-collector/", f"{tmp_path}/")
     path = tmp_path / name
     path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name, program", [("agent.toml", "edge_agent.cli"), ("collector.toml", "collector.cli")])
+def test_example_passes_check(tmp_path: Path, name: str, program: str) -> None:
+    path = lab_copy(tmp_path, name)
     result = subprocess.run([sys.executable, "-m", program, "check", str(path)], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode == 0, result.stderr

@@ -15,8 +15,8 @@ from wire.config import ConfigError
 from wire.http import HttpError
 from wire.supervise import EXIT_FATAL, TaskDied, run_tasks_until
 
-__all__ = ["EXIT_FATAL", "EXIT_USAGE", "add_log_options", "add_version_option", "fail", "iso_ns",
-           "reports_missing_dependencies", "run_tasks_until", "run_until_signal"]
+__all__ = ["EXIT_FATAL", "EXIT_USAGE", "add_catalog_format", "add_log_options", "add_version_option", "fail",
+           "iso_ns", "reports_missing_dependencies", "run_tasks_until", "run_until_signal"]
 
 EXIT_USAGE = 2
 # An installation without a program's extra lacks these (pyproject.toml [project.optional-dependencies]):
@@ -66,6 +66,14 @@ def add_version_option(parser: argparse.ArgumentParser) -> None:
 
     python = ".".join(map(str, sys.version_info[:3]))
     parser.add_argument("--version", action="version", version=f"{parser.prog} {VERSION} (citynerve, Python {python})")
+
+
+def add_catalog_format(parser: argparse.ArgumentParser) -> None:
+    """--json | --csv of both `catalog` commands (wire/catalog.py); default a readable table."""
+    fmt = parser.add_mutually_exclusive_group()
+    fmt.add_argument("--json", dest="format", action="store_const", const="json", help="a JSON list of objects")
+    fmt.add_argument("--csv", dest="format", action="store_const", const="csv", help="CSV (RFC 4180) with a header")
+    parser.set_defaults(format="table")
 
 
 def run_until_signal(main: Callable[[asyncio.Event], Coroutine[Any, Any, None]], *,

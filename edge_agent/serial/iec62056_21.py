@@ -240,6 +240,12 @@ _KNOWN: dict[str, _Known] = {
 }
 
 
+def known_fields() -> dict[str, str]:
+    """{field: unit} of the well-known codes (the data catalogue, docs/catalog.md); any other code is stored
+    under its generic `obis_...` name, outside the vocabulary."""
+    return {k.name: k.unit for k in _KNOWN.values()}
+
+
 def _obis(address: str) -> tuple[str, _Known | None] | None:
     """OBIS address -> (its generic `obis_...` field name, the well-known entry if one applies); None when the
     address is not an OBIS code."""

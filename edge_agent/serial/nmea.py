@@ -56,6 +56,13 @@ from wire.schema import FieldValue
 MEASUREMENT = "gps"
 MAX_SENTENCE = 1024
 KNOT_M_S = 1852.0 / 3600.0
+#: {field: unit} of every field GGA and RMC give (the data catalogue, docs/catalog.md; tests/test_catalog.py checks
+#: it against what the captures decode to)
+FIELDS: dict[str, str] = {
+    "fix_quality": "", "satellites": "", "hdop": "", "latitude": "°", "longitude": "°", "altitude": "m",
+    "geoid_separation": "m", "dgps_age": "s", "dgps_station": "", "fix_status": "", "fix_mode": "", "speed": "m/s",
+    "course": "°", "magnetic_variation": "°",
+}
 _MAX_IGNORED_KINDS = 64
 
 _START = b"$!"

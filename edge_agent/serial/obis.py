@@ -133,3 +133,28 @@ MBUS_MEASUREMENT: dict[int, str] = {
     6: "water", 21: "water",  # warm water (30-90 °C), hot water
 }
 MBUS_OTHER = "meter"  # any other or a missing device type (the M-Bus decoder's name for it)
+
+
+def dsmr_fields() -> dict[str, dict[str, str]]:
+    """{measurement: {field: unit}} of every field a DSMR telegram can give (the data catalogue, docs/catalog.md):
+    the electricity meter's codes above, and each M-Bus sub-meter's readings in the measurements its device type
+    maps to."""
+    electricity: dict[str, str] = {}
+    for entry in ELECTRICITY.values():
+        if entry.kind in ("float", "int", "max_demand"):
+            electricity[entry.name] = entry.unit
+            if entry.alternative:
+                electricity[entry.alternative[1]] = entry.alternative[0]
+        if entry.kind == "max_demand":
+            electricity[entry.name + "_time"] = ""  # when the maximum was reached, ISO 8601
+    out = {"electricity": electricity}
+    for measurement in [*dict.fromkeys(MBUS_MEASUREMENT.values()), MBUS_OTHER]:
+        sub = out.setdefault(measurement, {})
+        for unit, quantity in MBUS_QUANTITY.items():
+            if quantity == "energy" and measurement in ("gas", "water"):
+                continue  # a volume meter: kWh would be malformed data, not a reading
+            sub[quantity] = unit
+            if measurement == "gas":
+                sub[quantity + MBUS_READINGS["24.2.3"]] = unit  # e-MUCS gas, not temperature corrected
+        sub["valve_position"] = ""
+    return out

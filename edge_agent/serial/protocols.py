@@ -28,6 +28,9 @@ class ProtocolInfo:
     query: bytes | None = None  # sent every interval (query protocols)
     dialogue: Callable[..., Awaitable[None]] | None = None  # a protocol that drives the port itself
     description: str = ""
+    # {measurement ("" = the device's): {field: unit}} of every field the decoder can give: the data catalogue
+    # (docs/catalog.md); None where the device's settings name them (ascii)
+    fields: Callable[[], dict[str, dict[str, str]]] | None = None
 
     def make_decoder(self, device: SerialDevice | None) -> StreamDecoder:
         return self.make(device)
@@ -72,6 +75,34 @@ def _ascii(device: Any) -> StreamDecoder:
     return AsciiLineDecoder(device.ascii)
 
 
+def _dsmr_fields() -> dict[str, dict[str, str]]:
+    from edge_agent.serial.obis import dsmr_fields
+
+    fields = dsmr_fields()
+    return {"" if m == "electricity" else m: f for m, f in fields.items()}  # the meter's own: the device's
+
+
+def _iec_fields() -> dict[str, dict[str, str]]:
+    from edge_agent.serial.iec62056_21 import known_fields
+
+    return {"": known_fields()}
+
+
+def _nmea_fields() -> dict[str, dict[str, str]]:
+    from edge_agent.serial.nmea import FIELDS
+
+    return {"": dict(FIELDS)}
+
+
+def _sensor_fields(name: str) -> Callable[[], dict[str, dict[str, str]]]:
+    def fields() -> dict[str, dict[str, str]]:
+        from edge_agent.serial import sensors
+
+        return {"": dict(sensors.DECODERS[name].FIELDS)}
+
+    return fields
+
+
 async def _iec_dialogue(source: Any, decoder: Any, emit: Callable[[list], None]) -> None:
     from edge_agent.serial.iec62056_21 import run_dialogue
 
@@ -81,17 +112,21 @@ async def _iec_dialogue(source: Any, decoder: Any, emit: Callable[[list], None])
 
 
 PROTOCOLS: dict[str, ProtocolInfo] = {
-    "dsmr": ProtocolInfo("dsmr", 115200, 8, "N", 1, "electricity", _dsmr,
+    "dsmr": ProtocolInfo("dsmr", 115200, 8, "N", 1, "electricity", _dsmr, fields=_dsmr_fields,
                          description="DSMR P1 smart meter telegrams (4.x/5.0/e-MUCS; 2.2/3.0: baud 9600, 7E1)"),
     "iec62056-21": ProtocolInfo("iec62056-21", 300, 7, "E", 1, "electricity", _iec, dialogue=_iec_dialogue,
+                                fields=_iec_fields,
                                 description="IEC 62056-21 mode C readout over an optical head"),
-    "nmea": ProtocolInfo("nmea", 9600, 8, "N", 1, "gps", _nmea, description="NMEA 0183 GPS (GGA, RMC)"),
+    "nmea": ProtocolInfo("nmea", 9600, 8, "N", 1, "gps", _nmea, fields=_nmea_fields,
+                         description="NMEA 0183 GPS (GGA, RMC)"),
     "sds011": ProtocolInfo("sds011", 9600, 8, "N", 1, "air_quality", _sensor("sds011"),
+                           fields=_sensor_fields("sds011"),
                            description="Nova SDS011 PM2.5/PM10"),
     "pmsx003": ProtocolInfo("pmsx003", 9600, 8, "N", 1, "air_quality", _sensor("pmsx003"),
+                            fields=_sensor_fields("pmsx003"),
                             description="Plantower PMS x003 particulate sensor"),
     "mhz19b": ProtocolInfo("mhz19b", 9600, 8, "N", 1, "air_quality", _sensor("mhz19b"),
-                           query=MHZ19B_QUERY, description="Winsen MH-Z19B CO2 (queried)"),
+                           query=MHZ19B_QUERY, fields=_sensor_fields("mhz19b"), description="Winsen MH-Z19B CO2 (queried)"),
     "ascii": ProtocolInfo("ascii", 9600, 8, "N", 1, "sensor", _ascii,
                           description="generic ASCII lines, parsed with a regular expression"),
 }

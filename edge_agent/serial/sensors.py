@@ -19,8 +19,7 @@ the shared vocabulary's (wire/vocabulary.toml); particle counts are per litre (t
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Final
+from typing import ClassVar, Final
 
 from edge_agent.serial.base import Event, Rejected, Sample
 
@@ -36,10 +35,11 @@ def _hex(data: bytes | bytearray | memoryview) -> str:
 
 
 class _FrameDecoder:
-    """The framer. Subclasses set SYNC, max_buffer and `_examine`."""
+    """The framer. Subclasses set SYNC, max_buffer, FIELDS and `_examine`."""
 
     SYNC: int
     max_buffer: int
+    FIELDS: ClassVar[dict[str, str]]  # {field: unit} a frame can give: the data catalogue (docs/catalog.md)
 
     def __init__(self) -> None:
         self._buf = bytearray()
@@ -142,6 +142,7 @@ class Sds011Decoder(_FrameDecoder):
 
     SYNC = 0xAA
     max_buffer = SDS011_FRAME
+    FIELDS = {"pm2_5": "µg/m³", "pm10": "µg/m³"}
 
     def _examine(self, buf: bytearray, start: int, offset: int) -> _Verdict:
         have = len(buf) - start
@@ -194,6 +195,7 @@ class PmsX003Decoder(_FrameDecoder):
 
     SYNC = 0x42
     max_buffer = 4 + _PMS_MAX_LENGTH
+    FIELDS = {**{name: unit for name, unit, _ in _PMS_FIELDS}, "error_code": ""}
 
     def _examine(self, buf: bytearray, start: int, offset: int) -> _Verdict:
         have = len(buf) - start
@@ -260,6 +262,7 @@ class Mhz19bDecoder(_FrameDecoder):
 
     SYNC = 0xFF
     max_buffer = MHZ19B_FRAME
+    FIELDS = {"co2": "ppm", "temperature": "°C"}
 
     def _examine(self, buf: bytearray, start: int, offset: int) -> _Verdict:
         have = len(buf) - start
@@ -279,7 +282,7 @@ class Mhz19bDecoder(_FrameDecoder):
         )
 
 
-DECODERS: Final[dict[str, Callable[[], _FrameDecoder]]] = {
+DECODERS: Final[dict[str, type[_FrameDecoder]]] = {
     "sds011": Sds011Decoder,
     "pmsx003": PmsX003Decoder,
     "mhz19b": Mhz19bDecoder,
