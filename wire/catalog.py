@@ -59,7 +59,7 @@ def row(*, gateway: str, device: str, source: str, measurement: str, field: str,
     found = vocabulary.problems(measurement, {field: unit})
     match = vocabulary.lookup(field)
     if match is not None and not found and type and type != match.type:
-        found = [f"{field} (a {type}, the table's {match.type})"]  # a profile's point, or how the store holds it
+        found = [f"{field} (type {type}, the table's {match.type})"]  # a profile's point, or how the store holds it
     if not found and match is not None:
         return Row(gateway, location, device, source, measurement, field, match.unit, match.type, True,
                    describe(match), note)
