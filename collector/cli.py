@@ -1,4 +1,5 @@
-"""edge-collector: run | check | quarantine | ca | keys | gateways | operators | audit | config | command | poll-now | catalog."""
+"""edge-collector: run | check | quarantine | ca | keys | gateways | operators | audit | config | command | poll-now |
+catalog."""
 
 from __future__ import annotations
 

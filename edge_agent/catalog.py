@@ -8,11 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_agent.meters.config import METER_KINDS
 from wire import catalog
 
 if TYPE_CHECKING:
-    from edge_agent.config import AgentConfig
+    from edge_agent.config import AgentConfig, ModbusKind
+    from edge_agent.meters.config import MeterDevice
+    from edge_agent.serial.config import SerialDevice
 
+MBUS_NOTE = ("fields named by the meter's data records (DIF/VIF, docs/mbus.md), known when it is read; "
+             "edge-collector catalog lists what it stores")
 SUNSPEC_NOTE = ("fields known after SunSpec discovery (docs/sunspec.md): the models the device offers; "
                 "edge-collector catalog lists what it stores")
 
@@ -28,12 +33,33 @@ def rows(cfg: AgentConfig) -> list[catalog.Row]:
         common = {"gateway": gateway, "location": location, "device": str(device.id)}
         if isinstance(device, SerialDevice):
             out += _serial_rows(device, common)
+        elif isinstance(device, METER_KINDS):
+            out += _meter_rows(device, common)
         else:
             out += _modbus_rows(device, common)
     return out
 
 
-def _modbus_rows(device, common: dict[str, str]) -> list[catalog.Row]:  # noqa: ANN001 - a Modbus device kind
+def _meter_rows(device: MeterDevice, common: dict[str, str]) -> list[catalog.Row]:
+    """DL/T 645: the identifiers the device reads (firmware_profiles/dlt645/<edition>.toml); CJ/T 188: its meter
+    type's metering data (901F); M-Bus: named by the meter's own data records, known only when read."""
+    from edge_agent.cjt188.frames import METER_TYPES, METERING_FIELDS
+    from edge_agent.dlt645.identifiers import table
+    from edge_agent.meters.config import Cjt188Device, Dlt645Device
+
+    if isinstance(device, Dlt645Device):
+        source = f"dlt645 {device.edition}"
+        measurement = device.measurement or table(device.edition).measurement
+        return [catalog.row(**common, source=source, measurement=measurement, field=i.name, unit=i.unit,
+                            description=i.description) for i in device.reads()]
+    if isinstance(device, Cjt188Device):
+        kind = METER_TYPES[device.type_byte()][0]
+        return [catalog.row(**common, source=f"cjt188 {device.meter_type}", measurement=device.measurement or kind,
+                            field=field, unit=unit) for field, unit in METERING_FIELDS[kind].items()]
+    return [catalog.note_row(**common, source="mbus", measurement=device.measurement or "", note=MBUS_NOTE)]
+
+
+def _modbus_rows(device: ModbusKind, common: dict[str, str]) -> list[catalog.Row]:
     from edge_agent.profiles import load_profile
 
     kind = type(device).__struct_config__.tag
@@ -54,7 +80,7 @@ def _modbus_rows(device, common: dict[str, str]) -> list[catalog.Row]:  # noqa: 
     return out
 
 
-def _serial_rows(device, common: dict[str, str]) -> list[catalog.Row]:  # noqa: ANN001 - a SerialDevice
+def _serial_rows(device: SerialDevice, common: dict[str, str]) -> list[catalog.Row]:
     from edge_agent.serial.protocols import protocol_info
 
     info = protocol_info(device.protocol)

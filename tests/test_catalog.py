@@ -115,6 +115,22 @@ def test_declared_fields_cover_what_the_captures_decode_to(protocol: str) -> Non
     assert len(seen) >= 2
 
 
+def test_cjt188_declared_fields_are_what_the_meters_answer() -> None:
+    from edge_agent.cjt188.frames import METERING_FIELDS
+    from edge_agent.cjt188.session import Cjt188Session
+    from labkit.cjt188_sim import MeterLine, SimMeter
+    from tests.test_cjt188 import _drive
+
+    for meter_type in (0x10, 0x11, 0x20, 0x21, 0x30):
+        session = Cjt188Session(meter_type, "1")
+        _drive(session, MeterLine([SimMeter(meter_type, "1")]))
+        result = session.result
+        assert not result.error
+        declared = METERING_FIELDS[result.measurement]
+        assert set(result.fields) == set(declared), meter_type
+        assert {f: result.units.get(f, "") for f in result.fields} == declared
+
+
 # -- edge-agent catalog -------------------------------------------------------------------------------------------
 
 def test_agent_catalog_of_the_example_configuration(tmp_path: Path) -> None:
@@ -140,6 +156,14 @@ def test_agent_catalog_of_the_example_configuration(tmp_path: Path) -> None:
     assert by["co2-hall", "air_quality", "co2"]["unit"] == "ppm"
     sunspec = [r for r in rows if r["device"] == "pv-inverter"]
     assert len(sunspec) == 1 and "after SunSpec discovery" in sunspec[0]["note"] and not sunspec[0]["field"]
+    # the meters: DL/T 645's configured identifiers, CJ/T 188's metering data, M-Bus known when read
+    assert [r["field"] for r in rows if r["device"] == "flat-12"] == [
+        "energy_import", "energy_import_t1", "energy_import_t2", "voltage_l1", "current_l1", "power"]
+    assert by["flat-12", "electricity", "power"]["source"] == "dlt645 2007"
+    assert by["water-12", "water", "volume_settlement"]["unit"] == "m³"
+    assert by["water-12", "water", "battery_low"]["type"] == "bool"
+    mbus = [r for r in rows if r["device"] == "heat-substation"]
+    assert len(mbus) == 1 and "data records" in mbus[0]["note"]
     assert all(r["standard"] for r in rows if r["field"])  # the example uses only the vocabulary
     # the other formats: the same rows
     csv_rows = list(csv.DictReader(io.StringIO(_run("edge_agent.cli", "catalog", "--csv", str(config)).stdout,

@@ -98,7 +98,7 @@ def to_table(rows: list[Row]) -> str:
     keep = [i for i, name in enumerate(COLUMNS) if name not in ("location", "note") or any(c[i] for c in cells)]
     table = [[COLUMNS[i] for i in keep]] + [[c[i].replace("\n", " ") for i in keep] for c in cells]
     widths = [max(len(line[j]) for line in table) for j in range(len(keep))]
-    return "".join("  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() + "\n" for line in table)
+    return "".join("  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)).rstrip() + "\n" for line in table)
 
 
 def render(rows: list[Row], fmt: str) -> str:

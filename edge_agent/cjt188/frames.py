@@ -305,6 +305,18 @@ class _Reader:
         return {"status": raw[0] | raw[1] << 8, "valve_state": valve, "battery_low": bool(raw[0] & 0x04)}
 
 
+# {field: unit} of the 901F metering data of each kind of meter, as `metering` gives them: the data catalogue
+# (docs/catalog.md; tests/test_catalog.py checks it against decoded answers)
+_STATUS_FIELDS = {"meter_time": "", "status": "", "valve_state": "", "battery_low": ""}
+METERING_FIELDS: dict[str, dict[str, str]] = {
+    "water": {"volume": "m³", "volume_settlement": "m³", **_STATUS_FIELDS},
+    "heat": {"energy_settlement": "kWh", "energy": "kWh", "power": "W", "flow": "m³/h", "volume": "m³",
+             "temperature_supply": "°C", "temperature_return": "°C", "operating_time": "s", **_STATUS_FIELDS},
+}
+METERING_FIELDS["gas"] = METERING_FIELDS["water"]
+METERING_FIELDS["cooling"] = METERING_FIELDS["heat"]
+
+
 def metering(frame: Frame, *, unit_first: bool = False) -> Metering:
     """The fields of a 901F answer, by meter type. FrameError (with the data byte) for anything off."""
     kind = METER_TYPES.get(frame.meter_type)

@@ -142,7 +142,7 @@ class Sds011Decoder(_FrameDecoder):
 
     SYNC = 0xAA
     max_buffer = SDS011_FRAME
-    FIELDS = {"pm2_5": "µg/m³", "pm10": "µg/m³"}
+    FIELDS: ClassVar[dict[str, str]] = {"pm2_5": "µg/m³", "pm10": "µg/m³"}
 
     def _examine(self, buf: bytearray, start: int, offset: int) -> _Verdict:
         have = len(buf) - start
@@ -195,7 +195,7 @@ class PmsX003Decoder(_FrameDecoder):
 
     SYNC = 0x42
     max_buffer = 4 + _PMS_MAX_LENGTH
-    FIELDS = {**{name: unit for name, unit, _ in _PMS_FIELDS}, "error_code": ""}
+    FIELDS: ClassVar[dict[str, str]] = {**{name: unit for name, unit, _ in _PMS_FIELDS}, "error_code": ""}
 
     def _examine(self, buf: bytearray, start: int, offset: int) -> _Verdict:
         have = len(buf) - start
@@ -262,7 +262,7 @@ class Mhz19bDecoder(_FrameDecoder):
 
     SYNC = 0xFF
     max_buffer = MHZ19B_FRAME
-    FIELDS = {"co2": "ppm", "temperature": "°C"}
+    FIELDS: ClassVar[dict[str, str]] = {"co2": "ppm", "temperature": "°C"}
 
     def _examine(self, buf: bytearray, start: int, offset: int) -> _Verdict:
         have = len(buf) - start
