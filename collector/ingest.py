@@ -13,7 +13,7 @@ from collector.influx.lineproto import LineProtocolError, encode_line
 from collector.reasons import RETRY_LATER
 from wire import topics
 from wire.envelope import Rejection, WireError, decode_body, open_plain
-from wire.schema import Batch
+from wire.schema import TIME_QUALITY, TIME_UNCORRECTABLE, Batch
 from wire.seal import FORMAT_SEALED, Opener, SealError
 
 INGEST_MEASUREMENT = "citynerve_ingest"
@@ -152,7 +152,10 @@ class Ingest:
                 if reading.quality:  # the reason a value is missing, stored next to where the value would be
                     fields = {**fields, **{f"{name}_quality": flag for name, flag in reading.quality.items()}}
             try:
-                if policy.plausible(reading.time_ns, receive_ns):
+                # A gateway without RTC flags readings whose time it could not correct (edge_agent/clock.py):
+                # set aside even when their time looks plausible (fake-hwclock's last shutdown, days ago).
+                if policy.plausible(reading.time_ns, receive_ns) and not (
+                        reading.quality and reading.quality.get(TIME_QUALITY) == TIME_UNCORRECTABLE):
                     lines.append(encode_line(reading.measurement, tags, fields, reading.time_ns))
                     continue
                 # Never store a reading at a time we believe is wrong: keep it aside, at its receive time

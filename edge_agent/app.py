@@ -34,13 +34,15 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from edge_agent import clock as clocks
 from edge_agent import reconfig
+from edge_agent.clock import ClockCorrection, Offset, boot_stamp, corrected, decode_held, encode_held, uncorrectable
 from edge_agent.config import AgentConfig, LogSection
 from edge_agent.control import ControlPlane
 from edge_agent.delivery import Publish, ReadBodies, ScanBacklog, Sender
 from edge_agent.modbus.bus import BusEngine, PolledDevice, PollOutcome
 from edge_agent.modbus.devices import SUNSPEC_DISCOVERY, bus_engines
-from edge_agent.outbox import Backlog, Dropped, NewMessage, Outbox
+from edge_agent.outbox import Backlog, Dropped, Held, HeldGroup, NewMessage, Outbox
 from edge_agent.profiles import load_profile
 from edge_agent.schedule import next_aligned
 from edge_agent.sequence import migrate_legacy
@@ -88,10 +90,12 @@ class OutboxView:
     dropped_readings_total: int = 0
     resets: int = 0
     next_seq: int = 0
+    held: Held = field(default_factory=Held)
 
     @classmethod
     def of(cls, outbox: Outbox) -> OutboxView:
-        return cls(replace(outbox.backlog), outbox.dropped_readings_total, outbox.resets, outbox.next_seq)
+        return cls(replace(outbox.backlog), outbox.dropped_readings_total, outbox.resets, outbox.next_seq,
+                   replace(outbox.held))
 
 
 def _profile_content(profile: str) -> Any:
@@ -100,6 +104,7 @@ def _profile_content(profile: str) -> Any:
 
 
 MAX_HELD_REPORTS = 16  # reports made while the link is down, sent when it is back (the oldest dropped beyond)
+MAX_SENT_TRACKED = 4096  # first-send boottimes kept for an acknowledgement's round trip (edge_agent/clock.py)
 
 
 class Agent:
@@ -125,6 +130,15 @@ class Agent:
         self.buses = bus_engines(cfg)
         self.serial_sources = [SerialSource(d) for d in cfg.serial_devices]
         self.sealer = make_sealer(cfg)
+        # Time without an RTC (edge_agent/clock.py): the clock's reads (replaced by labkit/fake_clock.py in tests)
+        # and the pure decisions; readings held in RAM until the cycle's commit writes them to the outbox.
+        self.clock = clocks.system
+        c = cfg.clock
+        self.correction = ClockCorrection(self.clock.boot_id(), hold=not c.rtc,
+                                          from_acks=c.correct_from_acks and self.sealer is not None,
+                                          max_ack_error_ns=int(float(c.max_ack_error) * 1e9))
+        self.held_buffer: list[tuple[int, Reading]] = []  # bound: uplink.max_buffered_readings
+        self._first_sent: dict[int, int] = {}  # seq -> boottime of its first send; bound: MAX_SENT_TRACKED
         self.control: ControlPlane | None = None
         self._set_topics(cfg)
         # Commands and configurations travel only sealed (the confidential downlink needs the gateway's session)
@@ -251,11 +265,75 @@ class Agent:
             self._errors.warning("bad_ack", "ignored an acknowledgement on %s: %s (%d so far)", topic, exc,
                                  self.stats.bad_acks, reason="bad_ack")
             return
+        if self._first_sent:
+            self._ack_offset(ranges)
         self.stats.acked_messages += self.sender.acked(ranges, time.monotonic())
         self.stats.last_ack_ns = time.time_ns()
         if self.config_control is not None:
             self.config_control.acked(ranges)
         self._wake.set()
+
+    def _ack_offset(self, ranges: list[tuple[int, int]]) -> None:
+        """The clock offset an authentic acknowledgement tells (edge_agent/clock.py): the collector's time when it
+        sealed it (the sealer's clock-offset attribute, last_downlink_age), bounded by the round trip from the
+        first send of the newest message it covers."""
+        sent = [boot for seq, boot in self._first_sent.items() if any(a <= seq <= b for a, b in ranges)]
+        for seq in [seq for seq in self._first_sent if any(a <= seq <= b for a, b in ranges)]:
+            del self._first_sent[seq]
+        age = self.sealer.last_downlink_age if self.sealer is not None else None
+        if not sent or age is None:
+            return
+        now = self.clock.now()
+        before = self.correction.offset
+        offset = self.correction.acked(now.wall_ns - round(age * 1e9), max(sent), now.boot_ns)
+        if offset is not None and before is None:
+            log.info("clock offset learned from an acknowledgement: wall - boottime = %.3f s, +-%.0f ms (the "
+                     "kernel clock is not synchronised)", offset.offset_ns / 1e9, offset.error_ns / 1e6)
+
+    # -- time without an RTC (edge_agent/clock.py) -----------------------------------------------------------
+
+    def _stamp(self, readings: list[Reading]) -> list[Reading]:
+        """Readings to send now; those stamped while the clock is not synchronised are held (with their boottime)
+        or restamped with this boot's known offset."""
+        decision = self.correction.stamped(self.clock.synchronised())
+        if decision is True:
+            return readings
+        now = self.clock.now()
+        pairs = [(boot_stamp(r.time_ns, now), r) for r in readings]
+        if isinstance(decision, Offset):
+            return corrected(pairs, decision)
+        self.held_buffer.extend(pairs)
+        overflow = len(self.held_buffer) - self.buffer.max_readings
+        if overflow > 0:
+            del self.held_buffer[:overflow]
+            self.buffer.dropped_total += overflow
+        return []
+
+    def _clock_cycle(self, batches: list[list[Reading]]) -> tuple[list[HeldGroup], dict[str, Offset | bool]]:
+        """At a commit: learn the offset from the kernel if it is synchronised now; convert this cycle's held
+        readings if the offset is known (into `batches`) or write them to the outbox; which held boots to release
+        (converted, or sent as uncorrectable: an earlier boot's)."""
+        c = self.correction
+        if self.clock.synchronised():
+            before = c.offset
+            offset = c.synchronised(self.clock.now())
+            if before is None or before.source != "ntp":
+                log.info("the kernel clock is synchronised: wall - boottime = %.3f s; held readings of this boot "
+                         "are converted", offset.offset_ns / 1e9)
+        held, self.held_buffer = self.held_buffer, []
+        hold: list[HeldGroup] = []
+        mine = c.release(c.boot_id)
+        if held and isinstance(mine, Offset):
+            converted = corrected(held, mine)
+            size = self.buffer.max_message_readings
+            batches += [converted[i:i + size] for i in range(0, len(converted), size)]
+            log.info("%d held reading(s) converted with the offset from %s", len(converted), mine.source)
+        elif held:
+            hold.append(HeldGroup(c.boot_id, len(held), encode_held(held)))
+        release = {boot: what for boot in self.box.held.boots if (what := c.release(boot)) is not False}
+        if c.from_acks and c.offset is None and (hold or self.box.held.rows):
+            self._probe_wanted = True  # a message to acknowledge: its acknowledgement carries the collector's time
+        return hold, release
 
     # -- reports (docs/control.md "Messages") ---------------------------------------------------------------------
 
@@ -485,6 +563,10 @@ class Agent:
         return OutboxView.of(self.outbox) if self.outbox is not None else None
 
     def _enqueue(self, readings: list) -> None:
+        if self.correction.hold:
+            readings = self._stamp(readings)
+            if not readings:
+                return
         dropped = self.buffer.add(readings)
         if dropped:
             self._errors.warning(
@@ -509,16 +591,23 @@ class Agent:
         while len(self.buffer):
             batches.append(self.buffer.take())
         acked = self.sender.take_acked()
+        hold: list[HeldGroup] = []
+        release: dict[str, Offset | bool] = {}
+        if self.correction.hold:
+            hold, release = self._clock_cycle(batches)
         if not batches and self._probe_wanted:
             batches.append([])
-        if not batches and not acked:
+        if not batches and not acked and not hold and not release:
             return
         try:
-            messages, dropped = await self._db_call(
-                _commit_job, self.outbox, self.gateway_id, batches, time.time_ns(), acked)
+            messages, dropped, released = await self._db_call(
+                _commit_job, self.outbox, self.gateway_id, batches, time.time_ns(), acked,
+                hold, release, self.buffer.max_message_readings)
         except (sqlite3.DatabaseError, OSError) as exc:  # disk full, I/O error, read-only: retried next cycle
             for readings in reversed(batches):
                 self.buffer.put_back(readings)
+            for group in hold:  # (converted ones are in batches)
+                self.held_buffer[:0] = decode_held(group.body)
             self.stats.commit_failures += 1
             self._errors.error("commit", "outbox commit failed (%s); %d reading(s) kept in RAM for the next cycle",
                                exc, len(self.buffer), reason="commit_failed")
@@ -526,7 +615,11 @@ class Agent:
         except Exception:  # anything else is a bug: the task dies (wire/supervise.py), the readings stay for the
             for readings in reversed(batches):  # clean-shutdown commit
                 self.buffer.put_back(readings)
+            for group in hold:
+                self.held_buffer[:0] = decode_held(group.body)
             raise
+        for what, n in released.items():
+            log.info("%d held reading(s) %s", n, what)
         if batches:
             self._probe_wanted = False
         self.sender.deleted(acked, dropped.seqs)
@@ -564,6 +657,10 @@ class Agent:
         return self.outbox
 
     def _publish(self, seq: int, body: bytes) -> None:
+        if self.correction.from_acks and self.correction.offset is None:
+            self._first_sent.setdefault(seq, self.clock.now().boot_ns)  # the round trip of its acknowledgement
+            if len(self._first_sent) > MAX_SENT_TRACKED:
+                del self._first_sent[next(iter(self._first_sent))]
         payload = self.sealer.seal(self.up_topic, body) if self.sealer else frame_plain(body)
         info = self.link.publish(self.up_topic, payload, qos=1)
         # Not handed over on this connection (it just went down): paho sends it at the next one.
@@ -623,11 +720,34 @@ def _nothing() -> None:
     return None
 
 
+# Held readings released (converted or sent as uncorrectable) per commit at most: the rest at the next ones.
+MAX_RELEASED_READINGS = 50_000
+
+
 def _commit_job(outbox: Outbox, gateway: str, batches: list[list[Reading]], created_ns: int,
-                acked: list[tuple[int, int]]) -> tuple[list[NewMessage], Dropped]:
+                acked: list[tuple[int, int]], hold: list[HeldGroup], release: dict[str, Offset | bool],
+                max_message_readings: int) -> tuple[list[NewMessage], Dropped, dict[str, int]]:
     """(the outbox thread) Number the cycle's messages from the outbox's counter and commit them with the
-    acknowledged deletions, in one transaction. A failed commit advances nothing: the next cycle uses the same
-    numbers (never published, since a cycle is sent only once committed)."""
+    acknowledged deletions, the readings to hold and the held ones released (converted with their boot's offset,
+    or flagged uncorrectable: edge_agent/clock.py), in one transaction. A failed commit advances nothing: the
+    next cycle uses the same numbers (never published, since a cycle is sent only once committed)."""
+    batches = list(batches)
+    released_ids: list[int] = []
+    released: dict[str, int] = {}
+    count = 0
+    for row_id, boot, body in outbox.held_groups(release):
+        if count >= MAX_RELEASED_READINGS:
+            break
+        pairs = decode_held(body)
+        what = release[boot]
+        if isinstance(what, Offset):
+            out, how = corrected(pairs, what), f"converted with the offset from {what.source}"
+        else:
+            out, how = uncorrectable(pairs), f"of the earlier boot {boot} sent as uncorrectable"
+        batches += [out[i:i + max_message_readings] for i in range(0, len(out), max_message_readings)]
+        released_ids.append(row_id)
+        released[how] = released.get(how, 0) + len(pairs)
+        count += len(pairs)
     messages: list[NewMessage] = []
     for i, readings in enumerate(batches):
         seq = outbox.next_seq + i
@@ -636,7 +756,7 @@ def _commit_job(outbox: Outbox, gateway: str, batches: list[list[Reading]], crea
         made_ns = created_ns + i
         body = encode_batch(Batch(gateway=gateway, seq=seq, sent_ns=made_ns, readings=readings))
         messages.append(NewMessage(seq, made_ns, len(readings), body))
-    return messages, outbox.commit(messages, acked)
+    return messages, outbox.commit(messages, acked, hold, released_ids), released
 
 
 def _read_bodies(outbox: Outbox, seqs: tuple[int, ...], max_bytes: int) -> tuple[list[int], list[tuple[int, bytes]]]:

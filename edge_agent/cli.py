@@ -211,6 +211,9 @@ def _outbox(cfg: AgentConfig) -> int:
     if info["messages"]:
         print(f"  sequence numbers {info['oldest_seq']} .. {info['newest_seq']}")
     print(f"  the next message gets sequence number {info['next_seq']}")
+    if info["held_readings"]:
+        print(f"  {info['held_readings']} reading(s) held until the gateway's clock is synchronised "
+              f"(docs/operations.md \"Time on gateways without an RTC\")")
     print(f"  dropped by the outbox bounds since it was created: {info['dropped_messages']} message(s), "
           f"{info['dropped_readings']} reading(s)")
     return 0

@@ -78,6 +78,19 @@ class OutboxSection(msgspec.Struct, forbid_unknown_fields=True):
             raise invalid("max_age", "expected a duration greater than 0")
 
 
+class ClockSection(msgspec.Struct, forbid_unknown_fields=True):
+    """A gateway without a real-time clock (docs/operations.md "Time on gateways without an RTC"): `rtc = false`
+    holds readings stamped while the kernel clock is not synchronised and corrects them (edge_agent/clock.py)."""
+
+    rtc: bool = True
+    correct_from_acks: bool = True  # learn the offset from an acknowledgement's collector time (sealed only)
+    max_ack_error: Duration = Duration(2)  # half the round trip an acknowledgement's offset may be off by
+
+    def __post_init__(self) -> None:
+        if self.max_ack_error <= 0:
+            raise invalid("max_ack_error", "expected a duration greater than 0")
+
+
 class SecuritySection(msgspec.Struct, forbid_unknown_fields=True):
     """End-to-end sealing of every uplink message (docs/security.md, docs/enrollment.md)."""
 
@@ -111,6 +124,7 @@ class AgentConfig(msgspec.Struct, forbid_unknown_fields=True):
     uplink: UplinkSection = msgspec.field(default_factory=UplinkSection)
     outbox: OutboxSection = msgspec.field(default_factory=OutboxSection)
     log: LogSection = msgspec.field(default_factory=LogSection)
+    clock: ClockSection = msgspec.field(default_factory=ClockSection)
     security: SecuritySection | None = None
     metrics: MetricsSettings | None = None  # Prometheus /metrics; off unless configured (docs/operations.md)
     buses: list[ModbusBus] = []

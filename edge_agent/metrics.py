@@ -9,8 +9,6 @@ lists every metric.
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import Metric
 
 from edge_agent.app import AGENT_VERSION, poll_errors
+from edge_agent.clock import kernel_clock
 from wire.metrics import MetricsServer
 from wire.prom import Families, metrics_server
 
@@ -127,6 +126,9 @@ def _outbox(agent: Agent, f: Families) -> None:
     dropped.add_metric(["outbox"], agent.box.dropped_readings_total)
     f.gauge(_P + "buffer_readings", "Readings of the cycle in progress, not yet committed", ()).add_metric(
         [], len(agent.buffer))
+    f.gauge(_P + "readings_held", "Readings stamped while the clock was not synchronised, held until its offset is "
+            "known (`[clock] rtc = false`; in RAM and in the outbox)", ()).add_metric(
+        [], agent.box.held.readings + len(agent.held_buffer))
     f.counter(_P + "outbox_commit_failures_total", "Cycle commits that failed (disk full, I/O error); retried "
               "next cycle", ()).add_metric([], agent.stats.commit_failures)
     f.counter(_P + "outbox_resets_total", "Damaged outbox files moved aside", ()).add_metric([], agent.box.resets)
@@ -164,36 +166,3 @@ def _clock(agent: Agent, f: Families) -> None:
         f.gauge(_P + "clock_ack_offset_seconds", "This gateway's clock minus the collector's, as seen in the newest "
                 "sealed downlink (acknowledgement or control message; includes its transit time, usually well under "
                 "a second)", ()).add_metric([], age)
-
-
-# -- the kernel's clock state ------------------------------------------------------------------------------------
-
-_STA_UNSYNC = 0x0040  # <linux/timex.h>: the clock is not synchronised
-
-
-class _Timex(ctypes.Structure):
-    # The head of struct timex (adjtimex(2)), then room for the rest of it, whatever its size on this platform.
-    _fields_ = [("modes", ctypes.c_uint), ("offset", ctypes.c_long), ("freq", ctypes.c_long),
-                ("maxerror", ctypes.c_long), ("esterror", ctypes.c_long), ("status", ctypes.c_int),
-                ("_rest", ctypes.c_char * 256)]
-
-
-_adjtimex = None
-
-
-def kernel_clock() -> tuple[bool, float, float] | None:
-    """(synchronised, maximum error s, estimated error s) from adjtimex(2) with modes 0 (a read: no privilege
-    needed, no blocking); None off Linux. Whichever daemon sets the clock (systemd-timesyncd, chrony, ntpd),
-    the kernel's status says whether it is synchronised."""
-    global _adjtimex
-    if not sys.platform.startswith("linux"):
-        return None
-    if _adjtimex is None:
-        try:
-            _adjtimex = ctypes.CDLL(None, use_errno=True).adjtimex
-        except (OSError, AttributeError):
-            return None
-    timex = _Timex()
-    if _adjtimex(ctypes.byref(timex)) < 0:
-        return None
-    return not timex.status & _STA_UNSYNC, timex.maxerror / 1e6, timex.esterror / 1e6

@@ -50,6 +50,14 @@ CREATE TABLE IF NOT EXISTS message (
     readings   INTEGER NOT NULL,
     body       BLOB    NOT NULL
 );
+-- Readings of a gateway without RTC stamped while its clock was not synchronised, with their boottime, until
+-- the offset of their boot is known (edge_agent/clock.py); body: edge_agent.clock.encode_held.
+CREATE TABLE IF NOT EXISTS held (
+    id       INTEGER PRIMARY KEY,
+    boot_id  TEXT    NOT NULL,
+    readings INTEGER NOT NULL,
+    body     BLOB    NOT NULL
+);
 CREATE TABLE IF NOT EXISTS counter (
     name  TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -89,6 +97,23 @@ class Backlog:
 
 
 @dataclass
+class Held:
+    """What the `held` table holds (readings waiting for their boot's clock offset)."""
+
+    rows: int = 0
+    readings: int = 0
+    bytes: int = 0
+    boots: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class HeldGroup:
+    boot_id: str
+    readings: int
+    body: bytes
+
+
+@dataclass
 class Dropped:
     """Messages removed by the bounds in one transaction (oldest first); the totals are persistent."""
 
@@ -96,6 +121,7 @@ class Dropped:
     readings: int = 0
     by_age: int = 0
     by_size: int = 0
+    held_readings: int = 0  # held readings dropped for the size bound (the `held` table)
     seqs: list[tuple[int, int]] = field(default_factory=list)  # (first, last) dropped this time
 
 
@@ -106,6 +132,7 @@ class Outbox:
         self.max_age_ns = int(max_age_s * 1e9)
         self._clock = clock
         self.backlog = Backlog()
+        self.held = Held()
         self.dropped_readings_total = 0
         self.dropped_messages_total = 0
         self.resets = 0  # damaged databases moved aside by this process
@@ -158,12 +185,19 @@ class Outbox:
         if oldest is not None:
             oldest_ns = db.execute("SELECT created_ns FROM message WHERE seq = ?", (oldest,)).fetchone()[0]
         self.backlog = Backlog(count, readings, size, oldest, oldest_ns, newest)
+        self._load_held(db)
         counters = dict(db.execute("SELECT name, value FROM counter").fetchall())
         self.dropped_readings_total = counters.get("dropped_readings", 0)
         self.dropped_messages_total = counters.get("dropped_messages", 0)
         # max(): an outbox written before the counter existed has only its messages; a fresh one after a damaged
         # one was moved aside starts from what this object carried over.
         self.next_seq = max(self.next_seq, counters.get("next_seq", 0), newest + 1 if newest is not None else 0)
+
+    def _load_held(self, db: sqlite3.Connection) -> None:
+        rows, readings, size = db.execute(
+            "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(body)), 0) FROM held").fetchone()
+        boots = frozenset(b for (b,) in db.execute("SELECT DISTINCT boot_id FROM held"))
+        self.held = Held(rows, readings, size, boots)
 
     def _move_aside(self, exc: BaseException) -> None:
         if self._db is not None:
@@ -201,25 +235,28 @@ class Outbox:
         self.max_bytes = max_bytes
         self.max_age_ns = int(max_age_s * 1e9)
 
-    def commit(self, messages: list[NewMessage], acked: Iterable[tuple[int, int]] = ()) -> Dropped:
+    def commit(self, messages: list[NewMessage], acked: Iterable[tuple[int, int]] = (),
+               hold: Iterable[HeldGroup] = (), release: Iterable[int] = ()) -> Dropped:
         """One transaction: insert this cycle's messages, advance `next_seq` past them, delete acknowledged
-        ranges, apply the bounds.
+        ranges, hold readings (`hold`), delete the held rows `release` (converted into `messages`), apply the
+        bounds.
 
         A damaged database is moved aside and the cycle is committed to a fresh one."""
-        acked = list(acked)
+        acked, hold, release = list(acked), list(hold), list(release)
         if messages and min(m.seq for m in messages) < self.next_seq:
             raise ValueError(f"sequence number {min(m.seq for m in messages)} is below the outbox's next_seq "
                              f"{self.next_seq}: numbers are never used twice")
         try:
-            return self._commit(messages, acked)
+            return self._commit(messages, acked, hold, release)
         except sqlite3.DatabaseError as exc:
             if not is_damage(exc):
                 raise  # disk full, I/O error, read-only: the file is fine, the agent retries the cycle later
             self._move_aside(exc)
             self._open()
-            return self._commit(messages, [])
+            return self._commit(messages, [], hold, [])
 
-    def _commit(self, messages: list[NewMessage], acked: list[tuple[int, int]]) -> Dropped:
+    def _commit(self, messages: list[NewMessage], acked: list[tuple[int, int]], hold: list[HeldGroup],
+                release: list[int]) -> Dropped:
         db = self._require()
         b = self.backlog
         dropped = Dropped()
@@ -238,13 +275,17 @@ class Outbox:
                 b.messages += 1
                 b.readings += m.readings
                 b.bytes += len(m.body)
+            if hold or release:
+                self._hold(db, hold, release)
             next_seq = max([self.next_seq, *(m.seq + 1 for m in messages)])
             if next_seq != self.next_seq:
                 db.execute("INSERT OR REPLACE INTO counter (name, value) VALUES ('next_seq', ?)", (next_seq,))
             self._apply_bounds(db, dropped)
-            if dropped.messages:
+            if self.held.rows:
+                self._apply_held_bounds(db, dropped)
+            if dropped.messages or dropped.held_readings:
                 self.dropped_messages_total += dropped.messages
-                self.dropped_readings_total += dropped.readings
+                self.dropped_readings_total += dropped.readings + dropped.held_readings
                 db.executemany("INSERT OR REPLACE INTO counter (name, value) VALUES (?, ?)",
                                [("dropped_messages", self.dropped_messages_total),
                                 ("dropped_readings", self.dropped_readings_total)])
@@ -258,6 +299,38 @@ class Outbox:
         self.next_seq = next_seq
         self.commits += 1
         return dropped
+
+    def _hold(self, db: sqlite3.Connection, hold: list[HeldGroup], release: list[int]) -> None:
+        for i in range(0, len(release), 500):
+            chunk = release[i:i + 500]
+            db.execute(f"DELETE FROM held WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+        db.executemany("INSERT INTO held (boot_id, readings, body) VALUES (?, ?, ?)",
+                       [(g.boot_id, g.readings, g.body) for g in hold])
+        self._load_held(db)
+
+    def _apply_held_bounds(self, db: sqlite3.Connection, dropped: Dropped) -> None:
+        """Held readings count against the outbox's size bound with its messages; the oldest held rows go first.
+        (The age bound does not apply: their wall stamps are what is wrong.)"""
+        h = self.held
+        while h.rows and h.bytes + self.backlog.bytes > self.max_bytes:
+            row_id, readings, size = db.execute(
+                "SELECT id, readings, length(body) FROM held ORDER BY id LIMIT 1").fetchone()
+            db.execute("DELETE FROM held WHERE id = ?", (row_id,))
+            h.rows -= 1
+            h.readings -= readings
+            h.bytes -= size
+            dropped.held_readings += readings
+        if dropped.held_readings:
+            self._load_held(db)
+
+    def held_groups(self, boots: Iterable[str]) -> list[tuple[int, str, bytes]]:
+        """(id, boot id, body) of the held rows of these boots, oldest first."""
+        boots = list(boots)
+        if not boots:
+            return []
+        return self._require().execute(
+            f"SELECT id, boot_id, body FROM held WHERE boot_id IN ({','.join('?' * len(boots))}) ORDER BY id",
+            boots).fetchall()
 
     def raise_next_seq(self, value: int) -> None:
         """Never give out a number below `value` from now on (committed at once): for the one-time migration of
@@ -369,9 +442,13 @@ def summary(path: Path) -> dict[str, int | None]:
             "SELECT count(*), coalesce(sum(readings), 0), coalesce(sum(length(body)), 0), min(seq), max(seq), "
             "min(created_ns) FROM message").fetchone()
         counters = dict(db.execute("SELECT name, value FROM counter").fetchall())
+        try:
+            held = db.execute("SELECT coalesce(sum(readings), 0) FROM held").fetchone()[0]
+        except sqlite3.OperationalError:  # an outbox of an agent before the `held` table
+            held = 0
     finally:
         db.close()
     return {"messages": count, "readings": readings, "bytes": size, "oldest_seq": oldest, "newest_seq": newest,
-            "oldest_ns": oldest_ns, "dropped_messages": counters.get("dropped_messages", 0),
+            "oldest_ns": oldest_ns, "held_readings": held, "dropped_messages": counters.get("dropped_messages", 0),
             "dropped_readings": counters.get("dropped_readings", 0),
             "next_seq": max(counters.get("next_seq", 0), newest + 1 if newest is not None else 0)}

@@ -31,7 +31,7 @@ from wire.config import Secret
 # the gateway's identity and where its state lives (the outbox and its sequence numbers, the remote
 # configuration's own files), [security], the trust anchors (identity key, collector key, operator CA), and
 # [metrics], a listening socket on the gateway (a push must not open one).
-FIXED_KEYS = ("gateway.id", "gateway.state_dir", "outbox.path", "security", "metrics")
+FIXED_KEYS = ("gateway.id", "gateway.state_dir", "outbox.path", "security", "metrics", "clock")
 
 class ReconfigureFailed(Exception):
     """A new configuration could not be built (found before anything running was changed)."""
@@ -62,7 +62,7 @@ def fixed_change(old: AgentConfig, new: AgentConfig) -> str | None:
                       ("outbox.path", str(old.outbox_path), str(new.outbox_path))):
         if a != b:
             return key
-    for section in ("security", "metrics"):
+    for section in ("security", "metrics", "clock"):
         a, b = getattr(old, section), getattr(new, section)
         if (a is None) != (b is None):
             return section

@@ -51,6 +51,16 @@ class Reading(msgspec.Struct, array_like=True, forbid_unknown_fields=True, froze
     quality: dict[Name, TagValue] = {}
 
 
+# The quality flag of a reading's sample time (quality[TIME_QUALITY], stored as the field `time_quality`), set by
+# a gateway without a real-time clock (edge_agent/clock.py, docs/operations.md "Time on gateways without an RTC"):
+# stamped while its clock was not synchronised and converted with the offset learned from NTP or from an
+# acknowledgement's collector time; or not convertible (an earlier boot's), which the collector sets aside.
+TIME_QUALITY = "time"
+TIME_CORRECTED_NTP = "corrected_ntp"
+TIME_CORRECTED_ACK = "corrected_ack"
+TIME_UNCORRECTABLE = "uncorrectable"
+
+
 class Batch(msgspec.Struct, array_like=True, forbid_unknown_fields=True, frozen=True):
     """One uplink message. `seq` is per gateway, strictly increasing, and survives restarts."""
 
