@@ -80,14 +80,14 @@ class ClockCorrection:
         self.offset = Offset(collector_ns - (first_sent_boot_ns + received_boot_ns) // 2, error, "ack")
         return self.offset
 
-    def stamped(self, synchronised: bool) -> Offset | None | bool:
+    def stamped(self, synchronised: bool) -> Offset | bool:
         """What to do with readings stamped now: True = send as stamped (the wall clock is right, or the gateway
         has an RTC); an Offset = restamp them with it; False = hold them with their boottime."""
         if not self.hold or synchronised:
             return True
         return self.offset if self.offset is not None else False
 
-    def release(self, boot_id: str) -> Offset | None | bool:
+    def release(self, boot_id: str) -> Offset | bool:
         """What to do with held readings of `boot_id` now: an Offset = convert; False = keep holding; True = send
         them as uncorrectable (an earlier boot: its boottime means nothing any more)."""
         if boot_id != self.boot_id:

@@ -90,3 +90,51 @@ def test_readings_before_ntp_land_at_their_true_times(tmp_path, mosquitto, influ
     assert any(row.get("time_quality") is None for row in rows)  # after the correction: as stamped
     assert not influxd.query("SELECT count(*) FROM citynerve_suspect_time", influx_db)
     assert "Traceback" not in agent.log_path.read_text() + collector.log_path.read_text()
+
+
+def test_without_ntp_the_offset_comes_from_an_acknowledgement(tmp_path, influxd: InfluxdServer, influx_db: str,
+                                                              meter_sim: MeterSimulator) -> None:
+    """The clock stays five years off and unsynchronised: the collector's time in a sealed acknowledgement (of
+    the probe the agent sends for it) gives the offset, within half the round trip; every reading is stored at
+    its true time within that bound, flagged corrected_ack."""
+    from labkit import enrolled
+    from labkit.pki import LabCA
+    from labkit.secure_broker import SecureBroker
+
+    deployment = enrolled.create(tmp_path / "deployment", ["gw-noclock"])
+    gw = deployment.gateways["gw-noclock"]
+    control = tmp_path / "clock.json"
+    write_control(control, -FIVE_YEARS_S, synchronised=False)
+    with SecureBroker(tmp_path / "broker", device_ca_dir=deployment.ca_dir,
+                      collector_ca_dir=deployment.collector_ca_dir, server_ca=LabCA(tmp_path / "server-ca")) as broker:
+        collector = stack.collector_process(stack.write_collector_config(
+            tmp_path / "collector.toml", broker.collector_mqtt(deployment.collector_cert, deployment.collector_key),
+            {"api": "v1", "url": influxd.url, "database": influx_db},
+            security={"keys_dir": str(deployment.keys_dir), "registry": str(deployment.registry)})).start()
+        agent = fake_clock_agent(stack.write_agent_config(
+            tmp_path / "agent.toml", gw.id, broker.gateway_mqtt(gw.tls_cert, gw.tls_key),
+            [stack.modbus_tcp_device("meter-n", meter_sim.port, interval="1s")],
+            security={"identity_key": str(gw.identity_key), "collector_key": str(deployment.collector_pub)},
+            clock={"rtc": False, "max_ack_error": "2s"}), control)
+        try:
+            agent.start()
+            wait_until(lambda: "clock offset learned from an acknowledgement" in agent.log_path.read_text(), 20,
+                       "the offset from an acknowledgement")
+
+            def stored() -> list[dict]:
+                return influxd.query(f'SELECT * FROM "{MEASUREMENT}"', influx_db)
+
+            wait_until(lambda: len(stored()) >= 5, 20, "5 readings stored")
+        finally:
+            agent.stop()
+            collector.stop()
+    rows = stored()
+    ends = polls(meter_sim.served)
+    bound = 2 * 10**9 + SAME_POLL_NS  # max_ack_error, and the poll's own span
+    for row in rows:
+        assert row["time_quality"] == "corrected_ack"
+        assert min(abs(row["time"] - t) for t in ends) <= bound, "a reading far from every poll's true time"
+    first = min(row["time"] for row in rows)
+    assert all(any(abs(row["time"] - t) <= bound for row in rows) for t in ends if first <= t <= rows[-1]["time"])
+    assert not influxd.query("SELECT count(*) FROM citynerve_suspect_time", influx_db)
+    assert "Traceback" not in agent.log_path.read_text() + collector.log_path.read_text()

@@ -53,6 +53,21 @@ def test_implausible_times_go_to_the_suspect_measurement() -> None:
     assert accepted.lines[1].endswith(str(NOW + 1).encode())
 
 
+def test_a_gateway_without_rtc_flags_what_it_could_not_correct_and_it_is_set_aside() -> None:
+    """edge_agent/clock.py: an earlier boot's readings whose offset was never learned carry time=uncorrectable;
+    their time may look plausible (fake-hwclock's last shutdown) and is still not used. Corrected ones are
+    stored at their time with the flag beside the values."""
+    recent = NOW - 3 * 86400 * 10**9
+    uncorrectable = Reading("m", "e", recent, {"v": 1.0}, {}, {"time": "uncorrectable"})
+    corrected = Reading("m", "e", recent, {"v": 2.0}, {}, {"time": "corrected_ntp"})
+    accepted = ingest.uplink("citynerve/v1/gw-1/up", seal_plain(Batch("gw-1", 1, NOW, [uncorrectable, corrected])),
+                             NOW)
+    assert accepted.suspect == 1
+    assert accepted.lines[0] == (b'suspect,device=m,gateway=gw-1,measurement=e v=1.0,time_quality="uncorrectable",'
+                                 b'sample_time_ns=' + str(recent).encode() + b"i " + str(NOW).encode())
+    assert accepted.lines[1] == b'e,device=m,gateway=gw-1 v=2.0,time_quality="corrected_ntp" ' + str(recent).encode()
+
+
 def test_reading_without_a_storable_field_is_skipped_and_counted() -> None:
     nan = Reading("m", "e", NOW, {"v": float("nan")})
     accepted = ingest.uplink("citynerve/v1/gw-1/up", seal_plain(Batch("gw-1", 1, NOW, [nan])), NOW)
