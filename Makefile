@@ -8,11 +8,13 @@ SUDO      := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # file:package pairs; the tests need the first three, the demo the first two, bench/outbox_fsync.py strace; the
 # broker's rate-limit plugin (deploy/mosquitto/ratelimit, built by labkit when a test starts the shipped broker)
 # gcc, the C library's and mosquitto's headers; the fleet page's browser test chromium and its chromedriver; the
-# metrics tests Prometheus and promtool (tests/test_prometheus*.py).
+# metrics tests Prometheus and promtool (tests/test_prometheus*.py); the clustered broker tier's tests nats-server
+# (tests/test_nats_*.py start their own nodes on free ports; the package's own service, where systemd starts it,
+# listens on 127.0.0.1:4222 and is not used).
 SYSTEM_PACKAGES := /usr/sbin/mosquitto:mosquitto /usr/bin/influxd:influxdb /usr/bin/victoria-metrics:victoria-metrics \
 	/usr/bin/strace:strace /usr/bin/gcc:gcc /usr/include/stdio.h:libc6-dev /usr/include/mosquitto.h:libmosquitto-dev \
 	/usr/include/mosquitto_broker.h:mosquitto-dev /usr/bin/chromium:chromium /usr/bin/chromedriver:chromium-driver \
-	/usr/bin/prometheus:prometheus
+	/usr/bin/prometheus:prometheus /usr/sbin/nats-server:nats-server
 
 # Only for the on-demand ARM targets (make gateway-bundle, make arm-check; docs/install.md): emulated Debian roots.
 ARM_PACKAGES := /usr/sbin/debootstrap:debootstrap /usr/bin/qemu-arm-static:qemu-user-static \

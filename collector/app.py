@@ -44,7 +44,7 @@ import paho.mqtt.client as paho
 
 from collector import reload as reloading
 from collector.admission import FairQueue
-from collector.config import CollectorConfig, FieldTypes, ValidationSection, default_client_id
+from collector.config import CollectorConfig, FieldTypes, ValidationSection
 from collector.config import load as load_config
 from collector.control_relay import ControlLines, ControlRelay
 from collector.guard import SCHEMA_QUERY, Guard, learn_from_show_keys
@@ -52,6 +52,7 @@ from collector.health import health_lines
 from collector.influx.backends import WriteFailure, make_backend
 from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
 from collector.ingest import SLICE, Ingest, TimePolicy
+from collector.inputs import make_input
 from collector.pki import load_private_keys
 from collector.quarantine import QuarantineSink
 from collector.reasons import RETRY_LATER, Reason
@@ -61,7 +62,6 @@ from wire.cli import run_tasks_until
 from wire.config import ConfigError
 from wire.envelope import Rejection, WireError
 from wire.logs import RateLimitedLog, setup_logging
-from wire.mqttlink import MqttLink
 from wire.seal import Opener, SealError
 from wire.status import StatusError, decode_status
 from wire.systemd import Service
@@ -111,7 +111,7 @@ class Collector:
         self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
         self._stopping = False
-        self.prefix = cfg.mqtt.topic_prefix
+        self.prefix = cfg.topic_prefix
         v = cfg.validation
         lim = cfg.limits
         self.registry, opener = _security(cfg)
@@ -154,6 +154,10 @@ class Collector:
         # the agent still holds (None: plain, acknowledged in plain)
         self._ack_session: dict[str, bytes | None] = {}
         self.backend = make_backend(cfg.influx)
+        # One mosquitto ([mqtt]) or the clustered tier ([nats]): collector/inputs.py, the surface used below.
+        self.link = make_input(cfg, on_connected=self._on_connected, on_message=self._on_message,
+                               on_subscribed=self._on_subscribed)
+        self.mount = self.link.mount
         self.writer = BatchWriter(
             self.backend,
             batch_size=cfg.influx.batch_size,
@@ -163,27 +167,16 @@ class Collector:
             max_pending_lines=cfg.influx.max_pending_lines,
             on_result=self._on_written,
             log=log,
-            max_batch_puts=max(1, cfg.mqtt.receive_maximum // 2),
+            max_batch_puts=max(1, self.link.window // 2),
         )
         self.control = None
         self._control_tasks: set[asyncio.Future] = set()
         if cfg.control is not None and opener is not None:
             self.control = ControlRelay(
-                cfg.control, self.prefix, cfg.mqtt.gateway_mount, opener,
+                cfg.control, self.prefix, self.mount, opener,
                 lambda topic, payload: self.link.publish(topic, payload, qos=1, retain=False),
                 lambda lines, token: self.writer.put(lines, token=token, group="control"),
                 self.counters, self._warn)
-        self.link = MqttLink(
-            cfg.mqtt,
-            cfg.mqtt.client_id or default_client_id(),
-            clean_start=False,
-            session_expiry=float(cfg.mqtt.session_expiry),
-            receive_maximum=cfg.mqtt.receive_maximum,
-            manual_ack=True,
-            on_connected=self._on_connected,
-            on_message=self._on_message,
-            on_subscribed=self._on_subscribed,
-        )
 
     @property
     def _leaves(self) -> tuple[str, ...]:
@@ -194,9 +187,9 @@ class Collector:
 
     def _on_connected(self, session_present: bool) -> None:
         # The gateways' topics as the broker's gateways' listener mounts them (gw/citynerve/v1/+/up).
-        subs = [topics.mount(self.cfg.mqtt.gateway_mount, topics.subscription(self.prefix, leaf))
+        subs = [topics.mount(self.mount, topics.subscription(self.prefix, leaf))
                 for leaf in self._leaves]
-        if self.cfg.mqtt.shared_group:
+        if self.cfg.nats is None and self.cfg.mqtt.shared_group:
             subs = [f"$share/{self.cfg.mqtt.shared_group}/{t}" for t in subs]
         self._subscribing = (subs, session_present)  # logged when the broker acknowledges (_subscribed_now)
         self.link.subscribe(subs, qos=1)
@@ -228,7 +221,7 @@ class Collector:
         # From here on the topic is the gateway's own (citynerve/v1/<id>/up), the one its sealed payload is bound
         # to. (A topic outside the mount point stays as it is: the shipped ACL lets no one write one nor a collector
         # read one.)
-        own = topics.unmount(self.cfg.mqtt.gateway_mount, msg.topic)
+        own = topics.unmount(self.mount, msg.topic)
         if own is not None:
             msg.topic = own.encode()
         assert self._loop is not None
@@ -308,13 +301,12 @@ class Collector:
             await web.start()
             log.info("fleet page at %s/", web.url)
         await self.writer.start()
-        log.info(
-            "collector starting: MQTT %s:%d, InfluxDB %s API at %s", self.cfg.mqtt.host, self.cfg.mqtt.port,
-            self.cfg.influx.api, self.backend,
-        )
+        log.info("collector starting: %s, InfluxDB %s API at %s", self.link.describe(), self.cfg.influx.api,
+                 self.backend)
         await self._learn_schema()
-        self.link.start()
+        await self.link.open()
         tasks = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.cfg.limits.workers)]
+        tasks += self.link.tasks()
         tasks += [asyncio.create_task(self._send_acks(), name="acks"),
                   asyncio.create_task(self._housekeeping(), name="housekeeping"),
                   asyncio.create_task(self._schema_refresh(), name="schema")]
@@ -363,7 +355,7 @@ class Collector:
             if self.registry is not None:
                 await self._loop.run_in_executor(self._files, self.registry.close)
             self._files.shutdown(wait=False)
-            self.link.stop()
+            await self.link.close()
             log.info("collector stopped: %s", self._summary())
 
     async def _learn_schema(self, first: bool = True) -> None:
@@ -624,17 +616,15 @@ class Collector:
                         )
                         continue
                 # Sealed for the gateway's own topic; published where the broker mounts it (gw/citynerve/v1/...).
-                sent.append(self.link.publish(topics.mount(self.cfg.mqtt.gateway_mount, topic), payload, qos=1,
+                sent.append(self.link.publish(topics.mount(self.mount, topic), payload, qos=1,
                                               retain=False))
                 self.counters["acks_sent"] += 1
                 self.counters["acked_seqs"] += sum(last - first + 1 for first, last in ranges)
         return sent
 
     async def _final_acks(self) -> None:
-        sent = self._publish_acks()
-        if sent and self.link.connected.is_set():
-            # MqttLink.stop() disconnects at once: wait (briefly) until the broker has them.
-            await asyncio.get_running_loop().run_in_executor(self._files, _wait_published, sent, _FINAL_ACKS_TIMEOUT)
+        # The input disconnects at once when closed: wait (briefly) until the broker has them.
+        await self.link.flush(self._publish_acks(), _FINAL_ACKS_TIMEOUT)
 
     # -- housekeeping and reports -------------------------------------------------------------------------------
 
@@ -767,16 +757,6 @@ def _time_policy(v: ValidationSection) -> TimePolicy:
 
 def _nothing() -> None:
     return None
-
-
-def _wait_published(sent: list[paho.MQTTMessageInfo], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    for info in sent:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return
-        with contextlib.suppress(RuntimeError, ValueError):  # not queued (disconnected): nothing to wait for
-            info.wait_for_publish(timeout=left)
 
 
 def _security(cfg: CollectorConfig) -> tuple[GatewayRegistry | None, Opener | None]:

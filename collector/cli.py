@@ -1,5 +1,5 @@
 """edge-collector: run | check | quarantine | ca | keys | gateways | operators | audit | config | command | poll-now |
-catalog."""
+catalog | nats."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     qshow.add_argument("id", type=int)
     qshow.add_argument("--raw", action="store_true", help="write the payload bytes to stdout")
     # ca / keys / gateways: the device CA, the collector's keys, the gateway registry (collector/pki.py)
-    from collector import audit, operators, pki
+    from collector import audit, natsauth, operators, pki
 
     pki.register_subcommands(sub)
     # operators: the operator CA and certificates (collector/operators.py); audit: the audit log (collector/audit.py)
@@ -48,17 +48,20 @@ def _parser() -> argparse.ArgumentParser:
     from collector import catalog
 
     catalog.register_subcommands(sub)
+    # nats: the clustered broker tier's users file, from the registry (collector/natsauth.py)
+    natsauth.register_subcommands(sub)
     return p
 
 
 @reports_missing_dependencies("edge-collector")
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from collector import audit, catalog, control_cli, operators, pki
+    from collector import audit, catalog, control_cli, natsauth, operators, pki
 
     # ca / keys / gateways / operators need no collector.toml; audit reads it only for [control] audit_log;
-    # config / command / poll-now / catalog read it with -c/--config FILE (default /etc/citynerve/collector.toml)
-    for module in (pki, operators, audit, control_cli, catalog):
+    # config / command / poll-now / catalog read it with -c/--config FILE (default /etc/citynerve/collector.toml);
+    # nats users reads [nats] and [security] of the file it is given
+    for module in (pki, operators, audit, control_cli, catalog, natsauth):
         if (code := module.dispatch(args)) is not None:
             return code
     from collector import config as collector_config
@@ -120,18 +123,25 @@ def _quarantine(args: argparse.Namespace, cfg: object) -> int:
 
 
 def describe(path: str, cfg: object) -> str:
-    m, i = cfg.mqtt, cfg.influx  # type: ignore[attr-defined]
-    scheme = "mqtts" if m.tls else "mqtt"
-    share = f" (shared group {m.shared_group})" if m.shared_group else ""
+    m, i, n = cfg.mqtt, cfg.influx, cfg.nats  # type: ignore[attr-defined]
     target = f"database {i.database}" if i.api == "v1" else f"org {i.org} bucket {i.bucket}"
+    if n is not None:
+        source = (f"  consume NATS {', '.join(n.servers)}: stream {n.stream} ({n.topic_prefix}/+/up|status|report, "
+                  f"R{n.replicas}), durable consumer {n.consumer} shared by every collector, at most {n.max_inflight} "
+                  f"in flight, ack wait {float(n.ack_wait):g}s")
+    else:
+        scheme = "mqtts" if m.tls else "mqtt"
+        share = f" (shared group {m.shared_group})" if m.shared_group else ""
+        source = (f"  subscribe {scheme}://{m.host}:{m.port} {m.gateway_mount}{m.topic_prefix}/+/up{share}, session "
+                  f"expiry {float(m.session_expiry):g}s, receive maximum {m.receive_maximum}")
     return "\n".join([
         f"{path}: OK",
-        f"  subscribe {scheme}://{m.host}:{m.port} {m.gateway_mount}{m.topic_prefix}/+/up{share}, session expiry "
-        f"{float(m.session_expiry):g}s, receive maximum {m.receive_maximum}",
+        source,
         f"  write InfluxDB {i.api} API {i.url} {target}, batches of {i.batch_size} or every "
         f"{float(i.flush_interval):g}s, gzip {'on' if i.gzip else 'off'}",
         f"  acknowledge stored messages to their gateways every {float(cfg.acks.interval):g}s on "  # type: ignore[attr-defined]
-        f"{m.gateway_mount}{m.topic_prefix}/<gateway>/down/ack",
+        f"{cfg.gateway_mount}{cfg.topic_prefix}/<gateway>/down/ack"  # type: ignore[attr-defined]
+        + (f" (QoS {n.downlink_qos})" if n is not None else ""),
         _limits_line(cfg),
         _metrics_line(cfg),
         *([_web_line(cfg.web)] if cfg.web is not None else []),  # type: ignore[attr-defined]
@@ -154,11 +164,12 @@ def _web_line(web: object) -> str:
 
 
 def _control_lines(cfg: object) -> list[str]:
-    c, m = cfg.control, cfg.mqtt  # type: ignore[attr-defined]
+    c = cfg.control  # type: ignore[attr-defined]
     if c is None:
         return ["  control: off (no [control] section)"]
-    return [f"  control: reports on {m.gateway_mount}{m.topic_prefix}/+/report, documents to "
-            f"{m.gateway_mount}{m.topic_prefix}/<gateway>/down/control (re-sent every {float(c.resend_interval):g}s); "
+    topics = f"{cfg.gateway_mount}{cfg.topic_prefix}"  # type: ignore[attr-defined]
+    return [f"  control: reports on {topics}/+/report, documents to "
+            f"{topics}/<gateway>/down/control (re-sent every {float(c.resend_interval):g}s); "
             f"store {c.store}, audit log {c.audit_log}, revocation list {c.crl}"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,10 +16,10 @@ from collector.guard import GuardLimits
 from collector.influx.config import InfluxConfig
 from collector.web.config import WebSettings
 from wire import config as wconfig
-from wire.config import Duration, invalid
+from wire.config import Duration, Size, check_readable, invalid
 from wire.metrics import MetricsSettings
 from wire.mqttlink import MqttSettings
-from wire.topics import is_valid_mount
+from wire.topics import DEFAULT_PREFIX, is_valid_mount, is_valid_prefix, nats_unsupported
 
 _SHARE_GROUP = r"^[A-Za-z0-9._-]{1,64}$"
 
@@ -41,6 +42,81 @@ class CollectorMqtt(MqttSettings, forbid_unknown_fields=True):
         if not is_valid_mount(self.gateway_mount):
             raise invalid("gateway_mount", 'expected "" or topic levels ending in "/" (no + #, empty level or leading $), '
                           f'e.g. "gw/", got "{self.gateway_mount}"')
+
+
+# JetStream stream and consumer names: no '.', '*', '>' or white space (they appear in API subjects).
+_NATS_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+_NATS_URL = re.compile(r"^(nats|tls)://[^\s/]+:\d{1,5}$")
+
+
+class CollectorNats(msgspec.Struct, forbid_unknown_fields=True):
+    """[nats]: the clustered broker tier (deploy/nats, docs/scaling.md "Clustered broker tier"), an alternative
+    to [mqtt]. Gateways speak MQTT to a NATS JetStream cluster; every collector instance takes the uplink from one
+    durable pull consumer of one stream, and acknowledges a message there only once InfluxDB stored it."""
+
+    # Some or all nodes of the cluster (the client learns the others from the server): tls://nats-1:4222
+    servers: list[str] = msgspec.field(default_factory=lambda: ["tls://127.0.0.1:4222"])
+    tls: bool = True
+    ca_file: str | None = None  # None: the system's CA store
+    # client certificate (mutual TLS, CN collector-<name>, signed by the collector CA): the server maps it to
+    # its user and permissions (deploy/nats/README.md)
+    cert_file: str | None = None
+    key_file: str | None = None
+    name: str | None = None  # connection name shown by the server; default citynerve-collector-<host>
+    # the gateways' MQTT topic prefix; the stream takes <prefix as subject>.*.{up,status,report}
+    topic_prefix: str = DEFAULT_PREFIX
+    stream: Annotated[str, msgspec.Meta(pattern=_NATS_NAME)] = "CITYNERVE_UP"
+    consumer: Annotated[str, msgspec.Meta(pattern=_NATS_NAME)] = "collectors"
+    # Create the stream and consumer when missing and bring their settings to these (keep [nats] the same on
+    # every collector). false: they are the operator's (made with the nats CLI), only used here.
+    manage: bool = True
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=5)] = 3
+    # The stream's bounds: messages no collector took within max_age, or beyond max_bytes (oldest first), are
+    # dropped; so is a gateway's oldest once it has max_msgs_per_gateway waiting on one of its subjects (one
+    # gateway's flood cannot push out another's). The gateways keep everything until acknowledged end to end,
+    # so a dropped message is sent again, not lost.
+    max_age: Duration = Duration(7 * 86400)
+    max_bytes: Size = Size(10 * 2**30)
+    max_msgs_per_gateway: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    # A message taken and not acknowledged within ack_wait goes to another collector (a collector that died).
+    # Messages held longer (InfluxDB slow or down) are marked in progress every ack_wait / 3.
+    ack_wait: Duration = Duration(30)
+    # messages taken and not yet acknowledged, all collectors together (the consumer's max_ack_pending)
+    max_ack_pending: Annotated[int, msgspec.Meta(ge=1)] = 20_000
+    # this collector's share of it (as receive_maximum in [mqtt]): bounds its RAM
+    max_inflight: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 1000
+    fetch_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 250
+    # Acknowledgements and downlinks: 1 stores them in the server's $MQTT_msgs stream, delivered at QoS 1 to a
+    # gateway's QoS 1 subscription; 0 is a plain NATS publish, delivered at QoS 0 to a gateway connected then.
+    downlink_qos: Literal[0, 1] = 1
+    connect_timeout: Duration = Duration(10)
+    reconnect_wait: Duration = Duration(2)
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise invalid("servers", 'expected at least one server, e.g. ["tls://nats-1.example.net:4222"]')
+        for i, url in enumerate(self.servers):
+            if not _NATS_URL.match(url):
+                raise invalid(f"servers[{i}]", f'expected nats://HOST:PORT or tls://HOST:PORT, got "{url}"')
+        if (self.cert_file is None) != (self.key_file is None):
+            raise invalid("key_file" if self.key_file is None else "cert_file",
+                          "cert_file and key_file go together (a client certificate needs its key)")
+        check_readable(self, "ca_file", "cert_file", "key_file")
+        if (self.cert_file or self.ca_file) and not self.tls:
+            raise invalid("tls", "certificates are configured but tls = false")
+        if not is_valid_prefix(self.topic_prefix):
+            raise invalid("topic_prefix", f'expected topic levels without + # or empty levels, got "{self.topic_prefix}"')
+        if (why := nats_unsupported(self.topic_prefix)) is not None:
+            raise invalid("topic_prefix", f'"{self.topic_prefix}": {why}')
+        if self.max_inflight > self.max_ack_pending:
+            raise invalid("max_inflight", f"expected at most max_ack_pending ({self.max_ack_pending}): the consumer "
+                          "would never hand this collector that many")
+        if self.fetch_batch > self.max_inflight:
+            raise invalid("fetch_batch", f"expected at most max_inflight ({self.max_inflight})")
+        if not self.ack_wait >= 1:
+            raise invalid("ack_wait", f'expected a duration of at least 1s such as "30s", got {float(self.ack_wait):g}')
+        if not self.max_age > 0:
+            raise invalid("max_age", f'expected a duration > 0 such as "7d", got {float(self.max_age):g}')
 
 
 class ValidationSection(msgspec.Struct, forbid_unknown_fields=True):
@@ -257,15 +333,30 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     metrics: CollectorMetricsSettings | None = None  # Prometheus /metrics, when configured
     # The fleet page (collector/web/, docs/dashboards.md): off unless the section is there.
     web: WebSettings | None = None
+    nats: CollectorNats | None = None  # the clustered broker tier instead of [mqtt]
 
     def __post_init__(self) -> None:
         if self.web is not None and self.influx.api != "v1":
             raise invalid("web", 'the fleet page reads InfluxDB with InfluxQL: it needs [influx] api = "v1" '
                           "(InfluxDB 1.x, or 2.x through its 1.x API with a token)")
 
+    @property
+    def topic_prefix(self) -> str:
+        """The gateways' topic prefix, from the section the collector takes its input from."""
+        return self.nats.topic_prefix if self.nats is not None else self.mqtt.topic_prefix
+
+    @property
+    def gateway_mount(self) -> str:
+        """The mount point in front of the gateways' topics as the input names them ("" on NATS: none)."""
+        return "" if self.nats is not None else self.mqtt.gateway_mount
+
 
 def load(path: str | Path) -> CollectorConfig:
-    cfg = wconfig.load(path, CollectorConfig)
+    raw = wconfig.read_toml(path)
+    if isinstance(raw.get("nats"), dict) and "mqtt" in raw:
+        raise wconfig.ConfigError(str(path), "nats", "[nats] and [mqtt] are alternatives (the clustered tier or "
+                                  "one mosquitto): keep one of them")
+    cfg = wconfig.convert(raw, CollectorConfig, str(path))
     cfg.schema.declared()  # a mistake in the field-types file is a configuration error too, naming that file
     if cfg.control is not None and cfg.security is None:
         raise wconfig.ConfigError(str(path), "control", "needs a [security] section: commands and configurations "

@@ -60,7 +60,10 @@ class LabCA:
         self.cert_path.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
         _write_key(self._key, directory / "ca.key")
 
-    def issue(self, common_name: str, *, server: bool = False, file_stem: str | None = None) -> CertFiles:
+    def issue(self, common_name: str, *, server: bool = False, file_stem: str | None = None,
+              client_too: bool = False) -> CertFiles:
+        """A certificate for `common_name`; `server`: for localhost and 127.0.0.1; `client_too`: usable as a client
+        certificate as well (a NATS node's, which it also presents to the other nodes)."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
         builder = (
@@ -75,6 +78,7 @@ class LabCA:
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                    + ([ExtendedKeyUsageOID.CLIENT_AUTH] if server and client_too else [])
                 ),
                 critical=False,
             )

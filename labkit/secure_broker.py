@@ -245,6 +245,7 @@ class TestClient:
     messages: list[Received] = field(default_factory=list)
     suback: list[int] = field(default_factory=list)
     pubacks: dict[int, int] = field(default_factory=dict)  # mid -> PUBACK reason code
+    protocol: int = paho.MQTTv5  # paho.MQTTv311 for a broker without MQTT 5 (NATS 2.9, labkit/nats.py)
 
     __test__ = False  # not a pytest class
 
@@ -253,8 +254,9 @@ class TestClient:
         self._connected = threading.Event()
         self._gone = threading.Event()
         self._subscribed = threading.Event()
+        self.dropped = threading.Event()  # the broker closed the connection after accepting it
         self.outcome = ""
-        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=paho.MQTTv5)
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=self.protocol)
         ctx = ssl.create_default_context(cafile=self.ca_file)
         if self.cert is not None:
             ctx.load_cert_chain(str(self.cert), str(self.key))
@@ -288,7 +290,10 @@ class TestClient:
     def subscribe(self, *filters: str, timeout: float = 5.0) -> list[int]:
         """Subscribe at QoS 1; the SUBACK's reason codes (1 = granted QoS 1, 0x80+ = refused)."""
         self._subscribed.clear()
-        self.client.subscribe([(f, SubscribeOptions(qos=1)) for f in filters])
+        if self.protocol == paho.MQTTv5:
+            self.client.subscribe([(f, SubscribeOptions(qos=1)) for f in filters])
+        else:
+            self.client.subscribe([(f, 1) for f in filters])
         if not self._subscribed.wait(timeout):
             raise TimeoutError(f"no SUBACK for {filters}")
         return list(self.suback)
@@ -344,6 +349,8 @@ class TestClient:
         if not self._connected.is_set():
             self.outcome = self.outcome or f"disconnected before CONNACK: {reason}"
             self._gone.set()
+        else:
+            self.dropped.set()
 
     def _on_subscribe(self, _c, _u, _mid, reason_codes, _props) -> None:
         self.suback = [rc.value for rc in reason_codes]

@@ -78,12 +78,14 @@ def write_agent_config(path: Path, gateway: str, mqtt: dict[str, Any], devices: 
     return path
 
 
-def write_collector_config(path: Path, mqtt: dict[str, Any], influx: dict[str, Any], **sections: dict[str, Any]) -> Path:
+def write_collector_config(path: Path, mqtt: dict[str, Any] | None, influx: dict[str, Any],
+                           **sections: dict[str, Any]) -> Path:
+    """collector.toml; `mqtt` None: no [mqtt] section (the NATS tier's [nats] comes in `sections`)."""
     sections.setdefault("quarantine", {"path": str(path.with_suffix(".quarantine.db"))})
     # The lab's plain mosquitto (labkit/mosquitto.py) mounts no topics; SecureBroker.collector_mqtt() gives the
     # shipped configuration's gateway_mount.
-    mqtt = {"gateway_mount": "", **mqtt}
-    doc = {"mqtt": mqtt, "influx": {"flush_interval": "200ms", **influx}, **sections}
+    inputs = {} if mqtt is None else {"mqtt": {"gateway_mount": "", **mqtt}}
+    doc = {**inputs, "influx": {"flush_interval": "200ms", **influx}, **sections}
     path.write_text(to_toml(doc))
     return path
 

@@ -178,6 +178,16 @@ def invalid(key: str, message: str) -> ValueError:
     return ValueError(f"@{key}@{message}")
 
 
+def check_readable(settings: object, *keys: str) -> None:
+    """For `__post_init__`: each of `keys` of `settings` that names a file (None: not set) must be readable by
+    this user, or the error points at that key."""
+    for key in keys:
+        path = getattr(settings, key)
+        if path is not None and not os.access(path, os.R_OK):
+            reason = "does not exist" if not os.path.exists(path) else "is not readable by this user"
+            raise invalid(key, f"{path} {reason}")
+
+
 def _dec_hook(type_: type, obj: Any) -> Any:
     if type_ is Duration:
         return Duration.parse(obj)

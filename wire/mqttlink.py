@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import socket
 import ssl
 import sys
@@ -32,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from wire.config import Duration, Secret, invalid
+from wire.config import Duration, Secret, check_readable, invalid
 from wire.logs import RateLimitedLog
 from wire.topics import DEFAULT_PREFIX, is_valid_prefix
 
@@ -68,11 +67,7 @@ class MqttSettings(msgspec.Struct, forbid_unknown_fields=True):
         if (self.cert_file is None) != (self.key_file is None):
             raise invalid("key_file" if self.key_file is None else "cert_file",
                           "cert_file and key_file go together (a client certificate needs its key)")
-        for key in ("ca_file", "cert_file", "key_file"):
-            path = getattr(self, key)
-            if path is not None and not os.access(path, os.R_OK):
-                reason = "does not exist" if not os.path.exists(path) else "is not readable by this user"
-                raise invalid(key, f"{path} {reason}")
+        check_readable(self, "ca_file", "cert_file", "key_file")
         if (self.cert_file or self.ca_file) and not self.tls:
             raise invalid("tls", "certificates are configured but tls = false")
         if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:

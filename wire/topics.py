@@ -94,3 +94,35 @@ def is_own_topic(own_topic: str, received: str) -> bool:
         return True
     mount_point = received[: len(received) - len(own_topic)]
     return received.endswith(own_topic) and mount_point != "" and is_valid_mount(mount_point)
+
+
+# --- NATS's MQTT gateway (the clustered broker tier, deploy/nats) -----------------------------------------------
+# nats-server maps an MQTT topic to a NATS subject level by level: '/' becomes '.', and the wildcards '+' and '#'
+# become '*' and '>' (server/mqtt.go mqttToNATSSubjectConversion). Version 2.9 refuses a topic holding '.' or ' '
+# (errMQTTUnsupportedCharacters: a gateway id with a '.' cannot publish through it), and an empty level has no
+# subject form this system needs. A QoS 1 MQTT subscription is served by a JetStream consumer on the server's own
+# stream "$MQTT_msgs", whose subjects are "$MQTT.msgs." + the subject; a message stored there with the header
+# "Nmqtt-Pub: 1" reaches the subscriber at QoS 1 (mqttDeliverMsgCbQos1), a plain NATS publish at QoS 0.
+
+NATS_QOS1_PREFIX = "$MQTT.msgs."
+NATS_QOS_HEADER = "Nmqtt-Pub"
+
+
+def nats_unsupported(topic: str) -> str | None:
+    """Why NATS's MQTT gateway cannot carry `topic` (a topic, filter or prefix), or None when it can."""
+    if "." in topic or " " in topic:
+        return "'.' and ' ' cannot appear in an MQTT topic on nats-server 2.9"
+    if "" in topic.split("/"):
+        return "an empty topic level has no NATS subject"
+    return None
+
+
+def to_nats_subject(topic: str) -> str:
+    """citynerve/v1/gw-1/up -> citynerve.v1.gw-1.up; filters: citynerve/v1/+/up -> citynerve.v1.*.up. The topic
+    must be one `nats_unsupported` accepts."""
+    return ".".join("*" if level == "+" else ">" if level == "#" else level for level in topic.split("/"))
+
+
+def from_nats_subject(subject: str) -> str:
+    """The MQTT topic of a subject that came from one (citynerve.v1.gw-1.up -> citynerve/v1/gw-1/up)."""
+    return subject.replace(".", "/")
