@@ -255,6 +255,25 @@ class NatsCluster:
                         return int(leader.rsplit("-", 1)[1])
         return None
 
+    def stream_state(self, stream: str, consumer: str | None = None) -> dict[str, int] | None:
+        """The stream's message count and, for `consumer`, its num_pending (not yet delivered) and num_ack_pending
+        (delivered, not acknowledged), as the stream's leader reports them (None: no leader answers)."""
+        leader = self.stream_leader(stream)
+        if leader is None or not self.nodes[leader].running:
+            return None
+        doc = self.nodes[leader].monitor("/jsz?consumers=true")
+        for account in doc.get("account_details") or []:
+            for detail in account.get("stream_detail") or []:
+                if detail.get("name") != stream:
+                    continue
+                out = {"messages": int(detail["state"]["messages"])}
+                for c in detail.get("consumer_detail") or []:
+                    if c.get("name") == consumer:
+                        out["num_pending"] = int(c.get("num_pending", 0))
+                        out["num_ack_pending"] = int(c.get("num_ack_pending", 0))
+                return out
+        return None
+
     def reload(self) -> None:
         for node in self.nodes.values():
             if node.running:
