@@ -156,7 +156,7 @@ class Collector:
         self.backend = make_backend(cfg.influx)
         # One mosquitto ([mqtt]) or the clustered tier ([nats]): collector/inputs.py, the surface used below.
         self.link = make_input(cfg, on_connected=self._on_connected, on_message=self._on_message,
-                               on_subscribed=self._on_subscribed)
+                               on_subscribed=self._on_subscribed, counters=self.counters)
         self.mount = self.link.mount
         self.writer = BatchWriter(
             self.backend,

@@ -24,6 +24,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -78,11 +79,12 @@ def _wait_published(sent: list[paho.MQTTMessageInfo], timeout: float) -> None:
 
 
 def make_input(cfg: CollectorConfig, *, on_connected: Callable[[bool], None], on_message: Callable[[Any], None],
-               on_subscribed: Callable[[list[int]], None]) -> Any:
-    """The input the configuration names: [nats] when present, else [mqtt]."""
+               on_subscribed: Callable[[list[int]], None], counters: Counter[str] | None = None) -> Any:
+    """The input the configuration names: [nats] when present, else [mqtt]. `counters`: where the NATS input counts
+    what it does (nats_*), e.g. the collector's own."""
     if cfg.nats is not None:
         from collector.natsin import NatsInput  # nats-py is needed only on this tier
 
         return NatsInput(cfg.nats, cfg.nats.name or default_client_id(), on_connected=on_connected,
-                         on_message=on_message, on_subscribed=on_subscribed)
+                         on_message=on_message, on_subscribed=on_subscribed, counters=counters)
     return MqttInput(cfg, on_connected=on_connected, on_message=on_message, on_subscribed=on_subscribed)

@@ -38,7 +38,17 @@ def collect(c: Collector) -> Iterator[Metric]:
     _influx(c, f)
     _queues(c, f)
     _gateways(c, f)
+    if c.cfg.nats is not None:
+        _nats(c, f)
     yield from f
+
+
+def _nats(c: Collector, f: Families) -> None:
+    """The clustered tier's input (collector/natsin.py): what it took from the consumer and what became of it."""
+    events = {key.removeprefix("nats_"): v for key, v in c.counters.items() if key.startswith("nats_")}
+    f.counters_by(_P + "nats_events_total", "The NATS input: messages taken from the shared consumer (taken), taken "
+                  "again (redelivered), acknowledged to JetStream (acked) or not (acks_lost), held and marked in "
+                  "progress, fetch errors, downlinks dropped", "event", events)
 
 
 def _messages(c: Collector, f: Families) -> None:

@@ -125,12 +125,16 @@ class NatsInput:
     mount = ""  # nats-server names the gateways' topics as they publish them
 
     def __init__(self, settings: CollectorNats, client_name: str, *, on_connected: Callable[[bool], None],
-                 on_message: Callable[[Any], None], on_subscribed: Callable[[list[int]], None] | None = None) -> None:
+                 on_message: Callable[[Any], None], on_subscribed: Callable[[list[int]], None] | None = None,
+                 counters: Counter[str] | None = None) -> None:
         self.settings = settings
         self.client_name = client_name
         self.window = settings.max_inflight
         self.connected = threading.Event()  # read by the metrics, as MqttLink.connected
-        self.counters: Counter[str] = Counter()
+        # nats_taken, nats_redelivered (taken again: not acknowledged in time, or a node lost the acknowledgement),
+        # nats_acked, nats_acks_lost, nats_marked_in_progress, nats_fetch_errors, nats_downlinks_dropped: in the
+        # collector's own counters (its stats line) when it passes them
+        self.counters: Counter[str] = Counter() if counters is None else counters
         self._on_connected = on_connected
         self._on_message = on_message
         self._on_subscribed = on_subscribed
@@ -206,9 +210,9 @@ class NatsInput:
         collector publishes nothing retained). Queued; dropped and counted beyond MAX_QUEUED_DOWNLINKS."""
         del retain
         if len(self._downlinks) >= MAX_QUEUED_DOWNLINKS:
-            self.counters["downlinks_dropped"] += 1
+            self.counters["nats_downlinks_dropped"] += 1
             self._warn.warning(("downlinks_dropped",), "NATS downlink queue full (%d): dropped a message on %s "
-                               "(%d so far)", MAX_QUEUED_DOWNLINKS, topic, self.counters["downlinks_dropped"],
+                               "(%d so far)", MAX_QUEUED_DOWNLINKS, topic, self.counters["nats_downlinks_dropped"],
                                reason="downlink_dropped")
             return
         subject = topics.to_nats_subject(topic)
@@ -250,7 +254,7 @@ class NatsInput:
             except (nats.errors.Error, OSError) as exc:
                 # Reconnecting, a node gone, a leader being elected (503 / no responders): nats-py reconnects by
                 # itself; ask again with backoff.
-                self.counters["fetch_errors"] += 1
+                self.counters["nats_fetch_errors"] += 1
                 self._warn.warning(("fetch",), "cannot take messages from consumer %s: %s: %s; retrying",
                                    s.consumer, type(exc).__name__, exc or "", reason="nats_fetch")
                 await asyncio.sleep(delay)
@@ -261,9 +265,9 @@ class NatsInput:
             for m in msgs:
                 mid = next(self._mids)
                 self._inflight[mid] = (m, now)
-                self.counters["taken"] += 1
+                self.counters["nats_taken"] += 1
                 if m.metadata.num_delivered > 1:
-                    self.counters["redelivered"] += 1
+                    self.counters["nats_redelivered"] += 1
                 self._on_message(NatsMessage(topics.from_nats_subject(m.subject), m.data, mid))
 
     async def _send(self) -> None:
@@ -280,11 +284,11 @@ class NatsInput:
             m = self._acks.popleft()
             try:
                 await m.ack()
-                self.counters["acked"] += 1
+                self.counters["nats_acked"] += 1
             except (nats.errors.Error, OSError) as exc:
                 # Not acknowledged: JetStream gives the message again after ack_wait; its points are written again
                 # onto themselves and the gateway is acknowledged again. Costs a duplicate, loses nothing.
-                self.counters["acks_lost"] += 1
+                self.counters["nats_acks_lost"] += 1
                 self._warn.warning(("ack",), "could not acknowledge a message to JetStream (%s); it comes again",
                                    type(exc).__name__, reason="nats_ack")
         while self._downlinks:
@@ -292,7 +296,7 @@ class NatsInput:
             try:
                 await nc.publish(subject, payload, headers=headers)
             except (nats.errors.Error, OSError) as exc:
-                self.counters["downlinks_dropped"] += 1
+                self.counters["nats_downlinks_dropped"] += 1
                 self._warn.warning(("downlink",), "could not publish a downlink on %s (%s)", subject,
                                    type(exc).__name__, reason="downlink_dropped")
 
@@ -308,7 +312,7 @@ class NatsInput:
                     continue
                 with contextlib.suppress(nats.errors.Error, OSError):
                     await m.in_progress()
-                    self.counters["marked_in_progress"] += 1
+                    self.counters["nats_marked_in_progress"] += 1
                 if mid in self._inflight:
                     self._inflight[mid] = (m, now)
 

@@ -34,7 +34,8 @@ def lab_copy(tmp_path: Path, name: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("name, program", [("agent.toml", "edge_agent.cli"), ("collector.toml", "collector.cli")])
+@pytest.mark.parametrize("name, program", [("agent.toml", "edge_agent.cli"), ("collector.toml", "collector.cli"),
+                                           ("collector-nats.toml", "collector.cli")])
 def test_example_passes_check(tmp_path: Path, name: str, program: str) -> None:
     path = lab_copy(tmp_path, name)
     result = subprocess.run([sys.executable, "-m", program, "check", str(path)], capture_output=True, text=True,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.integration
 
 AGENT_GW, PROBE_GW, REVOKED_GW, LATE_GW = "gw-n1", "gw-n2", "gw-n3", "gw-n4"
 GRANTED_QOS1, SUBACK_FAILURE = 1, 0x80
+ACK_WAIT = 2.0  # the consumer's: a message not acknowledged (nor marked in progress) within it goes out again
 
 
 def write_users(config: Path, out: Path, *collectors: str) -> str:
@@ -69,9 +71,10 @@ class Tier:
 
 
 @pytest.fixture(scope="module")
-def tier(tmp_path_factory: pytest.TempPathFactory, influxd: InfluxdServer) -> Iterator[Tier]:
+def tier(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
     root = tmp_path_factory.mktemp("nats-tier")
     db = "nats_tier"
+    influxd = InfluxdServer(root / "influxd").start()  # its own: one test stops it
     influxd.create_database(db)
     deployment = enrolled.create(root / "deployment", [AGENT_GW, PROBE_GW, REVOKED_GW])
     deployment.enroll(LATE_GW, register=False)  # a valid certificate, but not (yet) in the registry
@@ -79,7 +82,7 @@ def tier(tmp_path_factory: pytest.TempPathFactory, influxd: InfluxdServer) -> It
                           server_ca=LabCA(root / "server-ca"), users=root / "users.conf")
     config = stack.write_collector_config(
         root / "collector.toml", None, {"api": "v1", "url": influxd.url, "database": db},
-        nats=cluster.collector_nats(deployment.collector_cert, deployment.collector_key, ack_wait="5s"),
+        nats=cluster.collector_nats(deployment.collector_cert, deployment.collector_key, ack_wait=f"{ACK_WAIT}s"),
         security={"keys_dir": str(deployment.keys_dir), "registry": str(deployment.registry)},
         log={"stats_interval": "1s"},
     )
@@ -94,7 +97,13 @@ def tier(tmp_path_factory: pytest.TempPathFactory, influxd: InfluxdServer) -> It
         if collector is not None:
             collector.stop()
         cluster.close()
-        influxd.drop_database(db)
+        influxd.close()
+
+
+def collector_stats(tier: Tier) -> dict[str, int]:
+    """The collector's newest stats line (once a second), as counters."""
+    line = tier.collector.log_path.read_text().rsplit("stats: ", 1)[1].split("\n", 1)[0]
+    return {k: int(v) for k, _, v in (part.partition("=") for part in line.split()) if v.isdigit()}
 
 
 def test_readings_go_through_the_cluster_and_acknowledgements_come_back(tier: Tier, tmp_path: Path) -> None:
@@ -107,14 +116,28 @@ def test_readings_go_through_the_cluster_and_acknowledgements_come_back(tier: Ti
             security={"identity_key": str(gw.identity_key), "collector_key": str(tier.deployment.collector_pub)},
         )
         outbox = tmp_path / f"{AGENT_GW}-state" / "outbox.sqlite3"
+
+        def stored() -> int:
+            return len(tier.influx.query(f"SELECT \"voltage_l1\" FROM \"electricity\" WHERE \"gateway\" = "
+                                         f"'{AGENT_GW}'", db=tier.db))
+
         with stack.agent_process(config) as agent:
-            wait_until(lambda: len(tier.influx.query('SELECT "voltage_l1" FROM "electricity" WHERE '
-                                                     f"\"gateway\" = '{AGENT_GW}'", db=tier.db)) >= 4,
-                       30, "four readings of the agent in InfluxDB")
+            wait_until(lambda: stored() >= 4, 30, "four readings of the agent in InfluxDB")
             # The agent deletes a message from its outbox only when its end-to-end acknowledgement arrived: the
             # acks the collector published to its MQTT session (QoS 1, through the server's $MQTT_msgs stream).
             wait_until(lambda: (s := summary(outbox))["messages"] == 0 or s["oldest_seq"] > 4, 15,
                        "the agent's first four messages acknowledged and deleted")
+            # InfluxDB away for three times the consumer's ack_wait: the collector holds what it took and marks it
+            # in progress, so JetStream hands none of it out again; all of it is stored once InfluxDB is back.
+            tier.influx.stop()
+            time.sleep(3 * ACK_WAIT)
+            tier.influx.restart()
+            before = stored()
+            wait_until(lambda: stored() >= before + 3 and summary(outbox)["messages"] <= 2, 30,
+                       "the outage's readings stored and acknowledged")
+        stats = collector_stats(tier)
+        assert stats.get("nats_marked_in_progress", 0) > 0, stats
+        assert stats.get("nats_redelivered", 0) == 0, stats
     log = agent.log_path.read_text()
     assert "refused MQTT 5; falling back to MQTT 3.1.1" in log  # NATS 2.9 speaks 3.1.1 only
     published = int(log.rsplit("agent stopped: ", 1)[1].split(" messages published")[0])
