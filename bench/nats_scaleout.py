@@ -2,6 +2,7 @@
 two, taking the uplink from the one durable JetStream consumer they share (the baseline is the one instance).
 
     python -m bench.nats_scaleout [--gateways 20] [--messages 300] [--readings 30] [--fields 10] [--store influxd]
+                                  [--collector-cpu 0.25]
 
 The tier as tests/test_nats_tier.py runs it: three nats-server nodes from the shipped deploy/nats/ files (TLS,
 JetStream R3, MQTT), the users file from `edge-collector nats users`, enrolled gateways with their own sealing
@@ -16,15 +17,21 @@ nothing unacknowledged (a message is acknowledged only once the store confirmed 
 - the stored rate: lines the collectors wrote per second (their own stats lines, once a second), between 10 % and
   90 % of the backlog (steady state: start-up and the tail left out), and in readings per second;
 - the whole drain, from the first collector's start to an empty consumer;
+- the three nodes' CPU per message published by the gateways (MQTT in, while the backlog is made);
 - CPU seconds of the collectors, the three NATS nodes and the store during the drain, per 1,000 readings;
 - for influxd, that every reading is in the store (count); the messages each instance wrote (their sum above the
   backlog would be duplicates: a message handed to both).
+
+On a machine with few cores the instances, NATS and the store compete for the same CPU, and a second instance
+adds only what is left; --collector-cpu gives each instance a fixed budget (a cgroup CPU quota, as a container
+limit would), so that the collectors are the bottleneck and the ratio shows what adding an instance adds.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -108,6 +115,27 @@ def publish_backlog(cluster: NatsCluster, deployment: enrolled.Deployment, gatew
     return time.monotonic() - start
 
 
+CPU_CGROUPS = Path("/sys/fs/cgroup/cpu")  # cgroup v1's cpu controller, as on this machine
+
+
+class CpuCap:
+    """A CPU budget for one process, as a container limit gives it: a cgroup (v1 cpu controller) with a CFS quota of
+    `cores` x the period. The process joins it before it execs (a shell wrapper), so no message is taken uncapped."""
+
+    def __init__(self, name: str, cores: float) -> None:
+        self.path = CPU_CGROUPS / f"citynerve-bench-{name}"
+        self.path.mkdir(exist_ok=True)
+        period = int((self.path / "cpu.cfs_period_us").read_text())
+        (self.path / "cpu.cfs_quota_us").write_text(str(int(period * cores)))
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        return ["sh", "-c", f'echo $$ > {self.path / "cgroup.procs"} && exec "$@"', "capped", *argv]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()
+
+
 def wait_for(predicate: Any, timeout: float, what: str, poll: float = 0.2) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -143,12 +171,15 @@ def run(instances: int, args: argparse.Namespace, work: Path, cluster: NatsClust
     if isinstance(store, InfluxdServer):
         store.create_database(db)
     total = args.gateways * args.messages
+    pids = {n: node.pid for n, node in cluster.nodes.items()}
+    nats_in0 = sum(cpu_seconds(p) for p in pids.values())
     publish_s = publish_backlog(cluster, deployment, gateway_ids, args.messages, args.readings, args.fields)
     wait_for(lambda: (s := cluster.stream_state(STREAM, CONSUMER)) and s["num_pending"] >= total, 60,
              "the backlog in the stream")
+    nats_in = sum(cpu_seconds(p) for p in pids.values()) - nats_in0  # MQTT in: PUBACKs, $MQTT_msgs, the stream
     processes: list[ServerProcess] = []
+    caps: list[CpuCap] = []
     logs: list[Path] = []
-    pids = {n: node.pid for n, node in cluster.nodes.items()}
     store_pid = server_pid(store)
     cpu0 = {"nats": sum(cpu_seconds(p) for p in pids.values()), "store": cpu_seconds(store_pid)}
     start = time.monotonic()
@@ -162,7 +193,12 @@ def run(instances: int, args: argparse.Namespace, work: Path, cluster: NatsClust
                 log={"stats_interval": "1s"}, quarantine={"path": str(work / f"{db}-{name}.quarantine.db")},
             )
             logs.append(config.with_suffix(".log"))
-            processes.append(stack.collector_process(config).start())
+            process = stack.collector_process(config)
+            if args.collector_cpu:
+                cap = CpuCap(f"{db}-{name}", args.collector_cpu)
+                caps.append(cap)
+                process.argv = cap.wrap(process.argv)
+            processes.append(process.start())
         wait_for(lambda: (s := cluster.stream_state(STREAM, CONSUMER)) and s["num_pending"] == 0
                  and s["num_ack_pending"] == 0, 900, "the consumer to drain", poll=0.25)
         drain_s = time.monotonic() - start
@@ -173,6 +209,8 @@ def run(instances: int, args: argparse.Namespace, work: Path, cluster: NatsClust
     finally:
         for proc in processes:
             proc.stop()
+        for cap in caps:
+            cap.close()
     readings = total * args.readings
     lines = readings + total  # one line per reading, one citynerve_ingest record per message
     taken = [stats_lines(log.read_text(errors="replace"))[-1][1].get("messages", 0) for log in logs]
@@ -186,6 +224,7 @@ def run(instances: int, args: argparse.Namespace, work: Path, cluster: NatsClust
     return {"collectors": instances, "messages": total, "readings": readings, "publish_s": round(publish_s, 1),
             "drain_s": round(drain_s, 1), "lines_per_s": round(rate), "readings_per_s": round(rate * readings / lines),
             "steady_window_s": round(window, 1), "stored": stored, "messages_per_instance": taken,
+            "nats_cpu_ms_per_message_in": round(nats_in / total * 1000, 2),
             "cpu_s": {k: round(v, 1) for k, v in cpu.items()},
             "cpu_ms_per_1000_readings": {k: round(v / readings * 1e6, 1) for k, v in cpu.items()}}
 
@@ -197,6 +236,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--readings", type=int, default=30, help="per message")
     parser.add_argument("--fields", type=int, default=10, help="per reading")
     parser.add_argument("--store", choices=("influxd", "victoria"), default="influxd")
+    parser.add_argument("--collector-cpu", type=float, default=0.0, metavar="CORES",
+                        help="give each collector instance this CPU budget (a cgroup quota, e.g. 0.25), so that the "
+                             "collectors, not the machine's free cores, are what limits; 0: no cap")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
 
@@ -234,15 +276,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             shutil.rmtree(work, ignore_errors=True)
     one, two = results
     ratio = two["lines_per_s"] / one["lines_per_s"] if one["lines_per_s"] else float("nan")
+    cap = f", each collector capped at {args.collector_cpu:g} core" if args.collector_cpu else ""
     print(f"\n{args.gateways} gateways x {args.messages} messages x {args.readings} readings ({args.fields} fields), "
-          f"store {args.store}")
+          f"store {args.store}{cap}")
     for r in results:
         print(f"  {r['collectors']} collector(s): {r['readings_per_s']:,} readings/s stored ({r['lines_per_s']:,} "
               f"lines/s, steady {r['steady_window_s']} s), drain {r['drain_s']} s; CPU ms per 1,000 readings: "
               f"collectors {r['cpu_ms_per_1000_readings']['collectors']}, NATS {r['cpu_ms_per_1000_readings']['nats']},"
               f" store {r['cpu_ms_per_1000_readings']['store']}"
               + (f"; stored {r['stored']:,} of {r['readings']:,}" if r["stored"] is not None else "")
-              + f"; messages written per instance {r['messages_per_instance']} (of {r['messages']:,})")
+              + f"; messages written per instance {r['messages_per_instance']} (of {r['messages']:,})"
+              + f"; NATS CPU per MQTT message in (3 nodes) {r['nats_cpu_ms_per_message_in']} ms")
     print(f"  two collectors / one: {ratio:.2f}x")
     return {"runs": results, "ratio": round(ratio, 2)}
 

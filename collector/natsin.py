@@ -13,7 +13,8 @@ manual PUBACK: a message not acknowledged stays in the stream and comes again.
 
 Everything runs on the collector's event loop (nats-py is asyncio): `on_message` is called from the pull task,
 acknowledgements and downlinks are queued by the loop's code and sent by the "nats-out" task. Bounds in code: the
-messages taken and not yet acknowledged (`max_inflight`, the consumer is asked for no more), the downlinks waiting
+messages taken and not yet acknowledged to JetStream (`max_inflight`: in the pipeline, or their acknowledgement
+waiting to be sent; the consumer is asked for no more), the downlinks waiting
 to be sent (MAX_QUEUED_DOWNLINKS, beyond it dropped and counted: an acknowledgement lost costs a re-send by the
 gateway), and what nats-py buffers while reconnecting (its pending_size).
 """
@@ -203,7 +204,6 @@ class NatsInput:
             return
         self._acks.append(taken[0])
         self._out.set()
-        self._room.set()
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """A downlink to a gateway's MQTT session (an acknowledgement, a control document). Not retained (the
@@ -233,7 +233,8 @@ class NatsInput:
         s = self.settings
         delay = RETRY_INITIAL
         while True:
-            room = self.window - len(self._inflight)
+            # Acknowledgements not yet sent count too: the window bounds everything taken and not yet settled.
+            room = self.window - len(self._inflight) - len(self._acks)
             if room <= 0:
                 self._room.clear()
                 await self._room.wait()
@@ -275,6 +276,7 @@ class NatsInput:
             await self._out.wait()
             self._out.clear()
             await self._send_queued()
+            self._room.set()  # the acknowledgements sent free the window
 
     async def _send_queued(self) -> None:
         nc = self._nc
