@@ -365,6 +365,17 @@ class MqttBalancer:
                 with contextlib.suppress(OSError):
                     sock.close()
 
+    def drop_connections(self) -> int:
+        """Close every connection passed through so far (as a network cut would), keep accepting new ones."""
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for sock in conns:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+        return len(conns) // 2
+
     def close(self) -> None:
         self._stop.set()
         if self._listener is not None:
