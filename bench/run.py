@@ -11,6 +11,8 @@ from bench import (
     mbus_parsers,
     modbus_engine,
     modbus_wire,
+    nats_scaleout,
+    nats_users,
     outbox_fsync,
     plan_efficiency,
     refused_batch,
@@ -45,6 +47,10 @@ def main() -> None:
     mbus_parsers.main([])
     print("== refused batches: one gateway's message refused in each batch vs nothing refused, same run ==")
     refused_batch.main([])
+    print("== NATS tier: two collectors on the shared consumer vs one, each capped at 0.25 core ==")
+    nats_scaleout.main(["--collector-cpu", "0.25"])
+    print("== NATS tier: the users file at 10 / 10,000 / 100,000 gateways, identity URI vs subject DN ==")
+    nats_users.main([])
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from collector.guard import GuardLimits
 from collector.influx.config import InfluxConfig
 from collector.web.config import WebSettings
 from wire import config as wconfig
-from wire.config import Duration, Size, check_readable, invalid
+from wire.config import Duration, Size, check_client_tls, invalid
 from wire.metrics import MetricsSettings
 from wire.mqttlink import MqttSettings
 from wire.topics import DEFAULT_PREFIX, is_valid_mount, is_valid_prefix, nats_unsupported
@@ -98,12 +98,7 @@ class CollectorNats(msgspec.Struct, forbid_unknown_fields=True):
         for i, url in enumerate(self.servers):
             if not _NATS_URL.match(url):
                 raise invalid(f"servers[{i}]", f'expected nats://HOST:PORT or tls://HOST:PORT, got "{url}"')
-        if (self.cert_file is None) != (self.key_file is None):
-            raise invalid("key_file" if self.key_file is None else "cert_file",
-                          "cert_file and key_file go together (a client certificate needs its key)")
-        check_readable(self, "ca_file", "cert_file", "key_file")
-        if (self.cert_file or self.ca_file) and not self.tls:
-            raise invalid("tls", "certificates are configured but tls = false")
+        check_client_tls(self)
         if not is_valid_prefix(self.topic_prefix):
             raise invalid("topic_prefix", f'expected topic levels without + # or empty levels, got "{self.topic_prefix}"')
         if (why := nats_unsupported(self.topic_prefix)) is not None:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from labkit.pki import LabCA
-from labkit.process import LabServer, ServerProcess, free_port, port_is_open
+from labkit.process import LabServer, ServerProcess, free_port, port_is_open, relay
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED_DIR = REPO / "deploy" / "nats"
@@ -347,23 +347,9 @@ class MqttBalancer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._conns += [client, upstream]
+            # One side gone (a node killed, an agent stopped): relay closes both.
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(src, dst), name="mqtt-balancer-pipe", daemon=True).start()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            # One side gone (a node killed, an agent stopped): close both, as the peer's TCP would see it.
-            for sock in (src, dst):
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
-                with contextlib.suppress(OSError):
-                    sock.close()
+                threading.Thread(target=relay, args=(src, dst), name="mqtt-balancer-pipe", daemon=True).start()
 
     def drop_connections(self) -> int:
         """Close every connection passed through so far (as a network cut would), keep accepting new ones."""

@@ -26,6 +26,22 @@ def port_is_open(port: int, host: str = "127.0.0.1") -> bool:
     return False
 
 
+def relay(src: socket.socket, dst: socket.socket) -> None:
+    """Copy what `src` receives to `dst` until either side ends; then close both (as the peers' TCP would see
+    it). For a thread of its own, one per direction of a proxied connection."""
+    try:
+        while data := src.recv(1 << 16):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
 class SilentServer:
     """A TCP server on loopback that accepts connections and never answers (a Modbus device that is powered but
     mute, a hung gateway): requests pile up unread in the socket buffer. `port` is its port."""

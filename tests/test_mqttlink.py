@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import threading
@@ -13,6 +12,7 @@ import pytest
 from labkit.mosquitto import MosquittoServer
 from labkit.mqtt_probe import MqttProbe
 from labkit.pki import LabCA
+from labkit.process import relay
 from tests.fixtures_mqtt import mqtt_settings
 from wire.mqttlink import MqttLink, Will
 
@@ -116,22 +116,10 @@ class OldBroker:
                 return
             up = socket.create_connection(("127.0.0.1", self.upstream_port))
             up.sendall(head)
-            threading.Thread(target=self._pipe, args=(up, conn), daemon=True).start()
-            self._pipe(conn, up)
+            threading.Thread(target=relay, args=(up, conn), daemon=True).start()
+            relay(conn, up)
         except (OSError, ValueError, IndexError):
             raw.close()
-
-    @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(1 << 16):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
 
     def close(self) -> None:
         self.server.close()

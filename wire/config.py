@@ -178,6 +178,18 @@ def invalid(key: str, message: str) -> ValueError:
     return ValueError(f"@{key}@{message}")
 
 
+def check_client_tls(settings: Any) -> None:
+    """For `__post_init__` of a client's connection settings with `tls`, `ca_file`, `cert_file` and `key_file`: a
+    certificate needs its key, each file named must be readable, and files need tls on."""
+    cert, key = settings.cert_file, settings.key_file
+    if (cert is None) != (key is None):
+        raise invalid("key_file" if key is None else "cert_file",
+                      "cert_file and key_file go together (a client certificate needs its key)")
+    check_readable(settings, "ca_file", "cert_file", "key_file")
+    if (cert or settings.ca_file) and not settings.tls:
+        raise invalid("tls", "certificates are configured but tls = false")
+
+
 def check_readable(settings: object, *keys: str) -> None:
     """For `__post_init__`: each of `keys` of `settings` that names a file (None: not set) must be readable by
     this user, or the error points at that key."""

@@ -31,7 +31,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from wire.config import Duration, Secret, check_readable, invalid
+from wire.config import Duration, Secret, check_client_tls, invalid
 from wire.logs import RateLimitedLog
 from wire.topics import DEFAULT_PREFIX, is_valid_prefix
 
@@ -64,12 +64,7 @@ class MqttSettings(msgspec.Struct, forbid_unknown_fields=True):
     def __post_init__(self) -> None:
         if not is_valid_prefix(self.topic_prefix):
             raise invalid("topic_prefix", f'expected topic levels without + # or empty levels, got "{self.topic_prefix}"')
-        if (self.cert_file is None) != (self.key_file is None):
-            raise invalid("key_file" if self.key_file is None else "cert_file",
-                          "cert_file and key_file go together (a client certificate needs its key)")
-        check_readable(self, "ca_file", "cert_file", "key_file")
-        if (self.cert_file or self.ca_file) and not self.tls:
-            raise invalid("tls", "certificates are configured but tls = false")
+        check_client_tls(self)
         if self.reconnect_min <= 0 or self.reconnect_max < self.reconnect_min:
             raise invalid("reconnect_max", "expected reconnect_min > 0 and reconnect_max >= reconnect_min")
 
