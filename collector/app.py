@@ -23,6 +23,10 @@ bounded whatever the broker sends (mosquitto 2.0.11 was seen to exceed a client'
 thousands). A status heartbeat becomes health points (collector/health.py) written the same way, without an
 end-to-end ack.
 
+On the clustered broker tier ([nats]) the input is collector/natsin.py instead of paho: the same messages come from
+one durable JetStream consumer, handed to _on_message on the loop itself, and the "PUBACK" is JetStream's
+acknowledgement (collector/inputs.py: the surface used here).
+
 SIGHUP reloads collector.toml: what can change safely takes effect at once, the rest is named as waiting for a
 restart (collector/reload.py), and the registry is re-opened. systemd hears READY once the broker acknowledged
 the subscriptions, STATUS, RELOADING, STOPPING and the watchdog's pings (wire/systemd.py).

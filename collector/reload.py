@@ -11,10 +11,10 @@ Applied at once, because each is read afresh for every message or round and hold
                   stays until a restart, as the store holds that type anyway), refresh
     [security]    accept_plain
 
-Everything else needs a restart, and the reload says which keys changed and wait for it: [mqtt] (the broker
-session, the subscription), [influx] (the writer and its pending lines), [quarantine] (an open file),
-[security] keys_dir, registry, session_grace, replay_window (the opener's keys and sessions), limits.workers,
-turning log.stats_interval on or off. The gateway registry itself is re-opened and re-read on every reload.
+Everything else needs a restart, and the reload says which keys changed and wait for it: [mqtt] or [nats] (the
+broker session, the subscription or the consumer), [influx] (the writer and its pending lines), [quarantine] (an
+open file), [security] keys_dir, registry, session_grace, replay_window (the opener's keys and sessions),
+limits.workers, turning log.stats_interval on or off. The gateway registry itself is re-opened and re-read on every reload.
 """
 
 from __future__ import annotations
