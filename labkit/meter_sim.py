@@ -33,6 +33,13 @@ and 16 coils 0..15 (`relay_1` = coil 0, `relay_2` = coil 1; FC 1, 5, 15). Every 
 `writes` (`Written`: time, table, address, values) before it is applied; `write_delay[(table, address)]`
 holds a write that long before answering (a slow device: the agent can be killed mid-command), and
 `write_exceptions[(table, address)] = code` answers a write there with that Modbus exception instead.
+
+Read Device Identification (FC 43 / MEI 14, Modbus Application Protocol 1.1b §6.21) is answered by pymodbus'
+own implementation (its ReadDeviceInformationResponse and DeviceInformationFactory: stream and individual
+access, "more follows" when the objects do not fit one answer) with this simulator's `identity` (object id ->
+text; SIMULATOR_IDENTITY by default). pymodbus keeps one identity per process; here each simulator answers with
+its own. `identity=None` makes the meter refuse the function (exception 01, illegal function), as many real
+meters do; `--no-identity` on the command line.
 """
 
 from __future__ import annotations
@@ -53,6 +60,9 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from pymodbus.constants import ExcCodes
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.pdu.device import DeviceInformationFactory, ModbusDeviceIdentification
+from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import SimData, SimDevice
 from pymodbus.simulator.simutils import DataType
@@ -110,6 +120,59 @@ class Written(NamedTuple):
     table: str  # "holding" | "coil"
     address: int
     values: tuple[int, ...]  # registers, or 0/1 per coil
+
+
+# What the simulated meter answers to Read Device Identification: the basic objects (0x00-0x02) and two of
+# the regular ones (0x03-0x06), as a vendor fills them in.
+SIMULATOR_IDENTITY: dict[int, str] = {
+    0x00: "citynerve lab",  # VendorName
+    0x01: "SDM630-SIM",  # ProductCode
+    0x02: "1.4",  # MajorMinorRevision
+    0x04: "SDM630 simulator",  # ProductName
+    0x05: "SDM630-Modbus",  # ModelName
+}
+
+
+class _DeviceIdRequest(ModbusPDU):
+    """FC 43 for one server (custom_pdu): MEI 14 answered from the class's `identity` by pymodbus' own encoder,
+    any other MEI type refused; `identity` None refuses the function. (pymodbus' built-in handler reads one
+    process-wide identity, so two simulators in one process could not differ.)"""
+
+    function_code = 0x2B
+    rtu_frame_size = 7  # 2B 0E code object: a request's RTU size, for pymodbus' serial framer
+    identity: ModbusDeviceIdentification | None = None
+
+    def __init__(self, dev_id: int = 0, transaction_id: int = 0) -> None:
+        super().__init__(dev_id=dev_id, transaction_id=transaction_id)
+        self.mei_type = self.read_code = self.object_id = 0
+
+    def encode(self) -> bytes:
+        return bytes((self.mei_type, self.read_code, self.object_id))
+
+    def decode(self, data: bytes) -> None:
+        self.mei_type, self.read_code, self.object_id = struct.unpack(">BBB", data[:3])
+
+    async def datastore_update(self, context: Any, device_id: int) -> ModbusPDU:
+        identity = type(self).identity
+        if identity is None or self.mei_type != 0x0E:
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_FUNCTION)
+        if not 1 <= self.read_code <= 4:
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_VALUE)
+        information = DeviceInformationFactory.get(_IdentityBlock(identity), self.read_code, self.object_id)
+        if self.read_code == 4 and not information.get(self.object_id):
+            return ExceptionResponse(self.function_code, ExcCodes.ILLEGAL_ADDRESS)
+        return ReadDeviceInformationResponse(read_code=self.read_code, information=information, dev_id=device_id,
+                                             transaction_id=self.transaction_id)
+
+
+class _IdentityBlock(NamedTuple):  # what DeviceInformationFactory reads: a control block's Identity
+    Identity: ModbusDeviceIdentification
+
+
+def device_id_pdu(identity: Mapping[int, str] | None) -> type[ModbusPDU]:
+    """A custom_pdu class answering FC 43 / MEI 14 with `identity` (None: exception 01)."""
+    ident = None if identity is None else ModbusDeviceIdentification(info=dict(identity))
+    return type("DeviceIdRequest", (_DeviceIdRequest,), {"identity": ident})
 
 
 class Served(NamedTuple):
@@ -250,8 +313,10 @@ class MeterSimulator:
         serve_log: Path | str | None = None,
         keep_served: int = 100_000,
         model: MeterModel | None = None,
+        identity: Mapping[int, str] | None = SIMULATOR_IDENTITY,
     ) -> None:
         self.model = model or MeterModel(random.Random(seed))
+        self.identity = identity
         self.update_interval = update_interval
         self.served: list[Served] = []
         self.values: dict[str, float] = {}  # last measurement, as float32 values (what the registers hold)
@@ -289,7 +354,7 @@ class MeterSimulator:
             action=self._on_access,
             use_bit_addressing=True,  # coil n is bit n % 16 of register n // 16, as FC 1, 5 and 15 expect
         )
-        self._server, self.host, self.port = await serve_tcp(device, host, port)
+        self._server, self.host, self.port = await serve_tcp(device, host, port, self.identity)
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -366,9 +431,11 @@ class MeterSimulator:
             self._log_file.flush()
 
 
-async def serve_tcp(device: SimDevice, host: str, port: int) -> tuple[ModbusTcpServer, str, int]:
-    """A pymodbus TCP server for `device` in the background; port 0 picks a free one. (server, host, port)"""
-    server = ModbusTcpServer(device, address=(host, port))
+async def serve_tcp(device: SimDevice, host: str, port: int,
+                    identity: Mapping[int, str] | None = None) -> tuple[ModbusTcpServer, str, int]:
+    """A pymodbus TCP server for `device` in the background; port 0 picks a free one. (server, host, port)
+    It answers Read Device Identification with `identity`, or refuses it (exception 01) when None."""
+    server = ModbusTcpServer(device, address=(host, port), custom_pdu=[device_id_pdu(identity)])
     await server.serve_forever(background=True)
     sockname = server.transport.sockets[0].getsockname()  # type: ignore[attr-defined]
     return server, sockname[0], sockname[1]
@@ -443,12 +510,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve-log", type=Path, help="append one JSON line per answered read request")
     parser.add_argument("--seed", type=int, help="random seed for reproducible noise")
     parser.add_argument("--update-interval", type=float, default=1.0, help="seconds between measurements")
+    parser.add_argument("--no-identity", action="store_true",
+                        help="refuse Read Device Identification (FC 43/14) with exception 01")
     args = parser.parse_args(argv)
     return asyncio.run(_serve(args))
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    sim = MeterSimulator(seed=args.seed, update_interval=args.update_interval, serve_log=args.serve_log)
+    sim = MeterSimulator(seed=args.seed, update_interval=args.update_interval, serve_log=args.serve_log,
+                         identity=None if args.no_identity else SIMULATOR_IDENTITY)
     try:
         await sim.start(args.host, args.port, args.unit)
     except (OSError, RuntimeError) as exc:

@@ -296,7 +296,10 @@ def test_expect() -> None:
     assert frames.rtu_response_length(Expect.read("input", 10)) == 25
     assert frames.ascii_response_length(Expect.read("input", 1)) == 1 + 2 * (1 + 4 + 1) + 2
     with pytest.raises(ValueError):
-        Expect(0x2B)  # MEI: length unknown without pdu_length
+        Expect(0x18)  # Read FIFO Queue: length unknown without pdu_length
+    assert Expect(0x2B).response_pdu_length is None  # FC 43: framed by its content (tests/test_modbus_device_id.py)
+    assert Expect(0x2B).longest_response_pdu == frames.MAX_PDU
+    assert Expect.read("input", 10).longest_response_pdu == 22 and Expect(0x18, pdu_length=9).longest_response_pdu == 9
     with pytest.raises(ValueError):
         Expect(6, byte_count=2)
     with pytest.raises(ValueError):

@@ -16,6 +16,13 @@ Commands (docs/control.md "Commands to devices"): `submit` queues a write or a p
 MAX_QUEUED_COMMANDS per bus); the run loop wakes for it instead of sleeping until the next deadline and runs it
 ahead of the next poll, as one transaction (FC 5/6/15/16) followed by a read of the point, on the same
 transport as the polls: one transaction at a time on the bus, whoever asks.
+
+Each device is asked once per process what it is (Read Device Identification, FC 43 / MEI 14,
+edge_agent/modbus/identify.py), right after its first successful poll, between polls and on this bus's one
+transaction at a time. A device that does not offer it is "not offered", never a failing device; an answer
+that fails (no answer, a rejected frame, a busy device) is tried again after a later poll, at most
+IDENTIFY_ATTEMPTS times. A reconnect does not ask again: a device's identification does not change with its
+connection.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from edge_agent.meters.readers import MeterReader
 from edge_agent.modbus import frames
 from edge_agent.modbus.config import ModbusBus
 from edge_agent.modbus.decode import Missing, Value
+from edge_agent.modbus.identify import DeviceIdReader, Identified, NotOffered
 from edge_agent.modbus.plan import PollValues, ReadRequest, decode_poll
 from edge_agent.modbus.transport import (
     FrameRejected,
@@ -60,6 +68,7 @@ _T = TypeVar("_T")
 # Upper bounds (seconds) of the answer-time histogram: Modbus TCP on a LAN answers in milliseconds, RTU at 9600 baud
 # in tens of (a 125-register answer is ~270 ms on the wire), a slow meter in hundreds; the timeout ends the rest.
 ANSWER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+IDENTIFY_ATTEMPTS = 3
 
 
 @dataclass
@@ -72,8 +81,10 @@ class PolledDevice:
     plan: list[ReadRequest]
     tags: dict[str, str]
     # For `profile = "sunspec"`: builds the plan from the device's own model chain on the first poll
-    # (and again after a failed attempt); takes a register reader, returns (plan, model name).
-    discover: Callable[[Callable[[int, int], Awaitable[list[int]]]], Awaitable[tuple[list[ReadRequest], str]]] | None = None
+    # (and again after a failed attempt); takes a register reader, returns (plan, model name, what else it
+    # learnt of the device: {"vendor"|"serial"|"revision": text}).
+    discover: Callable[[Callable[[int, int], Awaitable[list[int]]]],
+                       Awaitable[tuple[list[ReadRequest], str, dict[str, str]]]] | None = None
     # Commands: the writable points this device opted in to, every point name of its profile, and which of them
     # the profile declares writable (to say "not opted in" rather than "not writable").
     writes: dict[str, WritePoint] = field(default_factory=dict)
@@ -88,6 +99,21 @@ class PolledDevice:
     last_error: str = ""
     # request sent -> answer (a register read or an exception response) validated, per transaction
     answer_seconds: Histogram = field(default_factory=lambda: Histogram(ANSWER_BUCKETS))
+    # what the device says it is (FC 43 / MEI 14): None until read; attempts and the last failure meanwhile
+    identification: Identified | NotOffered | None = None
+    identify_attempts: int = 0
+    identify_error: str = ""
+    # what a discovery read on the device itself (SunSpec model 1: Mn, Md, SN, Vr), by the inventory's names
+    discovered: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def identify_state(self) -> str:
+        """"read" | "not_offered" | "pending" (not asked yet, or to be asked again) | "failed" (given up)."""
+        if isinstance(self.identification, Identified):
+            return "read"
+        if isinstance(self.identification, NotOffered):
+            return "not_offered"
+        return "failed" if self.identify_attempts >= IDENTIFY_ATTEMPTS else "pending"
 
     def readings(self, values: PollValues, time_ns: int) -> list[Reading]:
         out = []
@@ -322,6 +348,8 @@ class BusEngine:
                     self.stats["overruns"] += skipped
                     self._window_overruns[device.id] += skipped
                 device.next_due = next_aligned(finished + self._backoff(device), device.interval)
+                if device.identify_state == "pending" and device.failures == 0 and self.transport.is_open:
+                    await self.identify(device)  # once, after a poll it answered: a silent device costs nothing
                 self._report_if_due()
         finally:
             self._emit = None
@@ -512,7 +540,7 @@ class BusEngine:
 
         assert device.discover is not None
         try:
-            device.plan, model = await device.discover(read_holding)
+            device.plan, model, device.discovered = await device.discover(read_holding)
         except (NoAnswer, TransportError, SunSpecNotFound, ValueError) as exc:
             device.failures += 1
             if isinstance(exc, TransportError):
@@ -525,6 +553,46 @@ class BusEngine:
         log.info("device %s: SunSpec device %s found, %d read(s) per poll", device.id, model, len(device.plan),
                  extra={"device": device.id})
         return ""
+
+    async def identify(self, device: PolledDevice) -> None:
+        """Read the device's identification (see the module docstring); never raises for the device's or the
+        line's failure. The bus must be open."""
+        reader = DeviceIdReader()
+        device.identify_attempts += 1
+        started = time.monotonic()
+        expect = frames.Expect.device_id()
+        problem = ""
+        try:
+            while (pdu := reader.next_request()) is not None:
+                try:
+                    reader.answered(await self._retrying(device, lambda pdu=pdu: self.transport.transact(
+                        device.unit, pdu, expect, float(self.bus.timeout))))
+                except ModbusExceptionResponse as exc:
+                    if not reader.refused(exc.code):
+                        problem = f"exception {exc.code} ({exc.name})"
+                        break
+        except NoAnswer:
+            problem = f"no answer within {float(self.bus.timeout):g} s"
+        except FrameRejected as exc:
+            problem = f"rejected answer ({exc})"
+        except TransportError as exc:
+            await self.transport.close()
+            self.stats["connection_lost"] += 1
+            problem = str(exc)
+        finally:
+            self._busy_seconds += time.monotonic() - started
+        if reader.outcome is not None:
+            device.identification = reader.outcome
+            device.identify_error = ""
+            if isinstance(reader.outcome, Identified):
+                log.info("device %s identifies as %s", device.id,
+                         ", ".join(f"{k} {v!r}" for k, v in reader.outcome.named().items()),
+                         extra={"device": device.id})
+            return
+        device.identify_error = f"Read Device Identification (FC 43/14) of unit {device.unit}: {problem}"
+        if device.identify_attempts >= IDENTIFY_ATTEMPTS:
+            self._warn.warning(("identify", device.id), "device %s: %s; not asked again", device.id,
+                               device.identify_error, device=device.id, bus=self.bus.id)
 
     async def _transaction(self, device: PolledDevice, request: ReadRequest) -> list[int]:
         return await self._retrying(device, lambda: read_registers(self.transport, device.unit, request,

@@ -80,8 +80,12 @@ def _sunspec_discovery(device: Device):
         from edge_agent.sunspec.discovery import discover as walk_chain
         from edge_agent.sunspec.discovery import profile_for
 
-        profile = profile_for(await walk_chain(read_holding), device.measurement or "sunspec")
-        return plan_for(device, profile), profile.model
+        smap = await walk_chain(read_holding)
+        profile = profile_for(smap, device.measurement or "sunspec")
+        # model 1 (common) also names the manufacturer, serial number and version: the inventory's
+        found = {name: str(smap.common[key]).strip() for key, name in
+                 (("Mn", "vendor"), ("SN", "serial"), ("Vr", "revision")) if str(smap.common.get(key, "")).strip()}
+        return plan_for(device, profile), profile.model, found
 
     return discover
 

@@ -19,6 +19,8 @@ and quantity); anything else is rejected as "echo".
 Frame length, per framing:
 - RTU: unit(1) pdu crc(2, low byte first). The length follows from the function code and byte count of the
   response, bounded by the request (`Expect`), so a frame is complete without waiting for the line's silence.
+  A Read Device Identification answer (FC 43 / MEI 14) has no byte count: its length follows from its object
+  list (each object says its own length), walked as the bytes arrive.
 - TCP (MBAP): transaction id(2) protocol id(2)=0 length(2) unit(1) pdu; length = 1 + len(pdu).
 - ASCII: ':' hex(unit pdu lrc) CR LF, hex digits upper case (lower case is accepted).
 """
@@ -258,12 +260,98 @@ def check_write_response(request: bytes, pdu: bytes) -> None:
                                     f"0x{got_value:04X}, asked address {want_address} {what} 0x{want_value:04X}")
 
 
+# --- FC 43 / MEI 14: Read Device Identification (Modbus Application Protocol 1.1b §6.21) ------------------------------
+
+MEI_DEVICE_ID: Final = 0x0E
+# Read Device ID codes: 01 basic, 02 regular, 03 extended (stream access: every object of the category from
+# the given object id on, over as many transactions as it takes), 04 one specific object (individual access).
+BASIC_STREAM: Final = 1
+REGULAR_STREAM: Final = 2
+EXTENDED_STREAM: Final = 3
+ONE_OBJECT: Final = 4
+MORE_FOLLOWS: Final = 0xFF  # "more follows": further objects need a further transaction from NextObjectId
+# The objects of the basic (0x00-0x02, mandatory) and regular (0x03-0x06, optional) categories, as we name them.
+DEVICE_ID_OBJECTS: Final[dict[int, str]] = {
+    0x00: "vendor_name",
+    0x01: "product_code",
+    0x02: "revision",  # MajorMinorRevision
+    0x03: "vendor_url",
+    0x04: "product_name",
+    0x05: "model_name",
+    0x06: "user_application_name",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceIdPage:
+    """One Read Device Identification answer: part of the device's objects (the stream may continue)."""
+
+    code: int  # the Read Device ID code it answers
+    conformity: int  # 0x01/0x02/0x03 basic/regular/extended stream; +0x80 also individual access
+    more_follows: bool
+    next_object_id: int  # where the next request starts when more_follows
+    objects: tuple[tuple[int, bytes], ...]  # (object id, value) in the order sent
+
+
+def device_id_request(code: int, object_id: int = 0) -> bytes:
+    """The request PDU: 2B 0E <Read Device ID code> <Object Id>."""
+    if code not in (BASIC_STREAM, REGULAR_STREAM, EXTENDED_STREAM, ONE_OBJECT):
+        raise ValueError(f"Read Device ID code {code}: expected 1 (basic), 2 (regular), 3 (extended) or 4 (one object)")
+    if not 0 <= object_id <= 0xFF:
+        raise ValueError(f"object id {object_id} is outside 0..255")
+    return bytes((ENCAPSULATED_INTERFACE, MEI_DEVICE_ID, code, object_id))
+
+
+def parse_device_id_response(code: int, pdu: bytes) -> DeviceIdPage:
+    """The answer to device_id_request(code, ...): header and object list, checked against each other.
+
+    Raises ModbusExceptionResponse for an exception response (01 "illegal function": the device does not offer
+    it; 02 "illegal data address": no such object; 03 "illegal data value": that Read Device ID code is not
+    supported), FrameRejected("function") when it answers another MEI type or Read Device ID code, and
+    FrameRejected("length") when the object list does not match its count or the PDU's end, or a header field
+    holds a value §6.21 does not allow (More Follows other than 00/FF, or FF for one object)."""
+    if not pdu:
+        raise FrameRejected("length", "empty PDU")
+    if pdu[0] == ENCAPSULATED_INTERFACE | 0x80:
+        if len(pdu) != 2:
+            raise FrameRejected("length", f"exception response of {len(pdu)} bytes, not 2")
+        raise ModbusExceptionResponse(ENCAPSULATED_INTERFACE, pdu[1])
+    if pdu[0] != ENCAPSULATED_INTERFACE:
+        raise FrameRejected("function", f"function {pdu[0]} in the answer to function {ENCAPSULATED_INTERFACE}")
+    if len(pdu) < 7:
+        raise FrameRejected("length", f"device identification answer of {len(pdu)} bytes, the header alone has 7")
+    _, mei, answered, conformity, more, next_id, count = pdu[:7]
+    if mei != MEI_DEVICE_ID:
+        raise FrameRejected("function", f"MEI type {mei} in the answer, asked {MEI_DEVICE_ID}")
+    if answered != code:
+        raise FrameRejected("function", f"Read Device ID code {answered} in the answer, asked {code}")
+    if more not in (0x00, MORE_FOLLOWS) or (more and code == ONE_OBJECT):
+        raise FrameRejected("length", f"More Follows {more:02X}: expected 00 or FF (00 for one object)")
+    objects: list[tuple[int, bytes]] = []
+    at = 7
+    for index in range(count):
+        if at + 2 > len(pdu):
+            raise FrameRejected("length", f"object {index + 1} of {count} missing at PDU offset {at}")
+        object_id, length = pdu[at], pdu[at + 1]
+        if at + 2 + length > len(pdu):
+            raise FrameRejected("length", f"object {object_id:#04x} of {length} bytes runs past the PDU's end")
+        objects.append((object_id, bytes(pdu[at + 2 : at + 2 + length])))
+        at += 2 + length
+    if at != len(pdu):
+        raise FrameRejected("length", f"{len(pdu) - at} bytes after the {count} objects")
+    return DeviceIdPage(code, conformity, more == MORE_FOLLOWS, next_id if more else 0, tuple(objects))
+
+
 # --- what a response must look like ---------------------------------------------------------------------------------
 
 # Response PDUs whose length follows from a byte count at PDU offset 1 (PDU length = 2 + byte count).
 BYTE_COUNT_FUNCTIONS: Final = frozenset({1, 2, 3, 4, 0x0C, 0x11, 0x14, 0x15, 0x17})
 # Response PDUs of a fixed length (function code included).
 FIXED_PDU_LENGTHS: Final[dict[int, int]] = {5: 5, 6: 5, 7: 2, 8: 5, 0x0B: 5, 0x0F: 5, 0x10: 5, 0x16: 7}
+# Response PDUs whose length follows from their content, not from a byte count: FC 43 (Encapsulated Interface
+# Transport); for MEI type 14 the object list (Modbus Application Protocol 1.1b §6.21), see _mei_frame_length.
+ENCAPSULATED_INTERFACE: Final = 0x2B
+VARIABLE_LENGTH_FUNCTIONS: Final = frozenset({ENCAPSULATED_INTERFACE})
 EXCEPTION_PDU_LENGTH: Final = 2
 MAX_PDU: Final = 253
 
@@ -290,7 +378,8 @@ class Expect:
                 raise ValueError(f"byte count {self.byte_count} is outside 0..{MAX_PDU - 2}")
         if self.pdu_length is not None and not 1 <= self.pdu_length <= MAX_PDU:
             raise ValueError(f"PDU length {self.pdu_length} is outside 1..{MAX_PDU}")
-        if self.function not in BYTE_COUNT_FUNCTIONS and self.function not in FIXED_PDU_LENGTHS and self.pdu_length is None:
+        if (self.function not in BYTE_COUNT_FUNCTIONS and self.function not in FIXED_PDU_LENGTHS
+                and self.function not in VARIABLE_LENGTH_FUNCTIONS and self.pdu_length is None):
             raise ValueError(f"the response length of function {self.function} is unknown: give pdu_length")
 
     @classmethod
@@ -303,6 +392,11 @@ class Expect:
         """The answer to write_request(...): 5 bytes for every write function (§6.5, §6.6, §6.11, §6.12)."""
         return cls(request[0])
 
+    @classmethod
+    def device_id(cls) -> Expect:
+        """The answer to device_id_request(): FC 43, its length read from its own object list."""
+        return cls(ENCAPSULATED_INTERFACE)
+
     @property
     def response_pdu_length(self) -> int | None:
         """The length of a normal (non-exception) response PDU when it is known from the request."""
@@ -311,6 +405,15 @@ class Expect:
         if self.byte_count is not None:
             return 2 + self.byte_count
         return FIXED_PDU_LENGTHS.get(self.function)
+
+    @property
+    def longest_response_pdu(self) -> int:
+        """The longest response PDU to allow time for on a slow line: the known length; the largest PDU for an
+        answer whose length only its content tells (FC 43); else an exception response."""
+        known = self.response_pdu_length
+        if known is not None:
+            return known
+        return MAX_PDU if self.function in VARIABLE_LENGTH_FUNCTIONS else EXCEPTION_PDU_LENGTH
 
 
 def _check_response(unit: int, want_unit: int, pdu: bytes | bytearray, expect: Expect) -> bytes:
@@ -442,6 +545,8 @@ class RtuDecoder(_Decoder):
             return EXCEPTION_PDU_LENGTH + 3
         if function == expect.function and expect.pdu_length is not None:
             return expect.pdu_length + 3
+        if function == expect.function and function in VARIABLE_LENGTH_FUNCTIONS:
+            return self._mei_frame_length()
         if function in BYTE_COUNT_FUNCTIONS:
             if len(buf) < 3:
                 return None
@@ -462,6 +567,30 @@ class RtuDecoder(_Decoder):
         if buf[0] != self.unit:
             raise self._not_ours(buf)
         raise FrameRejected("function", f"function {function} in the answer to function {expect.function}")
+
+    def _mei_frame_length(self) -> int | None:
+        """unit, 2B, 0E, read code, conformity, more follows, next object id, number of objects, then per object
+        id, length, value (§6.21), then the CRC: walked as far as the bytes go."""
+        buf = self._buf
+        if len(buf) < 3:
+            return None
+        if buf[2] != MEI_DEVICE_ID:
+            if buf[0] != self.unit:
+                raise self._not_ours(buf)
+            raise FrameRejected("function", f"MEI type {buf[2]} in the answer, asked {MEI_DEVICE_ID} (device "
+                                            "identification)")
+        if len(buf) < 8:
+            return None
+        end = 8
+        for _ in range(buf[7]):
+            if len(buf) < end + 2:
+                return None
+            end += 2 + buf[end + 1]
+            if end + 2 > RTU_MAX_ADU:
+                if buf[0] != self.unit:
+                    raise self._not_ours(buf)
+                raise FrameRejected("length", f"objects make a frame longer than {RTU_MAX_ADU} bytes")
+        return end + 2
 
     def _step(self) -> bytes | _NeedMore:
         length = self._frame_length()

@@ -69,12 +69,10 @@ from edge_agent.modbus.frames import (
     RtuDecoder,
     TcpDecoder,
     ascii_encode,
-    ascii_response_length,
     char_time,
     frame_silence,
     raise_for_exception,
     rtu_encode,
-    rtu_response_length,
     tcp_encode,
 )
 
@@ -408,11 +406,11 @@ class SerialTransport(Transport):
         if self.framing == "rtu":
             frame = rtu_encode(unit, pdu)
             decoder = RtuDecoder(unit, expect)
-            answer_chars = rtu_response_length(expect) or 5
+            answer_chars = expect.longest_response_pdu + 3  # unit, CRC
         else:
             frame = ascii_encode(unit, pdu)
             decoder = AsciiDecoder(unit, expect)
-            answer_chars = ascii_response_length(expect) or 11
+            answer_chars = 2 * (expect.longest_response_pdu + 2) + 3  # ':', hex of unit + PDU + LRC, CR LF
         await self._send(inbox, frame)
         self.stats["transactions"] += 1
         deadline = self._tx_end + timeout + answer_chars * self.char_time
