@@ -35,7 +35,7 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from edge_agent import clock as clocks
-from edge_agent import reconfig
+from edge_agent import inventory, reconfig
 from edge_agent.clock import ClockCorrection, Offset, boot_stamp, corrected, decode_held, encode_held, uncorrectable
 from edge_agent.config import AgentConfig, LogSection
 from edge_agent.control import ControlPlane
@@ -59,7 +59,7 @@ from wire.logs import RateLimitedLog
 from wire.mqttlink import MqttLink, Will
 from wire.schema import Batch, Reading, encode_batch
 from wire.seal import GatewaySealer, SealError
-from wire.status import OFFLINE, ONLINE, encode_status
+from wire.status import MAX_STATUS_BYTES, OFFLINE, ONLINE, encode_status
 from wire.supervise import TaskSet
 from wire.systemd import Service
 from wire.version import VERSION
@@ -150,6 +150,7 @@ class Agent:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._cycle_beat: Callable[[], None] = _nothing
         self.started_ns = time.time_ns()
+        self.started = time.monotonic()
         self.tasks = TaskSet()  # supervised (wire/supervise.py); buses and sources come and go with reconfigure
         self._source_tasks: dict[str, asyncio.Task[Any]] = {}  # "bus:<id>" / "serial:<id>" -> its task
         self._reconfiguring = asyncio.Lock()
@@ -694,10 +695,11 @@ class Agent:
                 f"an acknowledgement")
 
     def status(self) -> bytes:
-        """The retained status with the health fields of wire/status.py (event loop: from the loop's own state)."""
+        """The retained status with the health and inventory fields of wire/status.py (event loop: from the
+        loop's own state)."""
         b = self.box.backlog
-        return encode_status(
-            ONLINE, gateway=self.gateway_id, version=AGENT_VERSION, since_ns=self.started_ns, time_ns=time.time_ns(),
+        details: dict[str, Any] = dict(
+            gateway=self.gateway_id, version=AGENT_VERSION, since_ns=self.started_ns, time_ns=time.time_ns(),
             mqtt=self.link.protocol_name, backlog_messages=b.messages, backlog_readings=b.readings,
             backlog_bytes=b.bytes, backlog_oldest_ns=b.oldest_ns, oldest_unacked_seq=b.oldest_seq,
             next_seq=self.box.next_seq, last_publish_ns=self.stats.last_publish_ns,
@@ -705,14 +707,35 @@ class Agent:
             dropped_readings=self.box.dropped_readings_total + self.buffer.dropped_total,
             resent_messages=self.sender.resent, outbox_resets=self.box.resets, devices=self.device_health(),
         )
+        # The configuration it runs (remote configuration, docs/control.md): 0 and no hash for the local file.
+        details["config_version"] = self.running_config_version
+        if self.running_config_sha256:
+            details["config_sha256"] = self.running_config_sha256
+        where, source = inventory.location(self.cfg, self.serial_sources)
+        if where is not None:
+            details.update(location=where, location_source=source)
+        details["inventory"] = inventory.devices(self.cfg, self.buses, self.serial_sources)
+        payload = encode_status(ONLINE, **details)
+        if len(payload) > MAX_STATUS_BYTES:
+            # Thousands of devices: the collector would refuse the whole heartbeat. The inventory goes, the health
+            # stays.
+            del details["inventory"]
+            self._errors.warning("status_size", "status of %d bytes is over the %d a collector takes: sent "
+                                 "without the device inventory", len(payload), MAX_STATUS_BYTES,
+                                 reason="status_too_large")
+            payload = encode_status(ONLINE, **details)
+        return payload
 
     def device_health(self) -> dict[str, dict[str, Any]]:
         health: dict[str, dict[str, Any]] = {}
         for engine in self.buses:
             for device in engine.devices:
-                health[device.id] = _health(device.stats, device.stats["polls"], device.last_error)
+                health[device.id] = _health(device.stats, device.stats["polls"], device.last_error,
+                                            device.failures > 0)
+        now = time.monotonic()
         for source in self.serial_sources:
-            health[source.device.id] = _health(source.stats, source.stats["samples"], source.last_error)
+            health[source.device.id] = _health(source.stats, source.stats["samples"], source.last_error,
+                                               inventory.serial_failing(source, now, self.started))
         return health
 
 
@@ -781,8 +804,9 @@ def poll_errors(stats: Any) -> dict[str, int]:
             if n and (key in _POLL_ERRORS or key.startswith(("exception_", "rejected")))}
 
 
-def _health(stats: Any, polls: int, last_error: str) -> dict[str, Any]:
-    return {"polls": polls, "errors": sum(poll_errors(stats).values()), "last_error": last_error[:200]}
+def _health(stats: Any, polls: int, last_error: str, failing: bool) -> dict[str, Any]:
+    return {"polls": polls, "errors": sum(poll_errors(stats).values()), "last_error": last_error[:200],
+            "failing": failing}
 
 
 def make_sealer(cfg: AgentConfig) -> GatewaySealer | None:

@@ -16,6 +16,7 @@ from wire.config import Duration, Size, invalid
 from wire.metrics import MetricsSettings
 from wire.mqttlink import MqttSettings
 from wire.schema import GATEWAY_ID_PATTERN
+from wire.status import ALT_RANGE, LAT_RANGE, LON_RANGE
 
 if TYPE_CHECKING:
     from edge_agent.profiles import Profile
@@ -31,9 +32,22 @@ ModbusKind = ModbusDevice | ModbusTcpDevice
 BusDevice = ModbusDevice | MeterDevice  # attached to a [[buses]] entry
 
 
+class Location(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where the gateway is (WGS 84), for the fleet inventory: `location = {lat = 52.37, lon = 4.89, alt = 2}`.
+    A GPS source (an NMEA device) with a fix takes precedence (wire/status.py location_source)."""
+
+    lat: Annotated[float, msgspec.Meta(ge=LAT_RANGE[0], le=LAT_RANGE[1],
+                                       extra={"expect": "degrees north, -90..90"})]
+    lon: Annotated[float, msgspec.Meta(ge=LON_RANGE[0], le=LON_RANGE[1],
+                                       extra={"expect": "degrees east, -180..180"})]
+    alt: Annotated[float, msgspec.Meta(ge=ALT_RANGE[0], le=ALT_RANGE[1],
+                                       extra={"expect": "metres above mean sea level, -1000..20000"})] | None = None
+
+
 class GatewaySection(msgspec.Struct, forbid_unknown_fields=True):
     id: GatewayId
     state_dir: str = "/var/lib/citynerve"
+    location: Location | None = None
 
 
 class UplinkSection(msgspec.Struct, forbid_unknown_fields=True):

@@ -275,7 +275,7 @@ def explain(error: str, raw: Any, schema: type) -> tuple[str, str]:
     unknown = re.match(r"Object contains unknown field `(.+)`", message)
     if unknown:
         name = unknown.group(1)
-        known = [f.encode_name for f in getattr(info, "fields", ())]
+        known = [f.encode_name for f in getattr(_unwrap(info), "fields", ())]  # an optional table too
         hint = difflib.get_close_matches(name, known, n=1)
         suffix = f' (did you mean "{hint[0]}"?)' if hint else f" (known keys: {', '.join(known)})"
         return _join_path([*parts, name]), f"unknown key{suffix}"
@@ -360,6 +360,9 @@ def _describe(info: Any) -> str:
         return "an integer"
     if isinstance(info, t.FloatType):
         lo = info.ge if info.ge is not None else info.gt
+        hi = info.le if info.le is not None else info.lt
+        if lo is not None and hi is not None:
+            return f"a number {lo:g}..{hi:g}"
         return f"a number >= {lo}" if lo is not None else "a number"
     if isinstance(info, t.BoolType):
         return "true or false"

@@ -4,6 +4,10 @@ Streaming protocols (DSMR P1, NMEA, particulate sensors, ASCII lines) are read a
 protocols (MH-Z19B) are asked every interval; IEC 62056-21 runs its sign-on dialogue every interval. A port
 that disappears (USB unplugged) is reopened with backoff when it returns; a rejected frame is counted by
 reason and logged (rate-limited) with its byte offset; a decoder bug costs the frame, never the source.
+
+For the fleet inventory (wire/status.py) a source remembers what its frames say about the device itself
+(`identity`: a DSMR meter's equipment id, an IEC 62056-21 meter's manufacturer and identification, a sensor's
+id or version, taken from the tags the decoders already set) and, for NMEA, the latest position fix (`fix`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from edge_agent.schedule import next_aligned
 from edge_agent.serial.base import Event, Rejected, Sample
@@ -24,6 +29,27 @@ from wire.logs import RateLimitedLog
 from wire.schema import Reading
 
 log = logging.getLogger("citynerve.serial")
+
+# Sample tags that say what the device is, by the inventory's names (wire/status.py DeviceInfo). Only the
+# device's own samples count: a DSMR M-Bus sub-meter's (tag "channel") names another device.
+IDENTITY_TAGS = {
+    "equipment_id": "serial",  # DSMR 0-0:96.1.1 (edge_agent/serial/dsmr.py)
+    "manufacturer": "vendor",  # IEC 62056-21 identification message: the manufacturer's three letters
+    "identification": "model",  # ... and the rest of it, the meter's type
+    "sensor_id": "serial",  # SDS011
+    "version": "revision",  # PMS x003
+}
+MAX_IDENTITY_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Fix:
+    """A GPS receiver's latest position (NMEA GGA/RMC with a fix; edge_agent/serial/nmea.py)."""
+
+    lat: float
+    lon: float
+    alt: float | None  # metres above mean sea level (GGA only)
+    time_ns: int  # the sample's time: the receiver's own UTC with a fix
 
 
 class SerialSource:
@@ -37,6 +63,9 @@ class SerialSource:
         self.last_error = ""
         self._warn = RateLimitedLog(log, interval=300)
         self._stream_offset = 0
+        self.identity: dict[str, str] = {}  # see IDENTITY_TAGS
+        self.fix: Fix | None = None
+        self.last_sample = 0.0  # time.monotonic() of the latest sample, 0 before the first
 
     def _overrun(self, dropped: int) -> None:
         """The port's receive buffer was full (nobody read it for a long while): the oldest bytes were dropped."""
@@ -61,8 +90,25 @@ class SerialSource:
             if not event.fields and not event.quality:
                 continue
             self.stats["samples"] += 1
-            out.append(self._reading(event, received_ns))
+            reading = self._reading(event, received_ns)
+            self._learn(event, reading)
+            out.append(reading)
+        if out:
+            self.last_sample = time.monotonic()
         return out
+
+    def _learn(self, sample: Sample, reading: Reading) -> None:
+        """What a sample says about the device itself (identity) and, from a GPS receiver, where it is."""
+        if "channel" not in sample.tags:
+            for tag, name in IDENTITY_TAGS.items():
+                value = sample.tags.get(tag)
+                if value and name not in self.identity:
+                    self.identity[name] = value.strip()[:MAX_IDENTITY_CHARS]
+        if self.device.protocol == "nmea":
+            lat, lon = sample.fields.get("latitude"), sample.fields.get("longitude")
+            if isinstance(lat, float) and isinstance(lon, float):
+                alt = sample.fields.get("altitude_m")
+                self.fix = Fix(lat, lon, alt if isinstance(alt, float) else None, reading.time_ns)
 
     def _reading(self, sample: Sample, received_ns: int) -> Reading:
         return Reading(self.device.id, sample.measurement or self.measurement, sample.time_ns or received_ns,
