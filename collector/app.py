@@ -15,13 +15,15 @@ The path of a message, and who owns each step:
                             or refused for the gateway's own content.
     "quarantine" thread     rejected payloads, from a bounded queue (collector/quarantine.py QuarantineSink).
     "registry" thread       the gateway registry re-read once a second (and re-opened on SIGHUP).
+    "inventory" thread      the fleet inventory file (collector/inventory.py): what changed, within a second;
+                            health and last-seen times every inventory.flush_interval.
 
 An uplink message is acknowledged to the broker (manual PUBACK) once its fate is decided: stored, refused for
 its content, or declined (then not end to end, so the gateway sends it again). The bounds in code are the
 hand-over bound, the admission queues, the writer's max_pending_lines and the quarantine queue: memory stays
 bounded whatever the broker sends (mosquitto 2.0.11 was seen to exceed a client's Receive Maximum by
 thousands). A status heartbeat becomes health points (collector/health.py) written the same way, without an
-end-to-end ack.
+end-to-end ack, and updates the fleet inventory, as every authentic uplink does (last seen).
 
 On the clustered broker tier ([nats]) the input is collector/natsin.py instead of paho: the same messages come from
 one durable JetStream consumer, handed to _on_message on the loop itself, and the "PUBACK" is JetStream's
@@ -52,11 +54,12 @@ from collector.config import CollectorConfig, FieldTypes, ValidationSection
 from collector.config import load as load_config
 from collector.control_relay import ControlLines, ControlRelay
 from collector.guard import SCHEMA_QUERY, Guard, learn_from_show_keys
-from collector.health import health_lines
+from collector.health import health_lines, info_lines, point_time
 from collector.influx.backends import WriteFailure, make_backend
 from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
 from collector.ingest import SLICE, Ingest, TimePolicy
 from collector.inputs import make_input
+from collector.inventory import InventorySink
 from collector.pki import load_private_keys
 from collector.quarantine import QuarantineSink
 from collector.reasons import RETRY_LATER, Reason
@@ -136,6 +139,9 @@ class Collector:
         self.admission = FairQueue(lim.admission())
         q = cfg.quarantine
         self.quarantine = QuarantineSink(q.path, q.max_entries, q.max_bytes) if q.max_entries else None
+        inv = cfg.inventory
+        self.inventory = InventorySink(inv.path, float(inv.flush_interval), info_interval=float(inv.info_interval),
+                                       max_gateways=inv.max_gateways)
         self.counters: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self._warn = RateLimitedLog(log, interval=60)
@@ -308,6 +314,7 @@ class Collector:
         log.info("collector starting: %s, InfluxDB %s API at %s", self.link.describe(), self.cfg.influx.api,
                  self.backend)
         await self._learn_schema()
+        await self.inventory.open()
         await self.link.open()
         tasks = [asyncio.create_task(self._worker(), name=f"worker-{i}") for i in range(self.cfg.limits.workers)]
         tasks += self.link.tasks()
@@ -356,6 +363,8 @@ class Collector:
             if self.quarantine is not None:
                 with contextlib.suppress(Exception):
                     await self.quarantine.close()
+            with contextlib.suppress(Exception):
+                await self.inventory.close()
             if self.registry is not None:
                 await self._loop.run_in_executor(self._files, self.registry.close)
             self._files.shutdown(wait=False)
@@ -422,6 +431,9 @@ class Collector:
     async def _uplink(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int) -> None:
         opened = self.ingest.open(msg.topic, msg.payload)
         self._seen(gateway, receive_ns)
+
+
+        self.inventory.core.uplink(gateway, receive_ns)  # authentic (and, sealed, from that gateway): last seen
         accepted = self.ingest.start(opened)
         now = time.monotonic()
         for start in range(0, len(opened.batch.readings), SLICE):
@@ -488,20 +500,28 @@ class Collector:
             await self.control.observe_running(gateway, version, str(getattr(doc, "config_sha256", "") or ""))
         if msg.retain and doc.time_ns is None:
             # A retained last will, replayed at each subscription: it carries no time of its own, and writing it
-            # at every collector start would add an "offline" point each time. Its live delivery was written.
+            # at every collector start would add an "offline" point each time. Its live delivery was written. It
+            # is still the gateway's current state, for the inventory.
+            self.inventory.core.status(gateway, doc, receive_ns)
             self._ack(msg.mid, msg.qos)
             return
-        allowed, over = self.guard.check_devices(gateway, doc.devices or {}, time.monotonic())
+        devices = {**(doc.inventory or {}), **(doc.devices or {})}
+        allowed, over = self.guard.check_devices(gateway, devices, time.monotonic())
+        # Keyed by the topic's gateway, never the document's (checked equal above): only its own record changes.
+        change = self.inventory.core.status(gateway, doc, receive_ns, allowed)
         health = health_lines(doc, gateway, receive_ns, self.ingest.time_policy, allowed)
         if health.skipped_devices or over:
             self._warn.warning(("health", gateway), "status from gateway %s: %d device entries left out (a name "
                                "line protocol cannot carry, or over the gateway's device budget)", gateway,
                                health.skipped_devices, gateway=gateway, reason="bad_device_health")
+        lines = health.lines
+        if change.write_info:
+            lines = lines + info_lines(doc, gateway, point_time(doc, receive_ns, self.ingest.time_policy), allowed)
         self.counters["status_messages"] += 1
         # Through the writer like readings: the PUBACK comes after the write, so a heartbeat is not lost when
         # InfluxDB is down.
-        await self._put(gateway, health.lines, _Delivery(msg.mid, msg.qos, gateway, None, None, len(health.lines),
-                                                         size=sum(map(len, health.lines))))
+        await self._put(gateway, lines, _Delivery(msg.mid, msg.qos, gateway, None, None, len(lines),
+                                                  size=sum(map(len, lines))))
 
     def _seen(self, gateway: str, time_ns: int) -> None:
         if time_ns > self.last_seen.get(gateway, 0):
@@ -634,7 +654,8 @@ class Collector:
 
     async def _housekeeping(self) -> None:
         """Once a second: the registry re-read off the loop (adding or revoking a gateway takes effect within a
-        second, without a restart), hand-over declines reported, idle gateways' admission state dropped."""
+        second, without a restart), the inventory written when due, hand-over declines reported, idle gateways'
+        admission state dropped."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
@@ -655,6 +676,7 @@ class Collector:
                                    "the hand-over bound (the gateways send them again)", declined,
                                    reason=str(Reason.OVERLOAD))
             self.admission.forget_idle(time.monotonic(), _IDLE_GATEWAY)
+            await self.inventory.flush(time.monotonic())
             self._housekeeping_beat()
 
     async def _report(self) -> None:

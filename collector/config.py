@@ -158,6 +158,23 @@ class QuarantineSection(msgspec.Struct, forbid_unknown_fields=True):
     max_bytes: Annotated[int, msgspec.Meta(ge=0)] = 16 * 1024 * 1024
 
 
+class InventorySection(msgspec.Struct, forbid_unknown_fields=True):
+    """The fleet inventory (collector/inventory.py) that `edge-collector gateways list|show` reads."""
+
+    path: str = "/var/lib/citynerve-collector/inventory.db"
+    # A change of state, version, configuration, location or devices is written within a second; health,
+    # backlog and last-seen times this often.
+    flush_interval: Duration = Duration(60)
+    # citynerve_gateway_info / citynerve_device_info points: on every change, and at least this often.
+    info_interval: Duration = Duration(3600)
+    max_gateways: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+
+    def __post_init__(self) -> None:
+        for key in ("flush_interval", "info_interval"):
+            if not getattr(self, key) > 0:
+                raise invalid(key, f'expected a duration > 0 such as "60s", got {float(getattr(self, key)):g}')
+
+
 class AcksSection(msgspec.Struct, forbid_unknown_fields=True):
     """End-to-end acknowledgements to the gateways (docs/wire-format.md#acknowledgements)."""
 
@@ -319,6 +336,7 @@ class CollectorConfig(msgspec.Struct, forbid_unknown_fields=True):
     influx: InfluxConfig = msgspec.field(default_factory=InfluxConfig)
     validation: ValidationSection = msgspec.field(default_factory=ValidationSection)
     quarantine: QuarantineSection = msgspec.field(default_factory=QuarantineSection)
+    inventory: InventorySection = msgspec.field(default_factory=InventorySection)
     security: SecuritySection | None = None
     acks: AcksSection = msgspec.field(default_factory=AcksSection)
     limits: LimitsSection = msgspec.field(default_factory=LimitsSection)

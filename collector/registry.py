@@ -3,7 +3,8 @@
 One SQLite file in WAL mode (a reader never blocks the CLI's writes and vice versa), written by
 
     edge-collector gateways add ID ed25519:<base64url> --registry FILE [--replace] [--ca DIR]
-    edge-collector gateways list   --registry FILE
+    edge-collector gateways list   [-c collector.toml] [--registry FILE] [--json]   (collector/fleet.py)
+    edge-collector gateways show ID [-c collector.toml] [--registry FILE] [--json]
     edge-collector gateways revoke ID --registry FILE
 
 and read by the collector, which keeps the whole table in memory and re-reads it when it changed:
@@ -412,7 +413,9 @@ def _now() -> str:
 
 
 def register_subcommands(sub: argparse._SubParsersAction) -> None:
-    gw = sub.add_parser("gateways", help="the gateway registry: add, list, revoke")
+    from collector import fleet
+
+    gw = sub.add_parser("gateways", help="the gateway registry and the fleet: add, list, show, revoke")
     gw_sub = gw.add_subparsers(dest="gateways_command", required=True, metavar="ACTION")
     p = gw_sub.add_parser("add", help="register a gateway and its identity public key")
     p.add_argument("gateway_id", metavar="ID")
@@ -429,8 +432,11 @@ def register_subcommands(sub: argparse._SubParsersAction) -> None:
                         "public_key as edge-agent enroll prints it (ed25519:...)")
     p.add_argument("--registry", required=True, metavar="FILE")
     p.add_argument("--replace", action="store_true", help="re-enrolment: new keys for ids already registered")
-    p = gw_sub.add_parser("list", help="list registered gateways")
-    p.add_argument("--registry", required=True, metavar="FILE")
+    p = gw_sub.add_parser("list", help="the fleet at a glance: state, last seen, backlog, devices, versions")
+    fleet.add_arguments(p)
+    p = gw_sub.add_parser("show", help="everything about one gateway: its devices, identification and health")
+    p.add_argument("gateway_id", metavar="ID")
+    fleet.add_arguments(p)
     p = gw_sub.add_parser("revoke", help="refuse a gateway's messages from now on")
     p.add_argument("gateway_id", metavar="ID")
     p.add_argument("--registry", required=True, metavar="FILE")
@@ -495,6 +501,14 @@ def read_import(path: Path | str) -> list[tuple[str, ed25519.Ed25519PublicKey]]:
 
 def dispatch(args: argparse.Namespace) -> int:
     action = args.gateways_command
+    if action in ("list", "show"):
+        from collector import fleet
+        from wire.cli import fail
+
+        try:
+            return fleet.list_command(args) if action == "list" else fleet.show_command(args)
+        except fleet.FleetError as exc:
+            return fail(str(exc))
     key = None
     if action == "import":
         rows = read_import(args.file)  # all checked before the registry is created or touched
@@ -513,11 +527,6 @@ def dispatch(args: argparse.Namespace) -> int:
         if key is not None:
             reg.add(args.gateway_id, key, replace=args.replace)
             print(f"gateway {args.gateway_id} registered (active) in {reg.path}")
-            return 0
-        if action == "list":
-            for e in reg.list():
-                when = f"revoked {e.revoked_at}" if e.revoked_at else f"added {e.added_at}"
-                print(f"{e.gateway_id:<24} {e.status:<8} {e.public_text}  {when}")
             return 0
         if reg.revoke(args.gateway_id):
             print(f"gateway {args.gateway_id} revoked: collectors refuse its messages from their next refresh; "

@@ -82,6 +82,7 @@ def write_collector_config(path: Path, mqtt: dict[str, Any] | None, influx: dict
                            **sections: dict[str, Any]) -> Path:
     """collector.toml; `mqtt` None: no [mqtt] section (the NATS tier's [nats] comes in `sections`)."""
     sections.setdefault("quarantine", {"path": str(path.with_suffix(".quarantine.db"))})
+    sections.setdefault("inventory", {"path": str(path.with_suffix(".inventory.db"))})
     # The lab's plain mosquitto (labkit/mosquitto.py) mounts no topics; SecureBroker.collector_mqtt() gives the
     # shipped configuration's gateway_mount.
     inputs = {} if mqtt is None else {"mqtt": {"gateway_mount": "", **mqtt}}

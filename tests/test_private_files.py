@@ -213,17 +213,23 @@ password = "influx-secret-9012"
 
 [quarantine]
 path = "{quarantine}"
+
+[inventory]
+path = "{inventory}"
 """
 
 
 def test_collector_run_creates_a_private_quarantine_and_logs_no_secret(tmp_path: Path) -> None:
     quarantine = tmp_path / "state" / "quarantine" / "quarantine.db"
-    (tmp_path / "collector.toml").write_text(
-        COLLECTOR_TOML.format(port=closed_port(), influx_port=closed_port(), quarantine=quarantine))
+    inventory = tmp_path / "state" / "inventory" / "inventory.db"
+    (tmp_path / "collector.toml").write_text(COLLECTOR_TOML.format(
+        port=closed_port(), influx_port=closed_port(), quarantine=quarantine, inventory=inventory))
     collector = start("-m", "collector.cli", "run", str(tmp_path / "collector.toml"))
     try:
         wait_for(Path(f"{quarantine}-shm"), collector)
-        assert not_private(tmp_path / "state") == {}  # state/ and quarantine/ made 0700, the database and -wal/-shm 0600
+        wait_for(Path(f"{inventory}-shm"), collector)
+        # state/, quarantine/ and inventory/ made 0700, the databases and their -wal/-shm 0600
+        assert not_private(tmp_path / "state") == {}
     finally:
         output = stop(collector)
     assert "cannot reach MQTT broker" in output  # it did run, and said what went wrong ...
@@ -241,7 +247,8 @@ def test_quarantine_list_tightens_an_older_looser_database(tmp_path: Path) -> No
     Quarantine(path).close()
     os.chmod(path, 0o644)
     (tmp_path / "collector.toml").write_text(
-        COLLECTOR_TOML.format(port=closed_port(), influx_port=closed_port(), quarantine=path))
+        COLLECTOR_TOML.format(port=closed_port(), influx_port=closed_port(), quarantine=path,
+                              inventory=shared / "inventory.db"))
     proc = run("-m", "collector.cli", "quarantine", "list", str(tmp_path / "collector.toml"))
     assert mode(path) == 0o600
     assert f"{path} had mode 0644, more open than 0600: set to 0600" in proc.stderr
