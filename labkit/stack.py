@@ -66,9 +66,11 @@ def modbus_tcp_device(device_id: str, port: int, *, unit: int = 1, interval: str
 
 
 def write_agent_config(path: Path, gateway: str, mqtt: dict[str, Any], devices: list[dict[str, Any]],
-                       *, publish_interval: str = "1s", **sections: dict[str, Any]) -> Path:
+                       *, publish_interval: str = "1s", location: Mapping[str, float] | None = None,
+                       **sections: dict[str, Any]) -> Path:
     doc: dict[str, Any] = {
-        "gateway": {"id": gateway, "state_dir": str(path.parent / f"{gateway}-state")},
+        "gateway": {"id": gateway, "state_dir": str(path.parent / f"{gateway}-state"),
+                    **({"location": location} if location else {})},
         "mqtt": mqtt,
         "uplink": {"publish_interval": publish_interval, **sections.pop("uplink", {})},
         **sections,
