@@ -320,3 +320,18 @@ def test_a_bad_location_is_one_line_naming_the_key(tmp_path: Path, location: str
     with pytest.raises(ConfigError) as caught:
         agent_config.load(tmp_path / "agent.toml")
     assert error in str(caught.value)
+
+
+def test_serial_sources_learn_identity_and_position_from_their_frames() -> None:
+    """Real captures through the real decoders: a DSMR meter's equipment id (not its gas meter's), a GPS fix."""
+    from edge_agent.serial.config import SerialDevice
+    from edge_agent.serial.source import SerialSource
+
+    golden = Path(__file__).parent / "golden"
+    p1 = SerialSource(SerialDevice(id="p1", port="/dev/ttyP1", protocol="dsmr"))
+    p1.readings(p1.info.make_decoder(p1.device).feed((golden / "dsmr" / "dsmr42_kaifa.txt").read_bytes()), NOW)
+    assert p1.identity == {"serial": "3960221976967177082151037881335713"} and p1.fix is None
+    gps = SerialSource(SerialDevice(id="gps", port="/dev/ttyGPS", protocol="nmea"))
+    sentences = b"$GPGGA,184353.07,1929.045,S,02410.506,E,1,04,2.6,100.00,M,-33.9,M,,0000*6D\r\n"  # golden/nmea
+    gps.readings(gps.info.make_decoder(gps.device).feed(sentences), NOW)
+    assert gps.fix == Fix(-(19 + 29.045 / 60), 24 + 10.506 / 60, 100.0, NOW)

@@ -143,13 +143,8 @@ def read_request(table: str, address: int, count: int) -> bytes:
     return struct.pack(">BHH", function, address, count)
 
 
-def parse_read_response(table: str, count: int, pdu: bytes) -> list[int]:
-    """The values of a read response PDU: registers as 0..65535, bits as one 0/1 per requested bit.
-
-    Raises ModbusExceptionResponse for an exception response, FrameRejected("function" | "byte_count" |
-    "length") when the PDU does not answer a read of `count` values from `table`.
-    """
-    function = _table_function(table)
+def _answers(function: int, pdu: bytes) -> None:
+    """A normal answer to `function` follows; raises for anything else (empty, exception, another function)."""
     if not pdu:
         raise FrameRejected("length", "empty PDU")
     if pdu[0] == function | 0x80:
@@ -158,6 +153,16 @@ def parse_read_response(table: str, count: int, pdu: bytes) -> list[int]:
         raise ModbusExceptionResponse(function, pdu[1])
     if pdu[0] != function:
         raise FrameRejected("function", f"function {pdu[0]} in the answer to function {function}")
+
+
+def parse_read_response(table: str, count: int, pdu: bytes) -> list[int]:
+    """The values of a read response PDU: registers as 0..65535, bits as one 0/1 per requested bit.
+
+    Raises ModbusExceptionResponse for an exception response, FrameRejected("function" | "byte_count" |
+    "length") when the PDU does not answer a read of `count` values from `table`.
+    """
+    function = _table_function(table)
+    _answers(function, pdu)
     if len(pdu) < 2:
         raise FrameRejected("length", "read response without a byte count")
     expected = read_byte_count(table, count)
@@ -242,14 +247,7 @@ def check_write_response(request: bytes, pdu: bytes) -> None:
     function = request[0]
     if function not in WRITE_FUNCTIONS:
         raise ValueError(f"function {function} is not a write")
-    if not pdu:
-        raise FrameRejected("length", "empty PDU")
-    if pdu[0] == function | 0x80:
-        if len(pdu) != EXCEPTION_PDU_LENGTH:
-            raise FrameRejected("length", f"exception response of {len(pdu)} bytes, not 2")
-        raise ModbusExceptionResponse(function, pdu[1])
-    if pdu[0] != function:
-        raise FrameRejected("function", f"function {pdu[0]} in the answer to function {function}")
+    _answers(function, pdu)
     if len(pdu) != 5:
         raise FrameRejected("length", f"response of {len(pdu)} bytes to {WRITE_FUNCTIONS[function]}, expected 5")
     if pdu != request[:5]:
@@ -310,14 +308,7 @@ def parse_device_id_response(code: int, pdu: bytes) -> DeviceIdPage:
     supported), FrameRejected("function") when it answers another MEI type or Read Device ID code, and
     FrameRejected("length") when the object list does not match its count or the PDU's end, or a header field
     holds a value §6.21 does not allow (More Follows other than 00/FF, or FF for one object)."""
-    if not pdu:
-        raise FrameRejected("length", "empty PDU")
-    if pdu[0] == ENCAPSULATED_INTERFACE | 0x80:
-        if len(pdu) != 2:
-            raise FrameRejected("length", f"exception response of {len(pdu)} bytes, not 2")
-        raise ModbusExceptionResponse(ENCAPSULATED_INTERFACE, pdu[1])
-    if pdu[0] != ENCAPSULATED_INTERFACE:
-        raise FrameRejected("function", f"function {pdu[0]} in the answer to function {ENCAPSULATED_INTERFACE}")
+    _answers(ENCAPSULATED_INTERFACE, pdu)
     if len(pdu) < 7:
         raise FrameRejected("length", f"device identification answer of {len(pdu)} bytes, the header alone has 7")
     _, mei, answered, conformity, more, next_id, count = pdu[:7]
