@@ -142,6 +142,8 @@ def describe(path: str, cfg: object) -> str:
         f"  acknowledge stored messages to their gateways every {float(cfg.acks.interval):g}s on "  # type: ignore[attr-defined]
         f"{cfg.gateway_mount}{cfg.topic_prefix}/<gateway>/down/ack"  # type: ignore[attr-defined]
         + (f" (QoS {n.downlink_qos})" if n is not None else ""),
+        f"  fleet inventory {cfg.inventory.path} (gateways list|show), written on change and every "  # type: ignore[attr-defined]
+        f"{float(cfg.inventory.flush_interval):g}s",  # type: ignore[attr-defined]
         _limits_line(cfg),
         _metrics_line(cfg),
         *([_web_line(cfg.web)] if cfg.web is not None else []),  # type: ignore[attr-defined]
