@@ -701,6 +701,8 @@ class MisbehavingResponder:
         function = buf[1]
         if function in (15, 16):
             return 9 + buf[6] if len(buf) >= 7 else None
+        if function == 0x2B:  # Read Device Identification: 2B 0E code object (answered "illegal function")
+            return 7
         return 8
 
     def _answer(self, unit: int, pdu: bytes) -> None:

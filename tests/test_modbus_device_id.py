@@ -5,13 +5,14 @@ real pymodbus server (labkit/meter_sim.py) once per device."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge_agent.modbus import frames
-from edge_agent.modbus.bus import IDENTIFY_ATTEMPTS, BusEngine
+from edge_agent.modbus.bus import IDENTIFY_ATTEMPTS, IDENTIFY_POSTPONE, BusEngine
 from edge_agent.modbus.devices import polled_device
 from edge_agent.modbus.frames import (
     NEED_MORE,
@@ -255,5 +256,33 @@ def test_a_silent_answer_is_tried_again_later_then_given_up(silent_server: int) 
             assert device.identify_state == "failed" and device.stats["no_answer"] == 0  # not a failed poll
         finally:
             await engine.transport.close()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(("timeout", "postponed"), [(0.05, 0), (5.0, IDENTIFY_POSTPONE + 1)])
+def test_the_running_bus_identifies_between_polls(timeout: float, postponed: int) -> None:
+    """After a poll the device answered: at once when the next deadline leaves room for a timeout; on a bus
+    that never has that room (here: a 5 s timeout, polls every 0.2 s), after IDENTIFY_POSTPONE polls."""
+
+    async def scenario() -> None:
+        sim = MeterSimulator(seed=1)
+        await sim.start()
+        engine, device = _engine(sim.port)
+        engine.bus = type(engine.bus)(id=engine.bus.id, target=engine.bus.target, timeout=timeout)
+        device.interval = 0.2
+        task = asyncio.create_task(engine.run(lambda readings: None))
+        try:
+            for _ in range(200):
+                if device.identify_state != "pending":
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await sim.stop()
+        assert device.identify_state == "read" and device.identify_postponed == postponed
+        assert device.stats["polls"] == max(postponed, 1)  # identified right after that poll
 
     asyncio.run(scenario())

@@ -18,11 +18,11 @@ ahead of the next poll, as one transaction (FC 5/6/15/16) followed by a read of 
 transport as the polls: one transaction at a time on the bus, whoever asks.
 
 Each device is asked once per process what it is (Read Device Identification, FC 43 / MEI 14,
-edge_agent/modbus/identify.py), right after its first successful poll, between polls and on this bus's one
-transaction at a time. A device that does not offer it is "not offered", never a failing device; an answer
-that fails (no answer, a rejected frame, a busy device) is tried again after a later poll, at most
-IDENTIFY_ATTEMPTS times. A reconnect does not ask again: a device's identification does not change with its
-connection.
+edge_agent/modbus/identify.py), after a successful poll when the next deadline leaves room for a timeout (on a
+bus that never has the room, after IDENTIFY_POSTPONE polls), on this bus's one transaction at a time. A device
+that does not offer it is "not offered", never a failing device; an answer that fails (no answer, a rejected
+frame, a busy device) is tried again after a later poll, at most IDENTIFY_ATTEMPTS times. A reconnect does not
+ask again: a device's identification does not change with its connection.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ _T = TypeVar("_T")
 # in tens of (a 125-register answer is ~270 ms on the wire), a slow meter in hundreds; the timeout ends the rest.
 ANSWER_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 IDENTIFY_ATTEMPTS = 3
+IDENTIFY_POSTPONE = 10  # polls of a device on a bus without room before it is identified anyway
 
 
 @dataclass
@@ -102,6 +103,7 @@ class PolledDevice:
     # what the device says it is (FC 43 / MEI 14): None until read; attempts and the last failure meanwhile
     identification: Identified | NotOffered | None = None
     identify_attempts: int = 0
+    identify_postponed: int = 0
     identify_error: str = ""
     # what a discovery read on the device itself (SunSpec model 1: Mn, Md, SN, Vr), by the inventory's names
     discovered: dict[str, str] = field(default_factory=dict)
@@ -348,7 +350,8 @@ class BusEngine:
                     self.stats["overruns"] += skipped
                     self._window_overruns[device.id] += skipped
                 device.next_due = next_aligned(finished + self._backoff(device), device.interval)
-                if device.identify_state == "pending" and device.failures == 0 and self.transport.is_open:
+                if device.identify_state == "pending" and device.failures == 0 and self.transport.is_open \
+                        and self._slack_for_identify(device):
                     await self.identify(device)  # once, after a poll it answered: a silent device costs nothing
                 self._report_if_due()
         finally:
@@ -553,6 +556,15 @@ class BusEngine:
         log.info("device %s: SunSpec device %s found, %d read(s) per poll", device.id, model, len(device.plan),
                  extra={"device": device.id})
         return ""
+
+    def _slack_for_identify(self, device: PolledDevice) -> bool:
+        """Identification goes between polls: when the next deadline leaves room for an answer's timeout, or,
+        on a bus that never has that room, after IDENTIFY_POSTPONE polls of the device (once, then never
+        again: it costs the bus a few transactions per process)."""
+        if min(d.next_due for d in self.devices) - time.time() >= float(self.bus.timeout):
+            return True
+        device.identify_postponed += 1
+        return device.identify_postponed > IDENTIFY_POSTPONE
 
     async def identify(self, device: PolledDevice) -> None:
         """Read the device's identification (see the module docstring); never raises for the device's or the
