@@ -430,10 +430,7 @@ class Collector:
 
     async def _uplink(self, gateway: str, msg: paho.MQTTMessage, receive_ns: int) -> None:
         opened = self.ingest.open(msg.topic, msg.payload)
-        self._seen(gateway, receive_ns)
-
-
-        self.inventory.core.uplink(gateway, receive_ns)  # authentic (and, sealed, from that gateway): last seen
+        self._seen(gateway, receive_ns, uplink=True)  # authentic (and, sealed, from that gateway)
         accepted = self.ingest.start(opened)
         now = time.monotonic()
         for start in range(0, len(opened.batch.readings), SLICE):
@@ -523,9 +520,11 @@ class Collector:
         await self._put(gateway, lines, _Delivery(msg.mid, msg.qos, gateway, None, None, len(lines),
                                                   size=sum(map(len, lines))))
 
-    def _seen(self, gateway: str, time_ns: int) -> None:
+    def _seen(self, gateway: str, time_ns: int, *, uplink: bool = False) -> None:
+        """Heard from `gateway` itself at `time_ns`: for the metrics and the fleet inventory alike."""
         if time_ns > self.last_seen.get(gateway, 0):
             self.last_seen[gateway] = time_ns
+        self.inventory.core.seen(gateway, time_ns, uplink=uplink)
 
     async def _control_report(self, gateway: str, msg: paho.MQTTMessage) -> None:
         """A gateway's report on a command or configuration: acknowledged to the broker once the control store

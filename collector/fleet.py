@@ -102,7 +102,7 @@ def fleet_rows(entries: dict[str, GatewayEntry], records: dict[str, GatewayRecor
             failing = record.failing_devices()
             row |= {
                 "last_seen_ns": record.last_seen_ns,
-                "last_seen_age_s": round(max(0, now_ns - record.last_seen_ns) / 1e9, 1),
+                "last_seen_age_s": _age(record.last_seen_ns, now_ns),
                 "backlog_messages": record.backlog_messages,
                 "devices": devices, "devices_ok": devices - failing, "devices_failing": failing,
                 "version": record.version,
@@ -125,9 +125,13 @@ def gateway_detail(gateway: str, entry: GatewayEntry | None, record: GatewayReco
     if record is not None:
         detail |= msgspec.to_builtins(record)
         detail["state"] = state_of(entry, record)  # the record's own "state" field must not hide "revoked"
-        detail["last_seen_age_s"] = round(max(0, now_ns - record.last_seen_ns) / 1e9, 1)
+        detail["last_seen_age_s"] = _age(record.last_seen_ns, now_ns)
         detail["devices_failing"] = record.failing_devices()
     return detail
+
+
+def _age(time_ns: int | None, now_ns: int) -> float | None:
+    return None if time_ns is None else round(max(0, now_ns - time_ns) / 1e9, 1)
 
 
 def age(seconds: float | None) -> str:
@@ -181,10 +185,10 @@ def format_detail(detail: dict[str, Any]) -> str:
     if reg:
         out.append(f"  registry   {reg['status']}, added {reg['added_at']}"
                    + (f", revoked {reg['revoked_at']}" if reg.get("revoked_at") else "") + f", {reg['identity_key']}")
-    if "last_seen_ns" not in detail:
+    if "first_seen_ns" not in detail:
         return "\n".join(out)
     out += [
-        f"  last seen  {age(detail['last_seen_age_s'])} ({_when(detail['last_seen_ns'])}); state since "
+        f"  last seen  {age(detail['last_seen_age_s'])} ({_when(detail.get('last_seen_ns'))}); state since "
         f"{_when(detail.get('state_since_ns'))}; last uplink {_when(detail.get('last_uplink_ns'))}",
         f"  agent      {detail.get('version') or '-'} (started {_when(detail.get('since_ns'))}), MQTT "
         f"{detail.get('mqtt') or '-'}",

@@ -4,7 +4,7 @@ and health. `edge-collector gateways list | show` reads it (collector/fleet.py).
 
     inventory = Inventory()                                  # pure: no clock, no I/O
     change = inventory.status(gateway, doc, receive_ns)      # a status document (wire/status.py StatusDoc)
-    inventory.uplink(gateway, receive_ns)                    # an authentic uplink: last seen
+    inventory.seen(gateway, time_ns, uplink=True)            # heard from: an authentic uplink, or a heartbeat
     inventory.urgent, inventory.dirty                        # what the shell must write, and how soon
     store = InventoryStore(path)                             # SQLite, on the collector's "inventory" thread
     store.save(inventory.take_dirty())
@@ -60,8 +60,10 @@ class DeviceRecord(msgspec.Struct, omit_defaults=True):
 
 class GatewayRecord(msgspec.Struct, omit_defaults=True):
     gateway: str
-    first_seen_ns: int
-    last_seen_ns: int  # the latest status or authentic uplink received
+    first_seen_ns: int  # when this inventory first recorded it
+    # when a collector last heard from the gateway itself (an authentic uplink, a heartbeat; not its last will,
+    # which the broker sends): the rule of collector/app.py Collector._seen, shared with the metrics
+    last_seen_ns: int | None = None
     state: str = UNKNOWN_STATE  # "online" | "offline" | "unknown" (seen through uplinks only, so far)
     state_since_ns: int | None = None  # when this collector learnt the state (receive time)
     last_uplink_ns: int | None = None
@@ -128,18 +130,21 @@ class Inventory:
             if len(self.gateways) >= self.max_gateways:
                 self.full += 1
                 return None
-            record = self.gateways[gateway] = GatewayRecord(gateway, receive_ns, receive_ns)
+            record = self.gateways[gateway] = GatewayRecord(gateway, receive_ns)
             self.urgent = True  # a gateway new to the inventory is worth writing at once
-        record.last_seen_ns = max(record.last_seen_ns, receive_ns)
         self.dirty.add(gateway)
         return record
 
-    def uplink(self, gateway: str, receive_ns: int) -> None:
-        """An authentic uplink message of `gateway` arrived. It says nothing of the state: a message the broker
-        kept for a collector may arrive long after its gateway went away."""
-        record = self._record(gateway, receive_ns)
-        if record is not None:
-            record.last_uplink_ns = max(record.last_uplink_ns or 0, receive_ns)
+    def seen(self, gateway: str, time_ns: int, *, uplink: bool = False) -> None:
+        """The collector heard from `gateway` at `time_ns` (collector/app.py Collector._seen decides when that
+        is); `uplink`: an authentic uplink message, which says nothing of the state (a message the broker kept
+        for a collector may arrive long after its gateway went away)."""
+        record = self._record(gateway, time_ns)
+        if record is None:
+            return
+        record.last_seen_ns = max(record.last_seen_ns or 0, time_ns)
+        if uplink:
+            record.last_uplink_ns = max(record.last_uplink_ns or 0, time_ns)
 
     def status(self, gateway: str, doc: StatusDoc, receive_ns: int,
                devices_allowed: Collection[str] | None = None) -> Change:
@@ -245,7 +250,7 @@ class InventoryStore:
     def save(self, records: Iterable[GatewayRecord]) -> int:
         """Write records in one transaction. A row another collector wrote from a newer status keeps its record;
         the last-seen time is the latest of both."""
-        rows = [(r.gateway, r.last_status_ns or 0, r.last_seen_ns, _encode(r).decode()) for r in records]
+        rows = [(r.gateway, r.last_status_ns or 0, r.last_seen_ns or 0, _encode(r).decode()) for r in records]
         if not rows:
             return 0
         with self._db:
@@ -271,7 +276,7 @@ class InventoryStore:
                 continue
             if record.gateway != gateway:
                 continue
-            record.last_seen_ns = max(record.last_seen_ns, last_seen_ns)
+            record.last_seen_ns = max(record.last_seen_ns or 0, last_seen_ns) or None
             records.append(record)
         return records
 

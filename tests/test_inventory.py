@@ -92,10 +92,11 @@ def test_the_last_will_keeps_what_the_gateway_said_and_uplinks_only_update_last_
     assert inv.status("gw-1", status("offline", gateway="gw-1"), NOW + 90 * SEC).significant
     record = inv.gateways["gw-1"]
     assert record.state == "offline" and record.state_since_ns == NOW + 90 * SEC
+    assert record.last_seen_ns is None  # a status is not "seen" by itself: the collector's rule says when
     assert set(record.devices) == {"m1", "m2"} and record.version == "0.2.0"
-    inv.uplink("gw-1", NOW + 100 * SEC)  # a message the broker kept: not a sign of life
+    inv.seen("gw-1", NOW + 100 * SEC, uplink=True)  # a message the broker kept: not a sign of life
     assert record.state == "offline" and record.last_seen_ns == record.last_uplink_ns == NOW + 100 * SEC
-    inv.uplink("gw-new", NOW)
+    inv.seen("gw-new", NOW, uplink=True)
     assert inv.gateways["gw-new"].state == "unknown"
 
 
@@ -131,7 +132,7 @@ def test_the_store_round_trip_is_private_and_shared_by_two_collectors(tmp_path: 
     a, b = Inventory(), Inventory()
     a.status("gw-1", heartbeat(), NOW + 10 * SEC)
     b.status("gw-1", heartbeat(version="0.1.9"), NOW + 5 * SEC)  # an older status, seen by another collector
-    b.uplink("gw-1", NOW + 20 * SEC)  # ... which has seen a later uplink
+    b.seen("gw-1", NOW + 20 * SEC, uplink=True)  # ... which has seen a later uplink
     store_a, store_b = InventoryStore(path), InventoryStore(path)
     assert store_a.save(a.take_dirty()) == 1
     assert store_b.save(b.take_dirty()) == 1
@@ -190,9 +191,10 @@ def _registry(path: Path) -> GatewayRegistry:
 def test_rows_merge_the_registry_and_the_inventory(tmp_path: Path) -> None:
     reg = _registry(tmp_path / "gateways.db")
     inv = Inventory()
-    inv.status("gw-1", heartbeat(), NOW - 30 * SEC)
-    inv.status("gw-3", heartbeat(), NOW - 30 * SEC)
-    inv.uplink("gw-plain", NOW - 3 * 3600 * SEC)
+    for gateway in ("gw-1", "gw-3"):  # as the collector does for a heartbeat (collector/app.py _status)
+        inv.seen(gateway, NOW - 30 * SEC)
+        inv.status(gateway, heartbeat(), NOW - 30 * SEC)
+    inv.seen("gw-plain", NOW - 3 * 3600 * SEC, uplink=True)
     rows = fleet_rows({e.gateway_id: e for e in reg.list()}, inv.gateways, NOW)
     assert [(r["gateway"], r["state"]) for r in rows] == [
         ("gw-1", "online"), ("gw-2", NEVER_SEEN), ("gw-3", REVOKED), ("gw-plain", "unknown")]
