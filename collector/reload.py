@@ -12,8 +12,8 @@ Applied at once, because each is read afresh for every message or round and hold
     [security]    accept_plain
 
 Everything else needs a restart, and the reload says which keys changed and wait for it: [mqtt] or [nats] (the
-broker session, the subscription or the consumer), [influx] (the writer and its pending lines), [quarantine] (an
-open file), [security] keys_dir, registry, session_grace, replay_window (the opener's keys and sessions),
+broker session, the subscription or the consumer), [influx] (the writer and its pending lines), [quarantine] and
+[inventory] (open files), [security] keys_dir, registry, session_grace, replay_window (the opener's keys and sessions),
 limits.workers, turning log.stats_interval on or off. The gateway registry itself is re-opened and re-read on every reload.
 """
 
