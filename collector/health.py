@@ -152,7 +152,7 @@ def info_lines(doc: StatusDoc, gateway: str, time_ns: int, devices_allowed: Iter
         fields["latitude"] = float(doc.location.lat)
         fields["longitude"] = float(doc.location.lon)
         if doc.location.alt is not None:
-            fields["altitude_m"] = float(doc.location.alt)
+            fields["altitude"] = float(doc.location.alt)  # metres, the vocabulary's name (wire/vocabulary.toml)
         if doc.location.time_ns is not None:
             fields["location_time_ns"] = doc.location.time_ns
     if doc.inventory is not None:

@@ -163,7 +163,7 @@ def test_info_lines_have_bounded_tags_and_fixed_field_types() -> None:
     gateway, device = (line.decode() for line in lines)
     assert gateway.startswith(f"{GATEWAY_INFO_MEASUREMENT},gateway=gw-1 ")
     for field in ('version="0.2.0"', "config_version=3i", f'config_sha256="{"ab" * 32}"', "latitude=52.37",
-                  "longitude=4.89", "altitude_m=2", 'location_source="config"', "devices=2i"):
+                  "longitude=4.89", "altitude=2", 'location_source="config"', "devices=2i"):
         assert field in gateway, field
     assert device.startswith(f"{DEVICE_INFO_MEASUREMENT},device=m1,gateway=gw-1 ")
     for field in ('kind="modbus-tcp"', "unit=1i", 'profile="eastron_sdm630"', 'serial="S 1"', 'modbus_id="read"',

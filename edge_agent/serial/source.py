@@ -107,7 +107,7 @@ class SerialSource:
         if self.device.protocol == "nmea":
             lat, lon = sample.fields.get("latitude"), sample.fields.get("longitude")
             if isinstance(lat, float) and isinstance(lon, float):
-                alt = sample.fields.get("altitude_m")
+                alt = sample.fields.get("altitude")  # metres (wire/vocabulary.toml)
                 self.fix = Fix(lat, lon, alt if isinstance(alt, float) else None, reading.time_ns)
 
     def _reading(self, sample: Sample, received_ns: int) -> Reading:
