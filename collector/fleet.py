@@ -205,7 +205,8 @@ def format_detail(detail: dict[str, Any]) -> str:
         info, health = rec.get("info") or {}, rec.get("health") or {}
         where = " ".join(x for x in (info.get("kind"), info.get("bus"),
                                      f"unit {info['unit']}" if info.get("unit") is not None else "",
-                                     info.get("protocol")) if x)
+                                     f"address {info['address']}" if info.get("address") else "",
+                                     info.get("protocol") if info.get("protocol") != info.get("kind") else "") if x)
         flag = "FAILING" if health.get("failing") else "ok"
         out.append(f"    {device}: {flag}; {where or '-'}")
         what = ", ".join(f"{k} {info[k]}" for k in ("profile", "model", "vendor", "serial", "revision") if info.get(k))

@@ -35,7 +35,7 @@ DEVICE_HEALTH_MEASUREMENT = "citynerve_device_health"
 GATEWAY_INFO_MEASUREMENT = "citynerve_gateway_info"
 DEVICE_INFO_MEASUREMENT = "citynerve_device_info"
 # DeviceInfo's texts (wire/status.py), stored under the same names; the Modbus identification's with "modbus_".
-DEVICE_TEXTS = ("kind", "bus", "protocol", "profile", "model", "vendor", "serial", "revision")
+DEVICE_TEXTS = ("kind", "bus", "address", "protocol", "profile", "model", "vendor", "serial", "revision")
 MODBUS_ID_TEXTS = ("vendor_name", "product_code", "revision", "vendor_url", "product_name", "model_name",
                    "user_application_name")
 

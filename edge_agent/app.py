@@ -804,7 +804,7 @@ def poll_errors(stats: Any) -> dict[str, int]:
             if n and (key in _POLL_ERRORS or key.startswith(("exception_", "rejected")))}
 
 
-def _health(stats: Any, polls: int, last_error: str, failing: bool) -> dict[str, Any]:
+def _health(stats: Any, polls: int, last_error: str, failing: bool = False) -> dict[str, Any]:
     return {"polls": polls, "errors": sum(poll_errors(stats).values()), "last_error": last_error[:200],
             "failing": failing}
 

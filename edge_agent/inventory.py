@@ -3,10 +3,11 @@ devices it has. Pure: built from the configuration and the loop's own state, no 
 
 - **Location**: the newest position fix of an NMEA source (`location_source` "gps"), else `[gateway] location`
   from agent.toml ("config"), else none. A GPS fix wins because it is measured where the gateway is now.
-- **Devices**: per device id its kind, bus, unit, protocol, profile and model from the configuration and the
-  profile, and what the device said about itself: a Modbus device's Read Device Identification
-  (edge_agent/modbus/identify.py), a SunSpec device's model 1 (manufacturer, serial number, version), a serial
-  meter's or sensor's identification from its frames (edge_agent/serial/source.py IDENTITY_TAGS).
+- **Devices**: per device id its kind, bus, unit (Modbus) or address (DL/T 645, CJ/T 188, M-Bus), protocol,
+  profile and model from the configuration and the profile, and what the device said about itself: a Modbus
+  device's Read Device Identification (edge_agent/modbus/identify.py), a SunSpec device's model 1
+  (manufacturer, serial number, version), an M-Bus meter's manufacturer, a serial meter's or sensor's
+  identification from its frames (edge_agent/serial/source.py IDENTITY_TAGS).
 
 Every text is cut to the schema's bounds and cleaned of control characters here, so that one odd device cannot
 make the collector refuse the whole heartbeat (it validates the status strictly).
@@ -19,7 +20,6 @@ from typing import Any
 
 from edge_agent.config import AgentConfig
 from edge_agent.modbus.bus import BusEngine, PolledDevice
-from edge_agent.modbus.config import ModbusDevice
 from edge_agent.modbus.identify import Identified
 from edge_agent.serial.source import SerialSource
 from wire.names import BAD_CHARACTER
@@ -58,24 +58,34 @@ def devices(cfg: AgentConfig, buses: list[BusEngine], sources: list[SerialSource
     for engine in buses:
         for polled in engine.devices:
             device = configured.get(polled.id)
-            modbus = isinstance(device, ModbusDevice)
-            entry: dict[str, Any] = {
-                "kind": "modbus" if modbus else "modbus-tcp",
-                "bus": text(engine.bus.id, MAX_BUS_CHARS),
-                "unit": polled.unit,
-            }
-            if device is not None:
-                entry["profile"] = text(profile_name(device.profile))
+            entry: dict[str, Any] = {"kind": kind_of(device), "bus": text(engine.bus.id, MAX_BUS_CHARS)}
+            if polled.meter is not None:  # DL/T 645, CJ/T 188, M-Bus: an address, and its protocol's name
+                entry["protocol"] = entry["kind"]
+                address = getattr(device, "address", None)
+                address = getattr(device, "secondary", None) if address is None else address
+                if address is not None:
+                    entry["address"] = text(address)
+            else:
+                entry["unit"] = polled.unit
+                profile = getattr(device, "profile", None)
+                if profile:
+                    entry["profile"] = text(profile_name(profile))
+                entry["modbus_id"] = modbus_id(polled)
             if polled.tags.get("model"):
                 entry["model"] = text(polled.tags["model"])
             entry.update({k: text(v) for k, v in polled.discovered.items() if v})
-            entry["modbus_id"] = modbus_id(polled)
             out[polled.id] = entry
     for source in sources:
         entry = {"kind": "serial", "bus": text(source.device.port, MAX_BUS_CHARS), "protocol": source.device.protocol}
         entry.update({k: text(v) for k, v in source.identity.items() if v})
         out[source.device.id] = entry
     return out
+
+
+def kind_of(device: object) -> str:
+    """A device's `kind` as agent.toml says it (the tag of its configuration struct)."""
+    tag = getattr(type(device), "__struct_config__", None)
+    return str(tag.tag) if tag is not None and tag.tag is not None else "modbus-tcp"
 
 
 def modbus_id(polled: PolledDevice) -> dict[str, Any]:

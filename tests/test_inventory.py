@@ -337,3 +337,31 @@ def test_serial_sources_learn_identity_and_position_from_their_frames() -> None:
     sentences = b"$GPGGA,184353.07,1929.045,S,02410.506,E,1,04,2.6,100.00,M,-33.9,M,,0000*6D\r\n"  # golden/nmea
     gps.readings(gps.info.make_decoder(gps.device).feed(sentences), NOW)
     assert gps.fix == Fix(-(19 + 29.045 / 60), 24 + 10.506 / 60, 100.0, NOW)
+
+
+def test_meters_on_a_bus_are_inventoried_by_address_and_not_asked_for_modbus_identification(tmp_path: Path) -> None:
+    from edge_agent.app import Agent
+
+    agent = Agent(_agent_config(tmp_path, """
+[[buses]]
+id = "rs485-1"
+target = "/dev/ttyRS485"
+
+[[devices]]
+kind = "dlt645"
+id = "flat-12"
+bus = "rs485-1"
+address = "000102030425"
+
+[[devices]]
+kind = "mbus"
+id = "heat-1"
+bus = "rs485-1"
+secondary = "26718590FFFFFFFF"
+"""))
+    inventory = msgspec.to_builtins(decode_status(agent.status()).inventory)
+    assert inventory["flat-12"] == {"kind": "dlt645", "bus": "rs485-1", "address": "000102030425", "protocol": "dlt645"}
+    assert inventory["heat-1"] == {"kind": "mbus", "bus": "rs485-1", "address": "26718590FFFFFFFF", "protocol": "mbus"}
+    meters = {d.id: d for engine in agent.buses for d in engine.devices if d.meter is not None}
+    meters["heat-1"].discovered["vendor"] = "LUG"  # what _poll_meter learns from an M-Bus telegram's header
+    assert decode_status(agent.status()).inventory["heat-1"].vendor == "LUG"

@@ -31,7 +31,7 @@ and the gateway's inventory, which the collector keeps (collector/inventory.py, 
     config_sha256       its SHA-256 (hex), when known
     location            {"lat": deg, "lon": deg, "alt": m or null, "time_ns": fix time (gps only)}
     location_source     "config" ([gateway] location) | "gps" (the latest fix of an NMEA source)
-    inventory           {device id: DeviceInfo}: kind, bus, unit, protocol, profile, model, vendor, serial,
+    inventory           {device id: DeviceInfo}: kind, bus, unit or address, protocol, profile, model, vendor, serial,
                         revision, and `modbus_id`, what a Modbus device answered to Read Device Identification
                         (FC 43 / MEI 14): state "read" | "not_offered" | "pending" | "failed", conformity level
                         and the basic and regular objects (vendor_name, product_code, revision, vendor_url,
@@ -109,9 +109,10 @@ class ModbusId(msgspec.Struct, frozen=True, omit_defaults=True):
 class DeviceInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     """One device of the gateway's inventory: what the configuration says and what the device says."""
 
-    kind: Short  # the [[devices]] kind: "modbus" | "modbus-tcp" | "serial"
+    kind: Short  # the [[devices]] kind: "modbus" | "modbus-tcp" | "serial" | "dlt645" | "cjt188" | "mbus"
     bus: Annotated[str, msgspec.Meta(max_length=MAX_BUS_CHARS)] | None = None
     unit: Annotated[int, msgspec.Meta(ge=0, le=255)] | None = None
+    address: Text | None = None  # a meter's: DL/T 645 / CJ/T 188 digits, an M-Bus primary or secondary address
     protocol: Short | None = None  # serial: "dsmr", "iec62056-21", "nmea", ...
     profile: Text | None = None  # the firmware profile's name ("sunspec": discovered)
     model: Text | None = None  # the profile's model, or the SunSpec device's

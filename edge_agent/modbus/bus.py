@@ -17,7 +17,7 @@ MAX_QUEUED_COMMANDS per bus); the run loop wakes for it instead of sleeping unti
 ahead of the next poll, as one transaction (FC 5/6/15/16) followed by a read of the point, on the same
 transport as the polls: one transaction at a time on the bus, whoever asks.
 
-Each device is asked once per process what it is (Read Device Identification, FC 43 / MEI 14,
+Each Modbus unit is asked once per process what it is (Read Device Identification, FC 43 / MEI 14,
 edge_agent/modbus/identify.py), after a successful poll when the next deadline leaves room for a timeout (on a
 bus that never has the room, after IDENTIFY_POSTPONE polls), on this bus's one transaction at a time. A device
 that does not offer it is "not offered", never a failing device; an answer that fails (no answer, a rejected
@@ -350,8 +350,8 @@ class BusEngine:
                     self.stats["overruns"] += skipped
                     self._window_overruns[device.id] += skipped
                 device.next_due = next_aligned(finished + self._backoff(device), device.interval)
-                if device.identify_state == "pending" and device.failures == 0 and self.transport.is_open \
-                        and self._slack_for_identify(device):
+                if device.meter is None and device.identify_state == "pending" and device.failures == 0 \
+                        and self.transport.is_open and self._slack_for_identify(device):
                     await self.identify(device)  # once, after a poll it answered: a silent device costs nothing
                 self._report_if_due()
         finally:
@@ -530,6 +530,8 @@ class BusEngine:
             device.failures += 1
             return PollOutcome(device, [], error or f"{reader.describe()}: no values")
         device.failures = 0
+        if sample.tags.get("manufacturer"):  # M-Bus: the maker's three letters, for the inventory
+            device.discovered.setdefault("vendor", sample.tags["manufacturer"])
         reading = Reading(device.id, sample.measurement or "meter", sample.time_ns or answered_ns or time.time_ns(),
                           dict(sample.fields), {**sample.tags, **device.tags}, dict(sample.quality))
         return PollOutcome(device, [reading], error)
