@@ -80,9 +80,9 @@ def r2(value: float | None) -> float | None:
 # -- the publisher processes --------------------------------------------------------------------------------------
 
 
-def publisher_main(spec_json: str) -> None:
+def publisher_main(spec_file: str) -> None:
     raise_nofile()
-    asyncio.run(_publisher(json.loads(spec_json)))
+    asyncio.run(_publisher(json.loads(Path(spec_file).read_text())))
 
 
 async def _publisher(spec: dict) -> None:
@@ -120,11 +120,12 @@ async def _publisher(spec: dict) -> None:
 class Publishers:
     """The child processes, each simulating a slice of the fleet; commands go to all, one answer each."""
 
-    def __init__(self, slices: list[list[tuple[str, str]]], sim: dict) -> None:
+    def __init__(self, slices: list[list[tuple[str, str]]], sim: dict, work: Path) -> None:
         self.procs = []
-        for part in slices:
-            spec = json.dumps({"sim": sim, "gateways": part})
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "bench.fleet", "--publisher", spec],
+        for i, part in enumerate(slices):
+            spec = work / f"publisher-{i}.json"
+            spec.write_text(json.dumps({"sim": sim, "gateways": part}))
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "bench.fleet", "--publisher", str(spec)],
                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                                cwd=REPO))
         self.answers("")  # "ready"
@@ -294,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
         publisher_main(args.publisher)
         return {}
     limit = raise_nofile()
-    if limit < args.gateways * 2 + 200:
+    if limit < args.gateways + 1000:  # the broker holds a socket per gateway
         print(f"warning: open-file limit {limit} is low for {args.gateways} gateways", flush=True)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "jitter": not args.no_jitter}
             slices = [[(gid, str(dep.gateways[gid].dir)) for gid in ids[i::publishers_n]]
                       for i in range(publishers_n)]
-            pubs = Publishers(slices, sim)
+            pubs = Publishers(slices, sim, work)
             sampler = Sampler({"collector": collector.proc.pid, "broker": lambda: server_pid(broker),
                                "store": server_pid(influx)})
             sampler.start()
