@@ -464,6 +464,16 @@ def _result(args, reports, influx, watch, cpu0, cpu1, c_t0, c_t1, collector, sam
     processed = after.get("messages", 0) - before.get("messages", 0)
     processed_readings = after.get("readings", 0) - before.get("readings", 0)
     last = stats[-1][1] if stats else {}
+    # The collector's throughput over time, per publish interval (its stats lines, every second): readings
+    # processed (written or being written), messages acknowledged end to end, what paho's thread waited.
+    timeline = []
+    t = first_cycle - args.interval
+    while stats and t < stats[-1][0]:
+        a = next((c for tt, c in reversed(stats) if tt <= t), {})
+        b = next((c for tt, c in reversed(stats) if tt <= t + args.interval), {})
+        timeline.append({"t": round(t), **{k: b.get(k, 0) - a.get(k, 0) for k in (
+            "messages", "readings", "lines_written", "acked_seqs", "acks_sent", "intake_wait_ms", "duplicates")}})
+        t += args.interval
     cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
     window = c_t1 - c_t0
     produced = sum(c["readings"] for c in cycles)
@@ -489,7 +499,7 @@ def _result(args, reports, influx, watch, cpu0, cpu1, c_t0, c_t1, collector, sam
         "peak_rss_mib": {k: round(v / 1024, 1) for k, v in sampler.peak_kb.items()},
         "collector_counters": {k: v for k, v in last.items() if k.startswith(("rejected.", "acks", "declined"))
                                or k in ("messages", "readings", "duplicates", "lines_written", "status_messages")},
-        "cycles": cycles, "storm": storm, "watch_errors": watch.errors,
+        "cycles": cycles, "timeline": timeline, "storm": storm, "watch_errors": watch.errors,
     }
     _print(result)
     return result
@@ -504,6 +514,15 @@ def _print(res: dict) -> None:
               f"{c['readings']:>9} {c['stored']:>9} {c['ack_p50_s']!s:>7} {c['ack_p99_s']!s:>7} "
               f"{c['store_p50_s']!s:>9} {c['store_p99_s']!s:>9} {c['resent']:>6} {c['unacked']:>7}")
     print("(* measured cycles; latencies in s from the cycle's end; store latency of every watched gateway)")
+    print(f"\n{'from':>9} {'msgs/s':>7} {'readings/s':>10} {'lines/s':>8} {'acked/s':>8} {'acks/s':>7} "
+          f"{'dup/s':>6} {'intake wait':>11}")
+    for w in res["timeline"]:
+        span = res["interval_s"]
+        print(f"{time.strftime('%H:%M:%S', time.localtime(w['t'])):>9} {w['messages'] / span:>7.0f} "
+              f"{w['readings'] / span:>10.0f} {w['lines_written'] / span:>8.0f} {w['acked_seqs'] / span:>8.0f} "
+              f"{w['acks_sent'] / span:>7.0f} {w['duplicates'] / span:>6.0f} {w['intake_wait_ms'] / 1000:>10.1f}s")
+    print("(the collector's stats lines: messages and readings processed, lines InfluxDB confirmed, messages "
+          "acknowledged end to end, acknowledgement messages, duplicates, seconds paho's thread held the broker)")
     print(f"\nreadings produced {res['produced_readings']:,}, stored {res['stored_readings']:,}, lost "
           f"{res['lost_readings']:,}; messages re-sent {res['resent_messages']:,}; unacknowledged at the end "
           f"{res['unacked_at_end']}")
@@ -515,7 +534,7 @@ def _print(res: dict) -> None:
     print("peak RSS MiB: " + ", ".join(f"{k} {v}" for k, v in res["peak_rss_mib"].items()))
     print(f"load average before {res['load_before']}, after {res['load_after']}; settings {res['collector_settings']}, "
           f"influxd {res['influx_config']}")
-    print(json.dumps({k: v for k, v in res.items() if k != "cycles"}))
+    print(json.dumps({k: v for k, v in res.items() if k not in ("cycles", "timeline")}))
 
 
 if __name__ == "__main__":

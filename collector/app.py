@@ -3,8 +3,9 @@ acknowledgements out.
 
 The path of a message, and who owns each step:
 
-    paho's network thread   _on_message: counts the message against the hand-over bound (declining it there
-                            when the loop has fallen that far behind) and hands it to the loop. Nothing else.
+    paho's network thread   _on_message: counts the message against the hand-over bound and hands it to the
+                            loop; while the bound is full it waits for room (at most _HANDOFF_WAIT), so that
+                            paho stops reading and TCP flow control keeps the rest queued at the broker.
     event loop              _admit: collector/admission.py decides, from the topic's gateway alone, whether it
                             is queued (per gateway, bounded, rate limited) or declined at once.
     event loop (workers)    round robin over gateways: collector/ingest.py opens, checks (collector/guard.py)
@@ -87,6 +88,14 @@ _STORE_LIMITS = ("max-values-per-tag limit exceeded", "max-series-per-database l
 _FINAL_ACKS_TIMEOUT = 2.0
 # Gateways idle this long lose their admission state (their token buckets are full again by then anyway).
 _IDLE_GATEWAY = 600.0
+# How long paho's thread waits for room under the hand-over bound before it declines a message instead. While it
+# waits it reads nothing more, so the broker keeps the rest queued (its queue is the buffer for a collector that
+# is merely behind); the bound on the wait keeps paho's keepalive going (mosquitto drops a client silent for
+# 1.5 x keepalive, MQTT 5 §3.1.2.10) and a stuck loop from holding the broker's messages for ever.
+_HANDOFF_WAIT = 5.0
+# Acknowledgements wait (merged per gateway) while paho holds this many packets it has not yet written: the bound
+# on what the collector queues in paho when the broker reads slowly.
+_MAX_UNWRITTEN_PACKETS = 10_000
 
 
 @dataclass(frozen=True)
@@ -148,9 +157,12 @@ class Collector:
         self._loop: asyncio.AbstractEventLoop | None = None
         # The hand-over bound (paho's thread -> the loop): guarded by a lock, the only state both threads touch.
         self._handoff_lock = threading.Lock()
+        self._handoff_room = threading.Condition(self._handoff_lock)
         self._handoff_messages = 0
         self._handoff_bytes = 0
         self._handoff_declined = 0
+        self._handoff_waited = 0.0  # seconds paho's thread waited for room (back-pressure to the broker)
+        self._closing = False
         self._work = asyncio.Event()
         self._housekeeping_beat: Callable[[], None] = _nothing  # the watchdog's beacon, from run() on
         self._files = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="registry")
@@ -193,7 +205,7 @@ class Collector:
         """The gateways' leaves this collector takes: reports only when it relays control documents."""
         return (topics.UP, topics.STATUS, topics.REPORT) if self.control else (topics.UP, topics.STATUS)
 
-    # -- paho's thread: count, hand over, never block ---------------------------------------------------------
+    # -- paho's thread: count, hand over (waiting for room while the collector is behind) ---------------------------
 
     def _on_connected(self, session_present: bool) -> None:
         # The gateways' topics as the broker's gateways' listener mounts them (gw/citynerve/v1/+/up).
@@ -214,18 +226,30 @@ class Collector:
         receive_ns = time.time_ns()
         size = len(msg.payload)
         lim = self.cfg.limits
-        with self._handoff_lock:
+        with self._handoff_room:
             full = self._handoff_messages >= lim.max_messages or self._handoff_bytes + size > lim.max_bytes
-            if full:
+            if full and not self._closing:
+                # The collector is behind: hold paho here instead of declining. A message leaves the hand-over
+                # count when a worker takes it (or it is declined at admission), so this is the collector's
+                # whole intake queue; waiting here is what makes overload show as latency at the broker rather
+                # than as declined messages that every gateway sends again.
+                began = time.monotonic()
+                deadline = began + _HANDOFF_WAIT
+                while full and not self._closing and (left := deadline - time.monotonic()) > 0:
+                    self._handoff_room.wait(left)
+                    full = self._handoff_messages >= lim.max_messages or self._handoff_bytes + size > lim.max_bytes
+                self._handoff_waited += time.monotonic() - began
+            if full and not self._closing:
                 self._handoff_declined += 1
-            else:
+            elif not full:
                 self._handoff_messages += 1
                 self._handoff_bytes += size
         if full:
-            # The loop is that far behind the broker: decline the message here, where it already is, rather than
-            # grow the queue this bound exists to stop. Acknowledged to the broker, not end to end: the gateway
-            # sends it again. Counted, and reported by the loop (Reason.OVERLOAD).
-            if msg.qos > 0:
+            # Still no room after _HANDOFF_WAIT: decline it here, where it already is, rather than grow the queue
+            # this bound exists to stop. Acknowledged to the broker, not end to end: the gateway sends it again.
+            # Counted, and reported by the loop (Reason.OVERLOAD). Shutting down: not acknowledged at all, the
+            # broker delivers it again to the collectors' session.
+            if msg.qos > 0 and not self._closing:
                 self.link.ack(msg.mid, msg.qos)
             return
         # From here on the topic is the gateway's own (citynerve/v1/<id>/up), the one its sealed payload is bound
@@ -253,20 +277,27 @@ class Collector:
             self.service.ready(self.service_status())
 
     def _admit(self, msg: paho.MQTTMessage, receive_ns: int, size: int) -> None:
-        with self._handoff_lock:
-            self._handoff_messages -= 1
-            self._handoff_bytes -= size
         parsed = topics.parse(self.prefix, msg.topic)
         if parsed is None or parsed[1] not in self._leaves:
+            self._handed_on(size)
             self._reject("?", msg, Rejection.BAD_TOPIC, f"not an uplink, status or report topic under "
                          f"{self.prefix}/: {msg.topic!r}", receive_ns)
             return
         gateway, kind = parsed
-        reason = self.admission.offer(gateway, (msg, receive_ns, kind), size, time.monotonic())
+        reason = self.admission.offer(gateway, (msg, receive_ns, kind, size), size, time.monotonic())
         if reason is not None:
+            self._handed_on(size)
             self._decline(gateway, msg, reason)
             return
         self._work.set()
+
+    def _handed_on(self, size: int) -> None:
+        """A message left the collector's intake (taken by a worker, or declined or rejected at the door): room
+        under the hand-over bound, which paho's thread may be waiting for."""
+        with self._handoff_room:
+            self._handoff_messages -= 1
+            self._handoff_bytes -= size
+            self._handoff_room.notify()
 
     def _decline(self, gateway: str, msg: paho.MQTTMessage, reason: Reason) -> None:
         """Not now: acknowledged to the broker (out of everyone's way), not end to end (the gateway keeps it)."""
@@ -348,6 +379,9 @@ class Collector:
             if web is not None:
                 with contextlib.suppress(Exception):
                     await page.close()
+            with self._handoff_room:  # paho's thread stops waiting for room that will not come
+                self._closing = True
+                self._handoff_room.notify_all()
             # Messages still queued are not acknowledged: they stay with the broker's session and come again.
             self.admission.drain()
             # Acknowledge only what is stored: drain the writer, then leave.
@@ -401,7 +435,8 @@ class Collector:
                 self._work.clear()
                 await self._work.wait()
                 continue
-            gateway, (msg, receive_ns, kind) = job
+            gateway, (msg, receive_ns, kind, size) = job
+            self._handed_on(size)
             try:
                 await self._process(gateway, msg, receive_ns, kind)
             except WriterClosed:
@@ -614,12 +649,23 @@ class Collector:
                 self._publish_acks()
 
     def _publish_acks(self) -> list[paho.MQTTMessageInfo]:
-        """Everything stored since the last call: one message per gateway (more beyond ack.MAX_RANGES ranges).
+        """What was stored since the last call: one message per gateway (more beyond ack.MAX_RANGES ranges).
 
-        Not retained, QoS 1. A lost acknowledgement costs a re-send by the agent, whose rewrite is idempotent,
-        so nothing here is kept for a retry.
+        Not retained, at the input's ack_qos: 0 on MQTT. A lost acknowledgement costs a re-send by the agent,
+        whose rewrite is idempotent, so nothing here is kept for a retry, and QoS 1 would buy nothing the gateway
+        could use: an agent has no persistent session (clean start), so the broker drops an acknowledgement for
+        a gateway that is not connected at either QoS. What QoS 1 cost on mosquitto was measured (issue 14): a
+        window of PUBACKs that, with paho's 20 in flight, capped acknowledgements near 55/s at the ~360 ms broker
+        round trip seen under load, and with 1000 in flight still at ~100/s once the collector was behind, its
+        PUBACKs queued at the broker behind the uplink messages it had not read yet - against ~1,000/s that
+        10,000 gateways need.
+
+        They wait (merged per gateway, nothing lost) while the link is down, and while the input holds more than
+        _MAX_UNWRITTEN_PACKETS downlinks it has not written: the bound on what the collector queues there.
         """
         sent: list[paho.MQTTMessageInfo] = []
+        if not self.link.connected.is_set() or self.link.unsent() > _MAX_UNWRITTEN_PACKETS:
+            return sent
         for gateway, messages in self.acks.take().items():
             session_id = self._ack_session.pop(gateway, None)
             topic = topics.down(self.prefix, gateway, ack.KIND)
@@ -639,7 +685,7 @@ class Collector:
                         )
                         continue
                 # Sealed for the gateway's own topic; published where the broker mounts it (gw/citynerve/v1/...).
-                sent.append(self.link.publish(topics.mount(self.mount, topic), payload, qos=1,
+                sent.append(self.link.publish(topics.mount(self.mount, topic), payload, qos=self.link.ack_qos,
                                               retain=False))
                 self.counters["acks_sent"] += 1
                 self.counters["acked_seqs"] += sum(last - first + 1 for first, last in ranges)
@@ -669,6 +715,11 @@ class Collector:
                         log.info("gateway registry changed: %d gateway(s) enrolled", len(self.registry.list()))
             with self._handoff_lock:
                 declined, self._handoff_declined = self._handoff_declined, 0
+                waited, self._handoff_waited = self._handoff_waited, 0.0
+            if waited:
+                # paho's thread held back the broker's deliveries this long: the collector is behind, the broker
+                # keeps the rest queued (latency, not declined messages)
+                self.counters["intake_wait_ms"] += round(waited * 1000)
             if declined:
                 self.rejections[Reason.OVERLOAD] += declined
                 self._warn.warning(("overload",), "the collector fell behind the broker: declined %d message(s) at "

@@ -3,12 +3,14 @@ clustered broker tier ([nats], collector/natsin.py). collector/app.py holds one 
 
     mount           the mount point in front of the gateways' topics as the input names them ("" for none)
     window          messages the broker may hand over unacknowledged (receive maximum / max_inflight)
+    ack_qos         the QoS the collector's end-to-end acknowledgements are published at
     connected       a threading.Event, set while connected (the metrics read it)
     describe()      for the start-up log line
     await open()    start connecting (and keep retrying); returns at once
     tasks()         long-lived tasks the collector supervises with its own
     subscribe(filters, qos)          on (re)connection, from `on_connected`; answered by `on_subscribed(codes)`
     ack(mid, qos)                    a message's fate is decided: the broker may forget it
+    unsent()                         downlinks published and not yet written to the connection
     publish(topic, payload, qos, retain)   a downlink (acknowledgements, control documents)
     await flush(sent, timeout)       wait (briefly) until the broker has what was published
     await close()
@@ -45,6 +47,14 @@ class MqttInput(MqttLink):
                          on_connected=on_connected, on_message=on_message, on_subscribed=on_subscribed)
         self.mount = m.gateway_mount
         self.window = m.receive_maximum
+        # QoS 0: an acknowledgement lost on the way costs a re-send the agent makes anyway, and the agents have no
+        # persistent session for QoS 1 to keep one in. At QoS 1 their PUBACKs queued at mosquitto behind the
+        # uplink messages a collector that is behind has not read yet, which capped acknowledgements near
+        # 100/s at 10,000 gateways (docs/benchmarks.md "Fleet"; collector/app.py _publish_acks).
+        self.ack_qos = 0
+
+    def unsent(self) -> int:
+        return self.unwritten_packets()
 
     def describe(self) -> str:
         return f"MQTT {self.settings.host}:{self.settings.port}"

@@ -124,6 +124,7 @@ class NatsInput:
     """The collector's input and output on the NATS tier; the same surface as collector/inputs.py MqttInput."""
 
     mount = ""  # nats-server names the gateways' topics as they publish them
+    ack_qos = 1  # what downlink_qos allows (publish() takes the lower)
 
     def __init__(self, settings: CollectorNats, client_name: str, *, on_connected: Callable[[bool], None],
                  on_message: Callable[[Any], None], on_subscribed: Callable[[list[int]], None] | None = None,
@@ -204,6 +205,9 @@ class NatsInput:
             return
         self._acks.append(taken[0])
         self._out.set()
+
+    def unsent(self) -> int:
+        return len(self._downlinks)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         """A downlink to a gateway's MQTT session (an acknowledgement, a control document). Not retained (the

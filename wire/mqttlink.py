@@ -190,6 +190,11 @@ class MqttLink:
     def ack(self, mid: int, qos: int) -> None:
         self.client.ack(mid, qos)
 
+    def unwritten_packets(self) -> int:
+        """Packets paho holds that it has not written to the socket yet (its out-packet queue; len() of a deque
+        is safe from any thread). paho 2.x has no public accessor; this is the one place that reads it."""
+        return len(getattr(self.client, "_out_packet", ()))
+
     # -- paho plumbing (runs in paho's network thread) ----------------------------------------------------------
 
     def _new_client(self) -> paho.Client:
