@@ -13,20 +13,22 @@ The rules, in order of priority:
    this process (the backlog after a restart or an outage), as long as fewer than `window` messages are
    outstanding (sent, not acknowledged, not timed out). The window bounds what waits in the broker's queues per
    gateway, and a drain proceeds at `window` messages per acknowledgement round trip.
-3. A message not acknowledged within the timeout is due again. While nothing at all is acknowledged (collector
-   or InfluxDB down), the timeout doubles per round up to its maximum, and the window collapses to one message:
-   each round sends only the oldest unacknowledged message as a probe, and live messages wait in the outbox
-   with the rest. So a long outage neither fills the broker's queues (a window, then one message per round)
-   nor costs many re-sends. The first acknowledgement after it resets the timeout and doubles the window back
-   to its size (1, 2, 4 ... within seconds); live messages go first again as soon as anything is acknowledged.
+3. A message not acknowledged within the timeout is due again. Then, once per round, the timeout doubles (up to
+   its maximum) and the window collapses to one message: each round sends only the oldest unacknowledged
+   message as a probe, and live messages wait in the outbox with the rest; each acknowledgement doubles the
+   window back towards its size (1, 2, 4 ... within a few round trips), and live messages go first again as
+   soon as anything is acknowledged. So an outage (collector or InfluxDB down: nothing acknowledged) neither fills the broker's
+   queues (a window, then one message per round) nor costs many re-sends, and a collector that is up but
+   behind (acknowledgements later than the timeout) gets one probe per gateway instead of every message again:
+   the gateways' sending is clocked by the acknowledgements, as TCP's is after a retransmission timeout
+   (RFC 5681 §3.1), so the broker's queue stops growing and what the collector cannot take yet waits in the
+   gateways' outboxes. (issue 14: with every expired message sent again, 10,000 gateways re-sent 20,000-36,000
+   messages in 2-3 minutes, work the collector then did twice.)
 4. The timeout follows the acknowledgement latency the gateway observes, as TCP's retransmission timer follows
    the round trip (RFC 6298): each acknowledgement of a message sent only once is a sample; the timeout is
-   srtt + 4 x rttvar, never below `ack_timeout` (the configured floor) nor above `ack_timeout_max`. When a
-   message times out while acknowledgements still come (the collector is slow, not gone), the timeout doubles
-   once per round and is kept until a fresh sample says what the latency is (Karn's rule, RFC 6298 §5.5: a
-   sample from a message sent twice is ambiguous and never taken). So a collector that falls behind shows as
-   growing latency, and costs at most one re-send per message at the onset instead of one per timeout for as
-   long as it is behind (issue 14: 20,000-36,000 duplicates in 2-3 minutes at 10,000 gateways).
+   srtt + 4 x rttvar, never below `ack_timeout` (the configured floor) nor above `ack_timeout_max`. A sample
+   from a message sent twice is ambiguous and never taken, and a backed-off timeout is kept until a fresh sample
+   comes (Karn's algorithm, RFC 6298 §5): after an outage that is the first live message acknowledged.
 
 Acknowledgements may name numbers this process never sent (sent before a restart, or by the previous process):
 they are remembered as ranges and deleted from the outbox at the next commit.
@@ -104,11 +106,8 @@ class Delivery:
             self._add_acked(first, last)
         self.last_ack = now
         if newest_once is not None:
-            self.sample(now - newest_once)
-        if newest_once is not None or self.cwnd == 1:
-            # A fresh sample, or the first acknowledgement after an outage (the window had collapsed): the
-            # timeout is the estimate again. Otherwise a backed-off timeout stays until a sample comes.
-            self.timeout = self.estimate()
+            self.sample(now - newest_once)  # the timeout is the estimate again; without a sample a backed-off
+            # timeout stays (Karn): an acknowledgement of a copy sent twice says nothing about the latency
         self.cwnd = min(self.window, self.cwnd * 2)
         return covered
 
@@ -153,7 +152,6 @@ class Delivery:
     def expire(self, now: float) -> int:
         """Move messages whose acknowledgement is overdue to the retry queue; returns how many."""
         expired = 0
-        nothing_acked_since = None
         new_round = False
         for seq, sent_at in list(self.outstanding.items()):
             if now - sent_at < self.timeout:
@@ -164,16 +162,11 @@ class Delivery:
                 heapq.heappush(self._retry, seq)
                 self._retry_set.add(seq)
             expired += 1
-            if sent_at >= self._backed_off_at:  # once per round: what was sent before the last back-off does not count
-                new_round = True
-                if self.last_ack is None or self.last_ack < sent_at:
-                    nothing_acked_since = sent_at
-        if nothing_acked_since is not None:  # nothing acknowledged at all: an outage, probe with one message
+            # once per round: what was sent before the last back-off does not count again
+            new_round = new_round or sent_at >= self._backed_off_at
+        if new_round:  # rule 3: back off, probe with one message
             self.timeout = min(self.timeout * 2, self.timeout_max)
             self.cwnd = 1
-            self._backed_off_at = now
-        elif new_round:  # acknowledgements come, later than the timeout: back off, keep the window (rule 4)
-            self.timeout = min(self.timeout * 2, self.timeout_max)
             self._backed_off_at = now
         return expired
 

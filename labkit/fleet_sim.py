@@ -89,6 +89,7 @@ class GatewayStats:
     losses: int = 0
     refused_pubacks: int = 0  # PUBACK reason >= 0x80 (the broker's rate limit: 0x87)
     bad_acks: int = 0
+    dup_resends: int = 0  # un-PUBACKed publishes sent again after a reconnect (paho's DUP re-send)
     connected_at: list[float] = field(default_factory=list)  # wall clock of each CONNACK
     lost_at: list[float] = field(default_factory=list)
 
@@ -116,6 +117,10 @@ class SimGateway:
         self._timer: asyncio.TimerHandle | None = None
         self._connecting = False
         self._mids: dict[int, int] = {}  # packet id -> seq (the latest publish of it)
+        # What the current connection was given and the broker has not PUBACKed: paho sends it again (DUP) right
+        # after the next CONNACK (client.py _messages_reconnect_reset_out), whatever the clean-start flag.
+        self._unacked: dict[int, bytes] = {}  # packet id -> sealed payload
+        self._resend: list[tuple[int, bytes]] = []  # (seq, payload) to send again at the next connection
         self.started_ns = time.time_ns()
         self.polls = 0
         rng = random.Random(index)
@@ -193,6 +198,8 @@ class SimGateway:
                     payload = self.sealer.seal(self.topic, action.body)
                     mid = conn.publish(self.topic, payload, qos=1)
                     size = len(payload)
+                    if mid is not None:
+                        self._unacked[mid] = payload
                 else:
                     size = len(action.body)
                 sender.published(action.seq, mid, size, now)
@@ -303,6 +310,13 @@ class SimGateway:
         conn.subscribe([self.ack_topic])
         self.conn = conn
         self.sender.link_changed(True, packet.receive_maximum)
+        for seq, payload in self._resend:
+            mid = conn.publish(self.topic, payload, qos=1, dup=True)
+            if mid is not None:
+                self._unacked[mid] = payload
+                self._mids[mid] = seq
+                self.stats.dup_resends += 1
+        self._resend.clear()
         self._publish_status()  # the birth message
         self.pump()
 
@@ -310,6 +324,7 @@ class SimGateway:
         if reason >= 0x80:
             self.stats.refused_pubacks += 1
         seq = self._mids.pop(packet_id, None)
+        self._unacked.pop(packet_id, None)
         self.sender.pubacked(packet_id)
         if seq is not None:
             entry = self.log.get(seq)
@@ -343,6 +358,8 @@ class SimGateway:
         if self.conn is not conn:
             return
         self.conn = None
+        self._resend = [(self._mids[mid], payload) for mid, payload in self._unacked.items() if mid in self._mids]
+        self._unacked.clear()
         self._mids.clear()
         self.stats.losses += 1
         self.stats.lost_at.append(time.time())
@@ -412,7 +429,7 @@ class Fleet:
             for seq, m in gw.log.items():
                 messages.append([gw.index, seq, m.committed, m.readings, m.first_publish, m.sends, m.puback, m.acked])
         stats = {k: sum(getattr(gw.stats, k) for gw in self.gateways)
-                 for k in ("connects", "connect_failures", "losses", "refused_pubacks", "bad_acks")}
+                 for k in ("connects", "connect_failures", "losses", "refused_pubacks", "bad_acks", "dup_resends")}
         return {"messages": messages, "stats": stats,
                 "resent": sum(gw.sender.resent for gw in self.gateways),
                 "unacked": sum(len(gw.outbox) for gw in self.gateways),

@@ -67,10 +67,12 @@ def encode_connect(client_id: str, keepalive: int, *, session_expiry: int = 0,
     return _packet(CONNECT << 4, variable + varint(len(props)) + props + _string(client_id))
 
 
-def encode_publish(topic: str, payload: bytes, packet_id: int, qos: int = 1, retain: bool = False) -> bytes:
-    """§3.3: no properties, DUP 0 (a re-send is a new message with a new seal, as the agent's)."""
+def encode_publish(topic: str, payload: bytes, packet_id: int, qos: int = 1, retain: bool = False,
+                   dup: bool = False) -> bytes:
+    """§3.3: no properties. `dup`: the same PUBLISH again after a reconnect (§3.3.1.1), as paho re-sends what
+    was not PUBACKed."""
     head = _string(topic) + (struct.pack("!H", packet_id) if qos else b"") + b"\x00"
-    return _packet((PUBLISH << 4) | (qos << 1) | int(retain), head + payload)
+    return _packet((PUBLISH << 4) | (int(dup) << 3) | (qos << 1) | int(retain), head + payload)
 
 
 def encode_puback(packet_id: int, reason: int = 0) -> bytes:
@@ -281,14 +283,14 @@ class LeanConnection(asyncio.Protocol):
 
     # operations
 
-    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, dup: bool = False) -> int | None:
         """The packet id of the QoS 1 publish, or None when not connected or no packet id is free."""
         if not self.connected or self.transport is None:
             return None
         pid = self._packet_id() if qos else 0
         if qos and pid is None:
             return None
-        self._send(encode_publish(topic, payload, pid or 0, qos, retain))
+        self._send(encode_publish(topic, payload, pid or 0, qos, retain, dup))
         return pid
 
     def subscribe(self, filters: list[str]) -> int | None:

@@ -1,40 +1,56 @@
-"""The agent's re-send timeout follows the acknowledgement latency (edge_agent/delivery.py rule 4). Pure: no
-clock, no sockets; times are passed in."""
+"""The agent's re-sends when the collector is slow (edge_agent/delivery.py rules 3 and 4): the timeout follows
+the acknowledgement latency, an expiry probes instead of sending everything again. Pure: no clock, no sockets;
+times are passed in."""
 
 from __future__ import annotations
 
-from edge_agent.delivery import Delivery
+from collections import Counter
+
+from edge_agent.delivery import Delivery, Publish, ReadBodies, ScanBacklog, Sender, Wait
 
 
-def run(d: Delivery, latency, cycles: int, interval: float = 10.0) -> list[int]:
-    """One message per cycle, sent live; the collector acknowledges each copy `latency(t)` seconds after it was
-    sent (a re-sent copy too, so a re-send never makes anything faster). Re-sends go out as the agent sends
-    them: retries first, within the window. Returns the seqs re-sent."""
+def run(sender: Sender, latency, cycles: int, interval: float = 10.0, step: float = 0.5) -> Counter[int]:
+    """The agent's send loop (edge_agent.delivery.Sender, as Agent._send_loop drives it) over an outbox in RAM:
+    one message committed per cycle; the broker PUBACKs at once; the collector acknowledges each copy it gets
+    `latency(t)` seconds after it was sent (a FIFO that is behind: a re-sent copy waits like any other, so a
+    re-send never makes anything faster). Returns how often each seq was sent."""
+    outbox: dict[int, bytes] = {}
     acks: list[tuple[float, int]] = []  # (when, seq)
-    resent: list[int] = []
-    t = 0.0
+    sends: Counter[int] = Counter()
+    sender.link_changed(True, 1000)
+    t, seq, mid = 0.0, 0, 0
     end = cycles * interval
-    next_cycle = 0.0
-    seq = 0
-    while t <= end + 600:
-        if t >= next_cycle and t <= end:
-            d.committed([seq])
-            live = d.take_live()
-            d.sent(live, t)
-            acks += [(t + latency(t), s) for s in live]
+    while t <= end + 3000 and (t <= end or outbox):
+        if t <= end and t >= seq * interval:
+            outbox[seq] = b"x"
+            sender.committed([(seq, b"x")])
             seq += 1
-            next_cycle += interval
-        for when, s in sorted(a for a in acks if a[0] <= t):
-            acks.remove((when, s))
-            d.acked([(s, s)], when)
-        d.expire(t)
-        again = d.choose([], d.budget)
-        if again:
-            d.sent(again, t)
-            resent += again
-            acks += [(t + latency(t), s) for s in again]
-        t += 0.5
-    return resent
+        for a in sorted(a for a in acks if a[0] <= t):
+            acks.remove(a)
+            sender.acked([(a[1], a[1])], a[0])
+            taken = sender.take_acked()
+            for first, last in taken:
+                for s in [s for s in outbox if first <= s <= last]:
+                    del outbox[s]
+            sender.deleted(taken, [])
+        while True:
+            action = sender.next_action(t)
+            if isinstance(action, Publish):
+                mid += 1
+                sender.published(action.seq, mid, 1, t)
+                sender.pubacked(mid)
+                sends[action.seq] += 1
+                acks.append((t + latency(t), action.seq))
+            elif isinstance(action, ScanBacklog):
+                sender.scanned([s for s in outbox if s > action.after][: action.limit], action.limit)
+            elif isinstance(action, ReadBodies):
+                sender.bodies_read(list(action.seqs), [(s, outbox[s]) for s in action.seqs if s in outbox])
+            else:
+                assert isinstance(action, Wait)
+                break
+        t += step
+    assert not outbox, f"not delivered: {sorted(outbox)[:10]}"
+    return sends
 
 
 def test_an_acknowledgement_of_a_message_sent_once_is_a_latency_sample() -> None:
@@ -60,70 +76,82 @@ def test_the_configured_timeout_is_the_floor_and_the_maximum_the_ceiling() -> No
     assert d.timeout == 100
 
 
-def test_a_copy_sent_twice_gives_no_sample_and_a_backed_off_timeout_waits_for_one() -> None:
+def test_a_copy_sent_twice_gives_no_sample_and_an_expiry_probes_even_while_acks_come() -> None:
     """Karn's rule (RFC 6298 §5.5, and Karn & Partridge 1987): the ack of a message sent twice may answer either
-    copy. While acks still come, a timeout that expired doubles once per round and stays until a sample."""
+    copy. A timeout that expired while acks still came (the collector is slow, not gone) doubles once per round,
+    and the window collapses to a probe, as after an outage (RFC 5681 §3.1 after a retransmission timeout)."""
     d = Delivery(window=200, ack_timeout=30, ack_timeout_max=600)
     d.sent([1, 2], now=0)
     d.acked([(1, 1)], now=5)  # the collector answers: it is there
     assert d.timeout == 30
-    d.expire(now=30)  # 2 is overdue although acks come: the collector is slow, not gone
-    assert d.timeout == 60 and d.cwnd == 200  # backed off, window kept (no probing: it is not an outage)
+    d.expire(now=30)  # 2 is overdue although acks come
+    assert d.timeout == 60 and d.probing
     assert d.choose([], d.budget) == [2]
     d.sent([2], now=30)
-    d.acked([(2, 2)], now=50)  # sent twice: 50 s or 20 s? no sample
-    assert d.srtt == 5 and d.timeout == 60
+    d.acked([(2, 2)], now=50)  # sent twice: 50 s or 20 s? no sample: the window reopens, the timeout stays
+    assert d.srtt == 5 and d.timeout == 60 and d.cwnd == 2
     d.sent([3], now=60)
     d.acked([(3, 3)], now=101)  # sent once: 41 s
     assert d.timeout == d.estimate() > 41
 
 
-def test_a_slow_collector_costs_at_most_one_resend_per_message_at_the_onset_not_one_per_timeout() -> None:
+def test_a_slow_collector_costs_a_probe_at_the_onset_not_every_message_again() -> None:
     """The collector falls behind: from t = 100 s its acknowledgements take 45 s, above the 30 s floor, for ten
-    minutes; then 2 s again. With a fixed 30 s timeout every message of those ten minutes would be sent twice
-    (issue 14: 20,000-36,000 duplicates in 2-3 minutes at 10,000 gateways)."""
-
-    def latency(t: float) -> float:
-        return 45.0 if 100 <= t < 700 else 2.0
-
-    d = Delivery(window=200, ack_timeout=30, ack_timeout_max=600)
-    resent = run(d, latency, cycles=120)
-    slow = [s for s in range(120) if 100 <= s * 10 < 700]
-    assert len(resent) <= 3, resent  # at the onset only
-    assert set(resent) <= set(slow)
-    assert d.timeout == 30  # back to the floor once the latency is low again
-    assert not d.outstanding
+    minutes; then 2 s again. With a fixed 30 s timeout and the window kept, every message of those ten minutes
+    would be sent twice (issue 14: 20,000-36,000 duplicates in 2-3 minutes at 10,000 gateways)."""
+    s = Sender(window=200, ack_timeout=30, ack_timeout_max=600)
+    sends = run(s, lambda t: 45.0 if 100 <= t < 700 else 2.0, cycles=120)
+    resent = sorted(seq for seq, n in sends.items() if n > 1)
+    assert len(sends) == 121
+    assert len(resent) <= 1, resent  # at most the onset's probe
+    assert s.rules.timeout == 30  # back to the floor once the latency is low again
 
 
-def test_a_fixed_timeout_would_have_resent_every_slow_message() -> None:
-    """The same run with the estimate switched off (what the agent did before): the comparison that makes the
-    test above mean something."""
+def test_under_latency_that_keeps_growing_nothing_is_sent_twice() -> None:
+    """A collector that takes less than is offered, for long: its queue, and so the latency, grows by 0.6 s per
+    second (10,000 gateways offering 1,000 messages/s to a collector taking 400/s). The estimate keeps ahead
+    of it."""
+    s = Sender(window=200, ack_timeout=30, ack_timeout_max=600)
+    sends = run(s, lambda t: 3.0 if t < 100 else 3.0 + 0.6 * (t - 100), cycles=60)
+    assert len(sends) == 61 and max(sends.values()) == 1
 
-    class Fixed(Delivery):
-        def sample(self, latency: float) -> None:
-            pass
 
-        def estimate(self) -> float:
-            return self.base_timeout
+def test_the_rules_before_would_have_sent_every_slow_message_again() -> None:
+    """The slow collector's run above under the rules before (a fixed timeout, reset by every acknowledgement;
+    back-off and probing only while nothing at all is acknowledged): the comparison that makes that test mean
+    something."""
+
+    class Before(Delivery):
+        def acked(self, ranges: list[tuple[int, int]], now: float) -> int:
+            covered = super().acked(ranges, now)
+            self.timeout = self.base_timeout
+            return covered
 
         def expire(self, now: float) -> int:
-            before = self.timeout
+            oldest = next(iter(self.outstanding.values()), None)
+            acks_came = oldest is not None and self.last_ack is not None and self.last_ack >= oldest
+            before = (self.timeout, self.cwnd, self._backed_off_at)
             expired = super().expire(now)
-            if self.cwnd > 1:
-                self.timeout = before  # no back-off while acknowledgements come
+            if acks_came:
+                self.timeout, self.cwnd, self._backed_off_at = before
             return expired
 
-    d = Fixed(window=200, ack_timeout=30, ack_timeout_max=600)
-    resent = run(d, lambda t: 45.0 if 100 <= t < 700 else 2.0, cycles=120)
-    assert len(resent) >= 55
+    s = Sender(window=200, ack_timeout=30, ack_timeout_max=600)
+    s.rules = Before(200, 30, 600)
+    sends = run(s, lambda t: 45.0 if 100 <= t < 700 else 2.0, cycles=120)
+    assert sum(1 for n in sends.values() if n > 1) >= 55
 
 
-def test_an_outage_still_probes_and_the_first_ack_after_it_resets_the_timeout() -> None:
+def test_an_outage_still_probes_and_the_first_live_message_acknowledged_resets_the_timeout() -> None:
     d = Delivery(window=8, ack_timeout=10, ack_timeout_max=80)
     d.sent([1, 2, 3], now=0)
     d.expire(now=10)  # nothing acknowledged at all
     assert d.probing and d.timeout == 20
     assert d.choose([], d.budget) == [1]
     d.sent([1], now=10)
-    d.acked([(1, 3)], now=12)  # only re-sent copies: no sample, but the outage is over
-    assert d.srtt is None and d.timeout == 10 and not d.probing
+    d.acked([(1, 3)], now=12)  # only a re-sent copy: no sample, the window reopens, the timeout waits for one
+    assert d.srtt is None and d.timeout == 20 and not d.probing
+    d.committed([4])
+    d.sent(d.take_live(), now=20)
+    d.acked([(4, 4)], now=21)
+    assert d.srtt == 1 and d.timeout == 10

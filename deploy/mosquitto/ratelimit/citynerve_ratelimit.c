@@ -22,16 +22,28 @@
  *   plugin_opt_bytes_per_second     sustained payload bytes per second          (default 4194304)
  *   plugin_opt_bytes_burst          bucket size in bytes                        (default 67108864)
  *   plugin_opt_exempt_prefix        usernames not limited                       (default "collector")
+ *   plugin_opt_listen_backlog       pending connections each listener may hold  (default: mosquitto's 100)
+ *
+ * The listen backlog: mosquitto 2.0.11 calls listen(sock, 100) (src/net.c) and has no setting for it. When a
+ * broker restarts with thousands of gateways connected, they all come back within seconds; beyond 100 pending
+ * connections the kernel drops the handshake's last ACK (or the SYN), the gateway's TCP stack retransmits after
+ * 1, 3, 7 ... s and its connect timeout runs out: reconnection in waves (issue 14: 51 s for 10,000 gateways).
+ * Linux lets listen() be called again on a listening socket to change its backlog (net/ipv4/af_inet.c
+ * inet_listen), capped by net.core.somaxconn. Plugins are loaded before mosquitto opens its listeners, so this is
+ * done at the first MOSQ_EVT_TICK (the main loop's first turn): every socket of the process in the listening
+ * state (SO_ACCEPTCONN) gets listen(fd, listen_backlog). Logged once with how many listeners were changed.
  *
  * Build: make -C deploy/mosquitto/ratelimit (needs gcc and Debian's mosquitto-dev); tested against
  * mosquitto 2.0.11 by tests/test_broker_ratelimit.py. Written for citynerve; no code from other projects.
  */
 
+#include <dirent.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/socket.h>
 
 #include <mosquitto.h>
 #include <mosquitto_broker.h>
@@ -54,6 +66,8 @@ static struct client_state *table[BUCKETS];
 static double msg_rate = 200.0, msg_burst = 2000.0;
 static double byte_rate = 4194304.0, byte_burst = 67108864.0;
 static char *exempt_prefix;
+static int listen_backlog; /* 0: leave mosquitto's */
+static int backlog_done;
 
 static double now_seconds(void)
 {
@@ -169,6 +183,39 @@ static int on_disconnect(int event, void *event_data, void *userdata)
 	return MOSQ_ERR_SUCCESS;
 }
 
+/* listen(fd, listen_backlog) on every listening socket of this process: see "The listen backlog" above. */
+static int on_tick(int event, void *event_data, void *userdata)
+{
+	DIR *dir;
+	struct dirent *entry;
+	int changed = 0, failed = 0;
+	(void)event;
+	(void)event_data;
+	(void)userdata;
+	if(backlog_done) return MOSQ_ERR_SUCCESS;
+	backlog_done = 1;
+	dir = opendir("/proc/self/fd");
+	if(!dir){
+		mosquitto_log_printf(MOSQ_LOG_WARNING, "citynerve_ratelimit: cannot list /proc/self/fd: listen backlog left at 100");
+		return MOSQ_ERR_SUCCESS;
+	}
+	while((entry = readdir(dir)) != NULL){
+		char *end;
+		long fd = strtol(entry->d_name, &end, 10);
+		int listening = 0;
+		socklen_t len = sizeof(listening);
+		if(end == entry->d_name || *end != '\0' || fd == dirfd(dir)) continue;
+		if(getsockopt((int)fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
+		if(listen((int)fd, listen_backlog) == 0) changed++;
+		else failed++;
+	}
+	closedir(dir);
+	mosquitto_log_printf(failed ? MOSQ_LOG_WARNING : MOSQ_LOG_INFO,
+			"citynerve_ratelimit: listen backlog %d on %d listening socket(s)%s (capped by net.core.somaxconn)",
+			listen_backlog, changed, failed ? ", some refused it" : "");
+	return MOSQ_ERR_SUCCESS;
+}
+
 int mosquitto_plugin_version(int supported_version_count, const int *supported_versions)
 {
 	int i;
@@ -204,6 +251,11 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 		else if(!strcmp(k, "messages_burst")) ok &= positive(k, v, &msg_burst);
 		else if(!strcmp(k, "bytes_per_second")) ok &= positive(k, v, &byte_rate);
 		else if(!strcmp(k, "bytes_burst")) ok &= positive(k, v, &byte_burst);
+		else if(!strcmp(k, "listen_backlog")){
+			double b = 0;
+			ok &= positive(k, v, &b);
+			listen_backlog = b > 65535 ? 65535 : (int)b;
+		}
 		else if(!strcmp(k, "exempt_prefix")){
 			free(exempt_prefix);
 			exempt_prefix = strdup(v);
@@ -218,6 +270,9 @@ int mosquitto_plugin_init(mosquitto_plugin_id_t *identifier, void **userdata, st
 			msg_rate, msg_burst, byte_rate, byte_burst, exempt_prefix ? exempt_prefix : "");
 	if(mosquitto_callback_register(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL, NULL)) return MOSQ_ERR_UNKNOWN;
 	if(mosquitto_callback_register(plugin_id, MOSQ_EVT_DISCONNECT, on_disconnect, NULL, NULL)) return MOSQ_ERR_UNKNOWN;
+	if(listen_backlog > 0 && mosquitto_callback_register(plugin_id, MOSQ_EVT_TICK, on_tick, NULL, NULL)){
+		return MOSQ_ERR_UNKNOWN;
+	}
 	return MOSQ_ERR_SUCCESS;
 }
 
@@ -229,6 +284,7 @@ int mosquitto_plugin_cleanup(void *userdata, struct mosquitto_opt *options, int 
 	(void)option_count;
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_ACL_CHECK, on_acl_check, NULL);
 	mosquitto_callback_unregister(plugin_id, MOSQ_EVT_DISCONNECT, on_disconnect, NULL);
+	if(listen_backlog > 0) mosquitto_callback_unregister(plugin_id, MOSQ_EVT_TICK, on_tick, NULL);
 	for(i = 0; i < BUCKETS; i++){
 		while(table[i]){
 			struct client_state *c = table[i];
