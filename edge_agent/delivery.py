@@ -17,9 +17,9 @@ The rules, in order of priority:
    its maximum) and the window collapses to one message: each round sends only the oldest unacknowledged
    message as a probe, and live messages wait in the outbox with the rest; each acknowledgement doubles the
    window back towards its size (1, 2, 4 ... within a few round trips), and live messages go first again as
-   soon as anything is acknowledged. So an outage (collector or InfluxDB down: nothing acknowledged) neither fills the broker's
-   queues (a window, then one message per round) nor costs many re-sends, and a collector that is up but
-   behind (acknowledgements later than the timeout) gets one probe per gateway instead of every message again:
+   soon as anything is acknowledged. So an outage (collector or InfluxDB down: nothing acknowledged) neither
+   fills the broker's queues (a window, then one message per round) nor costs many re-sends, and a collector
+   that is up but behind (acknowledgements later than the timeout) gets one probe per gateway instead of every message again:
    the gateways' sending is clocked by the acknowledgements, as TCP's is after a retransmission timeout
    (RFC 5681 §3.1), so the broker's queue stops growing and what the collector cannot take yet waits in the
    gateways' outboxes. (issue 14: with every expired message sent again, 10,000 gateways re-sent 20,000-36,000
