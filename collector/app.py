@@ -228,11 +228,12 @@ class Collector:
         lim = self.cfg.limits
         with self._handoff_room:
             full = self._handoff_messages >= lim.max_messages or self._handoff_bytes + size > lim.max_bytes
-            if full and not self._closing:
+            if full and not self._closing and not _on_a_loop():
                 # The collector is behind: hold paho here instead of declining. A message leaves the hand-over
                 # count when a worker takes it (or it is declined at admission), so this is the collector's
                 # whole intake queue; waiting here is what makes overload show as latency at the broker rather
-                # than as declined messages that every gateway sends again.
+                # than as declined messages that every gateway sends again. (On NATS messages come from the loop
+                # itself, whose pull the consumer's max_inflight bounds: never waited for there.)
                 began = time.monotonic()
                 deadline = began + _HANDOFF_WAIT
                 while full and not self._closing and (left := deadline - time.monotonic()) > 0:
@@ -833,6 +834,15 @@ def _time_policy(v: ValidationSection) -> TimePolicy:
 
 def _nothing() -> None:
     return None
+
+
+def _on_a_loop() -> bool:
+    """Whether this thread runs an asyncio event loop (the collector's: then it must never block)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _security(cfg: CollectorConfig) -> tuple[GatewayRegistry | None, Opener | None]:
