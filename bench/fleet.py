@@ -174,6 +174,7 @@ class StoreWatch(threading.Thread):
         self.where = "(" + " OR ".join(f"\"gateway\" = '{g}'" for g in gateways) + ")"
         self.interval = interval
         self.readings = readings
+        self.gateways = gateways
         self.low = int(since // interval * interval)
         self.stored: dict[tuple[str, int], float] = {}  # (gateway, cycle end s) -> wall time seen complete
         self.errors = 0
@@ -194,6 +195,12 @@ class StoreWatch(threading.Thread):
                 if row.get("count") == self.readings:
                     key = (row["gateway"], round(row["time"] / 1e9 + self.interval))
                     self.stored.setdefault(key, seen)
+            # The next polls start at the oldest cycle some watched gateway has not completed (so each poll reads
+            # a few cycles of a few gateways, not the whole run: the watch must not load the store it measures).
+            end = self.low + self.interval
+            while end < seen - self.interval and all((g, round(end)) in self.stored for g in self.gateways):
+                end += self.interval
+            self.low = int(end - self.interval)
 
     def stop(self) -> None:
         self.halt.set()

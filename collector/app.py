@@ -150,7 +150,7 @@ class Collector:
         self.quarantine = QuarantineSink(q.path, q.max_entries, q.max_bytes) if q.max_entries else None
         inv = cfg.inventory
         self.inventory = InventorySink(inv.path, float(inv.flush_interval), info_interval=float(inv.info_interval),
-                                       max_gateways=inv.max_gateways)
+                                       max_gateways=inv.max_gateways, health_interval=float(inv.health_interval))
         self.counters: Counter[str] = Counter()
         self.rejections: Counter[str] = Counter()
         self._warn = RateLimitedLog(log, interval=60)
@@ -547,10 +547,15 @@ class Collector:
             self._warn.warning(("health", gateway), "status from gateway %s: %d device entries left out (a name "
                                "line protocol cannot carry, or over the gateway's device budget)", gateway,
                                health.skipped_devices, gateway=gateway, reason="bad_device_health")
-        lines = health.lines
+        write_health = self.inventory.core.health_due(gateway, doc, receive_ns)
+        lines = health.lines if write_health else []
         if change.write_info:
             lines = lines + info_lines(doc, gateway, point_time(doc, receive_ns, self.ingest.time_policy), allowed)
         self.counters["status_messages"] += 1
+        if not lines:  # nothing new to store (collector/health.py health_mark): the heartbeat's work is done
+            self.counters["status_unchanged"] += 1
+            self._ack(msg.mid, msg.qos)
+            return
         # Through the writer like readings: the PUBACK comes after the write, so a heartbeat is not lost when
         # InfluxDB is down.
         await self._put(gateway, lines, _Delivery(msg.mid, msg.qos, gateway, None, None, len(lines),

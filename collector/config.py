@@ -167,12 +167,19 @@ class InventorySection(msgspec.Struct, forbid_unknown_fields=True):
     flush_interval: Duration = Duration(60)
     # citynerve_gateway_info / citynerve_device_info points: on every change, and at least this often.
     info_interval: Duration = Duration(3600)
+    # citynerve_gateway_health / citynerve_device_health points: when a state, a restart, drops, re-sends, an
+    # outbox reset or a device's errors changed, with every heartbeat while the gateway has a backlog, and
+    # otherwise this often ("0s": every heartbeat). Keep it well below [web] stale_after (5 min): the fleet page
+    # calls a gateway stale when no health point came for that long.
+    health_interval: Duration = Duration(120)
     max_gateways: Annotated[int, msgspec.Meta(ge=1)] = 100_000
 
     def __post_init__(self) -> None:
         for key in ("flush_interval", "info_interval"):
             if not getattr(self, key) > 0:
                 raise invalid(key, f'expected a duration > 0 such as "60s", got {float(getattr(self, key)):g}')
+        if self.health_interval < 0:
+            raise invalid("health_interval", f'expected a duration >= 0 such as "2m", got {float(self.health_interval):g}')
 
 
 class AcksSection(msgspec.Struct, forbid_unknown_fields=True):

@@ -6,11 +6,15 @@ never raises.
     citynerve_gateway_info,gateway=<id> version="0.2.0",config_version=3i,latitude=52.37,... <time>
     citynerve_device_info,device=<dev>,gateway=<id> kind="modbus-tcp",unit=1i,modbus_vendor_name="..." <time>
 
-Health comes with every heartbeat; the info points only when the inventory changed or is due again
-(collector/inventory.py Change.write_info), so versions and serial numbers cost a point per change, not per
-heartbeat. Versions, hashes, serial numbers and names are string fields, never tags: the tags stay the
-gateway and the device, whose values the device budget already bounds. Every field name has one type (integers
-as integers, coordinates as floats, whatever a document sends), so no write conflicts with an earlier one.
+Health points when something in them that matters changed (`health_mark`: the state, a restart, drops, re-sends,
+an outbox reset, a backlog appearing or draining, a device's errors), with every heartbeat while the gateway has a
+backlog, and otherwise every `[inventory] health_interval` (collector/inventory.py Change.write_health); the info
+points only when the inventory changed or is due again (Change.write_info). So versions and serial numbers cost a
+point per change, and a healthy gateway's steady heartbeat a point per health_interval, not per heartbeat (issue
+14: the store's own records were a share of its work at fleet size that carried nothing new). Versions, hashes,
+serial numbers and names are string fields, never tags: the tags stay the gateway and the device, whose values
+the device budget already bounds. Every field name has one type (integers as integers, coordinates as floats,
+whatever a document sends), so no write conflicts with an earlier one.
 
 The status is not sealed: it is as trustworthy as the broker's ACL (a gateway may publish only its own status
 topic), so the gateway tag comes from the topic; a document naming another gateway is refused before this
@@ -55,8 +59,8 @@ GATEWAY_FIELDS = (
     "outbox_resets",
 )
 __all__ = ["DEVICE_HEALTH_MEASUREMENT", "DEVICE_INFO_MEASUREMENT", "GATEWAY_HEALTH_MEASUREMENT",
-           "GATEWAY_INFO_MEASUREMENT", "MAX_DEVICES", "HealthLines", "backlog_age_s", "health_lines", "info_lines",
-           "point_time"]
+           "GATEWAY_INFO_MEASUREMENT", "MAX_DEVICES", "HealthLines", "backlog_age_s", "health_lines", "health_mark",
+           "info_lines", "point_time"]
 
 # An exception text may hold newlines, which line protocol cannot carry in a string.
 _CONTROL = BAD_CHARACTER  # and what else no name may hold (wire/names.py): lone surrogates cannot be UTF-8
@@ -72,6 +76,18 @@ def backlog_age_s(doc: StatusDoc) -> float | None:
     if doc.time_ns is None or doc.backlog_oldest_ns is None:
         return None
     return max(0, doc.time_ns - doc.backlog_oldest_ns) / 1e9
+
+
+def health_mark(doc: StatusDoc) -> tuple:
+    """What of a heartbeat, when it differs from the last one written, makes a health point due at once: the
+    state, the agent's start (a restart), the event counters (readings dropped, messages re-sent, outbox resets),
+    whether there is a backlog, and each device's errors, last error and failing flag (a device added or gone
+    too). Counters that move with every heartbeat (next_seq, polls, the last publish and ack times, the backlog's
+    size) are not in it: they are written with the slow heartbeat, or with every heartbeat while there is a
+    backlog (collector/inventory.py Inventory.status)."""
+    devices = tuple(sorted((name, d.errors, d.last_error, d.failing) for name, d in (doc.devices or {}).items()))
+    return (doc.state, doc.since_ns, doc.dropped_readings, doc.resent_messages, doc.outbox_resets,
+            bool(doc.backlog_messages), devices)
 
 
 class HealthLines(NamedTuple):

@@ -23,7 +23,8 @@ keeps the record of the newest status and the latest last-seen time of all.
 
 InfluxDB gets the inventory too (collector/health.py info_lines: citynerve_gateway_info, citynerve_device_info),
 when it changed and otherwise every `info_interval`, so that versions, configurations and locations can be
-charted without a point per heartbeat.
+charted without a point per heartbeat. The health points (collector/health.py health_lines) likewise: when their
+`health_mark` changed, with every heartbeat while the gateway has a backlog, else every `health_interval`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import msgspec
 
+from collector.health import health_mark
 from wire.files import private_sqlite
 from wire.logs import RateLimitedLog
 from wire.status import ONLINE, DeviceHealth, DeviceInfo, Location, StatusDoc
@@ -109,9 +111,12 @@ class Change:
 class Inventory:
     """The pure core (see the module docstring). Times are passed in; nothing here reads a clock."""
 
-    def __init__(self, *, max_gateways: int = MAX_GATEWAYS, info_interval_ns: int = 3600 * 10**9) -> None:
+    def __init__(self, *, max_gateways: int = MAX_GATEWAYS, info_interval_ns: int = 3600 * 10**9,
+                 health_interval_ns: int = 0) -> None:
         self.max_gateways = max_gateways
         self.info_interval_ns = info_interval_ns
+        self.health_interval_ns = health_interval_ns  # 0: a health point with every heartbeat
+        self._health_written: dict[str, tuple[int, tuple]] = {}  # gateway -> (receive time, health_mark) written
         self.gateways: dict[str, GatewayRecord] = {}
         self.dirty: set[str] = set()
         self.urgent = False
@@ -179,6 +184,21 @@ class Inventory:
         if write_info:
             self._info_written[gateway] = receive_ns
         return Change(significant, write_info)
+
+    def health_due(self, gateway: str, doc: StatusDoc, receive_ns: int) -> bool:
+        """Whether the health points of this status are to be written (and then they count as written): its
+        health_mark differs from the last written, the gateway has a backlog (watched as it drains), or
+        `health_interval` passed since the last written. Kept for the gateways the inventory records (bounded
+        by max_gateways, as the records are); beyond them every heartbeat is written."""
+        if gateway not in self.gateways:
+            return True
+        mark = health_mark(doc)
+        last = self._health_written.get(gateway)
+        due = (last is None or last[1] != mark or bool(doc.backlog_messages)
+               or receive_ns - last[0] >= self.health_interval_ns)
+        if due:
+            self._health_written[gateway] = (receive_ns, mark)
+        return due
 
     def take_dirty(self) -> list[GatewayRecord]:
         """The records to write now (copies: the loop may change the originals while they are written)."""
@@ -306,10 +326,11 @@ class InventorySink:
     cannot be opened or written costs a log line and is tried again at the next flush, never the collector."""
 
     def __init__(self, path: Path | str, flush_interval: float, *, info_interval: float = 3600.0,
-                 max_gateways: int = MAX_GATEWAYS) -> None:
+                 max_gateways: int = MAX_GATEWAYS, health_interval: float = 0.0) -> None:
         self.path = Path(path)
         self.flush_interval = flush_interval
-        self.core = Inventory(max_gateways=max_gateways, info_interval_ns=int(info_interval * 1e9))
+        self.core = Inventory(max_gateways=max_gateways, info_interval_ns=int(info_interval * 1e9),
+                              health_interval_ns=int(health_interval * 1e9))
         self.store: InventoryStore | None = None
         self.written = 0
         self.failures = 0

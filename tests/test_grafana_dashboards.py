@@ -129,7 +129,7 @@ EXPECTED: dict[tuple[str, str, str], Expect] = {
         "sum", gateway={NORTH}, check=lambda r: sum(of(r, "sum", gateway=NORTH)) == 3),
     ("citynerve-pipeline", "Readings declined by the collector's limits", "A"): expect(
         "sum", gateway={EAST}, check=lambda r: sum(of(r, "sum", gateway=EAST)) > 0 and not any(of(r, "sum", gateway=NORTH))),
-    ("citynerve-pipeline", "Heartbeats per minute", "A"): expect("count", gateway=ALL_GATEWAYS),
+    ("citynerve-pipeline", "Health points per minute", "A"): expect("count", gateway=ALL_GATEWAYS),
     ("citynerve-pipeline", "Messages re-sent by gateways", "A"): expect(
         "sum", gateway={EAST}, check=lambda r: sum(of(r, "sum", gateway=EAST)) > 0),
     ("citynerve-pipeline", "Readings set aside, by gateway and measurement", "A"): expect(
