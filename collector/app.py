@@ -58,7 +58,7 @@ from collector.guard import SCHEMA_QUERY, Guard, learn_from_show_keys
 from collector.health import health_lines, info_lines, point_time
 from collector.influx.backends import WriteFailure, make_backend
 from collector.influx.batcher import BatchResult, BatchWriter, WriterClosed
-from collector.ingest import SLICE, Ingest, TimePolicy
+from collector.ingest import PRECISIONS, SLICE, Ingest, TimePolicy
 from collector.inputs import make_input
 from collector.inventory import InventorySink
 from collector.pki import load_private_keys
@@ -144,6 +144,7 @@ class Collector:
             opener,
             accept_plain=cfg.security is None or cfg.security.accept_plain,
             guard=self.guard,
+            precision_ns=PRECISIONS[cfg.influx.precision],
         )
         self.admission = FairQueue(lim.admission())
         q = cfg.quarantine

@@ -20,6 +20,8 @@ INGEST_MEASUREMENT = "citynerve_ingest"
 # Readings are encoded in slices of this many, so that the shell can let other work run between slices: a
 # 4 MiB message of ~100,000 readings must not hold the event loop for the seconds it takes to encode.
 SLICE = 1000
+# [influx] precision: the resolution readings' sample times are stored at, in ns.
+PRECISIONS = {"ns": 1, "us": 10**3, "ms": 10**6, "s": 10**9}
 
 
 @dataclass(frozen=True)
@@ -84,8 +86,13 @@ class Ingest:
     (reserved names, field types, budgets: collector/guard.py) -> time plausibility."""
 
     def __init__(self, prefix: str, max_payload_bytes: int, time_policy: TimePolicy, suspect_measurement: str,
-                 opener: Opener | None = None, accept_plain: bool = True, guard: Guard | None = None):
+                 opener: Opener | None = None, accept_plain: bool = True, guard: Guard | None = None,
+                 precision_ns: int = 1):
         self.prefix = prefix
+        # Sample times are stored cut to this many ns ([influx] precision): the digits below carry the gateway
+        # clock's reading jitter, not information, and cost the store a little (docs/benchmarks.md "Store").
+        # Two readings of one device within one unit would become one point: keep it below the fastest poll.
+        self.precision_ns = precision_ns
         self.max_payload_bytes = max_payload_bytes
         self.time_policy = time_policy
         self.suspect_measurement = suspect_measurement
@@ -156,7 +163,10 @@ class Ingest:
                 # set aside even when their time looks plausible (fake-hwclock's last shutdown, days ago).
                 if policy.plausible(reading.time_ns, receive_ns) and not (
                         reading.quality and reading.quality.get(TIME_QUALITY) == TIME_UNCORRECTABLE):
-                    lines.append(encode_line(reading.measurement, tags, fields, reading.time_ns))
+                    time_ns = reading.time_ns
+                    if self.precision_ns > 1:
+                        time_ns -= time_ns % self.precision_ns
+                    lines.append(encode_line(reading.measurement, tags, fields, time_ns))
                     continue
                 # Never store a reading at a time we believe is wrong: keep it aside, at its receive time
                 # (offset by its index so readings of one message do not overwrite each other), with the

@@ -72,6 +72,49 @@ def _f32(value: float) -> float:
     return struct.unpack("<f", struct.pack("<f", value))[0]
 
 
+class Meters:
+    """A gateway's meters as the agent reads them: `devices` meters polled every `poll_interval` on wall-clock-
+    aligned deadlines, each reading stamped when its poll's answer arrived (the devices answer one after another
+    on their bus, a few ms either way), ten float32 values each. Deterministic per `index`."""
+
+    def __init__(self, index: int, devices: int = 3, poll_interval: float = 1.0,
+                 publish_interval: float = 10.0) -> None:
+        rng = random.Random(index)
+        self.poll_interval = poll_interval
+        self.publish_interval = publish_interval
+        self.polls = 0
+        # A meter's slowly moving values.
+        self._base = [[230.0 + rng.uniform(-3, 3) for _ in range(3)] + [rng.uniform(2, 30) for _ in range(3)]
+                      + [rng.uniform(1000, 15000), rng.uniform(1e4, 1e6), 50.0, rng.uniform(0.85, 0.99)]
+                      for _ in range(devices)]
+        self._rng = rng
+
+    @property
+    def devices(self) -> list[str]:
+        return [f"meter-{d + 1}" for d in range(len(self._base))]
+
+    def readings(self, cycle_end: float) -> list[Reading]:
+        """The readings of the cycle ending at `cycle_end`: every device polled at each aligned poll deadline."""
+        polls = max(1, round(self.publish_interval / self.poll_interval))
+        rng = self._rng
+        out = []
+        start_ns = int((cycle_end - self.publish_interval) * 1e9)
+        step_ns = int(self.poll_interval * 1e9)
+        for k in range(polls):
+            for d, base in enumerate(self._base):
+                # The answer of device d arrives ~40 ms after the one before it on the bus, a few ms either way.
+                t = start_ns + k * step_ns + (d + 1) * 40_000_000 + rng.randrange(5_000_000)
+                base[7] += base[6] * self.poll_interval / 3600  # energy counts up with power
+                values = [base[0] + rng.uniform(-0.5, 0.5), base[1] + rng.uniform(-0.5, 0.5),
+                          base[2] + rng.uniform(-0.5, 0.5), base[3] * rng.uniform(0.97, 1.03),
+                          base[4] * rng.uniform(0.97, 1.03), base[5] * rng.uniform(0.97, 1.03),
+                          base[6] * rng.uniform(0.97, 1.03), base[7], 50.0 + rng.uniform(-0.02, 0.02), base[9]]
+                out.append(Reading(f"meter-{d + 1}", MEASUREMENT, t,
+                                   {name: _f32(v) for name, v in zip(FIELDS, values, strict=True)}))
+        self.polls += polls
+        return out
+
+
 @dataclass
 class MessageLog:
     committed: float  # wall clock (s) of the commit = the cycle's aligned end
@@ -122,41 +165,14 @@ class SimGateway:
         self._unacked: dict[int, bytes] = {}  # packet id -> sealed payload
         self._resend: list[tuple[int, bytes]] = []  # (seq, payload) to send again at the next connection
         self.started_ns = time.time_ns()
-        self.polls = 0
-        rng = random.Random(index)
-        # A meter's slowly moving values, and each device's place on its bus (answers arrive one after another).
-        self._base = [[230.0 + rng.uniform(-3, 3) for _ in range(3)] + [rng.uniform(2, 30) for _ in range(3)]
-                      + [rng.uniform(1000, 15000), rng.uniform(1e4, 1e6), 50.0, rng.uniform(0.85, 0.99)]
-                      for _ in range(spec.devices)]
-        self._rng = rng
+        self.meters = Meters(index, spec.devices, spec.poll_interval, spec.publish_interval)
+        self._rng = random.Random(-1 - index)  # reconnect jitter
 
     # -- readings -------------------------------------------------------------------------------------------------
 
-    def readings(self, cycle_end: float) -> list[Reading]:
-        """The readings of the cycle ending at `cycle_end`: every device polled at each aligned poll deadline."""
-        spec = self.fleet.spec
-        polls = max(1, round(spec.publish_interval / spec.poll_interval))
-        rng = self._rng
-        out = []
-        start_ns = int((cycle_end - spec.publish_interval) * 1e9)
-        step_ns = int(spec.poll_interval * 1e9)
-        for k in range(polls):
-            for d, base in enumerate(self._base):
-                # The answer of device d arrives ~40 ms after the one before it on the bus, a few ms either way.
-                t = start_ns + k * step_ns + (d + 1) * 40_000_000 + rng.randrange(5_000_000)
-                base[7] += base[6] * spec.poll_interval / 3600  # energy counts up with power
-                values = [base[0] + rng.uniform(-0.5, 0.5), base[1] + rng.uniform(-0.5, 0.5),
-                          base[2] + rng.uniform(-0.5, 0.5), base[3] * rng.uniform(0.97, 1.03),
-                          base[4] * rng.uniform(0.97, 1.03), base[5] * rng.uniform(0.97, 1.03),
-                          base[6] * rng.uniform(0.97, 1.03), base[7], 50.0 + rng.uniform(-0.02, 0.02), base[9]]
-                out.append(Reading(f"meter-{d + 1}", MEASUREMENT, t,
-                                   {name: _f32(v) for name, v in zip(FIELDS, values, strict=True)}))
-        self.polls += polls
-        return out
-
     def commit(self, cycle_end: float) -> None:
         """One cycle: the batch into the outbox, live to the sender (as Agent._cycle_loop does)."""
-        readings = self.readings(cycle_end)
+        readings = self.meters.readings(cycle_end)
         seq = self.next_seq
         self.next_seq += 1
         body = encode_batch(Batch(self.id, seq, time.time_ns(), readings))
@@ -180,7 +196,7 @@ class SimGateway:
             backlog_oldest_ns=int(self.log[oldest].committed * 1e9) if oldest in self.log else None,
             oldest_unacked_seq=oldest, next_seq=self.next_seq, last_publish_ns=None, last_ack_ns=None,
             dropped_readings=0, resent_messages=self.sender.resent, outbox_resets=0,
-            devices={f"meter-{d + 1}": {"polls": self.polls, "errors": 0} for d in range(self.fleet.spec.devices)})
+            devices={name: {"polls": self.meters.polls, "errors": 0} for name in self.meters.devices})
         mid = self.conn.publish(self.status_topic, status, qos=1, retain=True)
         self.sender.published(None, mid, len(status), self.fleet.now())
 

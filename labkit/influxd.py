@@ -16,6 +16,13 @@ settings adds or overrides keys of the config file's sections, e.g. limits a tes
 
     InfluxdServer(settings={"data": {"max-values-per-tag": 3, "max-series-per-database": 10},
                             "http": {"max-body-size": 1000}})
+
+config runs a given configuration file instead of the lab's, with only its paths, ports and log level replaced
+(`render_config`): the shipped production settings (SHIPPED_CONFIG, deploy/influxdb/influxdb.conf) or Debian's
+packaged file (DEBIAN_CONFIG: every setting at its default), as the benchmarks compare them; `env` adds to the
+process's environment (GOGC, as deploy/influxdb/influxdb.service.d sets it):
+
+    InfluxdServer(config=SHIPPED_CONFIG, env=shipped_environment())
 """
 
 from __future__ import annotations
@@ -34,6 +41,34 @@ from typing import Any
 from labkit.process import LabServer, ServerProcess, free_port
 
 INFLUXD = shutil.which("influxd") or "/usr/bin/influxd"
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = REPO / "deploy" / "influxdb" / "influxdb.conf"
+SHIPPED_DROP_IN = REPO / "deploy" / "influxdb" / "influxdb.service.d" / "citynerve.conf"
+DEBIAN_CONFIG = Path("/etc/influxdb/influxdb.conf")
+
+
+def shipped_environment(drop_in: Path = SHIPPED_DROP_IN) -> dict[str, str]:
+    """The Environment= lines of the shipped systemd drop-in, as influxd gets them in production."""
+    env = {}
+    for line in drop_in.read_text().splitlines():
+        if line.startswith("Environment="):
+            key, _, value = line.removeprefix("Environment=").partition("=")
+            env[key.strip()] = value.strip()
+    return env
+
+
+def render_config(text: str, directory: Path, port: int, rpc_port: int, log_level: str) -> str:
+    """A production influxdb.conf with the lab's directories (everything under /var/lib/influxdb/ moves to
+    `directory`), loopback ports and log level; any other absolute production path is refused, so the lab runs
+    the file's own settings and nothing else."""
+    text = text.replace("/var/lib/influxdb/", f"{directory}/")
+    lines = [ln for ln in text.splitlines() if not ln.startswith(("bind-address", "reporting-"))]
+    out = _with_settings("\n".join([f'bind-address = "127.0.0.1:{rpc_port}"', "reporting-disabled = true", *lines]),
+                         {"http": {"bind-address": f"127.0.0.1:{port}"}, "logging": {"level": log_level}})
+    for number, line in enumerate(out.splitlines(), 1):
+        if any(root in line for root in ('"/etc/', '"/var/', '"/run/')) and not line.lstrip().startswith("#"):
+            raise ValueError(f"line {number}: a production path the lab cannot map: {line.strip()!r}")
+    return out
 
 
 class InfluxError(RuntimeError):
@@ -56,9 +91,13 @@ class InfluxdServer(LabServer):
         log_level: str = "info",
         start_timeout: float = 10.0,
         settings: Mapping[str, Mapping[str, bool | int | str]] | None = None,
+        config: Path | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(directory, start_timeout)
         self.settings = {section: dict(keys) for section, keys in (settings or {}).items()}
+        self.config = config
+        self.env = dict(env or {})
         self.auth = auth
         self.admin_user = admin_user
         self.admin_password = admin_password
@@ -93,11 +132,16 @@ class InfluxdServer(LabServer):
             [INFLUXD, "-config", str(self.config_path)],
             self.log_path,
             ready=self.ping,
+            env=self.env or None,
             start_timeout=self.start_timeout,
         )
 
     def _write_config(self) -> None:
         d = self.directory
+        if self.config is not None:
+            text = render_config(self.config.read_text(), d, self.port, self.rpc_port, self.log_level)
+            self.config_path.write_text(_with_settings(text, self.settings))
+            return
         text = (
             f"""\
 reporting-disabled = true

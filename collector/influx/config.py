@@ -27,6 +27,10 @@ class InfluxConfig(msgspec.Struct, forbid_unknown_fields=True):
     token: Secret | None = None
     org: str = ""
     bucket: str = ""
+    # The resolution readings' sample times are stored at: "ns" (as stamped), "us", "ms" or "s" (cut to it).
+    # The collector's own records keep ns. Measured in docs/benchmarks.md "Store": no difference to the store's
+    # CPU worth having; two readings of one device within one unit would become one point.
+    precision: Literal["ns", "us", "ms", "s"] = "ns"
     # batching and retries
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 5000
     flush_interval: Duration = Duration(1.0)
