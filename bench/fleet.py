@@ -2,12 +2,13 @@
 real broker, collector and store (issue 14 §1-3).
 
     python -m bench.fleet [--gateways 1000] [--cycles 6] [--warmup 2] [--publishers 0 (auto)] [--storm]
-                          [--cache DIR] [--influx-config lab|shipped] [--set SECTION.KEY=VALUE] ...
+                          [--no-jitter] [--no-backlog] [--cache DIR] [--influx-config shipped|debian|lab]
+                          [--set SECTION.KEY=VALUE] [--json FILE]
 
 Real parts: mosquitto 2.0.11 with the SHIPPED configuration (labkit.flood_lab.QuietSecureBroker), influxd 1.x
-(the lab's settings, or --influx-config shipped: deploy/influxdb/influxdb.conf), one `edge-collector` process with
-its default settings (only the connections, [security] and log.stats_interval = "1s" are set; --set changes any
-other, and the run says so).
+(deploy/influxdb/influxdb.conf and its GOGC drop-in; --influx-config debian: Debian's packaged file), one
+`edge-collector` process with its default settings (only the connections, [security] and log.stats_interval =
+"1s" are set; --set changes any other, and the run says so).
 
 Gateways: enrolled in bulk (labkit.enrolled.Deployment.enroll_many: GatewayRegistry.add_many, DeviceCA.issue_many)
 and kept in --cache for the next run. Simulated by labkit.fleet_sim in --publishers child processes (one asyncio
@@ -48,7 +49,7 @@ from pathlib import Path
 
 from labkit import enrolled, stack
 from labkit.flood_lab import QuietSecureBroker, cpu_seconds, stats_lines
-from labkit.influxd import InfluxdServer
+from labkit.influxd import DEBIAN_CONFIG, SHIPPED_CONFIG, InfluxdServer, shipped_environment
 from labkit.outbox_lab import server_pid
 from labkit.pki import LabCA
 
@@ -289,10 +290,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--watch-every", type=int, default=100, help="sample-to-store latency of every n-th gateway")
     p.add_argument("--storm", action="store_true", help="restart the broker after the measured cycles")
     p.add_argument("--no-jitter", action="store_true", help="reconnect without jitter (paho's own backoff)")
+    p.add_argument("--no-backlog", action="store_true",
+                   help="leave mosquitto's listen backlog at its 100 (no plugin_opt_listen_backlog)")
     p.add_argument("--drain-max", type=float, default=300.0, help="at most this long for the outboxes to drain")
     p.add_argument("--cache", default=os.environ.get("FLEET_CACHE", "/tmp/citynerve-fleet-cache"),
                    help="enrolled gateways are kept here for the next run")
-    p.add_argument("--influx-config", choices=("lab", "shipped"), default="lab")
+    p.add_argument("--influx-config", choices=("shipped", "debian", "lab"), default="shipped",
+                   help="deploy/influxdb/influxdb.conf with its GOGC drop-in, Debian's packaged file, or the tests' own")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="a collector.toml setting (the run says it is not the defaults)")
     p.add_argument("--json", help="write the result here too")
@@ -316,14 +320,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="bench-fleet-", dir=os.environ.get("BENCH_TMP")) as tmp:
         work = Path(tmp)
-        influx_settings = None
+        influx_args: dict = {}
         if args.influx_config == "shipped":
-            from labkit.influxd import shipped_settings
-
-            influx_settings = shipped_settings()
-        with QuietSecureBroker(work / "mosquitto", device_ca_dir=dep.ca_dir, collector_ca_dir=dep.collector_ca_dir,
-                               server_ca=LabCA(work / "server-ca")) as broker, \
-                InfluxdServer(work / "influxd", log_level="warn", settings=influx_settings) as influx:
+            influx_args = {"config": SHIPPED_CONFIG, "env": shipped_environment()}
+        elif args.influx_config == "debian":
+            influx_args = {"config": DEBIAN_CONFIG}
+        broker_cls = BacklogOf100 if args.no_backlog else QuietSecureBroker
+        with broker_cls(work / "mosquitto", device_ca_dir=dep.ca_dir, collector_ca_dir=dep.collector_ca_dir,
+                        server_ca=LabCA(work / "server-ca")) as broker, \
+                InfluxdServer(work / "influxd", log_level="warn", **influx_args) as influx:
             influx.create_database(DB)
             sections: dict = {"security": {"keys_dir": str(dep.keys_dir), "registry": str(dep.registry)},
                               "log": {"stats_interval": "1s"}}
@@ -403,6 +408,16 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return result
+
+
+class BacklogOf100(QuietSecureBroker):
+    """The shipped configuration without plugin_opt_listen_backlog: mosquitto 2.0.11's own listen(sock, 100)."""
+
+    def _new_process(self):  # type: ignore[no-untyped-def]
+        process = super()._new_process()
+        lines = self.config_path.read_text().splitlines()
+        self.config_path.write_text("\n".join(ln for ln in lines if not ln.startswith("plugin_opt_listen_backlog")) + "\n")
+        return process
 
 
 def _sleep_until(wall: float) -> None:
@@ -490,7 +505,8 @@ def _result(args, reports, influx, watch, cpu0, cpu1, c_t0, c_t1, collector, sam
         "gateways": args.gateways, "interval_s": args.interval, "readings_per_message": readings,
         "publishers": len(reports), "connect_s": round(connect_s, 1), "load_before": [round(x, 2) for x in load0],
         "load_after": [round(x, 2) for x in os.getloadavg()], "collector_settings": extra or "defaults",
-        "influx_config": args.influx_config,
+        "influx_config": args.influx_config, "jitter": not args.no_jitter,
+        "listen_backlog": 100 if args.no_backlog else 4096,
         "produced_readings": produced, "stored_readings": stored, "lost_readings": produced - stored,
         "resent_messages": sum(r["resent"] for r in reports), "unacked_at_end": sum(r["unacked"] for r in reports),
         "drained_s": round(drained_s, 1), "lean": totals,
