@@ -137,12 +137,16 @@ class Store:
     def cpu(self) -> float:
         return cpu_seconds(self.pid())
 
-    async def message(self, gateway: str, payload: bytes, receive_ns: int) -> None:
+    def encode(self, gateway: str, payload: bytes, receive_ns: int) -> tuple[int, list[bytes]]:
+        """(readings, lines) of one message, as the collector encodes it with this variant's settings."""
         accepted = self.ingest.uplink(topics.up(PREFIX, gateway), payload, receive_ns)
-        self.readings += accepted.readings
-        self.lines += len(accepted.lines)
+        return accepted.readings, accepted.lines
+
+    async def message(self, gateway: str, readings: int, lines: list[bytes]) -> None:
+        self.readings += readings
+        self.lines += len(lines)
         assert self.writer is not None
-        await self.writer.put(accepted.lines, group=gateway)
+        await self.writer.put(lines, group=gateway)
 
     async def status(self, gateway: str, status: bytes, receive_ns: int) -> None:
         doc = decode_status(status)
@@ -188,9 +192,14 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
                     last_publish_ns=receive_ns, dropped_readings=0, resent_messages=0, outbox_resets=0,
                     devices={d: {"polls": m.polls, "errors": 0} for d in m.devices})
                     for gw, m in zip(gateways, meters, strict=True)]
+            encoded: dict[str, list[tuple[int, list[bytes]]]] = {}  # per precision: the same lines for each store
             for store in stores:
-                for gw, payload in zip(gateways, payloads, strict=True):
-                    await store.message(gw, payload, receive_ns)
+                lines = encoded.get(store.v.precision)
+                if lines is None:
+                    lines = encoded[store.v.precision] = [store.encode(gw, payload, receive_ns)
+                                                          for gw, payload in zip(gateways, payloads, strict=True)]
+                for gw, (readings, message) in zip(gateways, lines, strict=True):
+                    await store.message(gw, readings, message)
                 for gw, status in zip(gateways, statuses, strict=False):
                     await store.status(gw, status, receive_ns)
             for store in stores:
