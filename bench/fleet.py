@@ -112,6 +112,10 @@ async def _publisher(spec: dict) -> None:
                  "committed": sum(g.next_seq - 1 for g in fleet.gateways)})
         elif command == "report":
             say(fleet.report())
+        elif command == "unacked-before":  # messages committed until then and not acknowledged yet
+            limit = float(arg)
+            say({"unacked": sum(1 for g in fleet.gateways for m in g.log.values()
+                                if m.committed <= limit and m.acked is None)})
         elif command == "exit":
             break
     cycles.cancel()
@@ -439,13 +443,8 @@ def _storm(broker: QuietSecureBroker, pubs: Publishers, args: argparse.Namespace
         time.sleep(0.2)
     t_all = time.time()
     # Drained: every message committed until every gateway was back is acknowledged.
-    committed = None
     while time.monotonic() < deadline:
-        reports = pubs.answers("report")
-        pending = [m for r in reports for m in r["messages"] if m[2] <= t_all and m[7] is None]
-        if committed is None:
-            committed = sum(1 for r in reports for m in r["messages"] if m[2] <= t_all)
-        if not pending:
+        if not sum(a["unacked"] for a in pubs.answers(f"unacked-before {t_all}")):
             break
         time.sleep(1.0)
     t_drained = time.time()

@@ -239,6 +239,7 @@ class LeanConnection(asyncio.Protocol):
         on_connack(packet)            CONNACK received (reason 0: connected)
         on_puback(packet_id, reason)  a QoS 1 publish of ours was acknowledged by the broker
         on_message(topic, payload)    a PUBLISH for us (acknowledged by this class if QoS 1)
+        on_suback(packet_id, codes)   the broker's answer to a SUBSCRIBE (1 = granted QoS 1, 0x80+ = refused)
         on_lost(reason)               the connection ended (after or before CONNACK)
     """
 
@@ -246,12 +247,14 @@ class LeanConnection(asyncio.Protocol):
                  on_connack: Callable[[Packet], None] | None = None,
                  on_puback: Callable[[int, int], None] | None = None,
                  on_message: Callable[[str, bytes], None] | None = None,
+                 on_suback: Callable[[int, list[int]], None] | None = None,
                  on_lost: Callable[[str], None] | None = None) -> None:
         self.client_id = client_id
         self.keepalive = keepalive
         self.on_connack = on_connack
         self.on_puback = on_puback
         self.on_message = on_message
+        self.on_suback = on_suback
         self.on_lost = on_lost
         self.transport: asyncio.Transport | None = None
         self.reader = PacketReader()
@@ -341,6 +344,8 @@ class LeanConnection(asyncio.Protocol):
                 self.on_puback(packet.packet_id, packet.reason)
         elif kind == SUBACK:
             self._in_use.discard(packet.packet_id)
+            if self.on_suback is not None:
+                self.on_suback(packet.packet_id, packet.reasons)
         elif kind == CONNACK:
             if packet.reason == 0:
                 self.connected = True

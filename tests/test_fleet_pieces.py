@@ -17,7 +17,6 @@ from labkit.flood_lab import QuietSecureBroker
 from labkit.lean_mqtt import (
     CONNACK,
     PUBLISH,
-    SUBACK,
     LeanConnection,
     PacketReader,
     ProtocolError,
@@ -130,15 +129,8 @@ def test_the_lean_client_speaks_mqtt5_with_the_shipped_broker(fleet_lab) -> None
                 down.set_result(True)
 
         conn = LeanConnection("gw-lean-1", keepalive=30, on_connack=lambda p: connack.set_result(p),
-                              on_puback=lambda pid, rc: got["pubacks"].__setitem__(pid, rc), on_message=on_message)
-        original = conn._handle
-
-        def spy(packet):  # SUBACK is handled inside; watch for it to know the subscription is in place
-            original(packet)
-            if packet.kind == SUBACK and not suback.done():
-                suback.set_result(packet.reasons)
-
-        conn._handle = spy
+                              on_puback=lambda pid, rc: got["pubacks"].__setitem__(pid, rc), on_message=on_message,
+                              on_suback=lambda _pid, codes: suback.set_result(codes))
         await connect("127.0.0.1", broker.port, client_context(broker.ca_file, str(gw.tls_cert), str(gw.tls_key)),
                       conn, 10)
         packet = await asyncio.wait_for(connack, 10)
