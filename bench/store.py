@@ -11,7 +11,8 @@ heartbeats through collector.health and the inventory's schedule) and the collec
 (collector.influx.batcher.BatchWriter with the V1 or V2 backend): what reaches each store is exactly what the
 collector would send it with those settings. The bench's own Python work is not measured; each store's CPU
 (utime + stime from /proc) is, from before its first write to the end of a quiet tail after the last one
-(`--tail`, so deferred work such as cache snapshots and compactions is counted), and its data directory's size.
+(`--tail`, so deferred work such as cache snapshots and compactions is counted), its data directory's size and
+its peak RSS (VmHWM).
 
 Variants (each its own store process, all fed the same messages cycle by cycle, so drift of this shared
 machine weighs on them alike):
@@ -45,7 +46,7 @@ from collector.influx.config import InfluxConfig
 from collector.ingest import PRECISIONS, Ingest, TimePolicy
 from collector.inventory import Inventory
 from labkit.fleet_sim import Meters
-from labkit.flood_lab import cpu_seconds
+from labkit.flood_lab import cpu_seconds, status_kb
 from labkit.influxd import DEBIAN_CONFIG, SHIPPED_CONFIG, InfluxdServer, shipped_environment
 from labkit.outbox_lab import server_pid
 from wire import topics
@@ -219,7 +220,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
         results = []
         for store in stores:
             cpu = store.cpu() - store.cpu0
+            peak_mib = round(status_kb(store.pid())["VmHWM"] / 1024)
             results.append({"variant": store.v.name, "readings": store.readings, "lines": store.lines,
+                            "peak_rss_mib": peak_mib,
                             "store_cpu_s": round(cpu, 2), "readings_per_cpu_s": round(store.readings / cpu),
                             "us_per_reading": round(cpu * 1e6 / store.readings, 2), "disk_mb": round(store.disk_mb(), 1),
                             "lines_per_reading": round(store.lines / store.readings, 3)})
@@ -252,10 +255,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-store-", dir=os.environ.get("BENCH_TMP")) as tmp:
         result = asyncio.run(run(args, Path(tmp)))
     print(f"\n{'variant':<18} {'readings':>10} {'lines/reading':>13} {'store CPU s':>11} {'readings/CPU-s':>14} "
-          f"{'us/reading':>10} {'disk MB':>8} {'x today':>8}")
+          f"{'us/reading':>10} {'disk MB':>8} {'peak MiB':>8} {'x today':>8}")
     for r in result["results"]:
         print(f"{r['variant']:<18} {r['readings']:>10,} {r['lines_per_reading']:>13} {r['store_cpu_s']:>11} "
-              f"{r['readings_per_cpu_s']:>14,} {r['us_per_reading']:>10} {r['disk_mb']:>8} {r['ratio_to_today']:>8}")
+              f"{r['readings_per_cpu_s']:>14,} {r['us_per_reading']:>10} {r['disk_mb']:>8} {r['peak_rss_mib']:>8} "
+              f"{r['ratio_to_today']:>8}")
     print(f"load average before {result['load_before']}, after {result['load_after']}")
     print(json.dumps(result))
     if args.json:
