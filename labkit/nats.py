@@ -229,6 +229,51 @@ class NatsCluster:
                                    f"{wanted[0].tail_log()}")
             time.sleep(0.1)
 
+    def lagging_replicas(self, stream: str, consumer: str | None = None) -> list[str] | None:
+        """Which replicas of `stream` (and of its `consumer`) the leaders do not report current, as
+        "stream:nats-N" / "consumer:nats-N"; None while no running node leads them. Asked of every running node:
+        a raft group's leader is the one that knows its followers' state (/jsz cluster.replicas)."""
+        lagging: list[str] = []
+        stream_led = consumer_led = False
+        for node in self.nodes.values():
+            if not node.running:
+                continue
+            try:
+                doc = node.monitor("/jsz?consumers=true")
+            except (OSError, ValueError):
+                continue
+            for account in doc.get("account_details") or []:
+                for detail in account.get("stream_detail") or []:
+                    if detail.get("name") != stream:
+                        continue
+                    cluster = detail.get("cluster") or {}
+                    if cluster.get("leader") == node.server_name:
+                        stream_led = True
+                        lagging += [f"stream:{r.get('name')}" for r in cluster.get("replicas") or []
+                                    if not r.get("current")]
+                    for c in detail.get("consumer_detail") or []:
+                        ccluster = c.get("cluster") or {}
+                        if c.get("name") == consumer and ccluster.get("leader") == node.server_name:
+                            consumer_led = True
+                            lagging += [f"consumer:{r.get('name')}" for r in ccluster.get("replicas") or []
+                                        if not r.get("current")]
+        if not stream_led or (consumer is not None and not consumer_led):
+            return None
+        return lagging
+
+    def wait_current(self, stream: str, consumer: str | None = None, timeout: float = 60.0) -> None:
+        """Until `stream` and `consumer` have a leader and every replica is current again: what a node that
+        rejoined must reach before another node may die without the stream losing its quorum. Not /healthz,
+        which also waits for nats-server's own MQTT assets ($MQTT_rmsgs, the retained messages' consumer of
+        each node), which citynerve's data path does not depend on and which nats-server 2.9 was seen to
+        leave "not current" for over 30 s after a restart."""
+        deadline = time.monotonic() + timeout
+        while (lagging := self.lagging_replicas(stream, consumer)) != []:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{stream}/{consumer} not current after {timeout}s: "
+                                   f"{'no leader' if lagging is None else lagging}")
+            time.sleep(0.1)
+
     def collector_nats(self, cert: Path | str, key: Path | str, **extra: Any) -> dict[str, Any]:
         """collector.toml [nats] for a collector certificate: every node of the cluster."""
         return {"servers": self.servers, "ca_file": self.ca_file, "cert_file": str(cert), "key_file": str(key),

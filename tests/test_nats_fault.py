@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from collector.config import CollectorNats
 from edge_agent.outbox import summary
 from labkit import enrolled, stack
 from labkit.counter_field import CounterField, account
@@ -45,6 +46,7 @@ POLL = 0.5  # seconds between polls of each unit
 CYCLE = 0.5  # the agents' commit cycle
 DB = "nats_fault"
 STREAM = "CITYNERVE_UP"
+CONSUMER = CollectorNats().consumer
 
 
 def stored_counts(influx: InfluxdServer) -> dict[tuple[str, str], list[tuple[int, int]]]:
@@ -121,11 +123,15 @@ def test_nothing_lost_when_nats_nodes_die(tmp_path: Path, influx: InfluxdServer)
             new_leader = wait_until(lambda dead=leader: (n := cluster.stream_leader(STREAM)) != dead and n, 30,
                                     "a new stream leader")
             clock.say(f"    nats-{new_leader} leads {STREAM} now")
+            # the new leader sees the dead node's replica lag (so that wait_current below has something to see)
+            wait_until(lambda dead=leader: f"stream:nats-{dead}" in (cluster.lagging_replicas(STREAM, CONSUMER)
+                                                                      or []), 30,
+                       f"nats-{new_leader} to report nats-{leader}'s replica not current")
             time.sleep(4)
             clock.say(f"({round_}) restart nats-{leader}")
             cluster.nodes[leader].restart()
-            cluster.wait_healthy(30)
-            clock.say("    every node healthy again")
+            cluster.wait_current(STREAM, CONSUMER, 60)
+            clock.say(f"    every replica of {STREAM} and its consumer current again")
 
         time.sleep(3)
         clock.say("fields stop producing; waiting for the outboxes to drain")
