@@ -32,11 +32,15 @@ import argparse
 import asyncio
 import json
 import os
+import struct
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import msgspec
 
 from collector.config import InventorySection
 from collector.health import health_lines
@@ -45,6 +49,7 @@ from collector.influx.batcher import BatchWriter
 from collector.influx.config import InfluxConfig
 from collector.ingest import PRECISIONS, Ingest, TimePolicy
 from collector.inventory import Inventory
+from labkit import pprof
 from labkit.fleet_sim import Meters
 from labkit.flood_lab import cpu_seconds, status_kb
 from labkit.influxd import DEBIAN_CONFIG, SHIPPED_CONFIG, InfluxdServer, shipped_environment
@@ -70,12 +75,15 @@ class Variant:
     batch_size: int = _NEW.batch_size
     health_interval: float = float(InventorySection().health_interval)
     api: str = "v1"
+    # float32 values as the agent's register decoder gives them now, their shortest decimal (230.12); False: as
+    # it did, the float32's bits as a float64 (230.1199951171875)
+    short_floats: bool = True
     settings: dict = field(default_factory=dict)  # influxd settings on top of the file
 
 
 VARIANTS = {
     "today": Variant("today", DEBIAN_CONFIG, gogc=False, precision="ns", gzip=True, batch_size=5000,
-                     health_interval=0.0),
+                     health_interval=0.0, short_floats=False),
     "shipped": Variant("shipped", SHIPPED_CONFIG),
     # one change from `shipped` each:
     "shipped-gogc100": Variant("shipped-gogc100", SHIPPED_CONFIG, gogc=False),
@@ -88,6 +96,7 @@ VARIANTS = {
     "shipped-b5000": Variant("shipped-b5000", SHIPPED_CONFIG, batch_size=5000),
     "shipped-b20000": Variant("shipped-b20000", SHIPPED_CONFIG, batch_size=20000),
     "shipped-health0": Variant("shipped-health0", SHIPPED_CONFIG, health_interval=0.0),
+    "shipped-long": Variant("shipped-long", SHIPPED_CONFIG, short_floats=False),
     "victoria": Variant("victoria", None, api="v2"),
 }
 
@@ -168,6 +177,16 @@ class Store:
         return int(out[0]) / 1024 if out else 0.0
 
 
+def _long_f32(value: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+def lengthened(reading):  # type: ignore[no-untyped-def]
+    """A reading as the agent's decoder gave it before: each float32 as its bits in a float64 (17 digits)."""
+    return msgspec.structs.replace(reading, fields={k: _long_f32(v) if type(v) is float else v
+                                                    for k, v in reading.fields.items()})
+
+
 async def run(args: argparse.Namespace, work: Path) -> dict:
     names = args.variants.split(",") + (["victoria"] if args.victoria else [])
     stores = [Store(VARIANTS[name], work) for name in names]
@@ -178,14 +197,19 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
     beat_every = max(1, round(args.heartbeat / args.interval))
     for store in stores:
         await store.start()
+    profiled = next((s for s in stores if s.v.name == args.profile), None) if args.profile else None
+    profile_result: list[bytes] = []
     t0 = time.monotonic()
     started_ns = time.time_ns() - 3600 * 10**9
     try:
         for c in range(args.cycles):
             end = first_end + c * args.interval
             receive_ns = int((end + 0.3) * 1e9)
-            payloads = [seal_plain(Batch(gw, c + 1, int((end + 0.05) * 1e9), m.readings(end)))
-                        for gw, m in zip(gateways, meters, strict=True)]
+            cycle_readings = [m.readings(end) for m in meters]
+            payloads = {short: [seal_plain(Batch(gw, c + 1, int((end + 0.05) * 1e9),
+                                                 rs if short else [lengthened(r) for r in rs]))
+                                for gw, rs in zip(gateways, cycle_readings, strict=True)]
+                        for short in {s.v.short_floats for s in stores}}
             statuses = []
             if c % beat_every == 0:
                 statuses = [encode_status(
@@ -195,16 +219,22 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
                     for gw, m in zip(gateways, meters, strict=True)]
             encoded: dict[str, list[tuple[int, list[bytes]]]] = {}  # per precision: the same lines for each store
             for store in stores:
-                lines = encoded.get(store.v.precision)
+                key = f"{store.v.precision}/{store.v.short_floats}"
+                lines = encoded.get(key)
                 if lines is None:
-                    lines = encoded[store.v.precision] = [store.encode(gw, payload, receive_ns)
-                                                          for gw, payload in zip(gateways, payloads, strict=True)]
+                    lines = encoded[key] = [store.encode(gw, payload, receive_ns) for gw, payload
+                                            in zip(gateways, payloads[store.v.short_floats], strict=True)]
                 for gw, (readings, message) in zip(gateways, lines, strict=True):
                     await store.message(gw, readings, message)
                 for gw, status in zip(gateways, statuses, strict=False):
                     await store.status(gw, status, receive_ns)
             for store in stores:
                 await store.drained()
+            if profiled is not None and c == 0:
+                assert isinstance(profiled.server, InfluxdServer)
+                url = profiled.server.url
+                threading.Thread(target=lambda u=url: profile_result.append(pprof.profile(u, args.profile_seconds)),
+                                 daemon=True, name="pprof").start()
             print(f"  cycle {c + 1}/{args.cycles} written ({time.monotonic() - t0:.0f} s)", flush=True)
         # The tail: deferred work (snapshots, compactions) counted until the stores are quiet.
         quiet_since, last = time.monotonic(), [s.cpu() for s in stores]
@@ -231,6 +261,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
             if store.writer is not None:
                 await store.writer.close(drain=False)
             store.server.close()
+    if profile_result:
+        print(f"where {args.profile} spent its CPU ({args.profile_seconds} s from the second cycle on):")
+        print(pprof.report(profile_result[0], 45))
     base = next((r for r in results if r["variant"] == "today"), results[0])
     for r in results:
         r["ratio_to_today"] = round(r["readings_per_cpu_s"] / base["readings_per_cpu_s"], 2)
@@ -250,6 +283,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tail", type=float, default=120.0, help="at most this long after the last write")
     p.add_argument("--quiet", type=float, default=20.0, help="the tail ends once every store was idle this long")
     p.add_argument("--json", help="write the result here too")
+    p.add_argument("--profile", metavar="VARIANT", help="print where this influxd variant spent its CPU (a Go CPU "
+                   "profile of --profile-seconds from the second cycle on, labkit.pprof)")
+    p.add_argument("--profile-seconds", type=int, default=30)
     args = p.parse_args(argv)
     args.load0 = [round(x, 2) for x in os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="bench-store-", dir=os.environ.get("BENCH_TMP")) as tmp:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_agent.delivery import Publish, ReadBodies, ScanBacklog, Sender, Wait
+from edge_agent.modbus.decode import shortest
 from labkit.lean_mqtt import LeanConnection, Packet, client_context, connect
 from wire import ack, topics
 from wire.keys import collector_key_from_pem, identity_from_pem
@@ -68,8 +69,9 @@ class SimSpec:
 
 
 def _f32(value: float) -> float:
-    """What a float32 register decodes to (the agent's values carry float32's precision in a float64)."""
-    return struct.unpack("<f", struct.pack("<f", value))[0]
+    """What the agent's register decoder makes of a float32 register holding `value`: the float32's shortest
+    decimal (edge_agent.modbus.decode.shortest)."""
+    return shortest(struct.unpack("<f", struct.pack("<f", value))[0], "f")
 
 
 class Meters:

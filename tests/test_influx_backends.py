@@ -44,7 +44,7 @@ def failure_of(backend: V1Backend | V2Backend, body: bytes) -> WriteFailure:
 def test_defaults_are_valid() -> None:
     cfg = InfluxConfig()
     assert (cfg.api, cfg.url, cfg.database, cfg.batch_size, cfg.gzip) == (
-        "v1", "http://127.0.0.1:8086", "citynerve", 5000, True,
+        "v1", "http://127.0.0.1:8086", "citynerve", 5000, False,
     )
     assert (float(cfg.flush_interval), float(cfg.retry_initial), float(cfg.retry_max)) == (1.0, 0.5, 30.0)
 
@@ -97,7 +97,7 @@ def test_make_backend_picks_the_api() -> None:
 
 def test_v1_url_and_headers() -> None:
     backend = V1Backend(v1("http://127.0.0.1:1/", database="d b", retention_policy="rp 1",
-                           username=Secret("u"), password=Secret("p")))
+                           username=Secret("u"), password=Secret("p"), gzip=True))
     assert backend.write_url == "http://127.0.0.1:1/write?db=d+b&precision=ns&rp=rp+1"
     assert backend._headers["Content-Encoding"] == "gzip"
     assert backend._headers["Authorization"] == "Basic dTpw"
@@ -438,7 +438,7 @@ def overloaded() -> Iterator[str]:
 def test_one_request_per_write_gzip_and_retry_after(overloaded: str, api: str) -> None:
     """No retries inside the backends (BatchWriter is the only retry policy), the body really is gzip,
     and a 503's Retry-After and JSON message come through."""
-    backend = make_backend(v1(overloaded) if api == "v1" else v2(overloaded))
+    backend = make_backend(v1(overloaded, gzip=True) if api == "v1" else v2(overloaded, gzip=True))
     body = b"\n".join(b"m v=%di %d" % (i, i) for i in range(100))
     failure = failure_of(backend, body)
     backend.close()

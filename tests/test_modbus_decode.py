@@ -22,6 +22,7 @@ from edge_agent.modbus.decode import (
     make_decoder,
     make_encoder,
     orders_for,
+    shortest,
     width_of,
 )
 
@@ -83,6 +84,17 @@ def values_for(type_: str) -> st.SearchStrategy:
 # --- every type, every order ---------------------------------------------------------------------------
 
 
+
+def same_value(type_: str, decoded: object, value: object) -> bool:
+    """A float point decodes to the shortest decimal of the device's value: the same bits in its own width, never
+    a longer text than the value's own float64 repr (edge_agent.modbus.decode.shortest); other types exactly."""
+    code = {"float16": "e", "float32": "f"}.get(type_)
+    if code is None or not isinstance(decoded, float) or not isinstance(value, float):
+        return decoded == value
+    same = struct.pack("<" + code, decoded) == struct.pack("<" + code, value)
+    return same and len(repr(decoded)) <= len(repr(value))
+
+
 @pytest.mark.parametrize(("type_", "order"), CASES)
 @given(data=st.data())
 def test_decode_equals_packed_value(type_: str, order: str, data: st.DataObject) -> None:
@@ -90,7 +102,7 @@ def test_decode_equals_packed_value(type_: str, order: str, data: st.DataObject)
     registers = to_registers(type_, order, value)
     assert len(registers) == WIDTHS[type_] == width_of(type_)
     decoded = make_decoder(type_, order)(registers)
-    assert decoded == value
+    assert same_value(type_, decoded, value)
     assert type(decoded) is type(value)
     assert encode(type_, order, value) == registers
 
@@ -402,7 +414,8 @@ def test_bitfield_sentinel_and_errors() -> None:
 @given(raw=st.integers(-(2**15), 2**15 - 1))
 def test_scale_and_offset(raw: int) -> None:
     registers = to_registers("int16", "AB", raw)
-    assert make_decoder("int16", "AB", scale=0.1, offset=-40)(registers) == raw * 0.1 - 40
+    # the exact decimal (raw x 0.1 - 40 has one decimal place), not float64's 230.10000000000002 of it
+    assert make_decoder("int16", "AB", scale=0.1, offset=-40)(registers) == round(raw * 0.1 - 40, 1)
     scaled = make_decoder("int16", "AB", scale=10, offset=3)(registers)
     assert scaled == raw * 10 + 3
     assert type(scaled) is int  # integer scale keeps an integer point integer (InfluxDB field types)
@@ -413,7 +426,23 @@ def test_scale_and_offset(raw: int) -> None:
 @given(value=st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-(2.0**100), max_value=2.0**100))
 def test_float_scale_and_offset(value: float) -> None:
     registers = to_registers("float32", "CDAB", value)
-    assert make_decoder("float32", "CDAB", 0.001, 5)(registers) == value * 0.001 + 5
+    assert make_decoder("float32", "CDAB", 0.001, 5)(registers) == shortest(value, "f") * 0.001 + 5
+
+
+@pytest.mark.parametrize(("type_", "value", "shown"), [
+    ("float32", 230.12, "230.12"), ("float32", 0.1, "0.1"), ("float32", 49.99, "49.99"), ("float32", 1e-7, "1e-07"),
+    ("float32", 16777216.0, "16777216.0"), ("float32", 123456789.0, "123456792.0"), ("float32", 3.4028235e38,
+                                                                                      "3.4028235e+38"),
+    ("float16", 12.34, "12.34"), ("float16", 9128.0, "9128.0"), ("float16", 0.0234375, "0.02344")])
+def test_floats_are_their_shortest_decimal(type_: str, value: float, shown: str) -> None:
+    decoded = make_decoder(type_, "ABCD")(to_registers(type_, "ABCD", value))
+    assert repr(decoded) == shown
+
+
+def test_scaled_integers_have_the_scales_decimals() -> None:
+    assert make_decoder("uint16", "AB", scale=0.1)([2301]) == 230.1  # 2301 * 0.1 is 230.10000000000002
+    assert repr(make_decoder("int32", "ABCD", scale=0.001, offset=-5.5)([1, 57920])) == "117.956"
+    assert repr(make_decoder("uint16", "AB", scale=0.01)([4999])) == "49.99"
 
 
 def test_float_points_are_always_floats() -> None:
@@ -468,7 +497,8 @@ def test_encoder_is_the_decoders_inverse_in_every_order(type_: str, order: str, 
     registers = make_encoder(type_, order)(value)
     assert registers == to_registers(type_, order, value)  # what a device holds, packed independently here
     decoded = make_decoder(type_, order)(registers)
-    assert decoded == value and type(decoded) is type(value)
+    assert same_value(type_, decoded, value) and type(decoded) is type(value)
+    assert make_encoder(type_, order)(decoded) == registers  # the shortest decimal is the same register value
 
 
 @pytest.mark.parametrize("type_", ["int16", "uint16", "int32", "uint32", "int64", "uint64"])

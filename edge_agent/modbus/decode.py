@@ -6,7 +6,12 @@ bit tables (coils, discrete inputs) one 0/1 int per bit.
 
 What a decoder returns (`Decoded`):
 
-- a value (`Value`: float, int, bool or str) with scale and offset applied;
+- a value (`Value`: float, int, bool or str) with scale and offset applied; a float is the shortest decimal that
+  is exactly what the device sent (`shortest`): a float32 register holding 230.12 gives 230.12, not the
+  230.1199951171875 its bits are as a float64, and a uint16 of 2301 with scale 0.1 gives 230.1, not
+  230.10000000000002. No information is lost (the shortest decimal parses back to the same float32, IEEE 754-2008
+  §5.12.2; raw x scale has no more decimals than scale and offset together), and every byte of every reading
+  costs the store: 1.24x readings per influxd CPU-second at the fleet's shape (docs/benchmarks.md "Store");
 - `Missing(reason)` when the device says "no value": a not-available sentinel, a NaN/infinite float, an empty
   string (`NOT_AVAILABLE`), or a finite raw value that scale/offset pushed beyond a float (`OUT_OF_RANGE`).
   A missing value is never replaced by a made-up number;
@@ -42,6 +47,7 @@ Sentinels are compared with the raw bit pattern before any scaling: 0x8000 for a
 
 from __future__ import annotations
 
+import decimal
 import math
 import struct
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -276,7 +282,7 @@ def make_decoder(
     unsigned = struct.Struct(_BYTE_PICK[BYTE_TYPES[type_]] if type_ in BYTE_TYPES else ">" + _CODES[width]).unpack
     if type_ in FLOAT_TYPES:
         return _float_decoder(to_bytes, unsigned, struct.Struct(">" + _FLOAT_CODES[type_]).unpack,
-                              patterns, float_sentinels, scale, offset, scaled)
+                              patterns, float_sentinels, scale, offset, scaled, _FLOAT_CODES[type_])
     bit_count = value_bits(type_)
     signed = type_ in SIGNED_TYPES
     if bits is not None:
@@ -315,7 +321,41 @@ def _string_decoder(width: int, order: str, encoding: str) -> Decoder:
     return decode
 
 
-def _float_decoder(to_bytes, unsigned, unpack, patterns, float_sentinels, scale, offset, scaled) -> Decoder:
+# Significant digits that always identify a value of each float width (IEEE 754-2008 §5.12.2: 5, 9 and 17);
+# shortest() tries from the fewest a value of that width can need.
+_DIGITS = {"e": (3, 4, 5), "f": (6, 7, 8, 9)}
+
+
+def shortest(value: float, code: str) -> float:
+    """The float64 nearest to the shortest decimal that reads back as the same `code` ("e" float16, "f" float32)
+    value; a float64 ("d") as it is (repr already is its shortest decimal)."""
+    digits = _DIGITS.get(code)
+    if digits is None or value == 0.0:
+        return value
+    same = struct.Struct("<" + code)
+    pack, unpack = same.pack, same.unpack
+    # never fewer digits than the integer part has: float16's 9128 is 9128, not the 9.13e3 that reads back as it
+    # (beyond the width's digits the value is written with an exponent anyway: 3.4028235e+38)
+    whole = len(str(int(abs(value)))) if abs(value) >= 1 else 0
+    if whole > digits[-1]:
+        whole = 0
+    for n in digits:
+        if n < whole:
+            continue
+        short = float(f"{value:.{n}g}")
+        if unpack(pack(short))[0] == value:
+            return short
+    return value
+
+
+def _decimals(number: float) -> int:
+    """Decimal places of a scale or offset as written (0.1 -> 1, 2.5e-05 -> 6, 10 -> 0)."""
+    exponent = decimal.Decimal(repr(number)).as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
+
+
+def _float_decoder(to_bytes, unsigned, unpack, patterns, float_sentinels, scale, offset, scaled,
+                   code: str = "d") -> Decoder:
     isfinite = math.isfinite
 
     def decode(registers: Sequence[int]) -> Decoded:
@@ -325,6 +365,7 @@ def _float_decoder(to_bytes, unsigned, unpack, patterns, float_sentinels, scale,
         value = unpack(data)[0]
         if not isfinite(value) or value in float_sentinels:
             return NOT_AVAILABLE
+        value = shortest(value, code)
         if scaled:
             value = value * scale + offset
             if not isfinite(value):
@@ -337,6 +378,9 @@ def _int_decoder(to_bytes, unsigned, patterns, signed, bit_count, scale, offset,
     half, modulus = 1 << (bit_count - 1), 1 << bit_count
     isfinite = math.isfinite
     float_result = scaled and (isinstance(scale, float) or isinstance(offset, float))
+    # raw x scale + offset, exactly, has no more decimal places than scale and offset together: rounding there
+    # takes away only float64's representation error of the product (230.10000000000002 -> 230.1)
+    places = max(_decimals(scale), _decimals(offset)) if float_result else 0
 
     def decode(registers: Sequence[int]) -> Decoded:
         raw = unsigned(to_bytes(registers))[0]
@@ -347,8 +391,11 @@ def _int_decoder(to_bytes, unsigned, patterns, signed, bit_count, scale, offset,
         if not scaled:
             return raw
         value = raw * scale + offset
-        if float_result and not isfinite(value):
-            return OUT_OF_RANGE
+        if float_result:
+            if not isfinite(value):
+                return OUT_OF_RANGE
+            if places <= 15:
+                value = round(value, places)
         return value
     return decode
 
