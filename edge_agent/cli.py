@@ -120,8 +120,6 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except ConfigError as exc:
         return fail(str(exc))
-    except BrokenPipeError:
-        return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:

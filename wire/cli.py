@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import functools
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -43,7 +44,16 @@ def reports_missing_dependencies(program: str) -> Callable[[Callable[..., int]],
         @functools.wraps(main)
         def checked(*args: Any, **kwargs: Any) -> int:
             try:
-                return main(*args, **kwargs)
+                code = main(*args, **kwargs)
+                sys.stdout.flush()  # here, where a reader that went away is caught below, not at the exit
+                return code
+            except BrokenPipeError:
+                # The reader went away (`edge-agent enroll | head`): stop quietly as `cat` would, not with a
+                # traceback. stdout now points at /dev/null so the interpreter's final flush does not fail again
+                # (Python's documentation, "Note on SIGPIPE"). 128 + SIGPIPE, the status a shell shows for it.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                return 128 + signal.SIGPIPE
             except ModuleNotFoundError as exc:
                 missing = OPTIONAL_DEPENDENCIES.get((exc.name or "").partition(".")[0])
                 if missing is None:
