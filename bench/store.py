@@ -79,6 +79,7 @@ class Variant:
     # it did, the float32's bits as a float64 (230.1199951171875)
     short_floats: bool = True
     settings: dict = field(default_factory=dict)  # influxd settings on top of the file
+    env: dict = field(default_factory=dict)  # influxd's environment on top of the drop-in's (GOGC, GOMEMLIMIT)
 
 
 VARIANTS = {
@@ -87,6 +88,7 @@ VARIANTS = {
     "shipped": Variant("shipped", SHIPPED_CONFIG),
     # one change from `shipped` each:
     "shipped-gogc100": Variant("shipped-gogc100", SHIPPED_CONFIG, gogc=False),
+    "shipped-memlimit": Variant("shipped-memlimit", SHIPPED_CONFIG, env={"GOMEMLIMIT": "2GiB"}),
     "shipped-inmem": Variant("shipped-inmem", SHIPPED_CONFIG, settings={"data": {"index-version": "inmem"}}),
     "shipped-cache25m": Variant("shipped-cache25m", SHIPPED_CONFIG,
                                 settings={"data": {"cache-snapshot-memory-size": "25m"}}),
@@ -113,7 +115,7 @@ class Store:
             self.data_dir = work / variant.name / "data"
         else:
             self.server = InfluxdServer(work / variant.name, log_level="warn", config=variant.config,
-                                        env=shipped_environment() if variant.gogc else None,
+                                        env=({**shipped_environment(), **variant.env} if variant.gogc else None),
                                         settings=variant.settings)
             self.data_dir = work / variant.name
         self.ingest = Ingest(PREFIX, 1 << 30, TimePolicy(300 * 10**9, 1_577_836_800 * 10**9), "citynerve_suspect_time",
