@@ -38,7 +38,9 @@ from tests.test_e2e import wait_until
 from tests.test_fault import Clock, delivered_messages
 from tests.test_nats_tier import write_users
 
-pytestmark = [pytest.mark.fault, pytest.mark.integration, pytest.mark.timeout(240)]
+# Not marked `fault`: it runs in `make test` (about 50 s), so that every CI run shows the clustered tier losing
+# nothing when a node dies (issue 14: "the NATS cluster fault test passes on every run").
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 GATEWAYS = ("gw-nf1", "gw-nf2", "gw-nf3")
 UNITS = 3  # per gateway
