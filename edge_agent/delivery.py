@@ -29,6 +29,12 @@ The rules, in order of priority:
    srtt + 4 x rttvar, never below `ack_timeout` (the configured floor) nor above `ack_timeout_max`. A sample
    from a message sent twice is ambiguous and never taken, and a backed-off timeout is kept until a fresh sample
    comes (Karn's algorithm, RFC 6298 §5): after an outage that is the first live message acknowledged.
+5. A message is due again at once, before its timeout, when a message sent more than `reorder` seconds after it
+   (REORDER_MIN, or twice the latency's variation when that is more) is acknowledged and it is not: the
+   collector takes a gateway's messages in order, so it was lost on the way (a broker restart, a message the
+   collector declined) or its acknowledgement was (they go at QoS 0) - RFC 5681 §3.2's fast retransmit, once
+   per message; if that copy is lost too, the timeout applies. Without it such a message waited for a timeout
+   that had grown with the latency (minutes, past saturation) while the collector stood idle.
 
 Acknowledgements may name numbers this process never sent (sent before a restart, or by the previous process):
 they are remembered as ranges and deleted from the outbox at the next commit.
@@ -41,6 +47,10 @@ import heapq
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+# Rule 5's least reorder allowance (s): two collectors on a shared subscription take one gateway's messages from
+# two queues, which may be seconds apart; a message re-sent too early costs a duplicate, written onto the same points.
+REORDER_MIN = 2.0
 
 
 class Delivery:
@@ -64,6 +74,8 @@ class Delivery:
         self._once: set[int] = set()  # outstanding seqs sent exactly once by this process: their ack is a sample
         self.srtt: float | None = None  # smoothed acknowledgement latency (s), RFC 6298 §2
         self.rttvar = 0.0
+        self._fast: set[int] = set()  # seqs already re-sent by rule 5 (once per message)
+        self.fast_resends = 0
 
     # -- events -------------------------------------------------------------------------------------------------
 
@@ -90,9 +102,13 @@ class Delivery:
         """Record an acknowledgement; returns how many outstanding messages it covered."""
         covered = 0
         newest_once: float | None = None  # when the most recently sent of the covered once-sent messages went
+        newest: float | None = None  # when the most recently sent of all the covered messages went
         for first, last in ranges:
             for seq in [s for s in self.outstanding if first <= s <= last]:
                 sent_at = self.outstanding.pop(seq)
+                self._fast.discard(seq)
+                if newest is None or sent_at > newest:
+                    newest = sent_at
                 if seq in self._once:
                     self._once.discard(seq)
                     if newest_once is None or sent_at > newest_once:
@@ -109,7 +125,24 @@ class Delivery:
             self.sample(now - newest_once)  # the timeout is the estimate again; without a sample a backed-off
             # timeout stays (Karn): an acknowledgement of a copy sent twice says nothing about the latency
         self.cwnd = min(self.window, self.cwnd * 2)
+        if newest is not None:
+            self._fast_resend(newest - max(REORDER_MIN, 2 * self.rttvar))
         return covered
+
+    def _fast_resend(self, before: float) -> None:
+        """Rule 5: outstanding messages sent before `before` are due again now, each once."""
+        for seq, sent_at in list(self.outstanding.items()):
+            if sent_at >= before:
+                break  # send order: the rest were sent later
+            if seq in self._fast:
+                continue
+            del self.outstanding[seq]
+            self._once.discard(seq)
+            self._fast.add(seq)
+            if seq not in self._retry_set and not self.is_acked(seq):
+                heapq.heappush(self._retry, seq)
+                self._retry_set.add(seq)
+                self.fast_resends += 1
 
     def sample(self, latency: float) -> None:
         """One acknowledgement latency (s) of a message sent once: RFC 6298 §2.2/2.3 with alpha 1/8, beta 1/4."""
@@ -254,6 +287,7 @@ class Delivery:
         for seq in seqs:
             self.outstanding.pop(seq, None)
             self._once.discard(seq)
+            self._fast.discard(seq)
             self._retry_set.discard(seq)
             self._taken.discard(seq)
 
