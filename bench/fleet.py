@@ -47,6 +47,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.flood import pct, r2
 from labkit import enrolled, stack
 from labkit.flood_lab import QuietSecureBroker, cpu_seconds, stats_lines
 from labkit.influxd import DEBIAN_CONFIG, SHIPPED_CONFIG, InfluxdServer, shipped_environment
@@ -65,17 +66,6 @@ def raise_nofile() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def pct(values: list[float], p: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
-
-
-def r2(value: float | None) -> float | None:
-    return None if value is None else round(value, 2)
 
 
 # -- the publisher processes --------------------------------------------------------------------------------------

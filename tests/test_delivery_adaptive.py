@@ -9,14 +9,17 @@ from collections import Counter
 from edge_agent.delivery import REORDER_MIN, Delivery, Publish, ReadBodies, ScanBacklog, Sender, Wait
 
 
-def run(sender: Sender, latency, cycles: int, interval: float = 10.0, step: float = 0.5) -> Counter[int]:
+def send_times(sender: Sender, latency, cycles: int, interval: float = 10.0, step: float = 0.5,
+               lose: frozenset[int] = frozenset(), lose_copies: int = 1) -> dict[int, list[float]]:
     """The agent's send loop (edge_agent.delivery.Sender, as Agent._send_loop drives it) over an outbox in RAM:
     one message committed per cycle; the broker PUBACKs at once; the collector acknowledges each copy it gets
-    `latency(t)` seconds after it was sent (a FIFO that is behind: a re-sent copy waits like any other, so a
-    re-send never makes anything faster). Returns how often each seq was sent."""
+    `latency(t)` seconds after it was sent, in the order sent (a FIFO that is behind: a re-sent copy waits like
+    any other, so a re-send never makes anything faster); the first `lose_copies` acknowledgements of each seq in
+    `lose` are lost (a broker restart, QoS 0). Returns when each seq was sent."""
     outbox: dict[int, bytes] = {}
     acks: list[tuple[float, int]] = []  # (when, seq)
-    sends: Counter[int] = Counter()
+    sends: dict[int, list[float]] = {}
+    lost: Counter[int] = Counter()
     sender.link_changed(True, 1000)
     t, seq, mid = 0.0, 0, 0
     end = cycles * interval
@@ -27,6 +30,9 @@ def run(sender: Sender, latency, cycles: int, interval: float = 10.0, step: floa
             seq += 1
         for a in sorted(a for a in acks if a[0] <= t):
             acks.remove(a)
+            if a[1] in lose and lost[a[1]] < lose_copies:
+                lost[a[1]] += 1
+                continue
             sender.acked([(a[1], a[1])], a[0])
             taken = sender.take_acked()
             for first, last in taken:
@@ -39,11 +45,10 @@ def run(sender: Sender, latency, cycles: int, interval: float = 10.0, step: floa
                 mid += 1
                 sender.published(action.seq, mid, 1, t)
                 sender.pubacked(mid)
-                sends[action.seq] += 1
+                sends.setdefault(action.seq, []).append(t)
                 # a FIFO: never acknowledged before what was sent earlier (when the latency drops, the queue
                 # ahead still has to go first)
-                fifo = max(t + latency(t), acks[-1][0] if acks else 0.0)
-                acks.append((fifo, action.seq))
+                acks.append((max(t + latency(t), acks[-1][0] if acks else 0.0), action.seq))
             elif isinstance(action, ScanBacklog):
                 sender.scanned([s for s in outbox if s > action.after][: action.limit], action.limit)
             elif isinstance(action, ReadBodies):
@@ -54,6 +59,11 @@ def run(sender: Sender, latency, cycles: int, interval: float = 10.0, step: floa
         t += step
     assert not outbox, f"not delivered: {sorted(outbox)[:10]}"
     return sends
+
+
+def run(sender: Sender, latency, cycles: int, interval: float = 10.0, step: float = 0.5) -> Counter[int]:
+    """send_times(), counted: how often each seq was sent."""
+    return Counter({seq: len(times) for seq, times in send_times(sender, latency, cycles, interval, step).items()})
 
 
 def test_an_acknowledgement_of_a_message_sent_once_is_a_latency_sample() -> None:
@@ -163,57 +173,11 @@ def test_an_outage_still_probes_and_the_first_live_message_acknowledged_resets_t
 # -- rule 5: a message a later acknowledgement shows lost is sent again at once ----------------------------------
 
 
-def run_losing(sender: Sender, latency: float, cycles: int, lose: set[int], lose_copies: int = 1,
-               interval: float = 10.0, step: float = 0.5) -> dict[int, list[float]]:
-    """As run(), with a constant latency, and the first `lose_copies` acknowledgements of each seq in `lose` lost
-    (a broker restart, QoS 0). Returns when each seq was sent."""
-    outbox: dict[int, bytes] = {}
-    acks: list[tuple[float, int]] = []
-    sends: dict[int, list[float]] = {}
-    lost: Counter[int] = Counter()
-    sender.link_changed(True, 1000)
-    t, seq, mid = 0.0, 0, 0
-    end = cycles * interval
-    while t <= end + 3000 and (t <= end or outbox):
-        if t <= end and t >= seq * interval:
-            outbox[seq] = b"x"
-            sender.committed([(seq, b"x")])
-            seq += 1
-        for a in sorted(a for a in acks if a[0] <= t):
-            acks.remove(a)
-            if a[1] in lose and lost[a[1]] < lose_copies:
-                lost[a[1]] += 1
-                continue
-            sender.acked([(a[1], a[1])], a[0])
-            taken = sender.take_acked()
-            for first, last in taken:
-                for s in [s for s in outbox if first <= s <= last]:
-                    del outbox[s]
-            sender.deleted(taken, [])
-        while True:
-            action = sender.next_action(t)
-            if isinstance(action, Publish):
-                mid += 1
-                sender.published(action.seq, mid, 1, t)
-                sender.pubacked(mid)
-                sends.setdefault(action.seq, []).append(t)
-                acks.append((t + latency, action.seq))
-            elif isinstance(action, ScanBacklog):
-                sender.scanned([s for s in outbox if s > action.after][: action.limit], action.limit)
-            elif isinstance(action, ReadBodies):
-                sender.bodies_read(list(action.seqs), [(s, outbox[s]) for s in action.seqs if s in outbox])
-            else:
-                assert isinstance(action, Wait)
-                break
-        t += step
-    assert not outbox, f"not delivered: {sorted(outbox)[:10]}"
-    return sends
-
-
 def test_a_lost_acknowledgement_is_made_good_by_the_next_one_not_the_timeout() -> None:
     # seq 3's acknowledgement is lost; seq 4, sent 10 s later, is acknowledged 1 s after that: 3 goes again then,
     # 8 s after its first copy, not after the 30 s timeout
-    sends = run_losing(Sender(window=200, ack_timeout=30, ack_timeout_max=600), 1.0, 10, lose={3})
+    sends = send_times(Sender(window=200, ack_timeout=30, ack_timeout_max=600), lambda t: 1.0, 10,
+                       lose=frozenset({3}))
     assert len(sends[3]) == 2
     assert sends[3][1] - sends[3][0] == 11.0  # 30 + 1 without rule 5 (the latency sample, 1 s, stays below 30)
     assert all(len(v) == 1 for s, v in sends.items() if s != 3)
@@ -221,7 +185,8 @@ def test_a_lost_acknowledgement_is_made_good_by_the_next_one_not_the_timeout() -
 
 def test_each_message_is_sent_again_early_once_then_the_timeout_rules() -> None:
     # both of seq 3's first two acknowledgements are lost: one early re-send, then the timeout's
-    sends = run_losing(Sender(window=200, ack_timeout=30, ack_timeout_max=600), 1.0, 10, lose={3}, lose_copies=2)
+    sends = send_times(Sender(window=200, ack_timeout=30, ack_timeout_max=600), lambda t: 1.0, 10,
+                       lose=frozenset({3}), lose_copies=2)
     first, early, late = sends[3]
     assert early - first == 11.0
     assert late - early >= 30.0
