@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 from pathlib import Path
@@ -182,3 +183,32 @@ def test_sunspec_discovery_failure_is_reported_not_raised(meter_sim: MeterSimula
     outcome = asyncio.run(poll_once(engine))
     assert outcome.error.startswith(f"SunSpec discovery of unit 1 on tcp://127.0.0.1:{meter_sim.port} failed:")
     assert engine.devices[0].failures == 1
+
+
+def test_a_gateway_that_refuses_connections_shows_in_its_devices_health(sdm630_profile: Profile) -> None:
+    """A Modbus TCP gateway that is down: the failed opens count in the health of the device whose poll they
+    stopped (open_failures), and every device on the bus says why - not only the bus's own counters."""
+    from edge_agent.app import _health, poll_errors
+
+    port = free_port()  # nothing listens there: connection refused
+    engine = engine_for(device(port, timeout=0.5, interval=1), sdm630_profile)
+    polled = engine.devices[0]
+
+    async def until_refused() -> None:
+        task = asyncio.create_task(engine.run(lambda readings: None))
+        try:
+            while not polled.stats["open_failures"]:  # the engine has no event for it: look every 50 ms
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(asyncio.wait_for(until_refused(), 10))
+    assert engine.stats["connect_failures"] >= 1
+    assert poll_errors(polled.stats) == {"open_failures": polled.stats["open_failures"]}
+    health = _health(polled.stats, polled.stats["polls"], polled.last_error)
+    assert health["errors"] >= 1 and health["polls"] == 0
+    assert health["last_error"] == f"bus t: connection refused by 127.0.0.1:{port}", health

@@ -337,7 +337,7 @@ class BusEngine:
                 device = min(self.devices, key=lambda d: d.next_due)
                 if not await self._sleep_until(device.next_due):
                     continue
-                if not await self._ensure_open():
+                if not await self._ensure_open(device):
                     continue
                 deadline = device.next_due
                 outcome = await self.poll(device)
@@ -387,7 +387,7 @@ class BusEngine:
         finally:
             await self.transport.close()
 
-    async def _ensure_open(self) -> bool:
+    async def _ensure_open(self, due: PolledDevice | None = None) -> bool:
         if self.transport.is_open:
             return True
         try:
@@ -395,6 +395,13 @@ class BusEngine:
         except TransportError as exc:
             self.last_open_error = str(exc)
             self.stats["connect_failures"] += 1
+            if due is not None:
+                # The poll this failure stopped is the due device's: its health counts it (open_failures, as a
+                # serial source counts its port) and says why, or a meter behind a dead TCP gateway would show
+                # 0 errors. Every device on the bus shows the reason; only the due one counts a failed poll.
+                due.stats["open_failures"] += 1
+                for device in self.devices:
+                    device.last_error = f"bus {self.bus.id}: {exc}"
             self._reconnect_delay = min(max(1.0, self._reconnect_delay * 2), float(self.bus.reconnect_max))
             self._warn.warning(("open", self.bus.id), "bus %s: %s; retrying in %.0fs", self.bus.id, exc,
                                self._reconnect_delay, bus=self.bus.id)
@@ -451,6 +458,7 @@ class BusEngine:
             except TransportError as exc:
                 await self.transport.close()
                 self.stats["connection_lost"] += 1
+                device.stats["lost"] += 1  # the poll it cut short counts in the device's health
                 self._busy(started)
                 device.last_error = str(exc)
                 self._warn.warning(("lost", self.bus.id), "bus %s: %s; reopening", self.bus.id, exc, bus=self.bus.id)
@@ -495,6 +503,7 @@ class BusEngine:
         except TransportError as exc:
             await self.transport.close()
             self.stats["connection_lost"] += 1
+            device.stats["lost"] += 1
             device.last_error = str(exc)
             self._warn.warning(("lost", self.bus.id), "bus %s: %s; reopening", self.bus.id, exc, bus=self.bus.id)
             return PollOutcome(device, [], str(exc))
