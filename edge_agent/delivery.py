@@ -136,13 +136,20 @@ class Delivery:
                 break  # send order: the rest were sent later
             if seq in self._fast:
                 continue
-            del self.outstanding[seq]
-            self._once.discard(seq)
             self._fast.add(seq)
-            if seq not in self._retry_set and not self.is_acked(seq):
-                heapq.heappush(self._retry, seq)
-                self._retry_set.add(seq)
+            if self._due_again(seq):
                 self.fast_resends += 1
+
+    def _due_again(self, seq: int) -> bool:
+        """An outstanding message goes back to the retry queue (rules 3 and 5); False when it was acknowledged
+        meanwhile or is queued already."""
+        del self.outstanding[seq]
+        self._once.discard(seq)
+        if seq in self._retry_set or self.is_acked(seq):
+            return False
+        heapq.heappush(self._retry, seq)
+        self._retry_set.add(seq)
+        return True
 
     def sample(self, latency: float) -> None:
         """One acknowledgement latency (s) of a message sent once: RFC 6298 §2.2/2.3 with alpha 1/8, beta 1/4."""
@@ -189,11 +196,7 @@ class Delivery:
         for seq, sent_at in list(self.outstanding.items()):
             if now - sent_at < self.timeout:
                 break  # send order: the rest were sent later
-            del self.outstanding[seq]
-            self._once.discard(seq)
-            if seq not in self._retry_set and not self.is_acked(seq):
-                heapq.heappush(self._retry, seq)
-                self._retry_set.add(seq)
+            self._due_again(seq)
             expired += 1
             # once per round: what was sent before the last back-off does not count again
             new_round = new_round or sent_at >= self._backed_off_at

@@ -35,6 +35,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,28 +236,17 @@ class NatsCluster:
         a raft group's leader is the one that knows its followers' state (/jsz cluster.replicas)."""
         lagging: list[str] = []
         stream_led = consumer_led = False
-        for node in self.nodes.values():
-            if not node.running:
-                continue
-            try:
-                doc = node.monitor("/jsz?consumers=true")
-            except (OSError, ValueError):
-                continue
-            for account in doc.get("account_details") or []:
-                for detail in account.get("stream_detail") or []:
-                    if detail.get("name") != stream:
-                        continue
-                    cluster = detail.get("cluster") or {}
-                    if cluster.get("leader") == node.server_name:
-                        stream_led = True
-                        lagging += [f"stream:{r.get('name')}" for r in cluster.get("replicas") or []
-                                    if not r.get("current")]
-                    for c in detail.get("consumer_detail") or []:
-                        ccluster = c.get("cluster") or {}
-                        if c.get("name") == consumer and ccluster.get("leader") == node.server_name:
-                            consumer_led = True
-                            lagging += [f"consumer:{r.get('name')}" for r in ccluster.get("replicas") or []
-                                        if not r.get("current")]
+        for node, detail in self._stream_details(stream, "consumers=true"):
+            cluster = detail.get("cluster") or {}
+            if cluster.get("leader") == node.server_name:
+                stream_led = True
+                lagging += [f"stream:{r.get('name')}" for r in cluster.get("replicas") or [] if not r.get("current")]
+            for c in detail.get("consumer_detail") or []:
+                ccluster = c.get("cluster") or {}
+                if c.get("name") == consumer and ccluster.get("leader") == node.server_name:
+                    consumer_led = True
+                    lagging += [f"consumer:{r.get('name')}" for r in ccluster.get("replicas") or []
+                                if not r.get("current")]
         if not stream_led or (consumer is not None and not consumer_led):
             return None
         return lagging
@@ -284,39 +274,42 @@ class NatsCluster:
         return {"host": "127.0.0.1", "port": self.balancer.port, "ca_file": self.ca_file, "cert_file": str(cert),
                 "key_file": str(key), **extra}
 
-    def stream_leader(self, stream: str) -> int | None:
-        """The node leading `stream` (its replicas elect one), from the nodes' monitoring endpoints."""
-        for node in self.nodes.values():
+    def _stream_details(self, stream: str, query: str,
+                        nodes: list[NatsNode] | None = None) -> Iterator[tuple[NatsNode, dict[str, Any]]]:
+        """(node, its /jsz?<query> detail of `stream`) from each running node that answers (every node's by
+        default, or the given ones'); a node that does not answer is left out."""
+        for node in self.nodes.values() if nodes is None else nodes:
             if not node.running:
                 continue
             try:
-                doc = node.monitor("/jsz?streams=true")
+                doc = node.monitor(f"/jsz?{query}")
             except (OSError, ValueError):
                 continue
             for account in doc.get("account_details") or []:
                 for detail in account.get("stream_detail") or []:
-                    leader = (detail.get("cluster") or {}).get("leader")
-                    if detail.get("name") == stream and leader:
-                        return int(leader.rsplit("-", 1)[1])
+                    if detail.get("name") == stream:
+                        yield node, detail
+
+    def stream_leader(self, stream: str) -> int | None:
+        """The node leading `stream` (its replicas elect one), from the nodes' monitoring endpoints."""
+        for _node, detail in self._stream_details(stream, "streams=true"):
+            if leader := (detail.get("cluster") or {}).get("leader"):
+                return int(leader.rsplit("-", 1)[1])
         return None
 
     def stream_state(self, stream: str, consumer: str | None = None) -> dict[str, int] | None:
         """The stream's message count and, for `consumer`, its num_pending (not yet delivered) and num_ack_pending
         (delivered, not acknowledged), as the stream's leader reports them (None: no leader answers)."""
         leader = self.stream_leader(stream)
-        if leader is None or not self.nodes[leader].running:
+        if leader is None:
             return None
-        doc = self.nodes[leader].monitor("/jsz?consumers=true")
-        for account in doc.get("account_details") or []:
-            for detail in account.get("stream_detail") or []:
-                if detail.get("name") != stream:
-                    continue
-                out = {"messages": int(detail["state"]["messages"])}
-                for c in detail.get("consumer_detail") or []:
-                    if c.get("name") == consumer:
-                        out["num_pending"] = int(c.get("num_pending", 0))
-                        out["num_ack_pending"] = int(c.get("num_ack_pending", 0))
-                return out
+        for _node, detail in self._stream_details(stream, "consumers=true", [self.nodes[leader]]):
+            out = {"messages": int(detail["state"]["messages"])}
+            for c in detail.get("consumer_detail") or []:
+                if c.get("name") == consumer:
+                    out["num_pending"] = int(c.get("num_pending", 0))
+                    out["num_ack_pending"] = int(c.get("num_ack_pending", 0))
+            return out
         return None
 
     def reload(self) -> None:

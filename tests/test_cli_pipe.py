@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-
-def program(name: str) -> str:
-    return str(Path(sys.executable).parent / name)  # the console script installed next to this interpreter
+from labkit import stack
 
 
 @pytest.mark.parametrize("command", [["edge-agent", "profiles"],
@@ -21,7 +18,7 @@ def test_output_into_a_closed_pipe_is_no_traceback(command: list[str], tmp_path:
     read_end, write_end = os.pipe()
     os.close(read_end)  # nobody reads: the program's first write fails with EPIPE
     try:
-        proc = subprocess.run([program(command[0]), *command[1:]], stdout=write_end, stderr=subprocess.PIPE,
+        proc = subprocess.run([stack._bin(command[0]), *command[1:]], stdout=write_end, stderr=subprocess.PIPE,
                               text=True, timeout=60)
     finally:
         os.close(write_end)
@@ -30,6 +27,6 @@ def test_output_into_a_closed_pipe_is_no_traceback(command: list[str], tmp_path:
 
 
 def test_a_reader_that_stays_gets_everything() -> None:
-    proc = subprocess.run([program("edge-agent"), "--help"], capture_output=True, text=True,
+    proc = subprocess.run([stack._bin("edge-agent"), "--help"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and "usage:" in proc.stdout

@@ -323,28 +323,25 @@ def _string_decoder(width: int, order: str, encoding: str) -> Decoder:
 
 # Significant digits that always identify a value of each float width (IEEE 754-2008 §5.12.2: 5, 9 and 17);
 # shortest() tries from the fewest a value of that width can need.
-_DIGITS = {"e": (3, 4, 5), "f": (6, 7, 8, 9)}
+_SHORTENED = {"e": (struct.Struct("<e"), (3, 4, 5)), "f": (struct.Struct("<f"), (6, 7, 8, 9))}
 
 
 def shortest(value: float, code: str) -> float:
     """The float64 nearest to the shortest decimal that reads back as the same `code` ("e" float16, "f" float32)
     value; a float64 ("d") as it is (repr already is its shortest decimal)."""
-    digits = _DIGITS.get(code)
-    if digits is None or value == 0.0:
+    width = _SHORTENED.get(code)
+    if width is None or value == 0.0:
         return value
-    same = struct.Struct("<" + code)
-    pack, unpack = same.pack, same.unpack
+    same, digits = width
     # never fewer digits than the integer part has: float16's 9128 is 9128, not the 9.13e3 that reads back as it
     # (beyond the width's digits the value is written with an exponent anyway: 3.4028235e+38)
     whole = len(str(int(abs(value)))) if abs(value) >= 1 else 0
-    if whole > digits[-1]:
-        whole = 0
+    least = whole if whole <= digits[-1] else 0
     for n in digits:
-        if n < whole:
-            continue
-        short = float(f"{value:.{n}g}")
-        if unpack(pack(short))[0] == value:
-            return short
+        if n >= least:
+            short = float(f"{value:.{n}g}")
+            if same.unpack(same.pack(short))[0] == value:
+                return short
     return value
 
 
@@ -357,6 +354,7 @@ def _decimals(number: float) -> int:
 def _float_decoder(to_bytes, unsigned, unpack, patterns, float_sentinels, scale, offset, scaled,
                    code: str = "d") -> Decoder:
     isfinite = math.isfinite
+    shorten = code in _SHORTENED  # float16/float32; a float64's repr is already its shortest decimal
 
     def decode(registers: Sequence[int]) -> Decoded:
         data = to_bytes(registers)
@@ -365,7 +363,8 @@ def _float_decoder(to_bytes, unsigned, unpack, patterns, float_sentinels, scale,
         value = unpack(data)[0]
         if not isfinite(value) or value in float_sentinels:
             return NOT_AVAILABLE
-        value = shortest(value, code)
+        if shorten:
+            value = shortest(value, code)
         if scaled:
             value = value * scale + offset
             if not isfinite(value):
