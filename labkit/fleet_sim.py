@@ -29,12 +29,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
+
+from edge_agent.config import UplinkSection
 from edge_agent.delivery import Publish, ReadBodies, ScanBacklog, Sender, Wait
 from edge_agent.modbus.decode import shortest
 from labkit.lean_mqtt import LeanConnection, Packet, client_context, connect
 from wire import ack, topics
 from wire.keys import collector_key_from_pem, identity_from_pem
-from wire.mqttlink import reconnect_delay
+from wire.mqttlink import MqttSettings, reconnect_delay
 from wire.schema import Batch, Reading, encode_batch
 from wire.seal import GatewaySealer, SealError
 from wire.status import ONLINE, encode_status
@@ -44,6 +47,10 @@ MEASUREMENT = "meter"
 # Ten values of a three-phase energy meter, as an SDM630-class profile reads them (float32 registers).
 FIELDS = ("voltage_l1", "voltage_l2", "voltage_l3", "current_l1", "current_l2", "current_l3", "power_total",
           "energy_import", "frequency", "power_factor")
+
+
+_UPLINK = UplinkSection()  # the agent's defaults, which the simulated gateways keep unless told otherwise
+_MQTT = {f.name: f.default for f in msgspec.structs.fields(MqttSettings)}
 
 
 @dataclass(frozen=True)
@@ -57,14 +64,14 @@ class SimSpec:
     devices: int = 3
     poll_interval: float = 1.0
     publish_interval: float = 10.0
-    heartbeat_interval: float = 60.0
-    keepalive: int = 30
-    connect_timeout: float = 10.0
-    reconnect_min: float = 1.0
-    reconnect_max: float = 60.0
-    window: int = 200  # uplink.max_unacked_messages
-    ack_timeout: float = 30.0
-    ack_timeout_max: float = 600.0
+    heartbeat_interval: float = float(_UPLINK.heartbeat_interval)
+    keepalive: int = int(_MQTT["keepalive"])
+    connect_timeout: float = float(_MQTT["connect_timeout"])
+    reconnect_min: float = float(_MQTT["reconnect_min"])
+    reconnect_max: float = float(_MQTT["reconnect_max"])
+    window: int = _UPLINK.max_unacked_messages
+    ack_timeout: float = float(_UPLINK.ack_timeout)
+    ack_timeout_max: float = float(_UPLINK.ack_timeout_max)
     jitter: bool = True  # False: paho's own backoff (min, 2 x min, ...), for the comparison
 
 
