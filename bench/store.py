@@ -11,8 +11,13 @@ heartbeats through collector.health and the inventory's schedule) and the collec
 (collector.influx.batcher.BatchWriter with the V1 or V2 backend): what reaches each store is exactly what the
 collector would send it with those settings. The bench's own Python work is not measured; each store's CPU
 (utime + stime from /proc) is, from before its first write to the end of a quiet tail after the last one
-(`--tail`, so deferred work such as cache snapshots and compactions is counted), its data directory's size and
-its peak RSS (VmHWM).
+(`--tail`), its data directory's size and its peak RSS (VmHWM). Deferred work is counted: the tail lasts until
+each influxd's write cache is empty (every value written was snapshotted into a TSM file), no compaction runs or
+waits (its /debug/vars) and every store's CPU was idle `--quiet` seconds. influxd snapshots a cache that stays
+below `cache-snapshot-memory-size` 10 minutes after the last write (`cache-snapshot-write-cold-duration`, left
+at its default so the variants run as configured), hence the long tail. Ending the tail at the first quiet moment
+charged a variant with 256 MB snapshots for WAL and cache only, not for encoding its last cache into TSM files,
+while one with Debian's 25 MB had paid for nearly all of its own (docs/benchmarks.md "Store", the correction).
 
 Variants (each its own store process, all fed the same messages cycle by cycle, so drift of this shared
 machine weighs on them alike):
@@ -37,6 +42,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,7 +105,16 @@ VARIANTS = {
     "shipped-b20000": Variant("shipped-b20000", SHIPPED_CONFIG, batch_size=20000),
     "shipped-health0": Variant("shipped-health0", SHIPPED_CONFIG, health_interval=0.0),
     "shipped-long": Variant("shipped-long", SHIPPED_CONFIG, short_floats=False),
+    "shipped-cache1g": Variant("shipped-cache1g", SHIPPED_CONFIG,
+                               settings={"data": {"cache-snapshot-memory-size": "1g", "cache-max-memory-size": "2g"}}),
+    "shipped-walfsync": Variant("shipped-walfsync", SHIPPED_CONFIG, settings={"data": {"wal-fsync-delay": "100ms"}}),
+    "shipped-gogc800": Variant("shipped-gogc800", SHIPPED_CONFIG, env={"GOGC": "800", "GOMEMLIMIT": "4GiB"}),
+    "shipped-procs1": Variant("shipped-procs1", SHIPPED_CONFIG, env={"GOMAXPROCS": "1"}),
     "victoria": Variant("victoria", None, api="v2"),
+    # VictoriaMetrics sets GOGC=30 when the environment has none (lib/cgroup: less memory for more CPU; its docs
+    # advise raising GOGC when go_memstats_gc_cpu_fraction passes 0.05)
+    "victoria-gogc100": Variant("victoria-gogc100", None, api="v2", env={"GOGC": "100"}),
+    "victoria-gogc400": Variant("victoria-gogc400", None, api="v2", env={"GOGC": "400"}),
 }
 
 
@@ -111,11 +126,11 @@ class Store:
         if variant.config is None:
             from labkit.victoria import VictoriaMetricsServer
 
-            self.server = VictoriaMetricsServer(work / variant.name)
+            self.server = VictoriaMetricsServer(work / variant.name, env=variant.env)
             self.data_dir = work / variant.name / "data"
         else:
             self.server = InfluxdServer(work / variant.name, log_level="warn", config=variant.config,
-                                        env=({**shipped_environment(), **variant.env} if variant.gogc else None),
+                                        env=({**shipped_environment(), **variant.env} if variant.gogc else variant.env),
                                         settings=variant.settings)
             self.data_dir = work / variant.name
         self.ingest = Ingest(PREFIX, 1 << 30, TimePolicy(300 * 10**9, 1_577_836_800 * 10**9), "citynerve_suspect_time",
@@ -173,6 +188,36 @@ class Store:
         assert self.writer is not None
         while self.writer.stats.pending_lines:
             await asyncio.sleep(0.05)
+
+    def engine(self) -> dict[str, int] | None:
+        """influxd's write cache and compactions for the bench's database, summed over its shards, from
+        /debug/vars: bytes still in the cache, compactions running or queued, and how many ran of each kind (None:
+        not influxd)."""
+        if self.v.config is None:
+            return None
+        with urllib.request.urlopen(f"{self.server.url}/debug/vars", timeout=10) as resp:
+            stats = json.load(resp)
+        out = {"cache_bytes": 0, "compactions_pending": 0, "cache_snapshots": 0, "tsm_compactions": 0}
+        for entry in stats.values():
+            if not isinstance(entry, dict) or (entry.get("tags") or {}).get("database") != DB:
+                continue
+            values = entry.get("values", {})
+            if entry.get("name") == "tsm1_cache":
+                out["cache_bytes"] += values.get("memBytes", 0)
+            elif entry.get("name") == "tsm1_engine":
+                for key, value in values.items():
+                    if key.endswith(("Active", "Queue")):
+                        out["compactions_pending"] += value
+                    elif key == "cacheCompactions":
+                        out["cache_snapshots"] += value
+                    elif key.startswith("tsm") and key.endswith("Compactions"):
+                        out["tsm_compactions"] += value
+        return out
+
+    def settled(self) -> bool:
+        """Nothing deferred is left: the write cache is empty and no compaction runs or waits."""
+        engine = self.engine()
+        return engine is None or (engine["cache_bytes"] == 0 and engine["compactions_pending"] == 0)
 
     def disk_mb(self) -> float:
         out = subprocess.run(["du", "-sk", str(self.data_dir)], capture_output=True, text=True).stdout.split()
@@ -247,14 +292,19 @@ async def run(args: argparse.Namespace, work: Path) -> dict:
             if any(b - a > 0.05 for a, b in zip(last, now, strict=True)):
                 quiet_since = time.monotonic()
             last = now
-            if time.monotonic() - quiet_since >= args.quiet:
+            if time.monotonic() - quiet_since >= args.quiet and all(s.settled() for s in stores):
                 break
+        else:
+            unsettled = [s.v.name for s in stores if not s.settled()]
+            if unsettled:
+                print(f"  the tail of {args.tail:.0f} s ended with deferred work left in {', '.join(unsettled)}: "
+                      "their CPU is undercounted (raise --tail)", flush=True)
         results = []
         for store in stores:
             cpu = store.cpu() - store.cpu0
             peak_mib = round(status_kb(store.pid())["VmHWM"] / 1024)
             results.append({"variant": store.v.name, "readings": store.readings, "lines": store.lines,
-                            "peak_rss_mib": peak_mib,
+                            "peak_rss_mib": peak_mib, "settled": store.settled(), "engine": store.engine(),
                             "store_cpu_s": round(cpu, 2), "readings_per_cpu_s": round(store.readings / cpu),
                             "us_per_reading": round(cpu * 1e6 / store.readings, 2), "disk_mb": round(store.disk_mb(), 1),
                             "lines_per_reading": round(store.lines / store.readings, 3)})
@@ -282,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--devices", type=int, default=3)
     p.add_argument("--variants", default="today,shipped", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--victoria", action="store_true", help="also VictoriaMetrics through the V2 API")
-    p.add_argument("--tail", type=float, default=120.0, help="at most this long after the last write")
+    p.add_argument("--tail", type=float, default=900.0, help="at most this long after the last write")
     p.add_argument("--quiet", type=float, default=20.0, help="the tail ends once every store was idle this long")
     p.add_argument("--json", help="write the result here too")
     p.add_argument("--profile", metavar="VARIANT", help="print where this influxd variant spent its CPU (a Go CPU "

@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,9 +58,11 @@ class VictoriaMetricsServer(LabServer):
         *,
         extra_args: tuple[str, ...] = (),
         start_timeout: float = 10.0,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(directory, start_timeout)
         self.extra_args = tuple(extra_args)
+        self.env = dict(env or {})  # added to the process's environment (GOGC: see docs/benchmarks.md "Store")
 
     @property
     def url(self) -> str:
@@ -75,7 +78,8 @@ class VictoriaMetricsServer(LabServer):
             *self.extra_args,
         ]
         return ServerProcess(
-            "victoria-metrics", argv, self.log_path, ready=self.healthy, start_timeout=self.start_timeout
+            "victoria-metrics", argv, self.log_path, ready=self.healthy, start_timeout=self.start_timeout,
+            env=self.env or None,
         )
 
     # -- HTTP helpers ---------------------------------------------------------------------------------------
