@@ -810,6 +810,8 @@ class Collector:
         self.ingest.time_policy = _time_policy(v)
         self.ingest.suspect_measurement = v.suspect_measurement
         self.ingest.accept_plain = cfg.security is None or cfg.security.accept_plain
+        inv = cfg.inventory
+        self.inventory.set_intervals(float(inv.flush_interval), float(inv.info_interval), float(inv.health_interval))
         fmt, level = self.log_override
         setup_logging(fmt or cfg.log.format, level or cfg.log.level)
         log.info("reloaded %s: %s%s", self.config_path,

@@ -338,6 +338,13 @@ class InventorySink:
         self._last_flush = time.monotonic()
         self._warn = RateLimitedLog(log, interval=300)
 
+    def set_intervals(self, flush_interval: float, info_interval: float, health_interval: float) -> None:
+        """New `[inventory]` intervals (a reload): each next write is due by the new value, counted from the last
+        one, so a shorter interval takes effect at once and a longer one needs no waiting for the old."""
+        self.flush_interval = flush_interval
+        self.core.info_interval_ns = int(info_interval * 1e9)
+        self.core.health_interval_ns = int(health_interval * 1e9)
+
     def _open(self) -> list[GatewayRecord]:  # the inventory thread
         if self.store is None:
             self.store = InventoryStore(self.path)

@@ -10,11 +10,13 @@ Applied at once, because each is read afresh for every message or round and hold
     [schema]      field types declared in the file (added to those known; a declaration removed from the file
                   stays until a restart, as the store holds that type anyway), refresh
     [security]    accept_plain
+    [inventory]   flush_interval, info_interval, health_interval (the next write of each is due by the new value)
 
 Everything else needs a restart, and the reload says which keys changed and wait for it: [mqtt] or [nats] (the
 broker session, the subscription or the consumer), [influx] (the writer and its pending lines), [quarantine] and
-[inventory] (open files), [security] keys_dir, registry, session_grace, replay_window (the opener's keys and sessions),
-limits.workers, turning log.stats_interval on or off. The gateway registry itself is re-opened and re-read on every reload.
+inventory.path and max_gateways (open files, bounds of what is held), [security] keys_dir, registry,
+session_grace, replay_window (the opener's keys and sessions), limits.workers, turning log.stats_interval on or
+off. The gateway registry itself is re-opened and re-read on every reload.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import msgspec
 from collector.config import CollectorConfig
 from wire.config import Secret
 
-_APPLIED = ("log.", "limits.", "validation.", "acks.", "schema.", "security.accept_plain")
+_INVENTORY_APPLIED = ("flush_interval", "info_interval", "health_interval")
+_APPLIED = ("log.", "limits.", "validation.", "acks.", "schema.", "security.accept_plain",
+            *(f"inventory.{key}" for key in _INVENTORY_APPLIED))
 _RESTART = ("limits.workers",)
 
 
@@ -67,6 +71,7 @@ def plan(old: CollectorConfig, new: CollectorConfig) -> ReloadPlan:
     security = old.security
     if old.security is not None and new.security is not None:
         security = replace(old.security, accept_plain=new.security.accept_plain)
+    inventory = replace(old.inventory, **{key: getattr(new.inventory, key) for key in _INVENTORY_APPLIED})
     config = replace(old, log=log, limits=replace(new.limits, workers=old.limits.workers), validation=new.validation,
-                     acks=new.acks, schema=new.schema, security=security)
+                     acks=new.acks, schema=new.schema, security=security, inventory=inventory)
     return ReloadPlan(config, applied, restart)

@@ -42,6 +42,18 @@ def test_safe_changes_apply_and_the_others_wait_for_a_restart() -> None:
     assert p.config.validation.max_payload_bytes == 1000 and float(p.config.acks.interval) == 2.0
 
 
+def test_inventory_intervals_apply_and_its_file_waits_for_a_restart() -> None:
+    old = _config(inventory={"path": "/a.db"})
+    new = _config(inventory={"path": "/b.db", "health_interval": "0s", "info_interval": "10m",
+                             "flush_interval": "5s", "max_gateways": 10})
+    p = plan(old, new)
+    assert sorted(p.applied) == ["inventory.flush_interval", "inventory.health_interval", "inventory.info_interval"]
+    assert sorted(p.restart) == ["inventory.max_gateways", "inventory.path"]
+    inv = p.config.inventory
+    assert (float(inv.health_interval), float(inv.info_interval), float(inv.flush_interval)) == (0.0, 600.0, 5.0)
+    assert (inv.path, inv.max_gateways) == ("/a.db", old.inventory.max_gateways)
+
+
 def test_turning_the_stats_line_on_or_off_waits_for_a_restart() -> None:
     on, off = _config(log={"stats_interval": 60.0}), _config(log={"stats_interval": 0.0})
     assert plan(on, off).restart == ["log.stats_interval"] and plan(off, on).restart == ["log.stats_interval"]

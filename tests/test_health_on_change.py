@@ -3,6 +3,8 @@ Inventory.health_due): the pure rule, and the real collector writing fewer point
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -91,10 +93,12 @@ def test_the_collector_stores_a_steady_heartbeat_once_and_a_change_at_once(
         tmp_path: Path, mosquitto: MosquittoServer, influxd: InfluxdServer, influx_db: str) -> None:
     """The real collector with the default [inventory] health_interval (2 min): three heartbeats a second apart
     that differ only in what moves with every heartbeat make one health point; a device's new error makes one
-    more at once; the collector's stats line counts the heartbeats it had nothing to store for."""
+    more at once; the collector's stats line counts the heartbeats it had nothing to store for. Then a reload
+    (SIGHUP) with health_interval "0s" applies at once: the next steady heartbeat is stored."""
     prefix, gateway = "healthlab/v1", "gw-steady"
-    collector = stack.collector_process(collector_config(tmp_path / "collector.toml", mosquitto, prefix,
-                                                         {"api": "v1", "url": influxd.url, "database": influx_db}))
+    influx = {"api": "v1", "url": influxd.url, "database": influx_db}
+    config = collector_config(tmp_path / "collector.toml", mosquitto, prefix, influx)
+    collector = stack.collector_process(config)
     link = publisher(mosquitto, "health-publisher")
     now = time.time_ns()
 
@@ -113,8 +117,20 @@ def test_the_collector_stores_a_steady_heartbeat_once_and_a_change_at_once(
         rows = wait_until(lambda: len(r := influxd.query(f"SELECT next_seq FROM citynerve_gateway_health {where}",
                                                          influx_db)) == 2 and r, 10, "the change stored")
         devices = influxd.query(f"SELECT errors FROM citynerve_device_health {where}", influx_db)
+        assert [r["next_seq"] for r in rows] == [100, 103]
+        assert [d["errors"] for d in devices] == [0, 1]
+
+        # The interval is applied by a reload, without a restart.
+        collector_config(config, mosquitto, prefix, influx,
+                         inventory={"path": str(config.with_suffix(".inventory.db")), "health_interval": "0s"})
+        os.kill(collector.proc.pid, signal.SIGHUP)  # type: ignore[union-attr]
+        wait_until(lambda: "applied inventory.health_interval" in collector.log_path.read_text(), 10,
+                   "the reload not applied")
+        publish_all(link, [status(4, errors=1)])  # the same as the last but what moves with every heartbeat
+        rows = wait_until(lambda: len(r := influxd.query(f"SELECT next_seq FROM citynerve_gateway_health {where}",
+                                                         influx_db)) == 3 and r, 10, "the steady heartbeat stored")
     finally:
         link.stop()
         collector.stop()
-    assert [r["next_seq"] for r in rows] == [100, 103]
-    assert [d["errors"] for d in devices] == [0, 1]
+    assert [r["next_seq"] for r in rows] == [100, 103, 104]
+    assert "Traceback" not in collector.log_path.read_text()
