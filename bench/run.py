@@ -7,6 +7,7 @@ from bench import (
     backlog_drain,
     collector_ingest,
     dlt645_wire,
+    encode,
     flood,
     mbus_parsers,
     modbus_engine,
@@ -25,6 +26,8 @@ def main() -> None:
     collector_ingest.main([])
     print("== collector ingest, sealed end to end, with the crypto share of the collector's CPU ==")
     collector_ingest.main(["--sealed"])
+    print("== line-protocol encoding: readings of floats by JSON vs value by value, same run ==")
+    encode.main([])
     print("== seal / open cost per message vs the bare AEAD call ==")
     seal_cost.main([])
     print("== modbus plan efficiency: requests per poll vs the minimum, every bundled profile ==")

@@ -21,8 +21,10 @@ newline in a string value (InfluxDB would take it inside the quotes, but Victori
 line-protocol readers split lines on every newline, so one reading could become two, one of them forged).
 
 Fields keep the mapping's order; tags are sorted by key, as InfluxDB prefers. Tags with an empty value are
-left out (InfluxDB has no empty tag values). Floats are written with repr(), which round-trips exactly;
-NaN and infinities are left out because InfluxDB cannot store them; a point left with no field is an error.
+left out (InfluxDB has no empty tag values). Floats are written as their shortest text that reads back as the
+same float64: by msgspec's JSON encoder when every value of the reading is a float (see _plain_fields), else
+with repr(); NaN and infinities are left out because InfluxDB cannot store them; a point left with no field is
+an error.
 
 VictoriaMetrics reads the same bytes with one difference: it also turns "\\\\" into "\\" in names, so a name
 holding two backslashes in a row is stored with one there (see labkit.victoria).
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+
+import msgspec
 
 from wire.names import bad_character, describe
 
@@ -58,6 +62,17 @@ _CACHE_LIMIT = 50_000
 _measurements: dict[str, str] = {}
 _keys: dict[str, str] = {}
 _tag_values: dict[str, str] = {}
+# A reading's field keys, in their order -> whether JSON writes each exactly as line protocol does (no escape in
+# either): then a reading whose values are all floats is written by msgspec's JSON encoder, one C call for the
+# whole field set, and turned into line protocol by two replacements. repr() per value was the largest cost of
+# encoding a reading (docs/benchmarks.md "Collector ingest"). msgspec writes the shortest text that reads back
+# as the same float64, as repr() does, in its own spelling (1e16 and 0.00001 where repr() writes 1e+16 and
+# 1e-05): the same value for every line-protocol reader (Go's strconv.ParseFloat in InfluxDB, VictoriaMetrics'
+# fastfloat). NaN and infinities come out as null: such a reading takes the value-by-value path, which leaves
+# them out.
+_plain_fields: dict[tuple[str, ...], bool] = {}
+_json = msgspec.json.Encoder().encode
+_ALL_FLOAT = {float}
 
 
 def _checked(name: str, what: str) -> None:
@@ -166,6 +181,52 @@ def encode_line(
             out.append(_key(key, "tag key"))
             out.append("=")
             out.append(_tag_value(value, key))
+    text = _all_floats(fields) if set(map(type, fields.values())) == _ALL_FLOAT else None
+    if text is not None:
+        out.append(" ")
+        out.append(text)
+    else:
+        out.append(_fields_text(fields, measurement))
+    if type(time_ns) is not int:
+        if isinstance(time_ns, bool) or not isinstance(time_ns, int):
+            raise LineProtocolError(f"time_ns must be an integer, got {type(time_ns).__name__}: {time_ns!r}")
+        time_ns = int(time_ns)
+    if not TIME_MIN <= time_ns <= TIME_MAX:
+        raise LineProtocolError(f"time_ns {time_ns} is outside InfluxDB's range {TIME_MIN}..{TIME_MAX}")
+    out.append(" ")
+    out.append(str(time_ns))
+    try:
+        return "".join(out).encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a badly decoded name
+        raise LineProtocolError(f"measurement {measurement!r}: not encodable as UTF-8: {exc.reason}") from None
+
+
+def _all_floats(fields: Mapping[str, float]) -> str | None:
+    """The field set of a reading whose values are all floats, by the JSON encoder (see _plain_fields); None when
+    a key needs an escape or a value is NaN or infinite."""
+    names = tuple(fields)
+    plain = _plain_fields.get(names)
+    if plain is None:
+        plain = all(_key(name, "field key") == name and '"' not in name and "\\" not in name for name in names)
+        if len(_plain_fields) >= _CACHE_LIMIT:
+            _plain_fields.clear()
+        _plain_fields[names] = plain
+    if not plain:
+        return None
+    try:
+        text = _json(fields)[2:-1]  # {"k":1.5,"l":2.0} -> k":1.5,"l":2.0
+    except TypeError:  # a mapping msgspec does not take as a dict
+        return None
+    if b'":null' in text:  # a NaN or an infinity (a key holds no quote, so only a value can follow one so)
+        return None
+    # The opening quotes first: `,"` can only be a key's start (keys hold no quote, floats no comma); then every
+    # `":` left is a key's end. The other order would take the opening quote of a key starting with ":" for one.
+    return text.replace(b',"', b",").replace(b'":', b"=").decode()
+
+
+def _fields_text(fields: Mapping[str, float | int | bool | str], measurement: str) -> str:
+    """The field set value by value, with the space before it."""
+    out = []
     separator = " "
     for key, value in fields.items():
         kind = type(value)
@@ -190,15 +251,4 @@ def encode_line(
         separator = ","
     if separator == " ":
         raise LineProtocolError(f"measurement {measurement!r}: no storable field in {dict(fields)!r}")
-    if type(time_ns) is not int:
-        if isinstance(time_ns, bool) or not isinstance(time_ns, int):
-            raise LineProtocolError(f"time_ns must be an integer, got {type(time_ns).__name__}: {time_ns!r}")
-        time_ns = int(time_ns)
-    if not TIME_MIN <= time_ns <= TIME_MAX:
-        raise LineProtocolError(f"time_ns {time_ns} is outside InfluxDB's range {TIME_MIN}..{TIME_MAX}")
-    out.append(" ")
-    out.append(str(time_ns))
-    try:
-        return "".join(out).encode()
-    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a badly decoded name
-        raise LineProtocolError(f"measurement {measurement!r}: not encodable as UTF-8: {exc.reason}") from None
+    return "".join(out)
