@@ -2,7 +2,8 @@
 real broker, collector and store (issue 14 §1-3).
 
     python -m bench.fleet [--gateways 1000] [--cycles 6] [--warmup 2] [--publishers 0 (auto)] [--storm]
-                          [--no-jitter] [--no-backlog] [--cache DIR] [--influx-config shipped|debian|lab]
+                          [--no-jitter] [--no-backlog] [--no-spread] [--cache DIR]
+                          [--influx-config shipped|debian|lab]
                           [--set SECTION.KEY=VALUE] [--json FILE]
 
 Real parts: mosquitto 2.0.11 with the SHIPPED configuration (labkit.flood_lab.QuietSecureBroker), influxd 1.x
@@ -14,17 +15,19 @@ Gateways: enrolled in bulk (labkit.enrolled.Deployment.enroll_many: GatewayRegis
 and kept in --cache for the next run. Simulated by labkit.fleet_sim in --publishers child processes (one asyncio
 loop each, no thread per connection): the agent's send loop (edge_agent.delivery.Sender) on an outbox in RAM,
 the agent's TLS settings, reconnect backoff (wire.mqttlink.reconnect_delay) and connect timeout; every
---interval seconds (aligned to the wall clock, as the agent's cycle) one sealed QoS 1 message of --devices x
-(interval / poll interval) readings of 10 float32 values, each stamped when its poll was answered; the retained
-status heartbeat every 60 s (aligned) and at each connect.
+--interval seconds (at the gateway's phase within the interval, as the agent's cycle with uplink.publish_spread;
+--no-spread: every gateway at the aligned deadline, as before) one sealed QoS 1 message of --devices x
+(interval / poll interval) readings of 10 float32 values, each stamped when its (aligned) poll was answered; the
+retained status heartbeat every 60 s (at the same phase) and at each connect.
 
 Measured:
 - per cycle: messages and readings produced; end-to-end acknowledgement latency (commit -> ack, all gateways)
-  p50/p99; sample-to-store latency p50/p99 for every --watch-every-th gateway: the wall time of the first
-  InfluxDB poll (every 250 ms) that returned all of a message's readings - the cycle's end (the newest sample;
-  the oldest reading of a message waits one publish interval more on the gateway, by design);
+  p50/p99 (a message is acknowledged once InfluxDB stored it); with --no-spread also sample-to-store latency
+  p50/p99 for every --watch-every-th gateway: the wall time of the first InfluxDB poll (every 250 ms) that
+  returned all of a message's readings - the cycle's end (the newest sample; the oldest reading of a message
+  waits one publish interval more on the gateway, by design);
 - in the end, once the gateways stopped producing and their outboxes drained (or --drain-max passed): readings
-  stored (count in InfluxDB, per cycle) against produced: lost = produced - stored; re-sends;
+  stored (count in InfluxDB; per cycle with --no-spread) against produced: lost = produced - stored; re-sends;
 - CPU seconds of collector, broker and store over the measured cycles, per message the collector processed in
   them (its stats lines); peak RSS of each (VmRSS every 0.5 s) over the whole run;
 - --storm: the broker restarted (SIGTERM, start on the same ports and data) with every gateway connected and
@@ -284,6 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--watch-every", type=int, default=100, help="sample-to-store latency of every n-th gateway")
     p.add_argument("--storm", action="store_true", help="restart the broker after the measured cycles")
     p.add_argument("--no-jitter", action="store_true", help="reconnect without jitter (paho's own backoff)")
+    p.add_argument("--no-spread", action="store_true",
+                   help="every gateway publishes at the aligned deadline (uplink.publish_spread = false)")
     p.add_argument("--no-backlog", action="store_true",
                    help="leave mosquitto's listen backlog at its 100 (no plugin_opt_listen_backlog)")
     p.add_argument("--drain-max", type=float, default=300.0, help="at most this long for the outboxes to drain")
@@ -339,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
             sim = {"host": "127.0.0.1", "port": broker.port, "ca_file": broker.ca_file,
                    "collector_pub": str(dep.collector_pub), "devices": args.devices,
                    "poll_interval": args.poll_interval, "publish_interval": args.interval,
-                   "jitter": not args.no_jitter}
+                   "jitter": not args.no_jitter, "publish_spread": not args.no_spread}
             slices = [[(gid, str(dep.gateways[gid].dir)) for gid in ids[i::publishers_n]]
                       for i in range(publishers_n)]
             pubs = Publishers(slices, sim, work)
@@ -363,9 +368,13 @@ def main(argv: list[str] | None = None) -> dict:
                 first_cycle = start if time.time() < start else start + args.interval
                 measure_from = first_cycle + args.warmup * args.interval
                 measure_to = measure_from + (args.cycles - 1) * args.interval
-                watched = ids[:: args.watch_every]
-                watch = StoreWatch(influx, watched, args.interval, readings, first_cycle - args.interval)
-                watch.start()
+                if args.no_spread:
+                    # Sample-to-store per cycle needs a cycle's samples in one aligned interval; with publishing
+                    # spread a message's samples straddle two, and its commit-to-acknowledgement latency (an
+                    # acknowledgement means stored) is the measure.
+                    watched = ids[:: args.watch_every]
+                    watch = StoreWatch(influx, watched, args.interval, readings, first_cycle - args.interval)
+                    watch.start()
                 # CPU over the measured cycles: from just after the cycle before the first measured one was
                 # committed, to just after the last measured one was (so each window holds whole cycles' work).
                 pids = {"collector": collector.proc.pid, "broker": server_pid(broker), "store": server_pid(influx)}
@@ -449,22 +458,26 @@ def _result(args, reports, influx, watch, cpu0, cpu1, c_t0, c_t1, collector, sam
             measure_from, measure_to, readings, connect_s, drained_s, storm, load0, extra) -> dict:
     messages = [m for r in reports for m in r["messages"]]
     by_cycle: dict[int, list] = {}
-    for m in messages:
-        by_cycle.setdefault(round(m[2]), []).append(m)
+    for m in messages:  # by the aligned deadline at or after the commit (the commit itself when not spread)
+        by_cycle.setdefault(round(math.ceil(m[2] / args.interval - 1e-6) * args.interval), []).append(m)
     # What InfluxDB holds, per cycle (a cycle's samples lie in [end - interval, end)).
     step = f"{int(args.interval * 1000)}ms"
     rows = influx.query(f'SELECT count("voltage_l1") FROM "{MEASUREMENT}" WHERE time >= '
                         f"{int((first_cycle - args.interval) * 1e9)} GROUP BY time({step})", DB)
     stored_by_cycle = {round(r["time"] / 1e9 + args.interval): r["count"] or 0 for r in rows}
+    # Everything stored (the store is the run's own): with publishing spread the first messages' samples can lie
+    # before the first aligned cycle.
+    (total,) = influx.query(f'SELECT count("voltage_l1") FROM "{MEASUREMENT}"', DB) or [{"count": 0}]
+    stored_total = total["count"] or 0
     cycles = []
     for end in sorted(by_cycle):
         ms = by_cycle[end]
         acks = [m[7] - m[2] for m in ms if m[7] is not None]
-        store = [t - end for (g, e), t in watch.stored.items() if e == end]
+        store = [t - end for (g, e), t in watch.stored.items() if e == end] if watch is not None else []
         produced = sum(m[3] for m in ms)
         cycles.append({
             "cycle_end": end, "measured": measure_from <= end <= measure_to, "messages": len(ms),
-            "readings": produced, "stored": stored_by_cycle.get(end, 0),
+            "readings": produced, "stored": stored_by_cycle.get(end, 0) if args.no_spread else None,
             "ack_p50_s": r2(pct(acks, 0.5)), "ack_p99_s": r2(pct(acks, 0.99)), "ack_max_s": r2(max(acks, default=None)),
             "store_p50_s": r2(pct(store, 0.5)), "store_p99_s": r2(pct(store, 0.99)), "watched": len(store),
             "resent": sum(m[5] - 1 for m in ms if m[5] > 1), "unacked": sum(1 for m in ms if m[7] is None),
@@ -488,13 +501,13 @@ def _result(args, reports, influx, watch, cpu0, cpu1, c_t0, c_t1, collector, sam
     cpu = {k: cpu1[k] - cpu0[k] for k in cpu0}
     window = c_t1 - c_t0
     produced = sum(c["readings"] for c in cycles)
-    stored = sum(c["stored"] for c in cycles)
+    stored = stored_total
     totals = {k: sum(r["stats"][k] for r in reports) for k in reports[0]["stats"]}
     result = {
         "gateways": args.gateways, "interval_s": args.interval, "readings_per_message": readings,
         "publishers": len(reports), "connect_s": round(connect_s, 1), "load_before": [round(x, 2) for x in load0],
         "load_after": [round(x, 2) for x in os.getloadavg()], "collector_settings": extra or "defaults",
-        "influx_config": args.influx_config, "jitter": not args.no_jitter,
+        "influx_config": args.influx_config, "jitter": not args.no_jitter, "publish_spread": not args.no_spread,
         "listen_backlog": 100 if args.no_backlog else 4096,
         "produced_readings": produced, "stored_readings": stored, "lost_readings": produced - stored,
         "resent_messages": sum(r["resent"] for r in reports), "unacked_at_end": sum(r["unacked"] for r in reports),
@@ -511,7 +524,7 @@ def _result(args, reports, influx, watch, cpu0, cpu1, c_t0, c_t1, collector, sam
         "peak_rss_mib": {k: round(v / 1024, 1) for k, v in sampler.peak_kb.items()},
         "collector_counters": {k: v for k, v in last.items() if k.startswith(("rejected.", "acks", "declined"))
                                or k in ("messages", "readings", "duplicates", "lines_written", "status_messages")},
-        "cycles": cycles, "timeline": timeline, "storm": storm, "watch_errors": watch.errors,
+        "cycles": cycles, "timeline": timeline, "storm": storm, "watch_errors": watch.errors if watch is not None else 0,
     }
     _print(result)
     return result
@@ -523,9 +536,10 @@ def _print(res: dict) -> None:
     for c in res["cycles"]:
         mark = "*" if c["measured"] else " "
         print(f"{time.strftime('%H:%M:%S', time.localtime(c['cycle_end'])):>9}{mark} {c['messages']:>6} "
-              f"{c['readings']:>9} {c['stored']:>9} {c['ack_p50_s']!s:>7} {c['ack_p99_s']!s:>7} "
+              f"{c['readings']:>9} {c['stored']!s:>9} {c['ack_p50_s']!s:>7} {c['ack_p99_s']!s:>7} "
               f"{c['store_p50_s']!s:>9} {c['store_p99_s']!s:>9} {c['resent']:>6} {c['unacked']:>7}")
-    print("(* measured cycles; latencies in s from the cycle's end; store latency of every watched gateway)")
+    print("(* measured cycles; ack: from each message's commit; store: from the cycle's end, of every watched "
+          "gateway, when publishing is not spread (--no-spread); stored per cycle likewise)")
     print(f"\n{'from':>9} {'msgs/s':>7} {'readings/s':>10} {'lines/s':>8} {'acked/s':>8} {'acks/s':>7} "
           f"{'dup/s':>6} {'intake wait':>11}")
     for w in res["timeline"]:

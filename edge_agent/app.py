@@ -44,7 +44,7 @@ from edge_agent.modbus.bus import BusEngine, PolledDevice, PollOutcome
 from edge_agent.modbus.devices import SUNSPEC_DISCOVERY, bus_engines
 from edge_agent.outbox import Backlog, Dropped, Held, HeldGroup, NewMessage, Outbox
 from edge_agent.profiles import load_profile
-from edge_agent.schedule import next_aligned
+from edge_agent.schedule import next_aligned, phase
 from edge_agent.sequence import migrate_legacy
 from edge_agent.serial.port import PortError
 from edge_agent.serial.source import SerialSource
@@ -579,9 +579,14 @@ class Agent:
     async def _cycle_loop(self) -> None:
         while True:
             interval = float(self.cfg.uplink.publish_interval)  # read each time: reconfigure may change it
-            await asyncio.sleep(max(0.0, next_aligned(time.time(), interval) - time.time()))
+            await asyncio.sleep(max(0.0, next_aligned(time.time(), interval, self._publish_phase()) - time.time()))
             await self._commit_cycle()
             self._cycle_beat()
+
+    def _publish_phase(self) -> float:
+        """Where in each interval this gateway publishes (edge_agent/schedule.py; read each time: reconfigure may
+        turn the spread off or on)."""
+        return phase(self.cfg.gateway.id) if self.cfg.uplink.publish_spread else 0.0
 
     async def _commit_cycle(self) -> None:
         """The cycle's readings become messages, committed with the deletions acknowledged since the last cycle in
@@ -679,7 +684,7 @@ class Agent:
     async def _heartbeat_loop(self) -> None:
         while True:
             interval = float(self.cfg.uplink.heartbeat_interval)
-            await asyncio.sleep(max(0.0, next_aligned(time.time(), interval) - time.time()))
+            await asyncio.sleep(max(0.0, next_aligned(time.time(), interval, self._publish_phase()) - time.time()))
             if self.sender.link_up:
                 self._publish_status()
 

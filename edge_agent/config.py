@@ -68,6 +68,10 @@ class UplinkSection(msgspec.Struct, forbid_unknown_fields=True):
     max_unacked_messages: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 200
     # The retained status is republished with the outbox and device health this often.
     heartbeat_interval: Duration = Duration(60)
+    # Publish (the cycle's end and the heartbeat) at a fixed offset within each interval taken from the gateway
+    # id, so that a fleet's gateways do not all send at the same second (edge_agent/schedule.py). Polls stay
+    # aligned. false: every gateway at :00, :10, ... as before.
+    publish_spread: bool = True
 
     def __post_init__(self) -> None:
         for key in ("publish_interval", "ack_timeout", "heartbeat_interval"):

@@ -10,9 +10,10 @@ Each `SimGateway` has
   may be outstanding; this shell performs its actions against an outbox in RAM (the agent's is SQLite);
 - meter readings as the agent produces them: `devices` meters polled every `poll_interval` on wall-clock-
   aligned deadlines, each reading stamped when its poll's answer arrived (a fixed bus position per device plus
-  a few ms of jitter, in ns), committed as one wire.schema.Batch per `publish_interval`, aligned to the wall
-  clock as edge_agent.schedule aligns every gateway's cycle;
-- the retained status heartbeat (wire.status) at connect and every `heartbeat_interval`, aligned too.
+  a few ms of jitter, in ns), committed as one wire.schema.Batch per `publish_interval` at the gateway's
+  deadline as edge_agent.schedule gives it to the agent (aligned, offset by the gateway's phase unless
+  `publish_spread` is off);
+- the retained status heartbeat (wire.status) at connect and every `heartbeat_interval`, at the same phase.
 
 What it records per message: commit time, first publish, sends, the broker's PUBACK and the end-to-end
 acknowledgement (opened with its sealer), in RAM, reported as JSON by `Fleet.report()`.
@@ -21,6 +22,7 @@ acknowledgement (opened with its sealer), in RAM, reported as JSON by `Fleet.rep
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import random
 import ssl
@@ -34,6 +36,7 @@ import msgspec
 from edge_agent.config import UplinkSection
 from edge_agent.delivery import Publish, ReadBodies, ScanBacklog, Sender, Wait
 from edge_agent.modbus.decode import shortest
+from edge_agent.schedule import next_aligned, phase
 from labkit.lean_mqtt import LeanConnection, Packet, client_context, connect
 from wire import ack, topics
 from wire.keys import collector_key_from_pem, identity_from_pem
@@ -73,6 +76,9 @@ class SimSpec:
     ack_timeout: float = float(_UPLINK.ack_timeout)
     ack_timeout_max: float = float(_UPLINK.ack_timeout_max)
     jitter: bool = True  # False: paho's own backoff (min, 2 x min, ...), for the comparison
+    # Each gateway publishes at its own phase within the interval (edge_agent.schedule, as the agent does by
+    # default); False: every gateway at the aligned deadline, for the comparison.
+    publish_spread: bool = _UPLINK.publish_spread
 
 
 def _f32(value: float) -> float:
@@ -126,7 +132,7 @@ class Meters:
 
 @dataclass
 class MessageLog:
-    committed: float  # wall clock (s) of the commit = the cycle's aligned end
+    committed: float  # wall clock (s) of the commit = the cycle's deadline (aligned, plus the gateway's phase)
     readings: int
     first_publish: float | None = None
     sends: int = 0
@@ -180,8 +186,10 @@ class SimGateway:
     # -- readings -------------------------------------------------------------------------------------------------
 
     def commit(self, cycle_end: float) -> None:
-        """One cycle: the batch into the outbox, live to the sender (as Agent._cycle_loop does)."""
-        readings = self.meters.readings(cycle_end)
+        """One cycle: the batch into the outbox, live to the sender (as Agent._cycle_loop does). Its readings are
+        those of the aligned polls before `cycle_end` (polls stay aligned when publishing is spread)."""
+        poll = self.meters.poll_interval
+        readings = self.meters.readings(math.floor(cycle_end / poll + 1e-9) * poll)
         seq = self.next_seq
         self.next_seq += 1
         body = encode_batch(Batch(self.id, seq, time.time_ns(), readings))
@@ -430,23 +438,28 @@ class Fleet:
         return sum(1 for gw in self.gateways if gw.conn is not None and gw.conn.connected)
 
     async def run_cycles(self) -> None:
-        """Commit a cycle on every gateway at each aligned publish deadline while `producing`; heartbeats at
-        theirs."""
+        """Commit a cycle on every gateway at each of its publish deadlines while `producing`, and its heartbeats
+        at theirs: aligned, offset by the gateway's phase when spread (edge_agent.schedule, as the agent)."""
         spec = self.spec
-        next_cycle = math.floor(time.time() / spec.publish_interval + 1) * spec.publish_interval
-        next_beat = math.floor(time.time() / spec.heartbeat_interval + 1) * spec.heartbeat_interval
+        now = time.time()
+        due: list[tuple[float, int, int]] = []  # (deadline, 0 cycle / 1 heartbeat, gateway index)
+        for i, gw in enumerate(self.gateways):
+            offset = phase(gw.id) if spec.publish_spread else 0.0
+            due.append((next_aligned(now, spec.publish_interval, offset), 0, i))
+            due.append((next_aligned(now, spec.heartbeat_interval, offset), 1, i))
+        heapq.heapify(due)
         while not self.closing:
-            due = min(next_cycle, next_beat)
-            await asyncio.sleep(max(0.0, due - time.time()))
-            if time.time() >= next_cycle:
-                if self.producing:
-                    for gw in self.gateways:
-                        gw.commit(next_cycle)
-                next_cycle += spec.publish_interval
-            if time.time() >= next_beat:
-                for gw in self.gateways:
-                    gw.heartbeat()
-                next_beat += spec.heartbeat_interval
+            await asyncio.sleep(max(0.0, due[0][0] - time.time()))
+            now = time.time()
+            while due[0][0] <= now:
+                deadline, kind, i = heapq.heappop(due)
+                if kind == 0:
+                    if self.producing:
+                        self.gateways[i].commit(deadline)
+                    heapq.heappush(due, (deadline + spec.publish_interval, 0, i))
+                else:
+                    self.gateways[i].heartbeat()
+                    heapq.heappush(due, (deadline + spec.heartbeat_interval, 1, i))
 
     def report(self) -> dict:
         messages = []

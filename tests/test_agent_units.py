@@ -3,6 +3,7 @@ migration, uplink buffer, config errors."""
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.outbox import NewMessage, Outbox
-from edge_agent.schedule import next_aligned, skipped_deadlines
+from edge_agent.schedule import next_aligned, phase, skipped_deadlines
 from edge_agent.sequence import SequenceCorrupt, migrate_legacy, read_legacy
 from edge_agent.uplink import UplinkBuffer
 from wire.schema import Reading
@@ -23,6 +24,32 @@ def test_next_aligned_lands_on_wall_clock_multiples() -> None:
     assert next_aligned(1009.999, 10) == 1010.0
     assert next_aligned(59.5, 0.5) == 60.0
     assert next_aligned(3599.0, 900) == 3600.0
+
+
+def test_a_phase_offsets_every_deadline_by_the_same_fraction() -> None:
+    assert next_aligned(1003.7, 10, 0.5) == 1005.0
+    assert next_aligned(1005.0, 10, 0.5) == 1015.0  # strictly after now
+    assert next_aligned(1004.999, 10, 0.5) == 1005.0
+    assert next_aligned(1009.0, 10, 0.25) == 1012.5
+    assert next_aligned(1000.0, 10, 0.0) == next_aligned(1000.0, 10) == 1010.0
+    # one deadline per interval, wherever the clock is: never two close together, never a gap of two intervals
+    deadlines = []
+    now = 1000.0
+    for _ in range(20):
+        now = next_aligned(now, 10, 0.37)
+        deadlines.append(now)
+    assert all(b - a == pytest.approx(10.0) for a, b in itertools.pairwise(deadlines))
+    assert all((d - 3.7) % 10 == pytest.approx(0.0, abs=1e-6) for d in deadlines)
+
+
+def test_the_phase_is_fixed_per_gateway_and_spreads_a_fleet_evenly() -> None:
+    assert phase("gw-0001") == phase("gw-0001") and phase("gw-0001") != phase("gw-0002")
+    phases = [phase(f"gw-{i:05d}") for i in range(10_000)]
+    assert all(0.0 <= p < 1.0 for p in phases)
+    per_tenth = [0] * 10
+    for p in phases:
+        per_tenth[int(p * 10)] += 1
+    assert all(900 <= n <= 1100 for n in per_tenth), per_tenth  # within 10 % of 1,000 each
 
 
 def test_skipped_deadlines() -> None:

@@ -18,6 +18,7 @@ import msgspec
 import pytest
 
 from edge_agent.profiles import load_profile
+from edge_agent.schedule import phase
 from labkit import stack
 from labkit.influxd import InfluxdServer
 from labkit.meter_sim import MeterSimulator, Served, decode_served
@@ -74,27 +75,32 @@ def start_pair(tmp_path: Path, broker: MosquittoServer, influx: dict[str, Any], 
 def test_values_in_influxdb_v1_equal_values_served(tmp_path, mosquitto, influxd: InfluxdServer, influx_db: str,
                                                    meter_sim: MeterSimulator) -> None:
     device = stack.modbus_tcp_device("meter-a", meter_sim.port, interval="1s", tags={"site": "lab"})
+    # gw-e2e-a: its publishing phase (0.56) lies far from a whole second, where a gateway without one sends
     collector, agent = start_pair(tmp_path, mosquitto, {"api": "v1", "url": influxd.url, "database": influx_db},
-                                  [device])
+                                  [device], gateway="gw-e2e-a")
     try:
         agent.start()
         rows = wait_until(
             lambda: (r := influxd.query(f'SELECT * FROM "{MEASUREMENT}" GROUP BY *', influx_db)) and len(r) >= 4 and r,
             20, "4 readings in InfluxDB",
         )
+        sent = influxd.query("SELECT seq FROM citynerve_ingest WHERE gateway = 'gw-e2e-a'", influx_db)
     finally:
         agent.stop()
         collector.stop()
 
+    # The agent publishes at its own phase within each 1 s cycle (uplink.publish_spread, edge_agent/schedule.py):
+    # every message was sent shortly after k + phase("gw-e2e-a") seconds, not just after a whole second.
+    assert sent and all((row["time"] / 1e9 - phase("gw-e2e-a")) % 1.0 < 0.3 for row in sent), (phase("gw-e2e-a"), sent)
     served = list(meter_sim.served)
     for row in rows:
-        assert row["gateway"] == "gw-e2e" and row["device"] == "meter-a"
+        assert row["gateway"] == "gw-e2e-a" and row["device"] == "meter-a"
         assert row["model"] == "SDM630" and row["site"] == "lab"
         # aligned to the wall clock: 1 s interval -> just after a whole second
         assert row["time"] % 1_000_000_000 < 300_000_000, row["time"]
         expected = expected_fields(row["time"], served)
         stored = {k: v for k, v in row.items() if k in expected}
-        assert stored == expected  # exact: float32 -> float64 is exact, and line protocol keeps repr()
+        assert stored == expected  # exact: float32 -> float64 is exact, and line protocol keeps the shortest round trip
     # the per-message ingest record carries the receive time and sequence numbers, strictly increasing
     ingest = influxd.query("SELECT seq, readings, received_ns FROM citynerve_ingest", influx_db)
     seqs = [r["seq"] for r in ingest]
