@@ -22,7 +22,7 @@ line-protocol readers split lines on every newline, so one reading could become 
 
 Fields keep the mapping's order; tags are sorted by key, as InfluxDB prefers. Tags with an empty value are
 left out (InfluxDB has no empty tag values). Floats are written as their shortest text that reads back as the
-same float64: by msgspec's JSON encoder when every value of the reading is a float (see _plain_fields), else
+same float64: by msgspec's JSON encoder when every value of the reading is a float (see _plain_names), else
 with repr(); NaN and infinities are left out because InfluxDB cannot store them; a point left with no field is
 an error.
 
@@ -62,15 +62,16 @@ _CACHE_LIMIT = 50_000
 _measurements: dict[str, str] = {}
 _keys: dict[str, str] = {}
 _tag_values: dict[str, str] = {}
-# A reading's field keys, in their order -> whether JSON writes each exactly as line protocol does (no escape in
-# either): then a reading whose values are all floats is written by msgspec's JSON encoder, one C call for the
-# whole field set, and turned into line protocol by two replacements. repr() per value was the largest cost of
-# encoding a reading (docs/benchmarks.md "Collector ingest"). msgspec writes the shortest text that reads back
-# as the same float64, as repr() does, in its own spelling (1e16 and 0.00001 where repr() writes 1e+16 and
-# 1e-05): the same value for every line-protocol reader (Go's strconv.ParseFloat in InfluxDB, VictoriaMetrics'
-# fastfloat). NaN and infinities come out as null: such a reading takes the value-by-value path, which leaves
-# them out.
-_plain_fields: dict[tuple[str, ...], bool] = {}
+# Field keys that JSON writes exactly as line protocol does (no escape in either): a reading whose values are all
+# floats and whose keys are all such is written by msgspec's JSON encoder, one C call for the whole field set,
+# and turned into line protocol by two replacements. Kept per key, bounded as the caches above (a cache of
+# field-key tuples would let one gateway fill the collector's memory with orderings of its keys). repr() per
+# value was the largest cost of encoding a reading (docs/benchmarks.md "Collector ingest"). msgspec writes the
+# shortest text that reads back as the same float64, as repr() does, in its own spelling (1e16 and 0.00001 where
+# repr() writes 1e+16 and 1e-05): the same value for every line-protocol reader (Go's strconv.ParseFloat in
+# InfluxDB, VictoriaMetrics' fastfloat). NaN and infinities come out as null: such a reading takes the
+# value-by-value path, which leaves them out.
+_plain_names: set[str] = set()
 _json = msgspec.json.Encoder().encode
 _ALL_FLOAT = {float}
 
@@ -202,17 +203,16 @@ def encode_line(
 
 
 def _all_floats(fields: Mapping[str, float]) -> str | None:
-    """The field set of a reading whose values are all floats, by the JSON encoder (see _plain_fields); None when
+    """The field set of a reading whose values are all floats, by the JSON encoder (see _plain_names); None when
     a key needs an escape or a value is NaN or infinite."""
-    names = tuple(fields)
-    plain = _plain_fields.get(names)
-    if plain is None:
-        plain = all(_key(name, "field key") == name and '"' not in name and "\\" not in name for name in names)
-        if len(_plain_fields) >= _CACHE_LIMIT:
-            _plain_fields.clear()
-        _plain_fields[names] = plain
-    if not plain:
-        return None
+    if not _plain_names.issuperset(fields):
+        for name in fields:
+            if name not in _plain_names:
+                if _key(name, "field key") != name or '"' in name or "\\" in name:
+                    return None
+                if len(_plain_names) >= _CACHE_LIMIT:
+                    _plain_names.clear()
+                _plain_names.add(name)
     try:
         text = _json(fields)[2:-1]  # {"k":1.5,"l":2.0} -> k":1.5,"l":2.0
     except TypeError:  # a mapping msgspec does not take as a dict

@@ -456,13 +456,9 @@ class BusEngine:
                 device.stats["rejected"] += 1
                 errors.append(f"rejected answer ({exc.reason}) to {request.describe()}")
             except TransportError as exc:
-                await self.transport.close()
-                self.stats["connection_lost"] += 1
-                device.stats["lost"] += 1  # the poll it cut short counts in the device's health
+                outcome = await self._connection_lost(device, exc)
                 self._busy(started)
-                device.last_error = str(exc)
-                self._warn.warning(("lost", self.bus.id), "bus %s: %s; reopening", self.bus.id, exc, bus=self.bus.id)
-                return PollOutcome(device, [], str(exc))
+                return outcome
         self._busy(started)
         device.stats["polls"] += 1
         if errors:
@@ -480,6 +476,16 @@ class BusEngine:
             device.stats["decode_errors"] += 1
             return PollOutcome(device, [], "decode error")
         return PollOutcome(device, device.readings(values, last_answer_ns or time.time_ns()), "; ".join(errors))
+
+    async def _connection_lost(self, device: PolledDevice, exc: TransportError) -> PollOutcome:
+        """The connection broke during `device`'s poll: closed, to be reopened before the next one; counted for the
+        bus and in the device's health (the poll it cut short)."""
+        await self.transport.close()
+        self.stats["connection_lost"] += 1
+        device.stats["lost"] += 1
+        device.last_error = str(exc)
+        self._warn.warning(("lost", self.bus.id), "bus %s: %s; reopening", self.bus.id, exc, bus=self.bus.id)
+        return PollOutcome(device, [], str(exc))
 
     def _busy(self, started: float) -> None:
         spent = time.monotonic() - started
@@ -501,12 +507,7 @@ class BusEngine:
                 paced.finish()
                 answered_ns = line.last_rx_ns
         except TransportError as exc:
-            await self.transport.close()
-            self.stats["connection_lost"] += 1
-            device.stats["lost"] += 1
-            device.last_error = str(exc)
-            self._warn.warning(("lost", self.bus.id), "bus %s: %s; reopening", self.bus.id, exc, bus=self.bus.id)
-            return PollOutcome(device, [], str(exc))
+            return await self._connection_lost(device, exc)
         finally:
             self._busy(started)
             self._last_transaction_end = time.monotonic()
