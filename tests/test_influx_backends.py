@@ -385,6 +385,26 @@ def test_v2_bad_lines_in_a_batch_are_skipped_by_victoria_metrics(victoria: Victo
         ("vmbad_a_v", 1.0, 0), ("vmbad_a_v", 1.0, 1), ("vmbad_c_v", 0.0, 0), ("vmbad_d_v", 2.0, 0)]
 
 
+@pytest.mark.integration
+def test_victoria_metrics_reads_the_float_spelling_of_the_json_path(victoria: VictoriaMetricsServer) -> None:
+    """A reading of floats only is written by msgspec's JSON encoder (collector/influx/lineproto.py), whose
+    exponents are spelled 1e16, 1.5e-7 and 0.00001: VictoriaMetrics stores what it stores for repr()'s spelling
+    of the same values (its own storage keeps about 15 digits and no negative zero, whichever the spelling)."""
+    now = time.time_ns() // 10**6 * 10**6
+    fields = {"a": 1e16, "b": 1.5e-07, "c": 1e-05, "d": -0.0, "e": 230.12, "f": 1.7976931348623157e308}
+    line = encode_line("vmjson", {}, fields, now)
+    assert b"a=1e16,b=1.5e-7,c=0.00001," in line  # the JSON path's spelling
+    by_repr = "vmrepr " + ",".join(f"{k}={v!r}" for k, v in fields.items()) + f" {now}"
+    assert "a=1e+16,b=1.5e-07,c=1e-05," in by_repr
+    backend = V2Backend(v2(victoria.url))
+    backend.write(line + b"\n" + by_repr.encode())
+    backend.close()
+    samples = victoria.export_samples('{__name__=~"vm(json|repr)_.*"}', expect=2 * len(fields))
+    stored = {(s.name.partition("_")[0], s.name.partition("_")[2]): s.value for s in samples}
+    assert {k: stored[("vmjson", k)] for k in fields} == {k: stored[("vmrepr", k)] for k in fields}
+    assert [stored[("vmjson", k)] for k in "abce"] == [1e16, 1.5e-07, 1e-05, 230.12]
+
+
 def test_v2_connection_refused_is_retryable() -> None:
     backend = V2Backend(v2(f"http://127.0.0.1:{free_port()}"))
     failure = failure_of(backend, b"m v=1 1")
